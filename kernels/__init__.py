@@ -1,0 +1,65 @@
+"""sparcomm compute kernels, installed as ``sparcomm.kernels``.
+
+``kernels/cpu`` holds the Numba kernels (NumPy arrays), ``kernels/gpu`` the CuPy/CUDA
+kernels (CuPy arrays); ``kernels/reference.py`` holds a plain NumPy reference for every
+kernel, which the tests hold both to and ``sparcomm bench codecs`` measures as the
+"plain NumPy" peer.  ``sparcomm._backend.kernels_for`` picks the module by array type.
+
+Kernel contract (identical for ``cpu``, ``gpu`` and ``reference``)
+------------------------------------------------------------------
+All arrays are 1-D and C-contiguous; ``x`` is float32 or float64; the caller allocates
+every output (``out*`` arguments) and the kernels return only small scalars.
+``n = x.size``, ``nb = ceil(n / bucket)`` buckets, the last one possibly short.
+
+Bit packing (``pack_bits``/``unpack_bits`` and every packed field below): element ``i``
+occupies bits ``[i*bits, (i+1)*bits)`` of a little-endian, LSB-first bit stream stored in
+``ceil(n*bits/8)`` uint8 bytes; unused trailing bits are zero.  ``1 <= bits <= 8``.
+
+Random uniform ``u(stream, i)``: defined in ``sparcomm/_random.py`` (24-bit, exact in
+float32).
+
+Deterministic bucket sums (``lane_sum``): a bucket's sum of ``f(x_i)`` is accumulated in
+float64 in 8 lanes, lane ``j`` taking the bucket's elements ``j, j+8, j+16, ...`` in order,
+then combined as ``((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7))``.  CPU and GPU follow this order,
+so scales and means are bitwise identical on both.
+
+Kernels
+~~~~~~~
+stream_read(x) -> float
+    Sum of ``x`` read once, in parallel: the streamed-read peer of the benchmarks.
+uniform(stream, start, out)
+    ``out[i] = u(stream, start + i)`` as float64 (a test hook for the RNG).
+pack_bits(fields, bits, out) / unpack_bits(packed, bits, out)
+    ``fields``/``out`` uint8 of length n; values must fit in ``bits``.
+topk(x, k, out_indices, out_values) -> int
+    Exact top-k of ``|x|`` by radix select over the float bit pattern (no sort, no
+    argpartition).  ``out_indices`` (int32 or int64, length k) ascending; ties at the
+    threshold go to the lowest indices; ``out_values`` the signed ``x`` values there.
+    ``-0.0`` and ``+0.0`` are equal.  Returns the number of non-finite entries of ``x``
+    (the caller raises when it is not zero).  ``0 <= k <= n``.
+scatter_add(indices, values, out)
+    ``out[indices[j]] += values[j]``; duplicates allowed and summed in order of j.
+qsgd_encode(x, levels, bits, bucket, norm, stream, out_scales, out_packed)
+    ``norm`` 0 = L2 (``sqrt(lane_sum(x*x))``, cast to x.dtype), 1 = max ``|x|``.
+    Per element, in x.dtype: ``inv = levels / scale`` (once per bucket, 0 when
+    scale == 0); ``t = |x_i| * inv``; ``l = floor(t)``; ``level = l + (u(stream, i) <
+    t - l)``, clamped to ``levels``; field ``(level << 1) | (x_i < 0)``, ``bits`` wide.
+    ``out_scales`` x.dtype, length nb; ``out_packed`` uint8, ``ceil(n*bits/8)``.
+qsgd_decode(packed, scales, levels, bits, bucket, out)
+    ``out_i = ±(level * (scale / levels))``, ``scale / levels`` computed once per bucket
+    in out.dtype; sign from the low bit.
+max_abs(x, bucket, out)
+    ``out[b] = max |x_i|`` over bucket b (x.dtype, length nb).
+terngrad_encode(x, scales, bucket, clip, stream, out_packed)
+    ``a = min(|x_i|, clip)``; ``p = a / s_b`` (x.dtype); code = 0 unless
+    ``u(stream, i) < p``, then 1 for ``x_i > 0`` and 2 for ``x_i < 0``; 2-bit fields.
+    ``s_b == 0`` gives code 0.  ``clip`` = inf disables clipping.
+terngrad_decode(packed, scales, bucket, out)
+    code 1 -> ``+s_b``, 2 -> ``-s_b``, 0 -> 0 (3 never produced; decodes as 0).
+onebit_encode(x, bucket, out_packed, out_means)
+    bit = ``x_i < 0``; ``out_means[2b]`` = mean of bucket b's entries with bit 0,
+    ``out_means[2b+1]`` = mean of those with bit 1 (0 where none); means are
+    ``lane_sum(x over the group) / count`` in float64, cast to x.dtype.
+onebit_decode(packed, means, bucket, out)
+    ``out_i = means[2b + bit_i]``.
+"""
