@@ -2,8 +2,41 @@
 
 The compute kernels live in the top-level ``kernels/`` directory of the source tree and
 are installed as ``sparcomm.kernels`` (``cpu``: Numba, ``gpu``: CuPy/CUDA).
+
+Importing sparcomm imports neither MPI, CuPy nor torch: the collectives
+(``sparcomm.allreduce``, ``sparcomm.sparse_allreduce``) load ``mpi4py`` on first use.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+from sparcomm.codecs import FP16, QSGD, Codec, NoCompression, OneBit, TernGrad, TopK
+from sparcomm.feedback import ErrorFeedback
+from sparcomm.payload import Payload
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "FP16",
+    "QSGD",
+    "Codec",
+    "ErrorFeedback",
+    "NoCompression",
+    "OneBit",
+    "Payload",
+    "TernGrad",
+    "TopK",
+    "allreduce",
+    "sparse_allreduce",
+]
+
+_LAZY = {"allreduce": "sparcomm.comm", "sparse_allreduce": "sparcomm.comm"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'sparcomm' has no attribute {name!r}")

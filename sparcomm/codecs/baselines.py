@@ -1,0 +1,71 @@
+"""Dense baselines kept in every table: :class:`NoCompression` and :class:`FP16`."""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from sparcomm.codecs._base import Codec, non_finite_error
+from sparcomm.payload import Payload
+
+FP16_MAX = float(np.finfo(np.float16).max)
+
+
+class NoCompression(Codec):
+    """The identity codec: values travel in their own dtype (the dense baseline).
+
+    The payload owns a copy of the values, so it stays valid when the caller (or
+    error feedback) reuses the input buffer.
+    """
+
+    codec_id = 1
+    is_unbiased = True
+
+    def _params(self, n: int) -> tuple[int, ...]:
+        return ()
+
+    def _wire_arrays(self, n: int, dtype: np.dtype) -> list[tuple[np.dtype, int]]:
+        return [(dtype, n)]
+
+    def _encode_flat(
+        self, xp: ModuleType, kernels: ModuleType, flat: Any, stream: int, **options: Any
+    ) -> dict[str, Any]:
+        if not bool(xp.isfinite(flat).all()):
+            raise non_finite_error()
+        return {"values": flat.copy()}
+
+    def _decode_flat(
+        self, xp: ModuleType, kernels: ModuleType, payload: Payload, out: Any
+    ) -> None:
+        out[...] = payload.arrays["values"]
+
+
+class FP16(Codec):
+    """Round to IEEE half precision (round to nearest even): 2 bytes per element.
+
+    Values beyond the float16 range (|x| > 65504) would become Inf and are refused with
+    the non-finite error; scale the loss (or use a float32 codec) instead.
+    """
+
+    codec_id = 2
+
+    def _params(self, n: int) -> tuple[int, ...]:
+        return ()
+
+    def _wire_arrays(self, n: int, dtype: np.dtype) -> list[tuple[np.dtype, int]]:
+        return [(np.dtype(np.float16), n)]
+
+    def _encode_flat(
+        self, xp: ModuleType, kernels: ModuleType, flat: Any, stream: int, **options: Any
+    ) -> dict[str, Any]:
+        half = flat.astype(np.float16)
+        if not bool(xp.isfinite(half).all()):
+            raise non_finite_error()
+        return {"values": half}
+
+    def _decode_flat(
+        self, xp: ModuleType, kernels: ModuleType, payload: Payload, out: Any
+    ) -> None:
+        out[...] = payload.arrays["values"]

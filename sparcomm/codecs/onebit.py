@@ -1,0 +1,100 @@
+"""1-bit SGD: the sign of each element with per-bucket reconstruction means.
+
+Reference: Seide, Fu, Droppo, Li, Yu, "1-Bit Stochastic Gradient Descent and its
+Application to Data-Parallel Distributed Training of Speech DNNs", Interspeech 2014.
+"""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from sparcomm.codecs._base import Codec, check_int, non_finite_error
+from sparcomm.codecs.qsgd import n_buckets, packed_nbytes
+from sparcomm.payload import Payload
+
+
+class OneBit(Codec):
+    """Quantise by sign; reconstruct each bucket's entries by the mean of its group.
+
+    Per bucket, the entries with ``x >= 0`` decode to their mean and those with
+    ``x < 0`` to theirs.  The quantisation error must be carried to the next step, so
+    ``OneBit()`` keeps error-feedback residuals itself (``error_feedback=True``, the
+    paper's method); ``OneBit(error_feedback=False)`` is the bare quantiser.
+
+    Parameters
+    ----------
+    bucket_size : int
+        Elements per pair of reconstruction means (default 512).  For a row-major
+        matrix with ``c`` columns, the paper's per-column means correspond to
+        transposing first; buckets are the layout-independent form.
+    error_feedback : bool
+        Keep per-key residuals (default True).  Use :meth:`state_dict` to save them.
+
+    Notes
+    -----
+    Wire: 1 bit per element packed (1 = negative) plus two means per bucket.
+    """
+
+    codec_id = 6
+
+    def __init__(self, bucket_size: int = 512, *, error_feedback: bool = True) -> None:
+        super().__init__()
+        self.bucket_size = check_int(bucket_size, "bucket_size", 1, math.inf,
+                                     "; 512 is the default")
+        self.error_feedback = bool(error_feedback)
+        self._memory = None
+        if self.error_feedback:
+            from sparcomm.feedback import ErrorFeedback
+
+            self._memory = ErrorFeedback(OneBit(bucket_size, error_feedback=False))
+
+    def _describe(self) -> str:
+        return f"bucket_size={self.bucket_size}, error_feedback={self.error_feedback}"
+
+    def _params(self, n: int) -> tuple[int, ...]:
+        return (self.bucket_size,)
+
+    def _wire_arrays(self, n: int, dtype: np.dtype) -> list[tuple[np.dtype, int]]:
+        return [(dtype, 2 * n_buckets(n, self.bucket_size)),
+                (np.dtype(np.uint8), packed_nbytes(n, 1))]
+
+    @property
+    def feedback(self):
+        """The internal :class:`~sparcomm.ErrorFeedback` (None without error feedback)."""
+        return self._memory
+
+    def encode(self, x: Any, **kwargs: Any):  # type: ignore[override]
+        if self._memory is not None:
+            return self._memory.encode(x, **kwargs)
+        return super().encode(x, **kwargs)
+
+    def state_dict(self) -> dict:
+        """Residuals of the internal error feedback (empty without it)."""
+        return {} if self._memory is None else self._memory.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if self._memory is None:
+            if state:
+                raise ValueError("OneBit(error_feedback=False) has no residuals to load")
+            return
+        self._memory.load_state_dict(state)
+
+    def _encode_flat(
+        self, xp: ModuleType, kernels: ModuleType, flat: Any, stream: int, **options: Any
+    ) -> dict[str, Any]:
+        means = xp.empty(2 * n_buckets(flat.size, self.bucket_size), dtype=flat.dtype)
+        packed = xp.empty(packed_nbytes(flat.size, 1), dtype=np.uint8)
+        kernels.onebit_encode(flat, self.bucket_size, packed, means)
+        if not bool(xp.isfinite(means).all()):
+            raise non_finite_error()
+        return {"means": means, "packed": packed}
+
+    def _decode_flat(
+        self, xp: ModuleType, kernels: ModuleType, payload: Payload, out: Any
+    ) -> None:
+        kernels.onebit_decode(payload.arrays["packed"], payload.arrays["means"],
+                              self.bucket_size, out)

@@ -1,0 +1,114 @@
+"""Top-k sparsification (exact), meant to run under error feedback.
+
+References: Alistarh et al., "The Convergence of Sparsified Gradient Methods",
+NeurIPS 2018; Stich, Cordonnier, Jaggi, "Sparsified SGD with Memory", NeurIPS 2018.
+"""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from sparcomm.codecs._base import Codec, check_int, non_finite_error
+from sparcomm.payload import Payload
+
+INT32_LIMIT = 2**31
+
+
+def index_dtype(n: int) -> np.dtype:
+    """int32 indices below 2**31 elements, int64 above (the wire rule)."""
+    return np.dtype(np.int32) if n < INT32_LIMIT else np.dtype(np.int64)
+
+
+class TopK(Codec):
+    """Keep the k entries of largest magnitude; send their indices and values.
+
+    Selection is exact: a radix select over the float bit pattern of ``|x|`` (see
+    ``kernels/cpu/topk.py``).  Indices are sent in ascending order; among equal
+    magnitudes at the threshold the lowest indices are kept.
+
+    Parameters
+    ----------
+    k : int, optional
+        Number of entries kept (``0 <= k <= n``).
+    density : float, optional
+        Fraction kept, ``k = ceil(density * n)`` (at least 1); ``0 < density <= 1``.
+        Exactly one of ``k`` and ``density`` is given.
+
+    Notes
+    -----
+    Wire: ``k`` indices (int32 below 2**31 elements, else int64) and ``k`` values in the
+    input dtype.  Biased: wrap it in :class:`~sparcomm.ErrorFeedback`.
+    """
+
+    codec_id = 3
+    is_sparse = True
+
+    def __init__(self, k: int | None = None, *, density: float | None = None) -> None:
+        super().__init__()
+        if (k is None) == (density is None):
+            raise ValueError(
+                f"give exactly one of k and density, got k={k!r}, density={density!r}; "
+                "for example TopK(density=0.01)"
+            )
+        if k is not None:
+            k = check_int(k, "k", 0, math.inf)
+        else:
+            if isinstance(density, bool) or not isinstance(density, (int, float, np.floating)):
+                raise TypeError(f"density must be a float, got {type(density).__name__}")
+            if not 0.0 < float(density) <= 1.0:
+                raise ValueError(
+                    f"density must be in (0, 1], got {density}; 0.01 keeps 1% of entries"
+                )
+            density = float(density)
+        self.k = k
+        self.density = density
+
+    def _describe(self) -> str:
+        return f"k={self.k}" if self.k is not None else f"density={self.density}"
+
+    def k_for(self, n: int) -> int:
+        """The number of entries kept for an input of ``n`` elements."""
+        if self.k is not None:
+            if self.k > n:
+                raise ValueError(
+                    f"k={self.k} exceeds the number of elements n={n}; pass k <= n or "
+                    "use density="
+                )
+            return self.k
+        return min(n, max(1, math.ceil(self.density * n)))
+
+    def _params(self, n: int) -> tuple[int, ...]:
+        return (self.k_for(n),)
+
+    def _wire_arrays(self, n: int, dtype: np.dtype) -> list[tuple[np.dtype, int]]:
+        k = self.k_for(n)
+        return [(index_dtype(n), k), (dtype, k)]
+
+    def _encode_flat(
+        self, xp: ModuleType, kernels: ModuleType, flat: Any, stream: int, **options: Any
+    ) -> dict[str, Any]:
+        k = self.k_for(flat.size)
+        indices = xp.empty(k, dtype=index_dtype(flat.size))
+        values = xp.empty(k, dtype=flat.dtype)
+        bad = kernels.topk(flat, k, indices, values)
+        if bad:
+            raise non_finite_error(int(bad))
+        return {"indices": indices, "values": values}
+
+    def _decode_flat(
+        self, xp: ModuleType, kernels: ModuleType, payload: Payload, out: Any
+    ) -> None:
+        out.fill(0)
+        out[payload.arrays["indices"]] = payload.arrays["values"]
+
+    def residual_into(self, compensated: Any, payload: Payload) -> None:
+        """Turn ``compensated`` into ``compensated - decode(payload)`` in place.
+
+        Exact: the kept entries become 0 and the others are untouched, so
+        ``decode(payload) + residual == compensated`` bit for bit.
+        """
+        compensated.reshape(-1)[payload.arrays["indices"]] = 0
