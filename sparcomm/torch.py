@@ -1,0 +1,391 @@
+"""PyTorch integration: a Horovod-style :func:`DistributedOptimizer` over
+:class:`sparcomm.reducer.GradientReducer`.
+
+This module imports torch; ``import sparcomm`` never does (install the ``[torch]`` extra).
+
+How a step runs (Horovod, Sergeev and Del Balso, arXiv:1802.05799; PyTorch DDP, Li et
+al., VLDB 2020):
+
+1. Every parameter carries a ``register_post_accumulate_grad_hook``: when its gradient
+   is final for the step (after ``backward_passes_per_step`` backward passes), the hook
+   hands a zero-copy NumPy view of ``param.grad`` (CPU; CUDA tensors go to CuPy through
+   DLPack) to the reducer.
+2. The reducer fuses gradients into buckets and a background thread reduces each full
+   bucket while the backward pass goes on computing the remaining gradients.
+3. ``step()`` (or ``synchronize()``) waits for the last bucket, writes the reduced
+   gradients into ``param.grad`` and applies the wrapped optimizer's update.
+
+The CUDA path (DLPack to CuPy and back) is written but only exercised where a GPU and
+the GPU kernels are present.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from sparcomm.reducer import (
+    DEFAULT_DENSE_BELOW,
+    DEFAULT_FUSION_THRESHOLD_BYTES,
+    GradientReducer,
+    ReductionStats,
+)
+
+__all__ = [
+    "DistributedOptimizer",
+    "broadcast_parameters",
+    "broadcast_optimizer_state",
+]
+
+logger = logging.getLogger(__name__)
+
+_STATE_KEY = "sparcomm"
+
+
+def _as_array(tensor: torch.Tensor) -> Any:
+    """A NumPy (CPU) or CuPy (CUDA) array sharing ``tensor``'s memory: no copy."""
+    tensor = tensor.detach()
+    if tensor.device.type == "cpu":
+        return tensor.numpy()
+    if tensor.device.type == "cuda":
+        import cupy
+
+        return cupy.from_dlpack(tensor)
+    raise TypeError(
+        f"sparcomm reduces CPU and CUDA tensors, got a tensor on {tensor.device}; "
+        "move the model to 'cpu' or 'cuda'"
+    )
+
+
+def _as_tensor(array: Any) -> torch.Tensor:
+    """The inverse of :func:`_as_array`: a tensor sharing the array's memory."""
+    if isinstance(array, np.ndarray):
+        return torch.from_numpy(array)
+    return torch.from_dlpack(array)
+
+
+class _DistributedOptimizer(torch.optim.Optimizer):
+    """Methods mixed into the user's optimizer class by :func:`DistributedOptimizer`."""
+
+    _sparcomm_reducer: GradientReducer
+
+    def __init__(
+        self,
+        params: Any,
+        named_parameters: Iterable[tuple[str, torch.Tensor]] | None,
+        reducer: GradientReducer,
+        backward_passes_per_step: int,
+    ) -> None:
+        super(self.__class__, self).__init__(params)  # the user's optimizer class
+        self._sparcomm_reducer = reducer
+        self._passes = backward_passes_per_step
+        self._names = _parameter_names(self.param_groups, named_parameters)
+        self._counts: dict[torch.Tensor, int] = {}
+        self._synchronized = False
+        self._skip_synchronize = False
+        self._hooks = []
+        ordered = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        # Gradients become ready roughly in reverse order of definition (the last layer's
+        # first), so buckets are planned in that order, as DDP does.
+        self._ordered = ordered[::-1]
+        reducer.setup([(self._names[p], tuple(p.shape), _numpy_dtype(p)) for p in self._ordered])
+        for p in ordered:
+            self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook()))
+
+    # -- hooks -----------------------------------------------------------------------------
+    def _make_hook(self) -> Any:
+        def hook(p: torch.Tensor) -> None:
+            count = self._counts.get(p, 0) + 1
+            if count > self._passes:
+                raise RuntimeError(
+                    f"gradient of {self._names[p]!r} was computed {count} times before "
+                    f"step(), but backward_passes_per_step={self._passes}; call step() (or "
+                    "synchronize()) every backward_passes_per_step backward passes, or "
+                    "raise backward_passes_per_step"
+                )
+            self._counts[p] = count
+            if count == self._passes:
+                self._synchronized = False
+                self._sparcomm_reducer.submit(self._names[p], _as_array(p.grad))
+
+        return hook
+
+    # -- Horovod's API -------------------------------------------------------------------------
+    def synchronize(self) -> None:
+        """Wait for every gradient's reduction and write the results into ``p.grad``.
+
+        Gradients whose hooks did not fire this step (unused parameters, or fewer
+        backward passes than ``backward_passes_per_step``) are submitted now, as they
+        are (zeros where ``p.grad`` is None), so all ranks run the same collectives.
+        """
+        reducer = self._sparcomm_reducer
+        for p in self._ordered:
+            if not reducer.submitted(self._names[p]):
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                reducer.submit(self._names[p], _as_array(p.grad))
+        try:
+            outputs = reducer.wait()
+        finally:
+            self._counts.clear()
+        # op="mean" means the gradient of the mean loss over every micro-batch of every
+        # rank: also divide by the number of local backward passes (Horovod leaves that
+        # to the user's loss scaling).
+        scale = 1.0 / self._passes if reducer.op == "mean" and self._passes > 1 else None
+        with torch.no_grad():
+            for p in self._ordered:
+                p.grad.copy_(_as_tensor(outputs[self._names[p]]))
+                if scale is not None:
+                    p.grad.mul_(scale)
+        self._synchronized = True
+
+    @contextlib.contextmanager
+    def skip_synchronize(self) -> Iterator[None]:
+        """Let ``step()`` apply the gradients without reducing them again.
+
+        Use after an explicit :meth:`synchronize` (to clip gradients, for instance)::
+
+            loss.backward()
+            optimizer.synchronize()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            with optimizer.skip_synchronize():
+                optimizer.step()
+        """
+        self._skip_synchronize = True
+        try:
+            yield
+        finally:
+            self._skip_synchronize = False
+
+    def step(self, closure: Any = None) -> Any:
+        """Reduce the gradients (unless already synchronized) and apply the update."""
+        if not self._skip_synchronize and not self._synchronized:
+            self.synchronize()
+        self._synchronized = False
+        return super(self.__class__, self).step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As the wrapped optimizer's; refuses to drop a reduction in flight."""
+        if self._sparcomm_reducer.in_flight:
+            raise RuntimeError(
+                "zero_grad() was called after backward() but before step() or "
+                "synchronize(): the gradient reduction in flight would be lost; call "
+                "step() (or synchronize()) first"
+            )
+        return super(self.__class__, self).zero_grad(set_to_none=set_to_none)
+
+    # -- state ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state plus the reducer's (step, error-feedback residuals).
+
+        Residuals differ between ranks: save one file per rank.
+        """
+        state = super(self.__class__, self).state_dict()
+        state[_STATE_KEY] = self._sparcomm_reducer.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; a plain optimizer state dict is accepted too."""
+        state = dict(state_dict)
+        reducer_state = state.pop(_STATE_KEY, None)
+        super(self.__class__, self).load_state_dict(state)
+        if reducer_state is not None:
+            self._sparcomm_reducer.load_state_dict(reducer_state)
+
+    @property
+    def reducer(self) -> GradientReducer:
+        """The :class:`~sparcomm.reducer.GradientReducer` doing the communication."""
+        return self._sparcomm_reducer
+
+    @property
+    def last_stats(self) -> ReductionStats | None:
+        """Statistics of the last reduction (bytes sent and received, time, buckets)."""
+        return self._sparcomm_reducer.last_stats
+
+    def close(self) -> None:
+        """Remove the hooks and stop the reducer's thread."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        self._sparcomm_reducer.close()
+
+
+def _numpy_dtype(p: torch.Tensor) -> Any:
+    if p.dtype not in (torch.float32, torch.float64):
+        raise TypeError(
+            f"parameter of dtype {p.dtype}: sparcomm reduces float32 and float64 gradients; "
+            "keep master weights in float32 (model.float())"
+        )
+    return torch.empty((), dtype=p.dtype).numpy().dtype
+
+
+def _parameter_names(
+    param_groups: list[dict[str, Any]],
+    named_parameters: Iterable[tuple[str, torch.Tensor]] | None,
+) -> dict[torch.Tensor, str]:
+    params = [p for group in param_groups for p in group["params"]]
+    if named_parameters is None:
+        return {p: f"param.{i}" for i, p in enumerate(params)}
+    names: dict[torch.Tensor, str] = {}
+    for item in named_parameters:
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
+            raise TypeError(
+                "named_parameters must be (name, tensor) pairs, as model.named_parameters() "
+                f"gives, got {type(item).__name__}"
+            )
+        name, p = item
+        if name in names.values():
+            raise ValueError(f"parameter name {name!r} appears twice in named_parameters")
+        names[p] = name
+    unnamed = sum(1 for p in params if p not in names)
+    if unnamed:
+        raise ValueError(
+            f"named_parameters covers only {len(params) - unnamed} of the optimizer's "
+            f"{len(params)} parameters; pass model.named_parameters() of the model the "
+            "optimizer was built from"
+        )
+    return names
+
+
+def DistributedOptimizer(  # noqa: N802 - a factory named like the class it returns (Horovod)
+    optimizer: torch.optim.Optimizer,
+    named_parameters: Iterable[tuple[str, torch.Tensor]] | None = None,
+    codec: Any = None,
+    comm: Any = None,
+    op: str = "mean",
+    backward_passes_per_step: int = 1,
+    fusion_threshold_bytes: int = DEFAULT_FUSION_THRESHOLD_BYTES,
+    dense_below: int = DEFAULT_DENSE_BELOW,
+    warmup_steps: int = 0,
+    compression: str = "layer",
+    overlap: bool = True,
+) -> torch.optim.Optimizer:
+    """Wrap ``optimizer`` so that ``step()`` applies gradients reduced across ranks.
+
+    The result is an instance of a subclass of ``optimizer``'s class (as in Horovod), so
+    learning-rate schedulers and ``isinstance`` checks keep working.  The wrapped
+    optimizer's state (momentum buffers, ...) is carried over.
+
+    Parameters
+    ----------
+    optimizer : torch.optim.Optimizer
+        The local optimizer.
+    named_parameters : iterable of (str, Tensor), optional
+        ``model.named_parameters()``: names key the error-feedback residuals and the
+        random streams (default: ``"param.<i>"`` in optimizer order).
+    codec : Codec or ErrorFeedback, optional
+        Compression (default ``NoCompression()``); e.g. ``ErrorFeedback(TopK(density=0.01))``.
+    comm : mpi4py.MPI.Comm, optional
+        Default ``MPI.COMM_WORLD``; collective: build the optimizer on all ranks.
+    op : {"mean", "sum"}
+        ``"mean"``: the gradient of the mean loss over all ranks and all
+        ``backward_passes_per_step`` micro-batches (equal to single-process training on
+        the concatenated batches).  ``"sum"``: the plain sum over ranks and passes.
+    backward_passes_per_step : int
+        Backward passes accumulated locally before each reduction.
+    fusion_threshold_bytes, dense_below, warmup_steps, compression, overlap
+        See :class:`~sparcomm.reducer.GradientReducer`.
+
+    Returns
+    -------
+    torch.optim.Optimizer
+        With ``synchronize()``, ``skip_synchronize()``, ``reducer``, ``last_stats`` and
+        ``state_dict()`` / ``load_state_dict()`` carrying the error-feedback residuals.
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
+    if hasattr(optimizer, "_sparcomm_reducer"):
+        raise ValueError("optimizer is already a sparcomm DistributedOptimizer")
+    if (
+        isinstance(backward_passes_per_step, bool)
+        or not isinstance(backward_passes_per_step, int)
+        or backward_passes_per_step < 1
+    ):
+        raise ValueError(
+            f"backward_passes_per_step must be an int >= 1, got {backward_passes_per_step!r}"
+        )
+    reducer = GradientReducer(
+        codec,
+        comm,
+        op=op,
+        fusion_threshold_bytes=fusion_threshold_bytes,
+        dense_below=dense_below,
+        warmup_steps=warmup_steps,
+        compression=compression,
+        overlap=overlap,
+    )
+    cls = type(
+        optimizer.__class__.__name__,
+        (optimizer.__class__,),
+        dict(_DistributedOptimizer.__dict__),
+    )
+    try:
+        wrapped = cls(optimizer.param_groups, named_parameters, reducer, backward_passes_per_step)
+    except BaseException:
+        reducer.close()
+        raise
+    if optimizer.state:
+        torch.optim.Optimizer.load_state_dict(wrapped, optimizer.state_dict())
+    return wrapped
+
+
+def broadcast_parameters(
+    params: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+    root_rank: int = 0,
+    comm: Any = None,
+) -> None:
+    """Overwrite every rank's tensors with ``root_rank``'s, in place.
+
+    Parameters
+    ----------
+    params : dict or iterable of (name, Tensor)
+        ``model.state_dict()`` or ``model.named_parameters()``.
+    root_rank : int
+    comm : mpi4py.MPI.Comm, optional
+    """
+    from sparcomm.reducer import _default_comm
+
+    comm = _default_comm(comm)
+    items = list(params.items()) if isinstance(params, Mapping) else list(params)
+    names = [name for name, _ in items]
+    root_names = comm.bcast(names, root=root_rank)
+    if root_names != names:
+        raise ValueError(
+            f"rank {comm.Get_rank()} has parameters {names[:3]}..., rank {root_rank} has "
+            f"{root_names[:3]}...: build the same model on every rank"
+        )
+    with torch.no_grad():
+        for _, tensor in items:
+            if tensor.device.type == "cpu" and tensor.is_contiguous():
+                comm.Bcast(tensor.detach().numpy(), root=root_rank)
+            else:
+                # Non-contiguous or device tensors travel through a host copy: MPI may not
+                # be CUDA-aware.
+                host = tensor.detach().cpu().contiguous()
+                comm.Bcast(host.numpy(), root=root_rank)
+                tensor.copy_(host)
+
+
+def broadcast_optimizer_state(
+    optimizer: torch.optim.Optimizer, root_rank: int = 0, comm: Any = None
+) -> None:
+    """Overwrite every rank's optimizer state (hyper-parameters, buffers) with the root's.
+
+    Error-feedback residuals are per rank and are not broadcast.
+    """
+    from sparcomm.reducer import _default_comm
+
+    comm = _default_comm(comm)
+    state = comm.bcast(
+        torch.optim.Optimizer.state_dict(optimizer) if comm.Get_rank() == root_rank else None,
+        root=root_rank,
+    )
+    if comm.Get_rank() != root_rank:
+        torch.optim.Optimizer.load_state_dict(optimizer, state)
