@@ -60,7 +60,8 @@ class FP16(Codec):
     def _encode_flat(
         self, xp: ModuleType, kernels: ModuleType, flat: Any, stream: int, **options: Any
     ) -> dict[str, Any]:
-        half = flat.astype(np.float16)
+        with np.errstate(over="ignore"):  # overflow is reported below as non-finite
+            half = flat.astype(np.float16)
         if not bool(xp.isfinite(half).all()):
             raise non_finite_error()
         return {"values": half}

@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from sparcomm.codecs._base import Codec, check_int, non_finite_error
+from sparcomm._backend import kernels_for
+from sparcomm.codecs._base import Codec, check_array, check_int, non_finite_error
 from sparcomm.codecs.qsgd import n_buckets, packed_nbytes
 from sparcomm.payload import Payload
 
@@ -85,7 +86,8 @@ class TernGrad(Codec):
         """``clip * std(x)``, or inf without clipping."""
         if self.clip is None:
             return math.inf
-        return self.clip * float(flat.std(dtype=np.float64))
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite x is refused later
+            return self.clip * float(flat.std(dtype=np.float64))
 
     def local_scales(self, x: Any) -> Any:
         """The scales this rank would use: ``max |clip(x)|`` per bucket.
@@ -93,9 +95,6 @@ class TernGrad(Codec):
         For scaler sharing, take the elementwise max of these over ranks and pass it
         to :meth:`encode` as ``scale``.
         """
-        from sparcomm.codecs._base import check_array
-        from sparcomm._backend import kernels_for
-
         xp, flat = check_array(x)
         return self._scales(xp, kernels_for(xp), flat, self.clip_threshold(flat))
 
