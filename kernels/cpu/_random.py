@@ -1,0 +1,85 @@
+"""The contract's counter-based uniform ``u(stream, i)`` inside Numba kernels.
+
+Bit for bit the definition in ``sparcomm/_random.py``.  Numba widens ``uint32 * uint32``
+to uint64, so every multiply and shift is cast back to uint32 explicitly; the hash is
+branch-free integer arithmetic, which LLVM vectorises (16 lanes with AVX-512).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+GOLDEN32 = np.uint32(0x9E3779B9)
+HIGH32 = np.uint32(0x85EBCA6B)
+_MIX_A = np.uint32(0x7FEB352D)
+_MIX_B = np.uint32(0x846CA68B)
+_LOW32 = np.uint64(0xFFFFFFFF)
+_S16 = np.uint32(16)
+_S15 = np.uint32(15)
+_S8 = np.uint32(8)
+_S32 = np.uint64(32)
+_U24 = 2.0**-24
+
+
+@njit(cache=True, nogil=True, inline="always")
+def mix32(h):
+    """The "lowbias32" finaliser on a uint32."""
+    h = np.uint32(h ^ (h >> _S16))
+    h = np.uint32(h * _MIX_A)
+    h = np.uint32(h ^ (h >> _S15))
+    h = np.uint32(h * _MIX_B)
+    return np.uint32(h ^ (h >> _S16))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def stream_halves(stream):
+    """``(k1, k2)``: the low and high 32 bits of a uint64 stream key (int64 or uint64)."""
+    s = np.uint64(stream)
+    return np.uint32(s & _LOW32), np.uint32(s >> _S32)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def high_word(k1, i):
+    """``k1 ^ (hi * HIGH32)`` for index ``i``: constant over runs of 2**32 indices."""
+    hi = np.uint32(np.uint64(i) >> _S32)
+    return np.uint32(k1 ^ np.uint32(hi * HIGH32))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def hash24(key_lo, k2, i):
+    """Top 24 bits of the per-element hash, given ``key_lo = high_word(k1, i)``."""
+    lo = np.uint32(np.uint64(i) & _LOW32)
+    h = mix32(np.uint32(np.uint32(lo * GOLDEN32) ^ key_lo))
+    h = mix32(np.uint32(h + k2))
+    return np.uint32(h >> _S8)
+
+
+@njit(cache=True, nogil=True)
+def _uniform_chunk(k1, k2, start, out, a, b):
+    for i in range(a, b):
+        j = start + i
+        out[i] = np.float64(hash24(high_word(k1, j), k2, j)) * _U24
+
+
+def as_stream(stream):
+    """A stream key as ``np.uint64``, so Numba always sees one argument type.
+
+    A Python int types as int64 below 2**63 and uint64 above; once one specialisation
+    exists, Numba converts later ints to it, and a key above 2**63 then fails to convert.
+    """
+    return np.uint64(int(stream) & 0xFFFFFFFFFFFFFFFF)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _uniform(stream, start, out):
+    k1, k2 = stream_halves(stream)
+    n = out.size
+    chunk = 1 << 16
+    for c in prange((n + chunk - 1) // chunk):
+        _uniform_chunk(k1, k2, start, out, c * chunk, min(n, (c + 1) * chunk))
+
+
+def uniform(stream, start, out):
+    """``out[i] = u(stream, start + i)`` as float64 (the RNG's test hook)."""
+    _uniform(as_stream(stream), np.int64(start), out)

@@ -1,0 +1,148 @@
+"""Bit packing: ``bits``-wide fields, LSB-first, 8 fields -> ``bits`` bytes per group.
+
+Eight ``bits``-wide fields fill exactly ``bits`` bytes, so every group of 8 elements
+starts on a byte boundary and groups pack independently (in parallel, without carries
+between tasks).  Inside a group the fields sit one per byte of a uint64 and are squeezed
+together by three shift-and-mask steps (a portable ``pext``), which LLVM vectorises over
+groups; unpacking runs the steps backwards.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ._common import CHUNK, n_chunks
+
+_M8 = np.uint64(0x00FF00FF00FF00FF)
+_M16 = np.uint64(0x0000FFFF0000FFFF)
+_M32 = np.uint64(0x00000000FFFFFFFF)
+_ONES = np.uint64(0x0101010101010101)
+_SHIFT8 = np.uint64(8)
+_SHIFT16 = np.uint64(16)
+_SHIFT32 = np.uint64(32)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def compress_group(word, bits):
+    """Squeeze 8 byte-lane fields of ``word`` into its low ``8*bits`` bits."""
+    b = np.uint64(bits)
+    word = np.uint64((word & _M8) | ((word & ~_M8) >> (_SHIFT8 - b)))
+    word = np.uint64((word & _M16) | ((word & ~_M16) >> (_SHIFT16 - b - b)))
+    return np.uint64((word & _M32) | ((word & ~_M32) >> (_SHIFT32 - np.uint64(4) * b)))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def expand_group(word, bits):
+    """Inverse of :func:`compress_group`: one field per byte lane (upper bits zero)."""
+    b = np.uint64(bits)
+    lane = np.uint64(0xFF) >> (_SHIFT8 - b)  # the low `bits` bits of each byte
+    low4 = (np.uint64(1) << (np.uint64(4) * b)) - np.uint64(1)
+    word = np.uint64((word & low4) | ((word & ~low4) << (_SHIFT32 - np.uint64(4) * b)))
+    low2 = ((np.uint64(1) << (b + b)) - np.uint64(1)) * np.uint64(0x0000000100000001)
+    word = np.uint64((word & low2) | ((word & ~low2) << (_SHIFT16 - b - b)))
+    low1 = ((np.uint64(1) << b) - np.uint64(1)) * np.uint64(0x0001000100010001)
+    word = np.uint64((word & low1) | ((word & ~low1) << (_SHIFT8 - b)))
+    return np.uint64(word & (lane * _ONES))
+
+
+@njit(cache=True, nogil=True)
+def pack_groups(fields, ngroups, bits, out, first_group):
+    """Pack ``ngroups`` whole groups from ``fields`` (uint64 words, one field per byte).
+
+    Writes bytes ``[first_group*bits, (first_group+ngroups)*bits)`` of ``out``.  The
+    fields must already fit in ``bits`` bits.
+    """
+    for g in range(ngroups):
+        fields[g] = compress_group(fields[g], bits)
+    base = first_group * bits
+    for g in range(ngroups):
+        word = fields[g]
+        p = base + g * bits
+        for j in range(bits):
+            out[p + j] = np.uint8((word >> np.uint64(8 * j)) & np.uint64(0xFF))
+
+
+@njit(cache=True, nogil=True)
+def pack_tail(fields, n_fields, bits, out, first_group):
+    """Pack the last, partial group of ``n_fields < 8`` fields; trailing bits are zero."""
+    mask = np.uint64((1 << (8 * n_fields)) - 1)
+    word = compress_group(fields[0] & mask, bits)
+    nbytes = (n_fields * bits + 7) // 8
+    p = first_group * bits
+    for j in range(nbytes):
+        out[p + j] = np.uint8((word >> np.uint64(8 * j)) & np.uint64(0xFF))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def load_group(packed, g, bits, n_bytes):
+    """Group ``g``'s packed word, reading at most ``n_bytes`` bytes (the stream's end)."""
+    p = g * bits
+    stop = min(p + bits, n_bytes)
+    word = np.uint64(0)
+    for j in range(p, stop):
+        word |= np.uint64(packed[j]) << np.uint64(8 * (j - p))
+    return word
+
+
+@njit(cache=True, nogil=True)
+def unpack_groups(packed, bits, first_group, ngroups, fields):
+    """Expand groups ``first_group ...`` into ``fields`` (uint64 words, a field per byte)."""
+    n_bytes = packed.size
+    for g in range(ngroups):
+        fields[g] = load_group(packed, first_group + g, bits, n_bytes)
+    for g in range(ngroups):
+        fields[g] = expand_group(fields[g], bits)
+
+
+@njit(cache=True, nogil=True)
+def _pack_chunk(src, a, b, bits, out, scratch):
+    """Pack elements ``[a, b)`` (``a`` a multiple of 8) of the uint8 ``src``."""
+    mask = np.uint8((1 << bits) - 1)
+    lanes = scratch.view(np.uint8)
+    for i in range(a, b):
+        lanes[i - a] = src[i] & mask
+    n = b - a
+    full = n // 8
+    pack_groups(scratch, full, bits, out, a // 8)
+    if n % 8:
+        scratch[0] = scratch[full]
+        pack_tail(scratch, n % 8, bits, out, a // 8 + full)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _pack_bits(fields, bits, out):
+    n = fields.size
+    for c in prange(n_chunks(n, CHUNK)):
+        scratch = np.zeros(CHUNK // 8, dtype=np.uint64)
+        _pack_chunk(fields, c * CHUNK, min(n, (c + 1) * CHUNK), bits, out, scratch)
+
+
+@njit(cache=True, nogil=True)
+def _unpack_chunk(packed, bits, a, b, out, scratch):
+    n = b - a
+    unpack_groups(packed, bits, a // 8, (n + 7) // 8, scratch)
+    lanes = scratch.view(np.uint8)
+    for i in range(a, b):
+        out[i] = lanes[i - a]
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _unpack_bits(packed, bits, out):
+    n = out.size
+    for c in prange(n_chunks(n, CHUNK)):
+        scratch = np.empty(CHUNK // 8, dtype=np.uint64)
+        _unpack_chunk(packed, bits, c * CHUNK, min(n, (c + 1) * CHUNK), out, scratch)
+
+
+def pack_bits(fields, bits, out):
+    """Pack ``bits``-wide fields (uint8, length n) into ``out`` (``ceil(n*bits/8)`` bytes).
+
+    Bits of a field above ``bits`` are ignored.
+    """
+    _pack_bits(fields, int(bits), out)
+
+
+def unpack_bits(packed, bits, out):
+    """Unpack ``out.size`` fields of ``bits`` bits from ``packed`` into ``out`` (uint8)."""
+    _unpack_bits(packed, int(bits), out)

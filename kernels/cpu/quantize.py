@@ -1,0 +1,254 @@
+"""QSGD and TernGrad: stochastic rounding with the counter-hash uniform, bit-packed.
+
+Each parallel task owns a run of whole 8-element groups, so it packs its own bytes; with
+QSGD's usual small buckets the task also owns whole buckets and computes their norms
+itself, so a bucket is read from memory once and then re-read from L1 (one fused pass).
+
+References
+----------
+D. Alistarh, D. Grubic, J. Li, R. Tomioka, M. Vojnovic, "QSGD: Communication-efficient
+SGD via gradient quantization and encoding", NeurIPS 2017.
+W. Wen, C. Xu, F. Yan, C. Wu, Y. Wang, Y. Chen, H. Li, "TernGrad: Ternary gradients to
+reduce communication in distributed deep learning", NeurIPS 2017.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from ._common import CHUNK, abs_bits, abs_mask, as_dtype, lane_sum_squares, n_chunks
+from ._random import as_stream, hash24, high_word, stream_halves
+from .packing import pack_groups, pack_tail, unpack_groups
+from .reduce import max_abs, max_bits
+
+_U24 = 2.0**-24
+_WORD = np.int64(1) << np.int64(32)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _word_end(i, stop):
+    """End of the run of indices sharing ``i``'s high 32 bits (the hash's ``hi`` word)."""
+    return min(stop, (i // _WORD + 1) * _WORD)
+
+
+@njit(cache=True, nogil=True)
+def _qsgd_fields(x, a, b, inv, levels, k1, k2, lanes, offset):
+    """QSGD fields ``(level << 1) | sign`` of ``x[a:b]`` into ``lanes[i - offset]``."""
+    levels_f = as_dtype(levels, x)
+    one = as_dtype(1, x)
+    zero = as_dtype(0, x)
+    u24 = as_dtype(_U24, x)
+    i0 = a
+    while i0 < b:
+        i1 = _word_end(i0, b)
+        key_lo = high_word(k1, i0)
+        for i in range(i0, i1):
+            v = x[i]
+            t = abs(v) * inv
+            low = np.floor(t)
+            u = as_dtype(hash24(key_lo, k2, i), x) * u24
+            level = low + (one if u < t - low else zero)
+            # NaN fails `<=` and is clamped as well, so the field is always defined.
+            level = level if level <= levels_f else levels_f
+            lanes[i - offset] = np.uint8((np.uint8(level) << np.uint8(1)) | np.uint8(v < 0))
+        i0 = i1
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _inverse_step(scale, levels, x):
+    """``levels / scale`` in x.dtype, 0 for a zero scale."""
+    return as_dtype(levels, x) / scale if scale != 0 else as_dtype(0, x)
+
+
+@njit(cache=True, nogil=True)
+def _bucket_scale(x, a, b, norm, out_scales, bk):
+    """Write bucket ``bk``'s scale (``x[a:b]``) to ``out_scales`` and return it."""
+    if norm == 0:
+        out_scales[bk] = as_dtype(math.sqrt(lane_sum_squares(x, a, b)), x)
+    else:
+        out_bits = abs_bits(out_scales)
+        out_bits[bk] = max_bits(abs_bits(x), abs_mask(x), a, b)
+    return out_scales[bk]
+
+
+@njit(cache=True, nogil=True)
+def _pack_task(scratch, a, b, bits, out_packed):
+    """Pack the fields of elements ``[a, b)`` (``a`` a multiple of 8) from ``scratch``."""
+    full = (b - a) // 8
+    pack_groups(scratch, full, bits, out_packed, a // 8)
+    if (b - a) % 8:
+        scratch[0] = scratch[full]
+        pack_tail(scratch, (b - a) % 8, bits, out_packed, a // 8 + full)
+
+
+@njit(cache=True, nogil=True)
+def _qsgd_fused_task(x, a, b, levels, bits, bucket, norm, k1, k2, out_scales, out_packed):
+    """Norms, fields and packing of whole buckets ``[a, b)`` while they sit in cache."""
+    scratch = np.zeros((b - a + 7) // 8, dtype=np.uint64)
+    lanes = scratch.view(np.uint8)
+    for bk in range(a // bucket, (b + bucket - 1) // bucket):
+        s = bk * bucket
+        e = min(b, s + bucket)
+        scale = _bucket_scale(x, s, e, norm, out_scales, bk)
+        _qsgd_fields(x, s, e, _inverse_step(scale, levels, x), levels, k1, k2, lanes, a)
+    _pack_task(scratch, a, b, bits, out_packed)
+
+
+@njit(cache=True, nogil=True)
+def _qsgd_task(x, a, b, levels, bits, bucket, k1, k2, scales, out_packed):
+    """Fields and packing of ``[a, b)`` given every bucket's scale (large buckets)."""
+    scratch = np.zeros((b - a + 7) // 8, dtype=np.uint64)
+    lanes = scratch.view(np.uint8)
+    for bk in range(a // bucket, (b - 1) // bucket + 1):
+        s = max(a, bk * bucket)
+        e = min(b, (bk + 1) * bucket)
+        inv = _inverse_step(scales[bk], levels, x)
+        _qsgd_fields(x, s, e, inv, levels, k1, k2, lanes, a)
+    _pack_task(scratch, a, b, bits, out_packed)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _l2_scales(x, bucket, out_scales):
+    n = x.size
+    for bk in prange(n_chunks(n, bucket)):
+        s = bk * bucket
+        out_scales[bk] = as_dtype(math.sqrt(lane_sum_squares(x, s, min(n, s + bucket))), x)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _qsgd_encode(x, levels, bits, bucket, norm, stream, out_scales, out_packed):
+    n = x.size
+    k1, k2 = stream_halves(stream)
+    group = bucket * 8 // math.gcd(bucket, 8)  # whole buckets and whole 8-element groups
+    if group <= CHUNK:
+        task = group * (CHUNK // group)
+        for c in prange(n_chunks(n, task)):
+            _qsgd_fused_task(x, c * task, min(n, (c + 1) * task), levels, bits, bucket, norm,
+                             k1, k2, out_scales, out_packed)
+    else:
+        # A bucket larger than a task: norms first (the L2 lane sum of one bucket is
+        # sequential by definition), then quantise in parallel.
+        if norm == 0:
+            _l2_scales(x, bucket, out_scales)
+        else:
+            max_abs(x, bucket, out_scales)
+        for c in prange(n_chunks(n, CHUNK)):
+            _qsgd_task(x, c * CHUNK, min(n, (c + 1) * CHUNK), levels, bits, bucket, k1, k2,
+                       out_scales, out_packed)
+
+
+def qsgd_encode(x, levels, bits, bucket, norm, stream, out_scales, out_packed):
+    """QSGD stochastic rounding of ``|x| / scale`` to ``levels`` levels, sign + level packed.
+
+    See the contract in ``kernels/__init__.py``; ``norm`` 0 = L2, 1 = max.
+    """
+    _qsgd_encode(x, int(levels), int(bits), int(bucket), int(norm), as_stream(stream),
+                 out_scales, out_packed)
+
+
+@njit(cache=True, nogil=True)
+def _qsgd_decode_task(packed, scales, levels, bits, bucket, a, b, out):
+    scratch = np.empty((b - a + 7) // 8, dtype=np.uint64)
+    unpack_groups(packed, bits, a // 8, scratch.size, scratch)
+    lanes = scratch.view(np.uint8)
+    for bk in range(a // bucket, (b - 1) // bucket + 1):
+        s = max(a, bk * bucket)
+        e = min(b, (bk + 1) * bucket)
+        step = as_dtype(scales[bk], out) / as_dtype(levels, out)
+        for i in range(s, e):
+            f = lanes[i - a]
+            magnitude = as_dtype(f >> np.uint8(1), out) * step
+            out[i] = -magnitude if f & np.uint8(1) else magnitude
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _qsgd_decode(packed, scales, levels, bits, bucket, out):
+    n = out.size
+    for c in prange(n_chunks(n, CHUNK)):
+        _qsgd_decode_task(packed, scales, levels, bits, bucket, c * CHUNK,
+                          min(n, (c + 1) * CHUNK), out)
+
+
+def qsgd_decode(packed, scales, levels, bits, bucket, out):
+    """``out_i = ±(level_i * (scale_b / levels))`` from packed QSGD fields."""
+    _qsgd_decode(packed, scales, int(levels), int(bits), int(bucket), out)
+
+
+@njit(cache=True, nogil=True)
+def _terngrad_fields(x, a, b, scale, clip, k1, k2, lanes, offset):
+    """TernGrad codes of ``x[a:b]`` (bucket scale ``scale``) into ``lanes[i - offset]``."""
+    if scale == 0:
+        for i in range(a, b):
+            lanes[i - offset] = 0
+        return
+    u24 = as_dtype(_U24, x)
+    i0 = a
+    while i0 < b:
+        i1 = _word_end(i0, b)
+        key_lo = high_word(k1, i0)
+        for i in range(i0, i1):
+            v = x[i]
+            magnitude = abs(v)
+            # `>` keeps NaN as NaN (np.minimum's rule); the draw then fails for NaN.
+            clipped = clip if magnitude > clip else magnitude
+            p = clipped / scale
+            u = as_dtype(hash24(key_lo, k2, i), x) * u24
+            code = np.uint8(1) if v > 0 else np.uint8(2)
+            lanes[i - offset] = code if (u < p and v != 0) else np.uint8(0)
+        i0 = i1
+
+
+@njit(cache=True, nogil=True)
+def _terngrad_task(x, scales, bucket, clip, k1, k2, a, b, out_packed):
+    scratch = np.zeros((b - a + 7) // 8, dtype=np.uint64)
+    lanes = scratch.view(np.uint8)
+    for bk in range(a // bucket, (b - 1) // bucket + 1):
+        s = max(a, bk * bucket)
+        e = min(b, (bk + 1) * bucket)
+        _terngrad_fields(x, s, e, as_dtype(scales[bk], x), clip, k1, k2, lanes, a)
+    _pack_task(scratch, a, b, 2, out_packed)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _terngrad_encode(x, scales, bucket, clip, stream, out_packed):
+    n = x.size
+    k1, k2 = stream_halves(stream)
+    clip_x = as_dtype(clip, x)
+    for c in prange(n_chunks(n, CHUNK)):
+        _terngrad_task(x, scales, bucket, clip_x, k1, k2, c * CHUNK, min(n, (c + 1) * CHUNK),
+                       out_packed)
+
+
+def terngrad_encode(x, scales, bucket, clip, stream, out_packed):
+    """TernGrad codes (0, 1 = +s, 2 = -s) drawn with probability ``min(|x|, clip) / s``."""
+    _terngrad_encode(x, scales, int(bucket), float(clip), as_stream(stream), out_packed)
+
+
+@njit(cache=True, nogil=True)
+def _terngrad_decode_task(packed, scales, bucket, a, b, out):
+    scratch = np.empty((b - a + 7) // 8, dtype=np.uint64)
+    unpack_groups(packed, 2, a // 8, scratch.size, scratch)
+    lanes = scratch.view(np.uint8)
+    zero = as_dtype(0, out)
+    for bk in range(a // bucket, (b - 1) // bucket + 1):
+        s = max(a, bk * bucket)
+        e = min(b, (bk + 1) * bucket)
+        scale = as_dtype(scales[bk], out)
+        for i in range(s, e):
+            code = lanes[i - a]
+            out[i] = scale if code == 1 else (-scale if code == 2 else zero)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _terngrad_decode(packed, scales, bucket, out):
+    n = out.size
+    for c in prange(n_chunks(n, CHUNK)):
+        _terngrad_decode_task(packed, scales, bucket, c * CHUNK, min(n, (c + 1) * CHUNK), out)
+
+
+def terngrad_decode(packed, scales, bucket, out):
+    """Code 1 -> ``+s_b``, 2 -> ``-s_b``, 0 and 3 -> 0."""
+    _terngrad_decode(packed, scales, int(bucket), out)
