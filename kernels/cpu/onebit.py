@@ -1,0 +1,183 @@
+"""1-bit SGD: sign bits plus two reconstruction means per bucket.
+
+As in QSGD, a parallel task owns whole buckets when they are small, so the bucket's
+means (its two masked lane sums) and its packed sign bits come from one read of memory.
+
+References
+----------
+F. Seide, H. Fu, J. Droppo, G. Li, D. Yu, "1-bit stochastic gradient descent and its
+application to data-parallel distributed training of speech DNNs", Interspeech 2014.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from ._common import CHUNK, as_dtype, n_chunks
+from .packing import pack_groups, pack_tail, unpack_groups
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _split(v):
+    """``(v, 0)`` for ``v >= 0`` or NaN (bit 0), ``(0, v)`` for ``v < 0`` (bit 1)."""
+    negative = v < 0.0
+    return (0.0 if negative else v), (v if negative else 0.0), negative
+
+
+@njit(cache=True, nogil=True)
+def _bucket_means(x, a, b, out_means, bk):
+    """Both groups' contract ``lane_sum`` over ``x[a:b]`` divided by their counts.
+
+    Lane ``j`` takes the bucket's positions ``j, j+8, ...``; an element of the other
+    group adds +0.0, which leaves a lane that starts at +0.0 unchanged.
+    """
+    p0 = p1 = p2 = p3 = p4 = p5 = p6 = p7 = 0.0
+    q0 = q1 = q2 = q3 = q4 = q5 = q6 = q7 = 0.0
+    negatives = 0
+    m = a + (b - a) // 8 * 8
+    for i in range(a, m, 8):
+        s0, t0, c0 = _split(np.float64(x[i]))
+        s1, t1, c1 = _split(np.float64(x[i + 1]))
+        s2, t2, c2 = _split(np.float64(x[i + 2]))
+        s3, t3, c3 = _split(np.float64(x[i + 3]))
+        s4, t4, c4 = _split(np.float64(x[i + 4]))
+        s5, t5, c5 = _split(np.float64(x[i + 5]))
+        s6, t6, c6 = _split(np.float64(x[i + 6]))
+        s7, t7, c7 = _split(np.float64(x[i + 7]))
+        p0 += s0
+        p1 += s1
+        p2 += s2
+        p3 += s3
+        p4 += s4
+        p5 += s5
+        p6 += s6
+        p7 += s7
+        q0 += t0
+        q1 += t1
+        q2 += t2
+        q3 += t3
+        q4 += t4
+        q5 += t5
+        q6 += t6
+        q7 += t7
+        negatives += (np.int64(c0) + np.int64(c1) + np.int64(c2) + np.int64(c3)
+                      + np.int64(c4) + np.int64(c5) + np.int64(c6) + np.int64(c7))
+    r = b - m
+    if r > 0:
+        s, t, c = _split(np.float64(x[m]))
+        p0 += s
+        q0 += t
+        negatives += np.int64(c)
+    if r > 1:
+        s, t, c = _split(np.float64(x[m + 1]))
+        p1 += s
+        q1 += t
+        negatives += np.int64(c)
+    if r > 2:
+        s, t, c = _split(np.float64(x[m + 2]))
+        p2 += s
+        q2 += t
+        negatives += np.int64(c)
+    if r > 3:
+        s, t, c = _split(np.float64(x[m + 3]))
+        p3 += s
+        q3 += t
+        negatives += np.int64(c)
+    if r > 4:
+        s, t, c = _split(np.float64(x[m + 4]))
+        p4 += s
+        q4 += t
+        negatives += np.int64(c)
+    if r > 5:
+        s, t, c = _split(np.float64(x[m + 5]))
+        p5 += s
+        q5 += t
+        negatives += np.int64(c)
+    if r > 6:
+        s, t, c = _split(np.float64(x[m + 6]))
+        p6 += s
+        q6 += t
+        negatives += np.int64(c)
+    sum0 = ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7))
+    sum1 = ((q0 + q1) + (q2 + q3)) + ((q4 + q5) + (q6 + q7))
+    count0 = (b - a) - negatives
+    out_means[2 * bk] = as_dtype(sum0 / count0 if count0 > 0 else 0.0, out_means)
+    out_means[2 * bk + 1] = as_dtype(sum1 / negatives if negatives > 0 else 0.0, out_means)
+
+
+@njit(cache=True, nogil=True)
+def _sign_bits(x, a, b, lanes, offset):
+    for i in range(a, b):
+        lanes[i - offset] = np.uint8(x[i] < 0)
+
+
+@njit(cache=True, nogil=True)
+def _pack_task(scratch, a, b, out_packed):
+    full = (b - a) // 8
+    pack_groups(scratch, full, 1, out_packed, a // 8)
+    if (b - a) % 8:
+        scratch[0] = scratch[full]
+        pack_tail(scratch, (b - a) % 8, 1, out_packed, a // 8 + full)
+
+
+@njit(cache=True, nogil=True)
+def _fused_task(x, a, b, bucket, out_packed, out_means):
+    """Means and sign bits of the whole buckets ``[a, b)``, each read once from memory."""
+    scratch = np.zeros((b - a + 7) // 8, dtype=np.uint64)
+    lanes = scratch.view(np.uint8)
+    for bk in range(a // bucket, (b + bucket - 1) // bucket):
+        s = bk * bucket
+        e = min(b, s + bucket)
+        _bucket_means(x, s, e, out_means, bk)
+        _sign_bits(x, s, e, lanes, a)
+    _pack_task(scratch, a, b, out_packed)
+
+
+@njit(cache=True, nogil=True)
+def _bits_task(x, a, b, out_packed):
+    scratch = np.zeros((b - a + 7) // 8, dtype=np.uint64)
+    _sign_bits(x, a, b, scratch.view(np.uint8), a)
+    _pack_task(scratch, a, b, out_packed)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def onebit_encode(x, bucket, out_packed, out_means):
+    """Sign bits of ``x`` (1 = negative) and per bucket the means of both groups."""
+    n = x.size
+    group = bucket * 8 // math.gcd(bucket, 8)
+    if group <= CHUNK:
+        task = group * (CHUNK // group)
+        for c in prange(n_chunks(n, task)):
+            _fused_task(x, c * task, min(n, (c + 1) * task), bucket, out_packed, out_means)
+    else:
+        # Buckets larger than a task: a bucket's lane sum is sequential by definition,
+        # so buckets run in parallel with each other, then the bits in parallel chunks.
+        for bk in prange(n_chunks(n, bucket)):
+            _bucket_means(x, bk * bucket, min(n, (bk + 1) * bucket), out_means, bk)
+        for c in prange(n_chunks(n, CHUNK)):
+            _bits_task(x, c * CHUNK, min(n, (c + 1) * CHUNK), out_packed)
+
+
+@njit(cache=True, nogil=True)
+def _decode_task(packed, means, bucket, a, b, out):
+    scratch = np.empty((b - a + 7) // 8, dtype=np.uint64)
+    unpack_groups(packed, 1, a // 8, scratch.size, scratch)
+    lanes = scratch.view(np.uint8)
+    for bk in range(a // bucket, (b - 1) // bucket + 1):
+        s = max(a, bk * bucket)
+        e = min(b, (bk + 1) * bucket)
+        positive = as_dtype(means[2 * bk], out)
+        negative = as_dtype(means[2 * bk + 1], out)
+        for i in range(s, e):
+            out[i] = negative if lanes[i - a] else positive
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def onebit_decode(packed, means, bucket, out):
+    """``out_i = means[2b + bit_i]``."""
+    n = out.size
+    for c in prange(n_chunks(n, CHUNK)):
+        _decode_task(packed, means, bucket, c * CHUNK, min(n, (c + 1) * CHUNK), out)
