@@ -1,0 +1,383 @@
+"""Cost model of the allreduce algorithms: bytes per rank and predicted time.
+
+The model is the alpha-beta model of SparCML (Renggli et al., SC'19, Section 5) with two
+compute terms: a message costs ``alpha + beta * bytes``; merging sorted streams costs
+``merge`` seconds per element per tree level; a pass over a dense buffer (zeroing,
+adding, copying) costs ``dense`` seconds per element; MPI's own ``Allreduce`` costs
+``2 ceil(log2 P) alpha + beta_allreduce * bytes``, ``beta_allreduce`` being measured
+rather than derived, because the library's algorithm is a black box.
+
+Fill: the expected number of distinct indices in the union of streams with ``k_r``
+entries each, drawn independently and uniformly from ``[0, n)``, is
+``n (1 - prod_r (1 - k_r / n))``; a range of length ``L`` holds a fraction ``L / n`` of it.
+Identical supports fill less and disjoint ones more, so the model is exact only for
+random supports; the byte counts of :func:`predict` follow the schedule of
+``sparcomm.comm._sparse`` exactly for given fills, and the tests hold measured bytes to
+the prediction.
+
+:func:`calibrate` measures the five constants once per communicator (a few tens of
+milliseconds), agrees on them across ranks (the maximum of each), and caches them on
+the communicator; every rank then predicts the same times and ``auto`` makes the same
+choice everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+from mpi4py import MPI
+
+from sparcomm.comm._context import (
+    SIGNATURE_FIELDS,
+    comm_state,
+    ring_allreduce_bytes,
+)
+from sparcomm.kernels.cpu import merge as _merge
+
+SPARSE_ALGORITHMS = ("allgather", "recursive_doubling", "split_allgather", "dsar")
+ALL_ALGORITHMS = (*SPARSE_ALGORITHMS, "dense")
+
+_SIGNATURE_BYTES = 8 * len(SIGNATURE_FIELDS)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Machine constants of the alpha-beta model (seconds).
+
+    Parameters
+    ----------
+    alpha : float
+        Latency of one message (per step of a tree or ring collective).
+    beta : float
+        Seconds per byte moved by ``Allgatherv``/``Alltoallv``/point-to-point.
+    beta_allreduce : float
+        Seconds per byte of buffer in MPI's own ``Allreduce`` (whole operation).
+    merge : float
+        Seconds per element per level of the merge tree.
+    dense : float
+        Seconds per element of one pass over a dense buffer.
+    """
+
+    alpha: float
+    beta: float
+    beta_allreduce: float
+    merge: float
+    dense: float
+    calibration_seconds: float = 0.0
+
+    def as_array(self) -> np.ndarray:
+        return np.array([self.alpha, self.beta, self.beta_allreduce, self.merge, self.dense])
+
+    def fingerprint(self) -> int:
+        """A 31-bit hash of the constants: ranks compare it before ``auto`` chooses."""
+        return zlib.crc32(self.as_array().tobytes()) & 0x7FFFFFFF
+
+
+@dataclass
+class Phase:
+    """One phase of a schedule: messages on the critical path, bytes per rank, compute."""
+
+    name: str
+    messages: float
+    sent: np.ndarray  # bytes per rank
+    received: np.ndarray
+    merge_elements: float = 0.0
+    dense_elements: float = 0.0
+    allreduce_bytes: float = 0.0
+
+
+@dataclass
+class Prediction:
+    """The predicted schedule of one algorithm on every rank."""
+
+    algorithm: str
+    phases: list[Phase] = field(default_factory=list)
+
+    def bytes(self, rank: int) -> tuple[int, int]:
+        """(sent, received) bytes of ``rank`` over the whole call, signature included."""
+        sent = sum(float(p.sent[rank]) for p in self.phases)
+        received = sum(float(p.received[rank]) for p in self.phases)
+        return round(sent), round(received)
+
+    def time(self, model: CostModel) -> float:
+        """Predicted seconds: phases in sequence, each paced by its busiest rank."""
+        total = 0.0
+        for p in self.phases:
+            busiest = float(np.max(np.maximum(p.sent, p.received))) if p.sent.size else 0.0
+            total += (
+                model.alpha * p.messages
+                + model.beta * busiest
+                + model.merge * p.merge_elements
+                + model.dense * p.dense_elements
+                + model.beta_allreduce * p.allreduce_bytes
+            )
+        return total
+
+
+def expected_union(k: np.ndarray, n: int, length: float | None = None) -> float:
+    """Expected distinct indices in the union of uniform random streams of sizes ``k``,
+    restricted to a range of ``length`` indices (the whole ``[0, n)`` by default)."""
+    if n == 0:
+        return 0.0
+    length = n if length is None else length
+    miss = np.prod(1.0 - np.minimum(np.asarray(k, dtype=np.float64), n) / n)
+    return float(length * (1.0 - miss))
+
+
+def _ring(blocks, size: int) -> tuple[np.ndarray, np.ndarray]:
+    blocks = np.asarray(blocks, dtype=np.float64)
+    total = blocks.sum()
+    ranks = np.arange(size)
+    if size == 1:
+        return np.zeros(1), np.zeros(1)
+    return total - blocks[(ranks + 1) % size], total - blocks
+
+
+def predict(
+    algorithm: str,
+    n: int,
+    k_all,
+    itemsize: int,
+    index_itemsize: int,
+    dense_output: bool | None = True,
+) -> Prediction:
+    """The schedule of ``algorithm`` for streams of ``k_all[r]`` entries on each rank.
+
+    Parameters
+    ----------
+    algorithm : str
+        One of ``allgather``, ``recursive_doubling``, ``split_allgather``, ``dsar``,
+        ``dense``.
+    n, itemsize, index_itemsize : int
+        Vector length, bytes per value and per index on the wire.
+    k_all : sequence of int
+        Entries per rank (the fill of sums is the random-support expectation).
+    dense_output : bool or None
+        Whether the result is written to a dense buffer (adds one dense pass).
+    """
+    k = np.asarray(k_all, dtype=np.float64)
+    size = k.size
+    entry = index_itemsize + itemsize
+    log = math.ceil(math.log2(size)) if size > 1 else 0
+    prediction = Prediction(algorithm)
+    add = prediction.phases.append
+    sent, received = _ring([_SIGNATURE_BYTES] * size, size)
+    add(Phase("check", log, sent, received))
+    zeros = np.zeros(size)
+    if size == 1:
+        add(Phase("output", 0, zeros, zeros, dense_elements=n if dense_output else 0))
+        return prediction
+
+    if algorithm == "allgather":
+        si, ri = _ring(k * index_itemsize, size)
+        sv, rv = _ring(k * itemsize, size)
+        add(Phase("allgather", 2 * log, si + sv, ri + rv))
+        add(Phase("merge", 0, zeros, zeros, merge_elements=k.sum() * log))
+    elif algorithm == "recursive_doubling":
+        _predict_recursive_doubling(add, n, k, itemsize, entry)
+    elif algorithm in ("split_allgather", "dsar"):
+        _predict_split(add, n, k, itemsize, entry, switch=algorithm == "dsar")
+    elif algorithm == "dense":
+        add(Phase("densify_input", 0, zeros, zeros, dense_elements=n))
+        both = np.full(size, float(ring_allreduce_bytes(n * itemsize, size)))
+        add(Phase("allreduce", 2 * log, both, both, allreduce_bytes=n * itemsize))
+    else:
+        raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {ALL_ALGORITHMS}")
+    if dense_output:
+        add(Phase("output", 0, zeros, zeros, dense_elements=n))
+    return prediction
+
+
+def _predict_recursive_doubling(add, n, k, itemsize, entry) -> None:
+    size = k.size
+    low = 1 << (size.bit_length() - 1)
+    extra = size - low
+
+    def wire(count: float) -> float:  # the dense switch of _sparse.Problem.goes_dense
+        return n * itemsize if count * entry >= n * itemsize else count * entry
+
+    groups = [[r] + ([r + low] if r < extra else []) for r in range(low)]
+    if extra:
+        sent, received = np.zeros(size), np.zeros(size)
+        for r in range(extra):
+            sent[r + low] = received[r] = wire(k[r + low])
+        add(Phase("fold", 1, sent, received, merge_elements=2 * float(k.max())))
+    mask = 1
+    while mask < low:
+        sent, received = np.zeros(size), np.zeros(size)
+        merged = 0.0
+        for r in range(low):
+            base = r & ~(2 * mask - 1)
+            own_block = [
+                m
+                for q in range(base, base + 2 * mask)
+                if (q & mask) == (r & mask)
+                for m in groups[q]
+            ]
+            other_block = [
+                m
+                for q in range(base, base + 2 * mask)
+                if (q & mask) != (r & mask)
+                for m in groups[q]
+            ]
+            sent[r] = wire(expected_union(k[own_block], n))
+            received[r] = wire(expected_union(k[other_block], n))
+            merged = max(merged, (sent[r] + received[r]) / entry)
+        add(Phase(f"round{mask}", 1, sent, received, merge_elements=merged))
+        mask <<= 1
+    if extra:
+        sent, received = np.zeros(size), np.zeros(size)
+        final = wire(expected_union(k, n))
+        sent[:extra] = final
+        received[low:] = final
+        add(Phase("unfold", 1, sent, received))
+
+
+def _predict_split(add, n, k, itemsize, entry, switch: bool) -> None:
+    size = k.size
+    log = math.ceil(math.log2(size))
+    bounds = (np.arange(size + 1, dtype=np.int64) * n) // size
+    lengths = np.diff(bounds).astype(np.float64)
+    # parts[r, j]: bytes rank r sends to owner j
+    counts = np.outer(k, lengths) / n if n else np.zeros((size, size))
+    part_bytes = counts * entry
+    if switch:
+        dense = (counts > 0) & (counts * entry >= lengths[None, :] * itemsize)
+        part_bytes = np.where(dense, lengths[None, :] * itemsize, part_bytes)
+    np.fill_diagonal(part_bytes, 0.0)
+    header = np.full(size, 8.0 * (size - 1))
+    add(
+        Phase(
+            "reduce_scatter",
+            log + 2 * (size - 1),
+            header + part_bytes.sum(axis=1),
+            header + part_bytes.sum(axis=0),
+            merge_elements=float(counts.sum(axis=0).max()) * log,
+        )
+    )
+    owned = np.array([expected_union(k, n, lengths[j]) for j in range(size)])
+    block = owned * entry
+    if switch:
+        block = np.where(block >= lengths * itemsize, lengths * itemsize, block)
+    sh, rh = _ring([8] * size, size)
+    sb, rb = _ring(block, size)
+    add(Phase("allgather", 3 * log, sh + sb, rh + rb))
+
+
+# ------------------------------------------------------------------ calibration
+
+
+def _median_time(function, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def calibrate(comm: MPI.Comm | None = None, *, repeats: int = 5) -> CostModel:
+    """Measure the cost-model constants on ``comm`` and cache them there (collective).
+
+    Takes a few tens of milliseconds: small ``Allreduce`` calls for ``alpha``, a 256 KiB
+    per rank ``Allgather`` for ``beta``, a 4 MiB ``Allreduce`` for ``beta_allreduce``, and
+    local merge and dense passes for the compute terms.  Every rank measures, the
+    maximum of each constant is agreed, so all ranks hold the same model.  Call again to
+    re-calibrate (for example after the machine's load changed).
+
+    Parameters
+    ----------
+    comm : mpi4py.MPI.Comm, optional
+        The communicator (``MPI.COMM_WORLD`` by default).
+    repeats : int
+        Timings per constant; the median is kept.
+    """
+    comm = MPI.COMM_WORLD if comm is None else comm
+    state = comm_state(comm)
+    inner = state.comm
+    size = inner.Get_size()
+    start = time.perf_counter()
+    log = max(1, math.ceil(math.log2(size))) if size > 1 else 1
+
+    # Compute terms first (the kernels are compiled or loaded from the cache here).
+    rng = np.random.default_rng(12345)
+    m = 1 << 16
+    a_i = np.sort(rng.choice(4 * m, m, replace=False)).astype(np.int32)
+    b_i = np.sort(rng.choice(4 * m, m, replace=False)).astype(np.int32)
+    a_v = rng.standard_normal(m).astype(np.float32)
+    out_i = np.empty(2 * m, np.int32)
+    out_v = np.empty(2 * m, np.float32)
+    _merge.merge_sum_two(a_i, a_v, b_i, a_v, out_i, out_v)
+    merge = _median_time(lambda: _merge.merge_sum_two(a_i, a_v, b_i, a_v, out_i, out_v), repeats)
+    merge /= 2 * m
+    big = np.empty(1 << 21, np.float32)
+    dense = _median_time(lambda: big.fill(0.0), repeats) / big.size
+
+    small = np.zeros(1, np.int64)
+    small_out = np.zeros(1, np.int64)
+    inner.Barrier()
+    alpha = _median_time(lambda: inner.Allreduce(small, small_out), 4 * repeats) / log
+
+    if size > 1:
+        block = np.zeros(1 << 16, np.float32)  # 256 KiB per rank
+        gathered = np.empty(size * block.size, np.float32)
+        inner.Allgather(block, gathered)
+        inner.Barrier()
+        t = _median_time(lambda: inner.Allgather(block, gathered), repeats)
+        beta = max(t - alpha * log, 0.0) / ((size - 1) * block.nbytes)
+        buffer = np.zeros(1 << 20, np.float32)  # 4 MiB
+        reduced = np.empty_like(buffer)
+        inner.Allreduce(buffer, reduced)
+        inner.Barrier()
+        t = _median_time(lambda: inner.Allreduce(buffer, reduced), repeats)
+        beta_allreduce = max(t - 2 * alpha * log, 0.0) / buffer.nbytes
+    else:
+        beta = beta_allreduce = 0.0
+    local = np.array([alpha, beta, beta_allreduce, merge, dense])
+    agreed = np.empty_like(local)
+    inner.Allreduce(local, agreed, op=MPI.MAX)
+    model = CostModel(*(float(v) for v in agreed), calibration_seconds=time.perf_counter() - start)
+    state.model = model
+    return model
+
+
+def cost_model(comm: MPI.Comm | None = None) -> CostModel:
+    """The cached cost model of ``comm``, calibrating on first use (collective then)."""
+    comm = MPI.COMM_WORLD if comm is None else comm
+    state = comm_state(comm)
+    if state.model is None:
+        return calibrate(comm)
+    return state.model
+
+
+def set_cost_model(comm: MPI.Comm, model: CostModel) -> None:
+    """Install a model (for example one saved from an earlier run) without measuring.
+
+    Every rank must install the same model, or ``auto`` may choose differently on
+    different ranks; the next call then fails the signature check instead of hanging.
+    """
+    comm_state(comm).model = model
+
+
+def choose(
+    model: CostModel,
+    n: int,
+    k_all,
+    itemsize: int,
+    index_itemsize: int,
+    candidates: tuple[str, ...] = ALL_ALGORITHMS,
+) -> tuple[str, dict[str, float]]:
+    """The candidate with the least predicted time, and every candidate's prediction.
+
+    The output conversion is left out: it is one dense pass whichever algorithm ran, so
+    it cannot change the choice (and ranks may ask for different output forms).
+    """
+    predicted = {
+        name: predict(name, n, k_all, itemsize, index_itemsize, None).time(model)
+        for name in candidates
+    }
+    return min(predicted, key=predicted.__getitem__), predicted

@@ -1,0 +1,404 @@
+"""The sparse allreduce family of SparCML: allgather, SSAR recursive doubling, SSAR
+split-allgather and DSAR split-allgather.
+
+Renggli, Ashkboos, Aghagolzadeh, Alistarh, Hoefler, "SparCML: High-Performance Sparse
+Communication for Machine Learning", SC'19, Section 4.  Each algorithm takes this rank's
+sorted, duplicate-free stream ``(indices, values)`` and returns the sum of every rank's
+stream as a list of :class:`Piece` objects that tile ``[0, n)``; :func:`finish` turns
+them into the dense or sparse output.  Algorithms are chosen by name from
+:data:`ALGORITHMS`.
+
+Every rank ends with the same bits: either one owner computes each entry and the others
+receive it (split-allgather, DSAR), every rank merges the same streams with the same
+fixed tree (allgather), or partners merge the same two operands, the lower rank's
+first (recursive doubling; IEEE addition is commutative, so ``a + b`` on one rank equals
+``b + a`` on the other).  No algorithm depends on arrival order.
+
+Dense switch (SparCML's rule): a stream of ``K`` entries is sent sparse while
+``K * (index bytes + value bytes) < length * value bytes`` and dense otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from mpi4py import MPI
+
+from sparcomm.comm._context import Channel
+from sparcomm.kernels.cpu import merge as _merge
+
+# Tags of the point-to-point messages in recursive doubling (one block of three per step).
+_TAG_INDICES, _TAG_VALUES, _TAG_DENSE = 0, 1, 2
+
+
+@dataclass
+class Piece:
+    """Part ``[start, stop)`` of the result: sparse (global ``indices`` + ``values``) or
+    dense (``indices is None`` and ``values`` has ``stop - start`` entries)."""
+
+    start: int
+    stop: int
+    indices: np.ndarray | None
+    values: np.ndarray
+
+    @property
+    def dense(self) -> bool:
+        return self.indices is None
+
+    @property
+    def nnz(self) -> int:
+        return self.values.size
+
+
+@dataclass
+class Problem:
+    """One rank's input to a sparse algorithm (validated, on the wire dtypes)."""
+
+    channel: Channel
+    n: int
+    indices: np.ndarray  # ascending, unique, dtype index_dtype
+    values: np.ndarray  # float32 / float64
+    k_all: np.ndarray  # every rank's k, in rank order
+
+    @property
+    def entry_bytes(self) -> int:
+        return self.indices.dtype.itemsize + self.values.dtype.itemsize
+
+    def goes_dense(self, count: int, length: int) -> bool:
+        """SparCML's switch: dense when sparse would be no smaller."""
+        return count * self.entry_bytes >= length * self.values.dtype.itemsize
+
+
+def split_bounds(n: int, size: int) -> np.ndarray:
+    """Index ranges of the split algorithms: owner ``j`` holds ``[b_j, b_{j+1})``,
+    ``b_j = j * n // size`` (sizes differ by at most one when ``size`` does not divide n)."""
+    return (np.arange(size + 1, dtype=np.int64) * n) // size
+
+
+# ------------------------------------------------------------------------ helpers
+
+
+def _merge_streams(indices: np.ndarray, values: np.ndarray, offsets: np.ndarray):
+    total = indices.size
+    out_i = np.empty(total, indices.dtype)
+    out_v = np.empty(total, values.dtype)
+    work_i = np.empty(total, indices.dtype)
+    work_v = np.empty(total, values.dtype)
+    count = _merge.merge_sum_streams(indices, values, offsets, out_i, out_v, work_i, work_v)
+    return out_i[:count], out_v[:count]
+
+
+def _densify(indices: np.ndarray, values: np.ndarray, start: int, length: int) -> np.ndarray:
+    dense = np.zeros(length, dtype=values.dtype)
+    _merge.scatter_assign(indices, values, start, dense)
+    return dense
+
+
+# ---------------------------------------------------------------------- allgather
+
+
+def allgather(problem: Problem) -> list[Piece]:
+    """Every rank gathers every stream and merges them (Horovod's and GRACE's sparse path).
+
+    Cost: ``2 ceil(log2 P) alpha + beta (sum_r k_r - k_min)(i + v) + merge``.
+    """
+    channel, stats = problem.channel, problem.channel.stats
+    with stats._phase("allgather"):
+        indices, offsets = channel.allgatherv(problem.indices, problem.k_all)
+        values, _ = channel.allgatherv(problem.values, problem.k_all)
+    with stats._phase("merge"):
+        out_i, out_v = _merge_streams(indices, values, offsets)
+    return [Piece(0, problem.n, out_i, out_v)]
+
+
+# ------------------------------------------------------------- recursive doubling
+
+
+@dataclass
+class _Stream:
+    indices: np.ndarray | None  # None: dense
+    values: np.ndarray
+
+
+def _combine(low: _Stream, high: _Stream, problem: Problem) -> _Stream:
+    """Sum two streams, ``low`` (the lower-ranked group's) as the left operand."""
+    if low.indices is not None and high.indices is not None:
+        total = low.values.size + high.values.size
+        out_i = np.empty(total, low.indices.dtype)
+        out_v = np.empty(total, low.values.dtype)
+        count = _merge.merge_sum_two(
+            low.indices, low.values, high.indices, high.values, out_i, out_v
+        )
+        if problem.goes_dense(count, problem.n):
+            return _Stream(None, _densify(out_i[:count], out_v[:count], 0, problem.n))
+        return _Stream(out_i[:count], out_v[:count])
+    if low.indices is None and high.indices is None:
+        return _Stream(None, low.values + high.values)
+    dense, sparse = (low, high) if low.indices is None else (high, low)
+    out = dense.values.copy()
+    _merge.scatter_accumulate(sparse.indices, sparse.values, 0, out)  # d + s == s + d
+    return _Stream(None, out)
+
+
+def _send_stream(channel: Channel, stream: _Stream, dest: int, step: int) -> list:
+    base = 3 * step
+    if stream.indices is None:
+        return [channel.isend(stream.values, dest, base + _TAG_DENSE)]
+    return [
+        channel.isend(stream.indices, dest, base + _TAG_INDICES),
+        channel.isend(stream.values, dest, base + _TAG_VALUES),
+    ]
+
+
+def _recv_stream(channel: Channel, problem: Problem, source: int, step: int) -> _Stream:
+    base = 3 * step
+    tag, nbytes = channel.probe(source)
+    if tag == base + _TAG_DENSE:
+        return _Stream(None, channel.recv(problem.values.dtype, nbytes, source, tag))
+    if tag != base + _TAG_INDICES:  # pragma: no cover - would be a bug in this module
+        raise RuntimeError(f"recursive doubling: unexpected tag {tag} at step {step}")
+    indices = channel.recv(problem.indices.dtype, nbytes, source, tag)
+    count = indices.size
+    values = channel.recv(
+        problem.values.dtype, count * problem.values.dtype.itemsize, source, base + _TAG_VALUES
+    )
+    return _Stream(indices, values)
+
+
+def _exchange(channel, problem, mine: _Stream, partner: int, step: int, mine_low: bool):
+    requests = _send_stream(channel, mine, partner, step)
+    theirs = _recv_stream(channel, problem, partner, step)
+    MPI.Request.Waitall(requests)
+    return _combine(mine, theirs, problem) if mine_low else _combine(theirs, mine, problem)
+
+
+def recursive_doubling(problem: Problem) -> list[Piece]:
+    """SSAR recursive doubling: ``log2 P`` rounds of exchange-and-merge with rank ``r ^ 2^j``.
+
+    For ``P`` not a power of two, ranks ``P' .. P-1`` (``P'`` the largest power of two
+    below ``P``) first fold their stream into rank ``r - P'`` and receive the result at the
+    end.  A stream switches to dense as soon as its merged count makes sparse larger.
+    """
+    channel, stats = problem.channel, problem.channel.stats
+    rank, size = channel.rank, channel.size
+    low_size = 1 << (size.bit_length() - 1)
+    extra = size - low_size
+    stream = _Stream(problem.indices, problem.values)
+    if problem.goes_dense(problem.values.size, problem.n):
+        stream = _Stream(None, _densify(problem.indices, problem.values, 0, problem.n))
+    step = 0
+    with stats._phase("exchange"):
+        if rank >= low_size:
+            MPI.Request.Waitall(_send_stream(channel, stream, rank - low_size, step))
+            stream = _recv_stream(channel, problem, rank - low_size, 1 + low_size.bit_length())
+        else:
+            if rank < extra:
+                theirs = _recv_stream(channel, problem, rank + low_size, step)
+                stream = _combine(stream, theirs, problem)
+            mask = 1
+            while mask < low_size:
+                step += 1
+                partner = rank ^ mask
+                stream = _exchange(channel, problem, stream, partner, step, rank < partner)
+                mask <<= 1
+            if rank < extra:
+                final_step = 1 + low_size.bit_length()
+                MPI.Request.Waitall(_send_stream(channel, stream, rank + low_size, final_step))
+    if stream.indices is None:
+        stats.dense_ranges = 1
+    return [Piece(0, problem.n, stream.indices, stream.values)]
+
+
+# -------------------------------------------------------------- split-allgather
+
+
+def _reduce_scatter(problem: Problem, bounds: np.ndarray, switch: bool) -> Piece:
+    """Sparse reduce-scatter: send each index range to its owner, who merges in rank order.
+
+    With ``switch`` (DSAR) a part is sent dense when that is no larger, and the owner's
+    sum goes dense when its exact merged count says so.  Counts travel as int64, ``-1``
+    meaning "dense" (the length is known from ``bounds``).
+    """
+    channel, stats = problem.channel, problem.channel.stats
+    size, rank = channel.size, channel.rank
+    lengths = np.diff(bounds)
+    positions = np.empty(size + 1, dtype=np.int64)
+    _merge.range_offsets(problem.indices, bounds, positions)
+    counts = np.diff(positions)
+    dense_parts = np.zeros(size, dtype=bool)
+    if switch:
+        for j in range(size):
+            dense_parts[j] = counts[j] > 0 and problem.goes_dense(int(counts[j]), int(lengths[j]))
+    header = np.where(dense_parts, -1, counts).astype(np.int64)
+    index_counts = np.where(dense_parts, 0, counts)
+    value_counts = np.where(dense_parts, lengths, counts)
+    index_offsets = np.zeros(size, dtype=np.int64)
+    np.cumsum(index_counts[:-1], out=index_offsets[1:])
+    value_offsets = np.zeros(size, dtype=np.int64)
+    np.cumsum(value_counts[:-1], out=value_offsets[1:])
+    if dense_parts.any():
+        sparse_parts = [j for j in range(size) if not dense_parts[j]]
+        send_indices = np.concatenate(
+            [problem.indices[positions[j] : positions[j + 1]] for j in sparse_parts]
+            or [problem.indices[:0]]
+        )
+        send_values = np.empty(int(value_counts.sum()), dtype=problem.values.dtype)
+        for j in range(size):
+            part_i = problem.indices[positions[j] : positions[j + 1]]
+            part_v = problem.values[positions[j] : positions[j + 1]]
+            target = send_values[value_offsets[j] : value_offsets[j] + value_counts[j]]
+            if dense_parts[j]:
+                target[:] = 0
+                _merge.scatter_assign(part_i, part_v, int(bounds[j]), target)
+            else:
+                target[:] = part_v
+    else:
+        send_indices, send_values = problem.indices, problem.values
+    with stats._phase("reduce_scatter"):
+        recv_header = channel.alltoall_counts(header)
+        recv_dense = recv_header < 0
+        own_length = int(lengths[rank])
+        recv_index_counts = np.where(recv_dense, 0, recv_header)
+        recv_value_counts = np.where(recv_dense, own_length, recv_header)
+        indices, index_offsets_in = channel.alltoallv(
+            send_indices, index_counts, index_offsets, recv_index_counts
+        )
+        values, value_offsets_in = channel.alltoallv(
+            send_values, value_counts, value_offsets, recv_value_counts
+        )
+    start, stop = int(bounds[rank]), int(bounds[rank + 1])
+    with stats._phase("merge"):
+        if not recv_dense.any():
+            out_i, out_v = _merge_streams(indices, values, index_offsets_in)
+            if switch and out_i.size and problem.goes_dense(out_i.size, own_length):
+                return Piece(start, stop, None, _densify(out_i, out_v, start, own_length))
+            return Piece(start, stop, out_i, out_v)
+        # Some part arrived dense: accumulate densely, in rank order.
+        acc = np.zeros(own_length, dtype=values.dtype)
+        for source in range(size):
+            v = values[value_offsets_in[source] : value_offsets_in[source + 1]]
+            if recv_dense[source]:
+                acc += v
+            else:
+                i = indices[index_offsets_in[source] : index_offsets_in[source + 1]]
+                _merge.scatter_accumulate(i, v, start, acc)
+        return Piece(start, stop, None, acc)
+
+
+def _allgather_pieces(problem: Problem, bounds: np.ndarray, mine: Piece) -> list[Piece]:
+    """Allgather every owner's reduced range (sparse or dense) to every rank."""
+    channel, stats = problem.channel, problem.channel.stats
+    size = channel.size
+    lengths = np.diff(bounds)
+    with stats._phase("allgather"):
+        header = channel.allgather_array(np.array([-1 if mine.dense else mine.nnz], np.int64))
+        header = header[:, 0]
+        dense = header < 0
+        index_counts = np.where(dense, 0, header)
+        value_counts = np.where(dense, lengths, header)
+        send_i = problem.indices[:0] if mine.dense else mine.indices
+        indices, index_offsets = channel.allgatherv(send_i, index_counts)
+        values, value_offsets = channel.allgatherv(mine.values, value_counts)
+    stats.dense_ranges = int(dense.sum())
+    pieces = []
+    for j in range(size):
+        v = values[value_offsets[j] : value_offsets[j + 1]]
+        i = None if dense[j] else indices[index_offsets[j] : index_offsets[j + 1]]
+        pieces.append(Piece(int(bounds[j]), int(bounds[j + 1]), i, v))
+    return pieces
+
+
+def split_allgather(problem: Problem) -> list[Piece]:
+    """SSAR split-allgather: sparse reduce-scatter over ``P`` index ranges, then a sparse
+    allgather of the reduced ranges."""
+    bounds = split_bounds(problem.n, problem.channel.size)
+    mine = _reduce_scatter(problem, bounds, switch=False)
+    return _allgather_pieces(problem, bounds, mine)
+
+
+def dsar(problem: Problem) -> list[Piece]:
+    """DSAR split-allgather: the reduce-scatter of :func:`split_allgather`, each part and
+    each owner's sum switching to dense when its exact count says dense is smaller; the
+    gather phase then moves dense ranges (and any range that stayed sparse, sparse)."""
+    bounds = split_bounds(problem.n, problem.channel.size)
+    mine = _reduce_scatter(problem, bounds, switch=True)
+    return _allgather_pieces(problem, bounds, mine)
+
+
+def dense(problem: Problem) -> list[Piece]:
+    """Write the stream into a dense buffer and run MPI's own ``Allreduce``."""
+    channel, stats = problem.channel, problem.channel.stats
+    with stats._phase("densify_input"):
+        send = _densify(problem.indices, problem.values, 0, problem.n)
+    recv = np.empty_like(send)
+    with stats._phase("allreduce"):
+        channel.allreduce_dense(send, recv)
+    stats.dense_ranges = 1
+    return [Piece(0, problem.n, None, recv)]
+
+
+ALGORITHMS: dict[str, Callable[[Problem], list[Piece]]] = {
+    "allgather": allgather,
+    "recursive_doubling": recursive_doubling,
+    "split_allgather": split_allgather,
+    "dsar": dsar,
+    "dense": dense,
+}
+
+
+# ------------------------------------------------------------------------ output
+
+
+def result_nnz(pieces: list[Piece]) -> int:
+    """``K``: sparse entries plus dense lengths."""
+    return sum(p.nnz for p in pieces)
+
+
+def finish(
+    pieces: list[Piece],
+    n: int,
+    dtype: np.dtype,
+    index_dtype: np.dtype,
+    dense_output: bool | None,
+    scale: float | None,
+    out: np.ndarray | None,
+):
+    """Turn pieces into the requested output, dividing by ``scale`` (``op="mean"``).
+
+    ``dense_output=True``: a dense array (``out`` if given); ``False``: a sorted sparse
+    ``(indices, values)`` pair (dense ranges contribute their non-zeros); ``None``: the
+    algorithm's own representation, dense if any piece is dense.
+    """
+    if dense_output is None:
+        dense_output = any(p.dense for p in pieces)
+    if dense_output:
+        if out is None:
+            out = np.empty(n, dtype=dtype)
+        for p in pieces:
+            target = out[p.start : p.stop]
+            if p.dense:
+                target[:] = p.values
+            else:
+                target[:] = 0
+                _merge.scatter_assign(p.indices, p.values, p.start, target)
+        if scale is not None:
+            out /= dtype.type(scale)
+        return out
+    parts_i, parts_v = [], []
+    for p in pieces:
+        if p.dense:
+            gi = np.empty(p.values.size, dtype=index_dtype)
+            gv = np.empty(p.values.size, dtype=dtype)
+            count = _merge.gather_nonzero(p.values, p.start, gi, gv)
+            parts_i.append(gi[:count])
+            parts_v.append(gv[:count])
+        else:
+            parts_i.append(p.indices)
+            parts_v.append(p.values)
+    indices = np.concatenate(parts_i) if len(parts_i) != 1 else parts_i[0].copy()
+    values = np.concatenate(parts_v) if len(parts_v) != 1 else parts_v[0].copy()
+    if scale is not None:
+        values /= dtype.type(scale)
+    return indices, values

@@ -1,0 +1,89 @@
+"""Per-call statistics of a collective, and the byte/time bookkeeping that fills them.
+
+Every collective in :mod:`sparcomm.comm` accepts ``stats=AllreduceStats()`` and fills it
+in place, so a training loop can log what each call cost without the library printing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+
+@dataclass
+class AllreduceStats:
+    """What one allreduce call did, as seen by this rank.
+
+    Attributes
+    ----------
+    algorithm : str
+        The algorithm that ran (``auto`` resolved to its choice).
+    requested : str
+        The algorithm asked for (``"auto"`` or a name).
+    size, n, itemsize, index_itemsize : int
+        Number of ranks, elements, bytes per value, bytes per index on the wire.
+    k : int
+        Non-zeros this rank contributed (``n`` for the dense path).
+    k_all : list of int
+        Non-zeros of every rank, in rank order.
+    nnz : int
+        Entries of the result held in sparse form plus the length of its dense ranges
+        (``K``, the fill of the sum).
+    fill : float
+        ``nnz / max(k_all)``: how much the sum grew over the largest input (1 for
+        identical supports, up to ``size`` for disjoint ones).
+    bytes_sent, bytes_received : int
+        Payload and metadata bytes this rank sent and received, counted as the
+        schedule in ``docs/collectives.md`` moves them.
+    phases : dict of str to float
+        Wall time in seconds of each phase (``check``, ``reduce_scatter``, ``merge``,
+        ``allgather``, ``exchange``, ``densify`` ...), in the order they ran.
+    predicted : dict of str to float
+        Predicted seconds of each candidate when ``auto`` chose (empty otherwise).
+    predicted_bytes : tuple of int
+        The cost model's (sent, received) bytes for the algorithm that ran.
+    dense_ranges : int
+        Index ranges (or recursive-doubling streams) that switched to dense form.
+    """
+
+    algorithm: str = ""
+    requested: str = ""
+    size: int = 0
+    n: int = 0
+    itemsize: int = 0
+    index_itemsize: int = 0
+    k: int = 0
+    k_all: list[int] = field(default_factory=list)
+    nnz: int = 0
+    fill: float = 0.0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    phases: dict[str, float] = field(default_factory=dict)
+    predicted: dict[str, float] = field(default_factory=dict)
+    predicted_bytes: tuple[int, int] = (0, 0)
+    dense_ranges: int = 0
+
+    @property
+    def time(self) -> float:
+        """Total seconds over all phases."""
+        return float(sum(self.phases.values()))
+
+    def reset(self) -> None:
+        """Clear every field so the object can be reused for the next call."""
+        fresh = AllreduceStats()
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(fresh, name))
+
+    def _add_bytes(self, sent: int, received: int) -> None:
+        self.bytes_sent += int(sent)
+        self.bytes_received += int(received)
+
+    @contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - start
