@@ -12,7 +12,10 @@ from __future__ import annotations
 import os
 import runpy
 import sys
+import time
 import traceback
+
+_FORWARD_SECONDS = 0.5
 
 
 def _rank() -> str:
@@ -25,6 +28,9 @@ def _rank() -> str:
 def _abort(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
+    # mpiexec forwards each rank's output through its proxy, which the abort tears down:
+    # give it a moment to pass the traceback on first.
+    time.sleep(_FORWARD_SECONDS)
     try:
         from mpi4py import MPI
 

@@ -15,6 +15,7 @@ _COMMAND_MODULES = [
     "sparcomm._cli_info",
     "sparcomm._cli_bench_codecs",
     "sparcomm._launch",
+    "sparcomm.demo",
 ]
 
 # name -> (help, configure(parser), run(args) -> int)

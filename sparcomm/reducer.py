@@ -139,43 +139,43 @@ def build_plan(
     ready).  A dense tensor joins the open dense bucket of its dtype and a compressed one
     (in ``"bucket"`` mode) the open compressed bucket of its dtype; a bucket closes when
     the next tensor would take it past the threshold.  In ``"layer"`` mode every
-    compressed tensor is a bucket of its own.  Buckets are numbered in the order they
-    close: the order in which they can start.
+    compressed tensor is a bucket of its own.  Buckets are numbered by the position of
+    their last member: the order in which they can start.
     """
-    buckets: list[_Bucket] = []
+    closed: list[tuple[tuple[bool, np.dtype], list[tuple[Hashable, tuple[int, ...], int]]]] = []
     open_groups: dict[tuple[bool, np.dtype], list[tuple[Hashable, tuple[int, ...], int]]] = {}
     open_bytes: dict[tuple[bool, np.dtype], int] = {}
 
     def close(group_key: tuple[bool, np.dtype]) -> None:
-        members = open_groups.pop(group_key, [])
-        open_bytes.pop(group_key, None)
-        if not members:
-            return
-        slots, offset = [], 0
-        for name, shape, size in members:
-            slots.append(_Slot(name, shape, size, offset))
-            offset += size
-        buckets.append(
-            _Bucket(
-                len(buckets), tuple(slots), group_key[1], offset, group_key[0], _fused_key(slots)
-            )
-        )
+        closed.append((group_key, open_groups.pop(group_key)))
+        open_bytes.pop(group_key)
 
     for name, shape, dtype in specs:
         size = int(np.prod(shape, dtype=np.int64))
         compressed = compress and size >= dense_below
         group_key = (compressed, np.dtype(dtype))
         nbytes = size * group_key[1].itemsize
-        if compressed and compression == "layer":
-            open_groups[group_key] = [(name, shape, size)]
-            close(group_key)
-            continue
-        if group_key in open_groups and open_bytes[group_key] + nbytes > fusion_threshold_bytes:
+        if group_key in open_groups and (
+            (compressed and compression == "layer")
+            or open_bytes[group_key] + nbytes > fusion_threshold_bytes
+        ):
             close(group_key)
         open_groups.setdefault(group_key, []).append((name, shape, size))
         open_bytes[group_key] = open_bytes.get(group_key, 0) + nbytes
     for group_key in list(open_groups):
         close(group_key)
+    # A bucket can start when its last member is ready: number them in that order.
+    position = {name: i for i, (name, _, _) in enumerate(specs)}
+    closed.sort(key=lambda item: position[item[1][-1][0]])
+    buckets = []
+    for (compressed, dtype), members in closed:
+        slots, offset = [], 0
+        for name, shape, size in members:
+            slots.append(_Slot(name, shape, size, offset))
+            offset += size
+        buckets.append(
+            _Bucket(len(buckets), tuple(slots), dtype, offset, compressed, _fused_key(slots))
+        )
     lookup = {slot.name: (bucket.index, slot) for bucket in buckets for slot in bucket.slots}
     return _Plan(tuple(buckets), lookup)
 
