@@ -1,0 +1,551 @@
+"""Launch logic of the CUDA kernels in ``kernels/gpu/*.cu``, independent of CuPy.
+
+:class:`GpuKernels` implements the kernel contract of ``kernels/__init__.py`` in terms of
+a small *runtime* (allocate, copy a few words to the host, compile and launch).  The
+package ``__init__`` binds it to CuPy (:mod:`._runtime`); ``tests/gpu`` binds the same
+class to a host emulation of the CUDA sources, so the launch sequences, grid shapes and
+kernels are tested bit for bit against the NumPy reference even where no GPU exists.
+
+This module imports only NumPy and the standard library, on purpose: the tests load it
+by path without importing CuPy.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+SOURCE_DIR = Path(__file__).resolve().parent
+"""Directory of the ``*.cu`` sources and ``common.cuh``."""
+
+ITEMS = 8
+"""Elements per thread of the tiled kernels (``SC_ITEMS`` in ``common.cuh``)."""
+
+MAX_BLOCK = 1024
+"""Largest block size the sources' static shared arrays allow (``SC_MAX_BLOCK``)."""
+
+TOPK_DIGIT_BITS = 11
+"""Widest radix-select digit (``SC_TOPK_MAX_BINS`` = 2**11 shared-memory bins)."""
+
+MAX_ABS_SEGMENT = 2048
+"""Elements one warp reduces in ``sc_max_abs`` before meeting the others in atomicMax."""
+
+_INCLUDE = re.compile(r'^#include "common\.cuh"$', re.MULTILINE)
+
+
+def source_text(name: str) -> str:
+    """The CUDA source ``name``.cu with ``common.cuh`` inlined.
+
+    Inlining (rather than an include path) makes the compile cache key on the whole
+    text, so an edit to the header is never served a stale binary.
+    """
+    common = (SOURCE_DIR / "common.cuh").read_text().replace("#pragma once\n", "")
+    return _INCLUDE.sub(lambda _: common, (SOURCE_DIR / f"{name}.cu").read_text())
+
+
+def compile_defines(real: np.dtype | None, index: np.dtype | None) -> list[str]:
+    """Preprocessor definitions selecting the dtypes of one compiled variant."""
+    return [
+        f"-DSPARCOMM_FLOAT64={int(real is not None and np.dtype(real) == np.float64)}",
+        f"-DSPARCOMM_INDEX64={int(index is not None and np.dtype(index) == np.int64)}",
+        f"-DSC_ITEMS={ITEMS}",
+    ]
+
+
+def radix_passes(key_bits: int) -> list[tuple[int, int]]:
+    """``(shift, digit_bits)`` of each radix-select pass, most significant digit first."""
+    passes = []
+    top = key_bits
+    while top > 0:
+        width = min(TOPK_DIGIT_BITS, top)
+        top -= width
+        passes.append((top, width))
+    return passes
+
+
+class Launcher(Protocol):
+    def __call__(self, grid: int, block: int, args: tuple[Any, ...]) -> None: ...
+
+
+class Runtime(Protocol):
+    """What :class:`GpuKernels` needs from the device layer."""
+
+    block: int
+    """Threads per block (a multiple of 32, at most :data:`MAX_BLOCK`)."""
+    max_blocks: int
+    """Cap on the grid of the grid-stride kernels."""
+
+    def function(
+        self, source: str, name: str, real: np.dtype | None, index: np.dtype | None
+    ) -> Launcher: ...
+
+    def is_device_array(self, x: Any) -> bool: ...
+
+    def empty(self, n: int, dtype: Any) -> Any: ...
+
+    def zeros(self, n: int, dtype: Any) -> Any: ...
+
+    def to_host(self, array: Any) -> np.ndarray: ...
+
+    def argsort_stable(self, indices: Any) -> Any: ...
+
+
+# ----------------------------------------------------------------------------- checks
+
+_REALS = (np.dtype(np.float32), np.dtype(np.float64))
+_INDICES = (np.dtype(np.int32), np.dtype(np.int64))
+
+
+def _nbytes_packed(n: int, bits: int) -> int:
+    return (n * bits + 7) // 8
+
+
+class GpuKernels:
+    """The kernel contract on a :class:`Runtime` (see ``kernels/__init__.py``).
+
+    Every method checks shapes and dtypes on the host (no device work, no sync), so a
+    wrong buffer raises instead of being written out of bounds.
+    """
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    # ------------------------------------------------------------------ helpers
+
+    def _array(self, name: str, a: Any, dtypes: Sequence[np.dtype], size: int | None) -> None:
+        if not self.runtime.is_device_array(a):
+            raise TypeError(
+                f"{name} must be a cupy.ndarray on the GPU, got {type(a).__module__}."
+                f"{type(a).__qualname__}; move it with cupy.asarray()"
+            )
+        if a.dtype not in dtypes:
+            allowed = " or ".join(str(d) for d in dtypes)
+            raise TypeError(f"{name} must have dtype {allowed}, got {a.dtype}; cast it first")
+        if a.ndim != 1 or not a.flags.c_contiguous:
+            raise ValueError(
+                f"{name} must be 1-D and C-contiguous, got shape {a.shape}; "
+                "pass cupy.ascontiguousarray(a).ravel()"
+            )
+        if size is not None and a.size != size:
+            raise ValueError(f"{name} must have {size} elements, got {a.size}")
+
+    @staticmethod
+    def _positive(name: str, value: int, low: int = 1, high: int | None = None) -> int:
+        value = int(value)
+        if value < low or (high is not None and value > high):
+            bounds = f"[{low}, {high}]" if high is not None else f">= {low}"
+            raise ValueError(f"{name} must be in {bounds}, got {value}")
+        return value
+
+    def _grid(self, work: int) -> int:
+        """Blocks of a grid-stride kernel with ``work`` independent items."""
+        return max(1, min(self.runtime.max_blocks, -(-work // self.runtime.block)))
+
+    def _fn(self, source: str, name: str, real: Any = None, index: Any = None) -> Launcher:
+        return self.runtime.function(
+            source,
+            name,
+            None if real is None else np.dtype(real),
+            None if index is None else np.dtype(index),
+        )
+
+    # ------------------------------------------------------------------ contract
+
+    def stream_read(self, x: Any) -> float:
+        """Sum of ``x`` read once, in parallel (float64, fixed order)."""
+        self._array("x", x, _REALS, None)
+        n = x.size
+        block = self.runtime.block
+        grid = self._grid(-(-n // 4))
+        partial = self.runtime.empty(grid, np.float64)
+        total = self.runtime.empty(1, np.float64)
+        self._fn("reduce", "sc_stream_read_partial", x.dtype)(grid, block, (x, np.int64(n), partial))
+        self._fn("reduce", "sc_stream_read_final", x.dtype)(1, block, (partial, np.int64(grid), total))
+        return float(self.runtime.to_host(total)[0])
+
+    def uniform(self, stream: int, start: int, out: Any) -> None:
+        """``out[i] = u(stream, start + i)`` as float64."""
+        self._array("out", out, (np.dtype(np.float64),), None)
+        if out.size == 0:
+            return
+        self._fn("random", "sc_uniform")(
+            self._grid(out.size),
+            self.runtime.block,
+            (np.uint64(stream), np.int64(start), np.int64(out.size), out),
+        )
+
+    def pack_bits(self, fields: Any, bits: int, out: Any) -> None:
+        """Pack ``bits``-wide uint8 fields LSB-first into ``out``."""
+        bits = self._positive("bits", bits, 1, 8)
+        self._array("fields", fields, (np.dtype(np.uint8),), None)
+        nbytes = _nbytes_packed(fields.size, bits)
+        self._array("out", out, (np.dtype(np.uint8),), nbytes)
+        if nbytes == 0:
+            return
+        self._fn("packing", "sc_pack_bits")(
+            self._grid(nbytes),
+            self.runtime.block,
+            (fields, np.int64(fields.size), np.int32(bits), out, np.int64(nbytes)),
+        )
+
+    def unpack_bits(self, packed: Any, bits: int, out: Any) -> None:
+        """Inverse of :meth:`pack_bits`; ``out`` (uint8) has one entry per field."""
+        bits = self._positive("bits", bits, 1, 8)
+        self._array("out", out, (np.dtype(np.uint8),), None)
+        nbytes = _nbytes_packed(out.size, bits)
+        self._array("packed", packed, (np.dtype(np.uint8),), nbytes)
+        if out.size == 0:
+            return
+        self._fn("packing", "sc_unpack_bits")(
+            self._grid(out.size),
+            self.runtime.block,
+            (packed, np.int64(out.size), np.int32(bits), out, np.int64(nbytes)),
+        )
+
+    def topk(self, x: Any, k: int, out_indices: Any, out_values: Any) -> int:
+        """Exact top-k of ``|x|`` by radix select; returns the count of non-finite entries.
+
+        Steps: (1) one histogram pass per digit of the key (the bits of ``|x|``, 11 bits
+        a digit, most significant first), each followed by a one-block select that fixes
+        the digit and how many elements of the prefix are still wanted; (2) per-tile
+        counts of keys above / equal to the threshold; (3) their exclusive scans; (4) a
+        stable compaction writing indices ascending, ties to the lowest indices.
+        """
+        self._array("x", x, _REALS, None)
+        n = x.size
+        k = self._positive("k", k, 0, n)
+        self._array("out_indices", out_indices, _INDICES, k)
+        self._array("out_values", out_values, (x.dtype,), k)
+        if n == 0:
+            return 0
+        rt = self.runtime
+        block = rt.block
+
+        def fn(name: str) -> Launcher:
+            return self._fn("topk", name, x.dtype, out_indices.dtype)
+
+        state = rt.zeros(3, np.uint64)
+        hist = rt.zeros(1 << TOPK_DIGIT_BITS, np.uint64)
+        fn("sc_topk_init")(1, 32, (state, np.int64(k)))
+        grid = self._grid(n)
+        key_bits = 31 if x.dtype == np.float32 else 63
+        for number, (shift, width) in enumerate(radix_passes(key_bits)):
+            fn("sc_topk_histogram")(
+                grid,
+                block,
+                (x, np.int64(n), np.int32(shift), np.int32(width), np.int32(number == 0),
+                 state, hist),
+            )
+            if k == 0:
+                break  # the first pass counted the non-finite entries; nothing to select
+            fn("sc_topk_select")(1, block, (hist, np.int32(width), np.int32(shift), state))
+        if k > 0:
+            tiles = -(-n // (block * ITEMS))
+            counts = rt.empty(2 * tiles, np.uint64)
+            offsets = rt.empty(2 * tiles, np.uint64)
+            totals = rt.empty(2, np.uint64)
+            fn("sc_topk_count")(tiles, block, (x, np.int64(n), state, counts, np.int64(tiles)))
+            fn("sc_scan_rows")(
+                2, block, (counts, np.int64(tiles), np.int64(tiles), offsets, totals)
+            )
+            fn("sc_topk_write")(
+                tiles,
+                block,
+                (x, np.int64(n), state, offsets, np.int64(tiles), out_indices, out_values),
+            )
+        return int(rt.to_host(state)[2])
+
+    def _index_flags(self, indices: Any, size: int, flags: Any) -> None:
+        """Launch ``sc_check_indices``: out-of-range count, descents, repeats into flags."""
+        if indices.size == 0:
+            return
+        self._fn("sparse", "sc_check_indices", None, indices.dtype)(
+            self._grid(indices.size),
+            self.runtime.block,
+            (indices, np.int64(indices.size), np.int64(size), flags),
+        )
+
+    def scatter_add(self, indices: Any, values: Any, out: Any) -> None:
+        """``out[indices[j]] += values[j]``, duplicates summed in order of ``j``.
+
+        Deterministic: one pass classifies the indices (one device-to-host copy of three
+        counters); ascending indices are added directly, one thread per run of equal
+        indices; otherwise a stable argsort orders them first.  Raises ValueError for an
+        index outside ``[0, out.size)`` (negative indices do not wrap).
+        """
+        self._array("out", out, _REALS, None)
+        self._array("indices", indices, _INDICES, None)
+        self._array("values", values, (out.dtype,), indices.size)
+        m = indices.size
+        if m == 0:
+            return
+        rt = self.runtime
+        flags = rt.zeros(3, np.uint64)
+        self._index_flags(indices, out.size, flags)
+        outside, descents, _ = (int(v) for v in rt.to_host(flags))
+        if outside:
+            raise ValueError(
+                f"scatter_add: {outside} of {m} indices lie outside [0, {out.size}); "
+                "indices must address the dense buffer (negative indices do not wrap)"
+            )
+        if descents:
+            order = rt.argsort_stable(indices)
+            use_order = 1
+        else:
+            order = rt.zeros(1, np.int64)  # not read
+            use_order = 0
+        self._fn("sparse", "sc_scatter_add_runs", out.dtype, indices.dtype)(
+            self._grid(m),
+            rt.block,
+            (indices, values, order, np.int32(use_order), np.int64(m), out),
+        )
+
+    def merge_sum_two(
+        self,
+        a_indices: Any,
+        a_values: Any,
+        b_indices: Any,
+        b_values: Any,
+        out_indices: Any,
+        out_values: Any,
+    ) -> int:
+        """Merge two strictly ascending sparse streams, summing ``a + b`` at shared indices.
+
+        Same result as ``kernels.cpu.merge.merge_sum_two``: an index in one stream only is
+        copied; ``out_*`` need room for ``len(a) + len(b)`` entries; returns the merged
+        count.  Raises ValueError when a stream is not strictly ascending.
+        """
+        self._array("a_values", a_values, _REALS, None)
+        real = a_values.dtype
+        self._array("a_indices", a_indices, _INDICES, a_values.size)
+        index = a_indices.dtype
+        self._array("b_indices", b_indices, (index,), None)
+        self._array("b_values", b_values, (real,), b_indices.size)
+        self._array("out_indices", out_indices, (index,), None)
+        self._array("out_values", out_values, (real,), out_indices.size)
+        na, nb = a_indices.size, b_indices.size
+        if out_indices.size < na + nb:
+            raise ValueError(
+                f"out_indices/out_values need room for {na + nb} entries "
+                f"(len(a) + len(b)), got {out_indices.size}"
+            )
+        if na + nb == 0:
+            return 0
+        rt = self.runtime
+        block = rt.block
+        tile = block * ITEMS
+        tiles_a, tiles_b = -(-na // tile), -(-nb // tile)
+        row = max(tiles_a, tiles_b)
+        # info[0:3], info[3:6]: index flags of a and b; info[6:8]: match totals.
+        info = rt.zeros(8, np.uint64)
+        self._index_flags(a_indices, np.iinfo(np.int64).max, info[0:3])
+        self._index_flags(b_indices, np.iinfo(np.int64).max, info[3:6])
+        counts = rt.zeros(2 * row, np.uint64)
+        offsets = rt.empty(2 * row, np.uint64)
+        fn_count = self._fn("sparse", "sc_merge_count", real, index)
+        fn_count(
+            tiles_a + tiles_b,
+            block,
+            (a_indices, np.int64(na), b_indices, np.int64(nb), np.int64(tiles_a),
+             np.int64(row), counts),
+        )
+        self._fn("topk", "sc_scan_rows", real, index)(
+            2, block, (counts, np.int64(row), np.int64(row), offsets, info[6:8])
+        )
+        self._fn("sparse", "sc_merge_write", real, index)(
+            tiles_a + tiles_b,
+            block,
+            (a_indices, a_values, np.int64(na), b_indices, b_values, np.int64(nb),
+             np.int64(tiles_a), np.int64(row), offsets, out_indices, out_values),
+        )
+        host = rt.to_host(info)
+        if host[1] or host[2] or host[4] or host[5]:
+            raise ValueError(
+                "merge_sum_two needs strictly ascending indices in both streams "
+                f"(a: {int(host[1])} descents, {int(host[2])} repeats; b: {int(host[4])} "
+                f"descents, {int(host[5])} repeats); coalesce them first"
+            )
+        return int(na + nb - host[6])
+
+    def max_abs(self, x: Any, bucket: int, out: Any) -> None:
+        """``out[b] = max |x_i|`` over bucket ``b``, exact (integer max of the bit pattern)."""
+        self._array("x", x, _REALS, None)
+        bucket = self._positive("bucket", bucket)
+        nb = -(-x.size // bucket)
+        self._array("out", out, (x.dtype,), nb)
+        if nb == 0:
+            return
+        out.fill(0)
+        segment = MAX_ABS_SEGMENT
+        per_bucket = -(-bucket // segment)
+        total = nb * per_bucket
+        warps_per_block = self.runtime.block // 32
+        grid = max(1, min(self.runtime.max_blocks, -(-total // warps_per_block)))
+        bits_view = out.view(np.uint32 if x.dtype == np.float32 else np.uint64)
+        self._fn("reduce", "sc_max_abs", x.dtype)(
+            grid,
+            self.runtime.block,
+            (x, np.int64(x.size), np.int64(bucket), np.int64(segment), np.int64(per_bucket),
+             np.int64(total), bits_view),
+        )
+
+    def _lane_grid(self, nb: int) -> int:
+        """Blocks for the lane-sum kernels: 8 threads per bucket."""
+        return self._grid(nb * 8)
+
+    def qsgd_encode(
+        self,
+        x: Any,
+        levels: int,
+        bits: int,
+        bucket: int,
+        norm: int,
+        stream: int,
+        out_scales: Any,
+        out_packed: Any,
+    ) -> None:
+        """QSGD stochastic rounding (Alistarh et al., NeurIPS 2017), contract arithmetic."""
+        self._array("x", x, _REALS, None)
+        bits = self._positive("bits", bits, 1, 8)
+        levels = self._positive("levels", levels, 1, (1 << (bits - 1)) - 1)
+        bucket = self._positive("bucket", bucket)
+        if norm not in (0, 1):
+            raise ValueError(f"norm must be 0 (L2) or 1 (max), got {norm}")
+        n = x.size
+        nb = -(-n // bucket)
+        self._array("out_scales", out_scales, (x.dtype,), nb)
+        self._array("out_packed", out_packed, (np.dtype(np.uint8),), _nbytes_packed(n, bits))
+        if n == 0:
+            return
+        if norm == 0:
+            self._fn("quantize", "sc_l2_norm", x.dtype)(
+                self._lane_grid(nb),
+                self.runtime.block,
+                (x, np.int64(n), np.int64(bucket), np.int64(nb), out_scales),
+            )
+        else:
+            self.max_abs(x, bucket, out_scales)
+        self._fn("quantize", "sc_qsgd_encode", x.dtype)(
+            self._grid(-(-n // 8)),
+            self.runtime.block,
+            (x, np.int64(n), np.int32(levels), np.int32(bits), np.int64(bucket),
+             np.uint64(stream), out_scales, out_packed, np.int64(out_packed.size)),
+        )
+
+    def qsgd_decode(
+        self, packed: Any, scales: Any, levels: int, bits: int, bucket: int, out: Any
+    ) -> None:
+        """``out_i = ±(level_i * (scale_b / levels))``."""
+        self._array("out", out, _REALS, None)
+        bits = self._positive("bits", bits, 1, 8)
+        levels = self._positive("levels", levels, 1, (1 << (bits - 1)) - 1)
+        bucket = self._positive("bucket", bucket)
+        n = out.size
+        self._array("scales", scales, (out.dtype,), -(-n // bucket))
+        self._array("packed", packed, (np.dtype(np.uint8),), _nbytes_packed(n, bits))
+        if n == 0:
+            return
+        self._fn("quantize", "sc_qsgd_decode", out.dtype)(
+            self._grid(-(-n // 8)),
+            self.runtime.block,
+            (packed, scales, np.int64(n), np.int32(levels), np.int32(bits), np.int64(bucket),
+             np.int64(packed.size), out),
+        )
+
+    def terngrad_encode(
+        self, x: Any, scales: Any, bucket: int, clip: float, stream: int, out_packed: Any
+    ) -> None:
+        """TernGrad (Wen et al., NeurIPS 2017): 2-bit codes, ``P(keep) = min(|x|, clip) / s_b``."""
+        self._array("x", x, _REALS, None)
+        bucket = self._positive("bucket", bucket)
+        n = x.size
+        self._array("scales", scales, (x.dtype,), -(-n // bucket))
+        self._array("out_packed", out_packed, (np.dtype(np.uint8),), _nbytes_packed(n, 2))
+        if math.isnan(float(clip)):
+            raise ValueError("clip must be a number or inf, got nan")
+        if n == 0:
+            return
+        self._fn("quantize", "sc_terngrad_encode", x.dtype)(
+            self._grid(out_packed.size),
+            self.runtime.block,
+            (x, np.int64(n), scales, np.int64(bucket), x.dtype.type(clip), np.uint64(stream),
+             out_packed, np.int64(out_packed.size)),
+        )
+
+    def terngrad_decode(self, packed: Any, scales: Any, bucket: int, out: Any) -> None:
+        """Code 1 -> ``+s_b``, 2 -> ``-s_b``, 0 and 3 -> 0."""
+        self._array("out", out, _REALS, None)
+        bucket = self._positive("bucket", bucket)
+        n = out.size
+        self._array("scales", scales, (out.dtype,), -(-n // bucket))
+        self._array("packed", packed, (np.dtype(np.uint8),), _nbytes_packed(n, 2))
+        if n == 0:
+            return
+        self._fn("quantize", "sc_terngrad_decode", out.dtype)(
+            self._grid(n), self.runtime.block, (packed, scales, np.int64(n), np.int64(bucket), out)
+        )
+
+    def onebit_encode(self, x: Any, bucket: int, out_packed: Any, out_means: Any) -> None:
+        """1-bit SGD (Seide et al., 2014): sign bits and two lane-sum means per bucket."""
+        self._array("x", x, _REALS, None)
+        bucket = self._positive("bucket", bucket)
+        n = x.size
+        nb = -(-n // bucket)
+        self._array("out_packed", out_packed, (np.dtype(np.uint8),), _nbytes_packed(n, 1))
+        self._array("out_means", out_means, (x.dtype,), 2 * nb)
+        if n == 0:
+            return
+        self._fn("quantize", "sc_onebit_signs", x.dtype)(
+            self._grid(out_packed.size),
+            self.runtime.block,
+            (x, np.int64(n), out_packed, np.int64(out_packed.size)),
+        )
+        self._fn("quantize", "sc_onebit_means", x.dtype)(
+            self._lane_grid(nb),
+            self.runtime.block,
+            (x, np.int64(n), np.int64(bucket), np.int64(nb), out_means),
+        )
+
+    def onebit_decode(self, packed: Any, means: Any, bucket: int, out: Any) -> None:
+        """``out_i = means[2b + bit_i]``."""
+        self._array("out", out, _REALS, None)
+        bucket = self._positive("bucket", bucket)
+        n = out.size
+        self._array("means", means, (out.dtype,), 2 * (-(-n // bucket)))
+        self._array("packed", packed, (np.dtype(np.uint8),), _nbytes_packed(n, 1))
+        if n == 0:
+            return
+        self._fn("quantize", "sc_onebit_decode", out.dtype)(
+            self._grid(n), self.runtime.block, (packed, means, np.int64(n), np.int64(bucket), out)
+        )
+
+
+CONTRACT = (
+    "stream_read",
+    "uniform",
+    "pack_bits",
+    "unpack_bits",
+    "topk",
+    "scatter_add",
+    "qsgd_encode",
+    "qsgd_decode",
+    "max_abs",
+    "terngrad_encode",
+    "terngrad_decode",
+    "onebit_encode",
+    "onebit_decode",
+)
+"""The contract's kernel names (``kernels/__init__.py``), all methods of GpuKernels."""
+
+EXTRA = ("merge_sum_two",)
+"""Kernels beyond the contract, named as their twins in ``kernels/cpu``."""
+
+
+def export(kernels: GpuKernels) -> dict[str, Callable[..., Any]]:
+    """The bound methods to publish as module-level functions."""
+    return {name: getattr(kernels, name) for name in CONTRACT + EXTRA}

@@ -1,0 +1,80 @@
+"""The CuPy runtime of :class:`._kernels.GpuKernels`: NVRTC builds, memoised, and launches.
+
+Each CUDA source is compiled through ``cupy.RawModule`` once per (device, source, real
+dtype, index dtype) and kept for the life of the process (CuPy also caches the binary
+on disk, keyed on the full source text and options).  FMA contraction is off
+(``-fmad=false``) because the kernel contract fixes the rounding of every product.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import cupy
+import numpy as np
+
+from . import _kernels
+
+NVRTC_OPTIONS = ("-fmad=false",)
+"""Options of every build (plus the dtype defines of :func:`_kernels.compile_defines`)."""
+
+
+class CupyRuntime:
+    """Allocation, host copies and memoised ``RawModule`` builds on the current device."""
+
+    def __init__(self, block: int = 256, blocks_per_sm: int = 8) -> None:
+        if block % 32 or not 32 <= block <= _kernels.MAX_BLOCK:
+            raise ValueError(f"block must be a multiple of 32 in [32, 1024], got {block}")
+        self.block = block
+        self._blocks_per_sm = blocks_per_sm
+        self._max_blocks: dict[int, int] = {}
+        self._modules: dict[tuple[int, str, str, str], cupy.RawModule] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def max_blocks(self) -> int:
+        """Grid cap of the grid-stride kernels: a few resident blocks per multiprocessor."""
+        device = cupy.cuda.Device().id
+        if device not in self._max_blocks:
+            sms = cupy.cuda.runtime.getDeviceProperties(device)["multiProcessorCount"]
+            self._max_blocks[device] = int(sms) * self._blocks_per_sm
+        return self._max_blocks[device]
+
+    def module(self, source: str, real: np.dtype | None, index: np.dtype | None) -> Any:
+        """The compiled ``RawModule`` of ``source`` for the current device and dtypes."""
+        key = (cupy.cuda.Device().id, source, str(real), str(index))
+        with self._lock:
+            module = self._modules.get(key)
+            if module is None:
+                options = NVRTC_OPTIONS + tuple(_kernels.compile_defines(real, index))
+                module = cupy.RawModule(code=_kernels.source_text(source), options=options)
+                module.compile()
+                self._modules[key] = module
+        return module
+
+    def function(
+        self, source: str, name: str, real: np.dtype | None, index: np.dtype | None
+    ) -> _kernels.Launcher:
+        kernel = self.module(source, real, index).get_function(name)
+
+        def launch(grid: int, block: int, args: tuple[Any, ...]) -> None:
+            kernel((int(grid),), (int(block),), args)
+
+        return launch
+
+    def is_device_array(self, x: Any) -> bool:
+        return isinstance(x, cupy.ndarray)
+
+    def empty(self, n: int, dtype: Any) -> cupy.ndarray:
+        return cupy.empty(n, dtype=dtype)
+
+    def zeros(self, n: int, dtype: Any) -> cupy.ndarray:
+        return cupy.zeros(n, dtype=dtype)
+
+    def to_host(self, array: cupy.ndarray) -> np.ndarray:
+        return cupy.asnumpy(array)
+
+    def argsort_stable(self, indices: cupy.ndarray) -> cupy.ndarray:
+        # cupy.argsort is always stable (its documentation; Thrust's stable sort).
+        return cupy.argsort(indices)
