@@ -279,11 +279,12 @@ class GradientReducer:
         compression: str = "layer",
         overlap: bool = True,
     ) -> None:
-        from sparcomm.codecs import NoCompression
+        from sparcomm.codecs import Codec, NoCompression
+        from sparcomm.feedback import ErrorFeedback
 
         if codec is None:
             codec = NoCompression()
-        if not callable(getattr(codec, "encode", None)):
+        if not isinstance(codec, (Codec, ErrorFeedback)):
             raise TypeError(
                 f"codec must be a sparcomm codec (TopK, QSGD, ...) or ErrorFeedback, got "
                 f"{type(codec).__name__}; for example codec=ErrorFeedback(TopK(density=0.01))"
@@ -474,6 +475,7 @@ class GradientReducer:
         missing = [name for name in run.plan.lookup if name not in run.inputs]
         if missing:
             self._cancel(run)
+            self._run = None
             raise RuntimeError(
                 f"wait() called before all gradients were submitted; missing {missing[:5]}"
                 f"{' ...' if len(missing) > 5 else ''} ({len(missing)} of "
