@@ -1,0 +1,201 @@
+"""Test bodies shared by the real-GPU tests and the host-emulated ones.
+
+Each case runs one kernel of the contract through ``kernels`` (the GPU kernel module, or
+``GpuKernels`` on the emulated runtime) on device copies made by ``dev.put`` and holds
+the result to ``sparcomm.kernels.reference`` -- bit for bit, except ``stream_read``
+(a float sum in a different order).  Sizes are awkward on purpose: not multiples of the
+bucket, of 8 fields, of a tile (block * 8 elements) or of a warp.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from sparcomm.kernels import reference
+
+SIZES = (1, 7, 9, 100, 1001, 3001)
+STREAM = 0x0123_4567_89AB_CDEF
+
+
+@dataclass
+class Device:
+    put: Callable[[np.ndarray], Any]
+    get: Callable[[Any], np.ndarray]
+    empty: Callable[[int, Any], Any]
+
+
+def bitwise_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and a.view(np.uint8).tobytes() == b.view(
+        np.uint8
+    ).tobytes()
+
+
+def gradient_like(n: int, dtype: Any, seed: int = 0, specials: bool = True) -> np.ndarray:
+    """Normal values over several magnitudes, with ties, zeros of both signs."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(n) * np.exp(rng.uniform(-6, 3, n))
+    x = x.astype(dtype)
+    if specials and n >= 9:
+        x[::5] = x[1]  # ties (also at the top-k threshold)
+        x[2] = -0.0
+        x[3] = 0.0
+        x[4] = -x[1]  # same |x|, other sign
+    return x
+
+
+def case_uniform(kernels: Any, dev: Device, start: int, n: int) -> None:
+    out = dev.empty(n, np.float64)
+    kernels.uniform(STREAM, start, out)
+    expected = np.empty(n)
+    reference.uniform(STREAM, start, expected)
+    assert bitwise_equal(dev.get(out), expected)
+
+
+def case_pack(kernels: Any, dev: Device, bits: int, n: int) -> None:
+    rng = np.random.default_rng(bits * 1000 + n)
+    fields = rng.integers(0, 256, n, dtype=np.uint8)  # high bits must be ignored
+    nbytes = (n * bits + 7) // 8
+    packed = dev.empty(nbytes, np.uint8)
+    kernels.pack_bits(dev.put(fields), bits, packed)
+    expected = np.empty(nbytes, np.uint8)
+    reference.pack_bits(fields, bits, expected)
+    assert bitwise_equal(dev.get(packed), expected)
+    unpacked = dev.empty(n, np.uint8)
+    kernels.unpack_bits(dev.put(expected), bits, unpacked)
+    assert bitwise_equal(dev.get(unpacked), fields & np.uint8((1 << bits) - 1))
+
+
+def case_topk(kernels: Any, dev: Device, x: np.ndarray, k: int, index_dtype: Any) -> None:
+    indices = dev.empty(k, index_dtype)
+    values = dev.empty(k, x.dtype)
+    bad = kernels.topk(dev.put(x), k, indices, values)
+    ref_indices = np.empty(k, index_dtype)
+    ref_values = np.empty(k, x.dtype)
+    ref_bad = reference.topk(x, k, ref_indices, ref_values)
+    assert bad == ref_bad
+    assert bitwise_equal(dev.get(indices), ref_indices)
+    assert bitwise_equal(dev.get(values), ref_values)
+
+
+def case_scatter_add(kernels: Any, dev: Device, indices: np.ndarray, dtype: Any) -> None:
+    m = indices.size
+    rng = np.random.default_rng(m)
+    # Mixed magnitudes: a different summation order would change the bits.
+    values = (rng.standard_normal(m) * 10.0 ** rng.integers(-8, 8, m)).astype(dtype)
+    base = rng.standard_normal(int(indices.max(initial=0)) + 5).astype(dtype)
+    out = dev.put(base)
+    kernels.scatter_add(dev.put(indices), dev.put(values), out)
+    expected = base.copy()
+    reference.scatter_add(indices, values, expected)
+    assert bitwise_equal(dev.get(out), expected)
+
+
+def case_max_abs(kernels: Any, dev: Device, x: np.ndarray, bucket: int) -> None:
+    nb = -(-x.size // bucket)
+    out = dev.empty(nb, x.dtype)
+    kernels.max_abs(dev.put(x), bucket, out)
+    expected = np.empty(nb, x.dtype)
+    reference.max_abs(x, bucket, expected)
+    assert bitwise_equal(dev.get(out), expected)
+
+
+def case_qsgd(
+    kernels: Any, dev: Device, x: np.ndarray, levels: int, bucket: int, norm: int
+) -> None:
+    bits = int(levels).bit_length() + 1
+    nb = -(-x.size // bucket)
+    nbytes = (x.size * bits + 7) // 8
+    scales, packed = dev.empty(nb, x.dtype), dev.empty(nbytes, np.uint8)
+    kernels.qsgd_encode(dev.put(x), levels, bits, bucket, norm, STREAM, scales, packed)
+    ref_scales, ref_packed = np.empty(nb, x.dtype), np.empty(nbytes, np.uint8)
+    reference.qsgd_encode(x, levels, bits, bucket, norm, STREAM, ref_scales, ref_packed)
+    assert bitwise_equal(dev.get(scales), ref_scales)
+    assert bitwise_equal(dev.get(packed), ref_packed)
+    out = dev.empty(x.size, x.dtype)
+    kernels.qsgd_decode(dev.put(ref_packed), dev.put(ref_scales), levels, bits, bucket, out)
+    expected = np.empty(x.size, x.dtype)
+    reference.qsgd_decode(ref_packed, ref_scales, levels, bits, bucket, expected)
+    assert bitwise_equal(dev.get(out), expected)
+
+
+def case_terngrad(kernels: Any, dev: Device, x: np.ndarray, bucket: int, clip: float) -> None:
+    nb = -(-x.size // bucket)
+    scales = np.empty(nb, x.dtype)
+    reference.max_abs(x, bucket, scales)
+    scales = np.minimum(scales, x.dtype.type(clip))
+    nbytes = (x.size * 2 + 7) // 8
+    packed = dev.empty(nbytes, np.uint8)
+    kernels.terngrad_encode(dev.put(x), dev.put(scales), bucket, clip, STREAM, packed)
+    expected = np.empty(nbytes, np.uint8)
+    reference.terngrad_encode(x, scales, bucket, clip, STREAM, expected)
+    assert bitwise_equal(dev.get(packed), expected)
+    out = dev.empty(x.size, x.dtype)
+    kernels.terngrad_decode(dev.put(expected), dev.put(scales), bucket, out)
+    ref_out = np.empty(x.size, x.dtype)
+    reference.terngrad_decode(expected, scales, bucket, ref_out)
+    assert bitwise_equal(dev.get(out), ref_out)
+
+
+def case_onebit(kernels: Any, dev: Device, x: np.ndarray, bucket: int) -> None:
+    nb = -(-x.size // bucket)
+    nbytes = (x.size + 7) // 8
+    packed, means = dev.empty(nbytes, np.uint8), dev.empty(2 * nb, x.dtype)
+    kernels.onebit_encode(dev.put(x), bucket, packed, means)
+    ref_packed, ref_means = np.empty(nbytes, np.uint8), np.empty(2 * nb, x.dtype)
+    reference.onebit_encode(x, bucket, ref_packed, ref_means)
+    assert bitwise_equal(dev.get(packed), ref_packed)
+    assert bitwise_equal(dev.get(means), ref_means)
+    out = dev.empty(x.size, x.dtype)
+    kernels.onebit_decode(dev.put(ref_packed), dev.put(ref_means), bucket, out)
+    expected = np.empty(x.size, x.dtype)
+    reference.onebit_decode(ref_packed, ref_means, bucket, expected)
+    assert bitwise_equal(dev.get(out), expected)
+
+
+def case_stream_read(kernels: Any, dev: Device, x: np.ndarray) -> None:
+    total = kernels.stream_read(dev.put(x))
+    exact = float(np.sum(x.astype(np.float64)))
+    # Float64 sums of n terms in two orders differ by at most ~2 n eps sum|x|.
+    bound = 2 * x.size * np.finfo(np.float64).eps * float(np.abs(x.astype(np.float64)).sum())
+    assert abs(total - exact) <= bound
+
+
+def sorted_stream(n_range: int, m: int, seed: int, index_dtype: Any, dtype: Any):
+    rng = np.random.default_rng(seed)
+    indices = np.sort(rng.choice(n_range, size=m, replace=False)).astype(index_dtype)
+    values = rng.standard_normal(m).astype(dtype)
+    if m > 2:
+        values[1] = -0.0  # a copied -0.0 must survive
+    return indices, values
+
+
+def merge_expected(a_i, a_v, b_i, b_v):
+    """``a + b`` at shared indices, copies elsewhere (the CPU twin's semantics)."""
+    both = np.union1d(a_i, b_i).astype(a_i.dtype)
+    values = np.empty(both.size, a_v.dtype)
+    in_a = np.isin(both, a_i)
+    in_b = np.isin(both, b_i)
+    pa = np.searchsorted(a_i, both)
+    pb = np.searchsorted(b_i, both)
+    only_a, only_b, shared = in_a & ~in_b, in_b & ~in_a, in_a & in_b
+    values[only_a] = a_v[pa[only_a]]
+    values[only_b] = b_v[pb[only_b]]
+    values[shared] = a_v[pa[shared]] + b_v[pb[shared]]
+    return both, values
+
+
+def case_merge(kernels: Any, dev: Device, na: int, nb: int, index_dtype: Any, dtype: Any):
+    a_i, a_v = sorted_stream(4 * (na + nb) + 1, na, na, index_dtype, dtype)
+    b_i, b_v = sorted_stream(4 * (na + nb) + 1, nb, nb + 7, index_dtype, dtype)
+    out_i = dev.empty(na + nb, index_dtype)
+    out_v = dev.empty(na + nb, dtype)
+    count = kernels.merge_sum_two(dev.put(a_i), dev.put(a_v), dev.put(b_i), dev.put(b_v),
+                                  out_i, out_v)
+    exp_i, exp_v = merge_expected(a_i, a_v, b_i, b_v)
+    assert count == exp_i.size
+    assert bitwise_equal(dev.get(out_i)[:count], exp_i)
+    assert bitwise_equal(dev.get(out_v)[:count], exp_v)
