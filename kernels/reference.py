@@ -189,15 +189,16 @@ def terngrad_decode(packed: np.ndarray, scales: np.ndarray, bucket: int, out: np
     out[:] = np.where(codes == 1, s, np.where(codes == 2, -s, out.dtype.type(0)))
 
 
-def onebit_encode(x: np.ndarray, bucket: int, out_packed: np.ndarray, out_means: np.ndarray) -> None:
+def onebit_encode(
+    x: np.ndarray, bucket: int, out_packed: np.ndarray, out_means: np.ndarray
+) -> None:
     """1-bit SGD: sign bits and the two per-bucket reconstruction means (Seide et al.)."""
     negative = x < 0
     pack_bits(negative.astype(np.uint8), 1, out_packed)
     x64 = x.astype(np.float64)
-    sums = np.stack(
-        [lane_sum(np.where(negative, 0.0, x64), bucket), lane_sum(np.where(negative, x64, 0.0), bucket)],
-        axis=1,
-    )
+    sum0 = lane_sum(np.where(negative, 0.0, x64), bucket)
+    sum1 = lane_sum(np.where(negative, x64, 0.0), bucket)
+    sums = np.stack([sum0, sum1], axis=1)
     count1 = _buckets(negative, bucket).sum(axis=1)
     count0 = _buckets(~negative, bucket, fill=False).sum(axis=1)
     counts = np.stack([count0, count1], axis=1).astype(np.float64)

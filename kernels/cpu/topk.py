@@ -1,0 +1,314 @@
+"""Exact top-k of ``|x|`` by radix select over the float bit pattern.
+
+Clearing the sign bit of an IEEE float leaves an unsigned integer that is monotone in
+``|x|`` (``-0.0`` and ``+0.0`` both map to 0; inf and NaN sit above every finite value),
+so selection runs on integers and never sorts.  Steps, for ``0 < k < n``:
+
+1. **Bound.**  The exact ``r``-th largest key of a strided sample of ``S`` keys
+   (``r`` = the sample's expected count above the k-th largest, plus four standard
+   deviations) is a threshold ``T`` a little below the true k-th largest key.  For
+   ``n <= S`` the sample is all of ``x`` and ``T`` is exact.
+2. **One pass.**  Parallel chunks stream ``x`` once: blocks of 16 keys whose maximum is
+   below ``T`` are skipped with one vector compare; the rest store the indices and keys
+   above ``T`` and count the keys equal to ``T`` (and the non-finite ones).
+3. **Exact select.**  If fewer than ``k`` keys are above ``T`` but enough are at least
+   ``T``, the k-th largest is ``T`` itself; if more than ``k`` are above, an MSD radix
+   select (11-bit digits) over the few candidates finds it.  If the sample bound was too
+   high (fewer than ``k`` keys at least ``T``) a full histogram of the top 11 bits gives a
+   bound that cannot fail and step 2 runs again: correctness never rests on the sample.
+4. **Output.**  Per chunk, counts of keys above and equal to the k-th largest give every
+   chunk its output offset and its share of the ties (lowest indices first), so chunks
+   write their ascending indices in parallel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from ._common import abs_bits, abs_mask, inf_bits, n_chunks
+
+SCAN_CHUNK = 1 << 16
+"""Elements per parallel task of the candidate pass."""
+SAMPLE = 1 << 16
+"""Keys in the strided sample that bounds the threshold."""
+BLOCK = 16
+"""Keys checked together against the threshold (one AVX-512 vector of float32)."""
+RADIX_BITS = 11
+_DIGITS = 1 << RADIX_BITS
+
+
+@njit(cache=True, nogil=True)
+def kth_largest(keys, r):
+    """The ``r``-th largest value of the unsigned ``keys`` (``1 <= r <= keys.size``).
+
+    MSD radix select: histogram one 11-bit digit of the keys still in play, keep the
+    digit bucket that holds the ``r``-th largest, repeat on the next digit.
+    """
+    work = keys.copy()
+    m = work.size
+    need = r
+    shift = keys.itemsize * 8 - RADIX_BITS
+    digit_mask = np.uint64(_DIGITS - 1)
+    hist = np.zeros(_DIGITS, dtype=np.int64)
+    while True:
+        s = np.uint64(shift)
+        hist[:] = 0
+        for t in range(m):
+            hist[np.int64((np.uint64(work[t]) >> s) & digit_mask)] += 1
+        d = _DIGITS - 1
+        above = 0
+        while above + hist[d] < need:
+            above += hist[d]
+            d -= 1
+        need -= above
+        j = 0
+        for t in range(m):
+            if np.int64((np.uint64(work[t]) >> s) & digit_mask) == d:
+                work[j] = work[t]
+                j += 1
+        m = j
+        if shift == 0:
+            return work[0]
+        shift = max(shift - RADIX_BITS, 0)
+
+
+@njit(cache=True, nogil=True)
+def _sample_keys(bits, mask, stride, count, out, a, b):
+    for j in range(a, b):
+        out[j] = bits[j * stride] & mask
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _sample_bound(bits, mask, n, k):
+    """A threshold key at or below the k-th largest, from a strided sample (usually)."""
+    size = min(n, SAMPLE)
+    stride = n // size
+    sample = np.empty(size, dtype=bits.dtype)
+    per = 4096
+    for c in prange(n_chunks(size, per)):
+        _sample_keys(bits, mask, stride, size, sample, c * per, min(size, (c + 1) * per))
+    if size == n:
+        return kth_largest(sample, k)
+    expected = k * (size / n)
+    r = min(size, np.int64(math.ceil(expected + 4.0 * math.sqrt(expected) + 8.0)))
+    return kth_largest(sample, r)
+
+
+@njit(cache=True, nogil=True)
+def _histogram_chunk(bits, mask, shift, a, b, hist):
+    s = np.uint64(shift)
+    for i in range(a, b):
+        hist[np.int64(np.uint64(bits[i] & mask) >> s)] += 1
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _histogram_bound(bits, mask, n, k):
+    """The lower edge of the top-11-bit digit holding the k-th largest key: always safe."""
+    shift = bits.itemsize * 8 - RADIX_BITS
+    tasks = 64
+    per = n_chunks(n, tasks)
+    hists = np.zeros((tasks, _DIGITS), dtype=np.int64)
+    for t in prange(tasks):
+        _histogram_chunk(bits, mask, shift, min(n, t * per), min(n, (t + 1) * per), hists[t])
+    hist = hists.sum(axis=0)
+    d = _DIGITS - 1
+    above = 0
+    while above + hist[d] < k:
+        above += hist[d]
+        d -= 1
+    return (bits[0] & np.uint64(0)) | (np.uint64(d) << np.uint64(shift))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _block_max(bits, mask, i):
+    m = bits[i] & mask
+    for j in range(1, BLOCK):
+        m = max(m, bits[i + j] & mask)
+    return m
+
+
+@njit(cache=True, nogil=True)
+def _scan_chunk(bits, mask, bound, inf, a, b, cand_idx, cand_key):
+    """Store the keys above ``bound`` in ``[a, b)`` at ``cand_*[a:]``; count the rest.
+
+    Returns ``(above, equal, non_finite)``; non-finite keys are counted only when they are
+    at least ``bound`` (the caller keeps ``bound <= inf``, so that is all of them).
+    """
+    above = 0
+    equal = 0
+    bad = 0
+    i = a
+    while i < b:
+        if i + BLOCK <= b:
+            if _block_max(bits, mask, i) < bound:
+                i += BLOCK
+                continue
+            e = i + BLOCK
+        else:
+            e = b
+        for j in range(i, e):
+            key = bits[j] & mask
+            if key > bound:
+                cand_idx[a + above] = j
+                cand_key[a + above] = key
+                above += 1
+            elif key == bound:
+                equal += 1
+            if key >= inf:
+                bad += 1
+        i = e
+    return above, equal, bad
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _scan(bits, mask, bound, inf, n, cand_idx, cand_key, above, equal, bad):
+    for c in prange(above.size):
+        a = c * SCAN_CHUNK
+        above[c], equal[c], bad[c] = _scan_chunk(bits, mask, bound, inf, a,
+                                                 min(n, a + SCAN_CHUNK), cand_idx, cand_key)
+
+
+@njit(cache=True, nogil=True)
+def _count_chunk_candidates(cand_key, a, count, kth):
+    greater = 0
+    equal = 0
+    for t in range(a, a + count):
+        key = cand_key[t]
+        if key > kth:
+            greater += 1
+        elif key == kth:
+            equal += 1
+    return greater, equal
+
+
+@njit(cache=True, nogil=True)
+def _write_from_candidates(x, cand_idx, cand_key, a, count, kth, ties, out_indices,
+                           out_values, offset):
+    p = offset
+    for t in range(a, a + count):
+        key = cand_key[t]
+        if key > kth or (key == kth and ties > 0):
+            if key == kth:
+                ties -= 1
+            i = cand_idx[t]
+            out_indices[p] = i
+            out_values[p] = x[i]
+            p += 1
+
+
+@njit(cache=True, nogil=True)
+def _write_from_data(x, bits, mask, a, b, kth, ties, out_indices, out_values, offset):
+    p = offset
+    for i in range(a, b):
+        key = bits[i] & mask
+        if key > kth or (key == kth and ties > 0):
+            if key == kth:
+                ties -= 1
+            out_indices[p] = i
+            out_values[p] = x[i]
+            p += 1
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _output(x, bits, mask, n, k, bound, kth, cand_idx, cand_key, above, equal,
+            out_indices, out_values):
+    """Write the k kept entries, ascending, ties at ``kth`` to the lowest indices."""
+    nc = above.size
+    greater = np.empty(nc, dtype=np.int64)
+    ties = np.empty(nc, dtype=np.int64)
+    if kth == bound:
+        greater[:] = above
+        ties[:] = equal
+    else:
+        for c in prange(nc):
+            greater[c], ties[c] = _count_chunk_candidates(cand_key, c * SCAN_CHUNK, above[c],
+                                                          kth)
+    # Share the ties out in chunk order: the lowest indices win.
+    left = k - greater.sum()
+    offsets = np.empty(nc, dtype=np.int64)
+    p = 0
+    for c in range(nc):
+        take = min(ties[c], left)
+        left -= take
+        ties[c] = take
+        offsets[c] = p
+        p += greater[c] + take
+    for c in prange(nc):
+        a = c * SCAN_CHUNK
+        if kth == bound and ties[c] > 0:
+            # Keys equal to the bound were counted, not stored: read the chunk again.
+            _write_from_data(x, bits, mask, a, min(n, a + SCAN_CHUNK), kth, ties[c],
+                             out_indices, out_values, offsets[c])
+        else:
+            _write_from_candidates(x, cand_idx, cand_key, a, above[c], kth, ties[c],
+                                   out_indices, out_values, offsets[c])
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _gather_keys(cand_key, above, out):
+    offsets = np.cumsum(above) - above
+    for c in prange(above.size):
+        a = c * SCAN_CHUNK
+        out[offsets[c]:offsets[c] + above[c]] = cand_key[a:a + above[c]]
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _count_non_finite(bits, mask, inf):
+    n = bits.size
+    nc = n_chunks(n, SCAN_CHUNK)
+    counts = np.zeros(nc, dtype=np.int64)
+    for c in prange(nc):
+        for i in range(c * SCAN_CHUNK, min(n, (c + 1) * SCAN_CHUNK)):
+            counts[c] += (bits[i] & mask) >= inf
+    return counts.sum()
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _copy_all(x, out_indices, out_values):
+    for i in prange(x.size):
+        out_indices[i] = i
+        out_values[i] = x[i]
+
+
+@njit(cache=True, nogil=True)
+def topk(x, k, out_indices, out_values):
+    """Exact top-k of ``|x|``: ascending indices, ties to the lowest indices.
+
+    Returns the number of non-finite entries of ``x`` (the caller raises when it is not
+    zero).  See the module docstring for the algorithm.
+    """
+    n = x.size
+    bits = abs_bits(x)
+    mask = abs_mask(x)
+    inf = inf_bits(x)
+    if k == 0 or k == n:
+        if k == n:
+            _copy_all(x, out_indices, out_values)
+        return _count_non_finite(bits, mask, inf)
+    nc = n_chunks(n, SCAN_CHUNK)
+    # Scratch for the candidates: a task writes at its own chunk offset, so no atomics;
+    # only the touched pages of these buffers are ever committed.
+    cand_idx = np.empty(n, dtype=np.int64)
+    cand_key = np.empty(n, dtype=bits.dtype)
+    above = np.empty(nc, dtype=np.int64)
+    equal = np.empty(nc, dtype=np.int64)
+    bad = np.empty(nc, dtype=np.int64)
+    bound = min(_sample_bound(bits, mask, n, k), inf)
+    _scan(bits, mask, bound, inf, n, cand_idx, cand_key, above, equal, bad)
+    if above.sum() + equal.sum() < k:
+        # The sample overshot: this bound has at least k keys at or above it.
+        bound = min(_histogram_bound(bits, mask, n, k), inf)
+        _scan(bits, mask, bound, inf, n, cand_idx, cand_key, above, equal, bad)
+    total_above = above.sum()
+    if total_above >= k:
+        keys = np.empty(total_above, dtype=bits.dtype)
+        _gather_keys(cand_key, above, keys)
+        kth = kth_largest(keys, k)
+    else:
+        kth = bound
+    _output(x, bits, mask, n, k, bound, kth, cand_idx, cand_key, above, equal,
+            out_indices, out_values)
+    return bad.sum()
