@@ -20,7 +20,9 @@ float32).
 
 Deterministic bucket sums (``lane_sum``): a bucket's sum of ``f(x_i)`` is accumulated in
 float64 in 8 lanes, lane ``j`` taking the bucket's elements ``j, j+8, j+16, ...`` in order,
-then combined as ``((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7))``.  CPU and GPU follow this order,
+then combined as ``((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7))``; each ``f(x_i)`` is evaluated
+in float64 (``x*x`` is ``float64(x)*float64(x)``), and a lane that takes only some of the
+bucket's positions (OneBit's two groups) skips the others.  CPU and GPU follow this order,
 so scales and means are bitwise identical on both.
 
 Kernels
@@ -30,7 +32,7 @@ stream_read(x) -> float
 uniform(stream, start, out)
     ``out[i] = u(stream, start + i)`` as float64 (a test hook for the RNG).
 pack_bits(fields, bits, out) / unpack_bits(packed, bits, out)
-    ``fields``/``out`` uint8 of length n; values must fit in ``bits``.
+    ``fields``/``out`` uint8 of length n; bits of a field above ``bits`` are ignored.
 topk(x, k, out_indices, out_values) -> int
     Exact top-k of ``|x|`` by radix select over the float bit pattern (no sort, no
     argpartition).  ``out_indices`` (int32 or int64, length k) ascending; ties at the
@@ -43,7 +45,8 @@ qsgd_encode(x, levels, bits, bucket, norm, stream, out_scales, out_packed)
     ``norm`` 0 = L2 (``sqrt(lane_sum(x*x))``, cast to x.dtype), 1 = max ``|x|``.
     Per element, in x.dtype: ``inv = levels / scale`` (once per bucket, 0 when
     scale == 0); ``t = |x_i| * inv``; ``l = floor(t)``; ``level = l + (u(stream, i) <
-    t - l)``, clamped to ``levels``; field ``(level << 1) | (x_i < 0)``, ``bits`` wide.
+    t - l)``, clamped to ``levels`` (NaN clamps to ``levels`` too); field
+    ``(level << 1) | (x_i < 0)``, ``bits`` wide.
     ``out_scales`` x.dtype, length nb; ``out_packed`` uint8, ``ceil(n*bits/8)``.
 qsgd_decode(packed, scales, levels, bits, bucket, out)
     ``out_i = ±(level * (scale / levels))``, ``scale / levels`` computed once per bucket
