@@ -275,7 +275,7 @@ def _run_sparse(
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
         _check_common(op, algorithm, _ALGORITHMS)
-        if dense_output not in (True, False, None):
+        if not (dense_output is None or isinstance(dense_output, bool)):
             raise ValueError(f"dense_output must be True, False or None, got {dense_output!r}")
         with stats._phase("prepare"):
             indices, values = prepare()
@@ -530,6 +530,8 @@ def _load_builtins() -> None:
         return
     _COLLECTIVES.setdefault(TopK, _sparse_codec_allreduce)
     _COLLECTIVES.setdefault(NoCompression, _dense_allreduce)
+    # QSGD, TernGrad, OneBit and FP16 register on import (issue 4, sparcomm.comm._quantized)
+    import sparcomm.comm._quantized  # noqa: F401
 
 
 def _lookup(codec: Any) -> Callable[..., np.ndarray]:
@@ -542,7 +544,7 @@ def _lookup(codec: Any) -> Callable[..., np.ndarray]:
             return _COLLECTIVES[cls]
     supported = ", ".join(sorted(cls.__name__ for cls in _COLLECTIVES)) or "none"
     error = NotImplementedError(
-        f"no allreduce for codec {type(base).__qualname__}; supported: {supported} "
+        f"no allreduce for codec {type(base).__name__}; supported: {supported} "
         "(TopK also under ErrorFeedback); use codec=NoCompression() for a dense allreduce"
     )
 

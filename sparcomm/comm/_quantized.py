@@ -1,0 +1,492 @@
+"""Allreduce of quantized gradients: QSGD, TernGrad, 1-bit SGD and FP16 over MPI.
+
+Quantized values cannot be added in their packed form, so each algorithm decides where
+the decoding and summing happens:
+
+``allgather``
+    Every rank gathers every rank's payload, decodes and sums them locally in rank
+    order (the GRACE baseline: Xu et al., "GRACE: A Compressed Communication Framework
+    for Distributed Machine Learning", ICDCS 2021).  Bytes grow as ``(P - 1) C``.
+``reduce_scatter_allgather``
+    Owner ``j`` holds chunk ``j`` of the vector.  Workers encode once and send each
+    owner the slice of their payload for its chunk (``Alltoallv``); owners decode and
+    sum at full precision in rank order, re-encode their chunk, and the encoded chunks
+    are allgathered.  Error feedback at the worker *and* at the owner for codecs under
+    error feedback (``OneBit()`` by default, ``ErrorFeedback(QSGD(...))`` on request), as
+    in DeepSpeed's compressed allreduce (Tang et al., "1-bit Adam: Communication
+    Efficient Large-Scale Training with Adam's Convergence Speed", ICML 2021).  Bytes
+    ``~ 2 (P - 1) / P C``.
+``shared_scale`` (TernGrad only)
+    TernGrad's scaler sharing (Wen et al., NeurIPS 2017): one max-``Allreduce`` of the
+    per-bucket scales, every rank ternarizes with the shared scale, owners add the
+    ternary values of all ranks *exactly* as small integers (int8 up to 127 ranks,
+    int16 above), the sums are allgathered bit-packed, and every rank multiplies by the
+    scale once.  No second quantization.
+
+The result is bitwise identical on every rank: every entry of it is decoded from the
+same bytes, by the same code, in the same order, on every rank.  Random streams use the
+rank and distinct keys (:func:`~sparcomm.comm._quantized_layout.owner_key` for owners),
+so ranks draw independent numbers.
+
+Failures cannot hang the others: the call begins with the signature check of
+:mod:`sparcomm.comm._allreduce`, and every data block carries an 8-byte status (the rank
+that failed and its error class) so that an encode failing on one rank after the check
+(non-finite input, a sum that overflows at an owner) is raised on every rank at the end
+of the schedule, which all ranks complete.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from mpi4py import MPI
+
+from sparcomm.codecs import TernGrad
+from sparcomm.comm import _cost
+from sparcomm.comm._allreduce import (
+    _ERROR_CLASSES,
+    _FIELD,
+    _check_common,
+    _check_out,
+    _check_signature,
+    _check_values,
+    _error_code,
+    _signature_row,
+    describe_codec,
+    register_collective,
+)
+from sparcomm.comm._context import Channel, comm_state, ring_allreduce_bytes
+from sparcomm.comm._quantized_cost import (
+    QUANTIZED_ALGORITHMS,
+    SHARED_SCALE_ALIGNMENT,
+    choose_quantized,
+    codec_costs,
+    predict_quantized,
+)
+from sparcomm.comm._quantized_layout import (
+    QUANTIZED_CODECS,
+    TERNARY_BITS,
+    apply_scales,
+    chunk_alignment,
+    chunk_bounds,
+    chunk_nbytes,
+    expand_sums,
+    owner_key,
+    pack_sums,
+    slice_payload,
+    sum_dtype,
+    sums_nbytes,
+    ternary_accumulate,
+)
+from sparcomm.comm._stats import AllreduceStats
+from sparcomm.feedback import ErrorFeedback, unwrap
+from sparcomm.payload import Payload
+
+_REQUESTABLE = ("auto", *QUANTIZED_ALGORITHMS)
+# Signature codes of the algorithms (0 is "auto", which the signature check knows).
+_ALGORITHM_CODES = {name: 100 + i for i, name in enumerate(QUANTIZED_ALGORITHMS)}
+
+# Every data block starts with this status: the failing rank (-1: none) and the code of
+# its error class in _allreduce's table.  8 bytes keep the payload behind it aligned.
+_STATUS = struct.Struct("<ii")
+STATUS_BYTES = _STATUS.size
+
+
+# ------------------------------------------------------------------ status blocks
+
+
+def _write_status(block: np.ndarray, failed_rank: int, code: int) -> None:
+    block[:STATUS_BYTES] = np.frombuffer(_STATUS.pack(failed_rank, code), dtype=np.uint8)
+
+
+def _read_status(block: np.ndarray) -> tuple[int, int]:
+    return _STATUS.unpack(block[:STATUS_BYTES].tobytes())
+
+
+def _first_failure(blocks: np.ndarray, offsets: np.ndarray, skip: int = -1) -> tuple[int, int]:
+    """The first failure reported by the blocks ``blocks[offsets[r]:offsets[r+1]]``."""
+    for r in range(offsets.size - 1):
+        if r != skip:
+            failed, code = _read_status(blocks[offsets[r] : offsets[r] + STATUS_BYTES])
+            if failed >= 0:
+                return failed, code
+    return -1, 0
+
+
+def _raise_failure(own: BaseException | None, failed: int, code: int) -> None:
+    """Raise this rank's own error, or the class another rank reported."""
+    if own is not None:
+        raise own
+    if failed >= 0:
+        cls = _ERROR_CLASSES[code - 1] if 1 <= code <= len(_ERROR_CLASSES) else RuntimeError
+        raise cls(
+            f"allreduce: rank {failed} failed to encode its part ({cls.__name__}; for "
+            "example non-finite values, or a sum that overflowed at an owner); its own "
+            "message says why; the result was discarded on every rank"
+        )
+
+
+# ------------------------------------------------------------------ problem
+
+
+@dataclass
+class _Problem:
+    """One rank's input to a quantized algorithm."""
+
+    channel: Channel
+    codec: Any  # the bare codec
+    memory: ErrorFeedback | None  # worker- and owner-side residuals, if any
+    x: np.ndarray  # the user's array
+    key: Any
+    step: int | None
+    out: np.ndarray  # flat result buffer, n elements
+
+    @property
+    def n(self) -> int:
+        return self.x.size
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.x.dtype
+
+    def encode(self, values: np.ndarray, key: Any, **options: Any) -> Payload:
+        """Encode through the error-feedback memory when there is one."""
+        encoder = self.codec if self.memory is None else self.memory
+        return encoder.encode(values, key=key, step=self.step, rank=self.channel.rank, **options)
+
+
+def _decode_sum(codec: Any, payloads: list[Payload], out: np.ndarray) -> None:
+    """``out = sum of decode(p)`` in list order (rank order: the same on every rank)."""
+    codec.decode(payloads[0], out=out)
+    if len(payloads) > 1:
+        scratch = np.empty_like(out)
+        for payload in payloads[1:]:
+            codec.decode(payload, out=scratch)
+            out += scratch
+
+
+def _exchange_counts(blocks: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """Send counts and offsets of an ``Alltoallv`` that sends ``blocks[j]`` bytes to j."""
+    counts = blocks.astype(np.int64)
+    counts[rank] = 0
+    offsets = np.zeros(counts.size, dtype=np.int64)
+    np.cumsum(counts[:-1], out=offsets[1:])
+    return counts, offsets
+
+
+# ------------------------------------------------------------------ allgather
+
+
+def allgather(problem: _Problem) -> None:
+    """Gather every payload, decode and sum in rank order (GRACE's baseline)."""
+    channel, codec = problem.channel, problem.codec
+    stats, size, rank = channel.stats, channel.size, channel.rank
+    block = STATUS_BYTES + chunk_nbytes(codec, problem.n, problem.dtype)
+    send = np.zeros(block, dtype=np.uint8)
+    error: BaseException | None = None
+    with stats._phase("encode"):
+        try:
+            problem.encode(problem.x, problem.key).to_bytes(out=send[STATUS_BYTES:])
+            _write_status(send, -1, 0)
+        except Exception as caught:
+            error = caught
+            _write_status(send, rank, _error_code(caught))
+    with stats._phase("allgather"):
+        recv, offsets = channel.allgatherv(send, np.full(size, block, dtype=np.int64))
+    _raise_failure(error, *_first_failure(recv, offsets))
+    with stats._phase("decode"):
+        payloads = [
+            Payload.from_bytes(recv[offsets[r] + STATUS_BYTES : offsets[r + 1]])
+            for r in range(size)
+        ]
+        _decode_sum(codec, payloads, problem.out)
+
+
+# ----------------------------------------------------- reduce-scatter + allgather
+
+
+def reduce_scatter_allgather(problem: _Problem) -> None:
+    """Owners sum their chunk at full precision and re-encode it (DeepSpeed's scheme)."""
+    channel, codec = problem.channel, problem.codec
+    stats, size, rank = channel.stats, channel.size, channel.rank
+    bounds = chunk_bounds(problem.n, size, chunk_alignment(codec))
+    lengths = np.diff(bounds)
+    blocks = STATUS_BYTES + np.array(
+        [chunk_nbytes(codec, int(m), problem.dtype) for m in lengths], dtype=np.int64
+    )
+    send_counts, send_offsets = _exchange_counts(blocks, rank)
+    send = np.zeros(int(send_counts.sum()), dtype=np.uint8)
+    parts: list[Payload | None] = [None] * size
+    error: BaseException | None = None
+    with stats._phase("encode"):
+        try:
+            payload = problem.encode(problem.x, problem.key)
+            for j in range(size):
+                if lengths[j]:
+                    parts[j] = slice_payload(codec, payload, int(bounds[j]), int(bounds[j + 1]))
+            for j in range(size):
+                if j != rank:
+                    target = send[send_offsets[j] : send_offsets[j] + send_counts[j]]
+                    _write_status(target, -1, 0)
+                    if parts[j] is not None:
+                        parts[j].to_bytes(out=target[STATUS_BYTES:])
+        except Exception as caught:
+            error = caught
+            for j in range(size):
+                if j != rank:
+                    _write_status(send[send_offsets[j] :], rank, _error_code(caught))
+    recv_counts = np.where(np.arange(size) == rank, 0, blocks[rank]).astype(np.int64)
+    with stats._phase("reduce_scatter"):
+        recv, recv_offsets = channel.alltoallv(send, send_counts, send_offsets, recv_counts)
+    mine = np.zeros(int(blocks[rank]), dtype=np.uint8)
+    failed, code = (rank, _error_code(error)) if error else _first_failure(recv, recv_offsets)
+    with stats._phase("owner_sum"):
+        if failed < 0 and lengths[rank]:
+            try:
+                received = [
+                    parts[r] if r == rank else Payload.from_bytes(
+                        recv[recv_offsets[r] + STATUS_BYTES : recv_offsets[r + 1]]
+                    )
+                    for r in range(size)
+                ]
+                total = np.empty(int(lengths[rank]), dtype=problem.dtype)
+                _decode_sum(codec, received, total)
+                reencoded = problem.encode(total, owner_key(problem.key))
+                reencoded.to_bytes(out=mine[STATUS_BYTES:])
+            except Exception as caught:
+                error = caught
+                failed, code = rank, _error_code(caught)
+        _write_status(mine, failed, code)
+    with stats._phase("allgather"):
+        gathered, offsets = channel.allgatherv(mine, blocks)
+    _raise_failure(error, *_first_failure(gathered, offsets))
+    with stats._phase("decode"):
+        for j in range(size):
+            if lengths[j]:
+                chunk = Payload.from_bytes(gathered[offsets[j] + STATUS_BYTES : offsets[j + 1]])
+                codec.decode(chunk, out=problem.out[bounds[j] : bounds[j + 1]])
+
+
+# ------------------------------------------------------------------ shared scale
+
+
+def _compensated(problem: _Problem) -> np.ndarray:
+    """``x + residual`` as error feedback will encode it (the scale must cover it)."""
+    flat = problem.x.reshape(-1)
+    residual = None if problem.memory is None else problem.memory.residual(problem.key)
+    if residual is None:
+        return flat
+    if residual.size != flat.size or residual.dtype != flat.dtype:
+        raise ValueError(
+            f"the residual for key {problem.key!r} holds {residual.size} x {residual.dtype}, "
+            f"got {flat.size} x {flat.dtype}; give every tensor its own key"
+        )
+    return flat + residual
+
+
+def shared_scale(problem: _Problem) -> None:
+    """TernGrad with scaler sharing: ternary values of all ranks summed as integers."""
+    channel, codec = problem.channel, problem.codec
+    stats, size, rank = channel.stats, channel.size, channel.rank
+    n, dtype = problem.n, problem.dtype
+    bucket = codec.bucket_for(n)
+    error: BaseException | None = None
+    with stats._phase("scale"):
+        try:
+            local = codec.local_scales(_compensated(problem))
+        except Exception as caught:
+            # An infinite scale is the in-band failure signal of this phase.
+            error = caught
+            local = np.full(-(-n // bucket), np.inf, dtype=dtype)
+    with stats._phase("scale_allreduce"):
+        shared = np.empty_like(local)
+        if size > 1:
+            channel.comm.Allreduce(local, shared, op=MPI.MAX)
+            moved = ring_allreduce_bytes(local.nbytes, size)
+            stats._add_bytes(moved, moved)
+        else:
+            shared[:] = local
+    if error is not None:
+        raise error
+    if not np.isfinite(shared).all():
+        raise ValueError(
+            "allreduce: another rank rejected its input (non-finite values or a bad "
+            "residual), so the shared TernGrad scale is not finite; that rank's own message "
+            "says why; no ternary values were exchanged"
+        )
+    with stats._phase("encode"):
+        # Cannot fail: the scale is finite and covers every rank's compensated input.
+        packed = problem.encode(problem.x, problem.key, scale=shared).arrays["packed"]
+    bounds = chunk_bounds(n, size, SHARED_SCALE_ALIGNMENT)
+    lengths = np.diff(bounds)
+    code_bytes = -(-lengths * TERNARY_BITS // 8)
+    starts = bounds[:-1] * TERNARY_BITS // 8
+    send_counts, send_offsets = _exchange_counts(code_bytes, rank)
+    send = np.empty(int(send_counts.sum()), dtype=np.uint8)
+    for j in range(size):
+        if j != rank:
+            send[send_offsets[j] : send_offsets[j] + send_counts[j]] = packed[
+                starts[j] : starts[j] + code_bytes[j]
+            ]
+    recv_counts = np.where(np.arange(size) == rank, 0, code_bytes[rank]).astype(np.int64)
+    with stats._phase("reduce_scatter"):
+        recv, recv_offsets = channel.alltoallv(send, send_counts, send_offsets, recv_counts)
+    length = int(lengths[rank])
+    gather_bytes = np.array([sums_nbytes(int(m), size) for m in lengths], dtype=np.int64)
+    mine = np.empty(int(gather_bytes[rank]), dtype=np.uint8)
+    with stats._phase("integer_sum"):
+        if length:
+            total = np.zeros(length, dtype=sum_dtype(size))
+            codes = np.empty(length, dtype=np.uint8)
+            ones = np.empty(length, dtype=np.uint8)
+            for r in range(size):
+                part = (
+                    packed[starts[rank] : starts[rank] + code_bytes[rank]]
+                    if r == rank
+                    else recv[recv_offsets[r] : recv_offsets[r + 1]]
+                )
+                ternary_accumulate(part, total, codes, ones)
+            pack_sums(total, size, codes, mine)
+    with stats._phase("allgather"):
+        gathered, offsets = channel.allgatherv(mine, gather_bytes)
+    with stats._phase("output"):
+        fields = np.empty(n, dtype=np.uint8)
+        for j in range(size):
+            a, b = int(bounds[j]), int(bounds[j + 1])
+            if b > a:
+                expand_sums(gathered[offsets[j] : offsets[j + 1]], size, fields[a:b],
+                            problem.out[a:b])
+        apply_scales(problem.out, shared, bucket)
+
+
+ALGORITHMS = {
+    "allgather": allgather,
+    "reduce_scatter_allgather": reduce_scatter_allgather,
+    "shared_scale": shared_scale,
+}
+
+
+# ------------------------------------------------------------------ entry point
+
+
+def _check_request(x: np.ndarray, bare: Any, algorithm: str, op: str, size: int) -> None:
+    if not isinstance(bare, QUANTIZED_CODECS):
+        raise NotImplementedError(
+            f"quantized allreduce takes QSGD, TernGrad, OneBit or FP16, got "
+            f"{type(bare).__name__}"
+        )
+    _check_common(op, algorithm, _REQUESTABLE)
+    if algorithm == "shared_scale":
+        if not isinstance(bare, TernGrad):
+            raise NotImplementedError(
+                f"algorithm 'shared_scale' sums TernGrad's ternary values as integers; "
+                f"{type(bare).__name__} has no shared scale: use 'allgather' or "
+                "'reduce_scatter_allgather'"
+            )
+        sum_dtype(size)
+    if x.size == 0:
+        raise ValueError(
+            f"x is empty (shape {x.shape}); there is nothing to reduce: skip it"
+        )
+
+
+def quantized_allreduce(
+    x: Any,
+    codec: Any,
+    *,
+    comm: MPI.Comm | None,
+    op: str,
+    algorithm: str,
+    key: Any,
+    step: int | None,
+    stats: AllreduceStats | None,
+    out: np.ndarray | None,
+) -> np.ndarray:
+    """Allreduce ``x`` through a quantizing codec (``sparcomm.allreduce`` routes here).
+
+    Parameters
+    ----------
+    x : numpy.ndarray of float32 or float64
+        This rank's buffer (same size and dtype on every rank).
+    codec : QSGD, TernGrad, OneBit or FP16, optionally under ErrorFeedback
+        ``OneBit()`` keeps its own error feedback; its memory (or the ``ErrorFeedback``
+        wrapper's) also holds the owner-side residuals of ``reduce_scatter_allgather``
+        under :func:`~sparcomm.comm._quantized_layout.owner_key`, so ``state_dict()``
+        saves both levels.
+    comm : mpi4py.MPI.Comm or None
+        Communicator (``MPI.COMM_WORLD`` by default).
+    op : {"sum", "mean"}
+    algorithm : {"auto", "allgather", "reduce_scatter_allgather", "shared_scale"}
+        ``auto`` chooses the least predicted time (:mod:`._quantized_cost`);
+        ``shared_scale`` is for TernGrad only.
+    key, step :
+        Tensor key (residual and random stream) and training step (random stream).
+    stats : AllreduceStats, optional
+        Filled in place: algorithm, bytes sent and received, time per phase, the
+        predicted bytes and, for ``auto``, each candidate's predicted time.
+    out : numpy.ndarray, optional
+        Output buffer (``x``'s size and dtype; ``out=x`` works in place).
+
+    Returns
+    -------
+    numpy.ndarray
+        The reduced array shaped like ``x``, bitwise identical on every rank.
+    """
+    comm = MPI.COMM_WORLD if comm is None else comm
+    state = comm_state(comm)
+    stats = AllreduceStats() if stats is None else stats
+    stats.reset()
+    channel = Channel(state.comm, stats)
+    codec_text = describe_codec(codec)
+    bare, memory = unwrap(codec)
+    error: BaseException | None = None
+    n, dtype = -1, None
+    try:
+        x = _check_values(x, "x")
+        n, dtype = x.size, x.dtype
+        _check_request(x, bare, algorithm, op, channel.size)
+        _check_out(out, n, dtype)
+        if out is not None and out is not x and np.shares_memory(out, x):
+            raise ValueError("out overlaps x partially; pass out=x or a separate buffer")
+    except Exception as caught:  # held back until every rank has heard of it
+        error = caught
+    model = state.model if algorithm == "auto" else None
+    row = _signature_row(
+        n, dtype, 0, codec_text, "auto", op, model.fingerprint() if model else 0, max(n, 0)
+    )
+    row[_FIELD["algorithm"]] = 0 if algorithm == "auto" else _ALGORITHM_CODES.get(algorithm, -1)
+    _check_signature(channel, row, error, codec_text, "allreduce")
+    size, rank = channel.size, channel.rank
+    stats.requested, stats.size, stats.n = algorithm, size, n
+    stats.itemsize, stats.k, stats.k_all = dtype.itemsize, n, [n] * size
+    stats.nnz, stats.fill = n, 1.0
+    if algorithm != "auto":
+        name = algorithm
+    elif size == 1:
+        name = "allgather"  # every algorithm is one local encode and decode at P = 1
+    else:
+        with stats._phase("choose"):
+            costs = codec_costs(state.comm, bare, dtype, describe_codec(bare))
+            name, stats.predicted = choose_quantized(
+                _cost.cost_model(comm), costs, bare, n, dtype, size
+            )
+    stats.algorithm = name
+    stats.predicted_bytes = predict_quantized(name, bare, n, dtype, size).bytes(rank)
+    result = np.empty(x.shape, dtype=dtype) if out is None else out
+    flat = result.reshape(-1)
+    ALGORITHMS[name](_Problem(channel, bare, memory, x, key, step, flat))
+    if op == "mean":
+        with stats._phase("output"):
+            flat /= dtype.type(size)
+    return result
+
+
+def _register() -> None:
+    for codec_type in QUANTIZED_CODECS:
+        register_collective(codec_type, quantized_allreduce)
+
+
+_register()
