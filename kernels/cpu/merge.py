@@ -148,13 +148,19 @@ def merge_sum_streams_reference(indices, values, offsets):
             # below is a + b, as in the kernel.
             both_indices = np.concatenate([ai, bi])
             order = np.argsort(both_indices, kind="stable")
-            merged.append(
-                coalesce_sorted_reference(both_indices[order], np.concatenate([av, bv])[order])
-            )
+            merged.append(_sum_runs_of_two(both_indices[order], np.concatenate([av, bv])[order]))
         if len(streams) % 2:
             merged.append(streams[-1])
         streams = merged
     return np.array(streams[0][0]), np.array(streams[0][1])
+
+
+def _sum_runs_of_two(indices, values):
+    """Sum runs of at most two equal indices (one from each operand): ``a + b``."""
+    if indices.size == 0:
+        return indices.copy(), values.copy()
+    starts = np.flatnonzero(np.r_[True, indices[1:] != indices[:-1]])
+    return indices[starts], np.add.reduceat(values, starts)
 
 
 # ----------------------------------------------------------------------------- split
@@ -285,9 +291,10 @@ def coalesce_sorted(indices, values, out_indices, out_values):
 
 
 def coalesce_sorted_reference(indices, values):
-    """NumPy reference of :func:`coalesce_sorted` (``np.add.reduceat`` sums in order)."""
+    """NumPy reference of :func:`coalesce_sorted`: ``np.add.at`` adds in input order
+    (``np.add.reduceat`` would not: it sums long runs pairwise)."""
     indices = np.asarray(indices)
-    if indices.size == 0:
-        return indices.copy(), np.asarray(values).copy()
-    starts = np.flatnonzero(np.r_[True, indices[1:] != indices[:-1]])
-    return indices[starts], np.add.reduceat(values, starts)
+    unique, inverse = np.unique(indices, return_inverse=True)
+    out = np.zeros(unique.size, dtype=np.asarray(values).dtype)
+    np.add.at(out, inverse, values)
+    return unique, out
