@@ -100,6 +100,7 @@ def train(
     lr: float = 0.05,
     seed: int = 0,
     warmup_steps: int = 0,
+    compression: str = "bucket",
     progress: Any = None,
 ) -> dict[str, Any]:
     """Train the demo MLP data-parallel on ``comm``; every rank returns the same summary.
@@ -133,6 +134,7 @@ def train(
         codec=codec,
         comm=comm,
         warmup_steps=warmup_steps,
+        compression=compression,
     )
     loss_fn = torch.nn.CrossEntropyLoss()
     # Every rank runs the same number of steps per epoch: the smallest shard decides.
@@ -218,6 +220,7 @@ def run_ranks(args: argparse.Namespace) -> int:
                 lr=args.lr,
                 seed=args.seed,
                 warmup_steps=args.warmup_steps,
+                compression=args.compression,
                 progress=bar.update if bar is not None else None,
             )
         except NotImplementedError as error:
@@ -268,6 +271,12 @@ def _configure(parser: argparse.ArgumentParser) -> None:
         "--warmup-steps", type=int, default=0, help="dense steps before compression starts"
     )
     parser.add_argument(
+        "--compression",
+        choices=["layer", "bucket"],
+        default="bucket",
+        help="compress each tensor, or each fused bucket (default: fewer collectives)",
+    )
+    parser.add_argument(
         "--codecs",
         nargs="+",
         metavar="NAME",
@@ -294,6 +303,8 @@ def _forwarded(args: argparse.Namespace) -> list[str]:
         str(args.seed),
         "--warmup-steps",
         str(args.warmup_steps),
+        "--compression",
+        args.compression,
     ]
     if args.codecs:
         argv += ["--codecs", *args.codecs]

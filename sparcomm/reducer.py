@@ -487,9 +487,9 @@ class GradientReducer:
             self._reduce_all(run)
         self._run = None
         if run.error is not None:
-            raise RuntimeError(
-                f"gradient reduction failed in step {run.step}: {run.error}"
-            ) from run.error
+            # The collective's own exception (same type, traceback from the thread that
+            # raised it): the collectives raise on every rank alike, so all ranks see it.
+            raise run.error
         self.step += 1
         self.last_stats = run.stats
         return run.outputs
