@@ -68,6 +68,7 @@ from sparcomm.comm._quantized_cost import (
 )
 from sparcomm.comm._quantized_layout import (
     QUANTIZED_CODECS,
+    STATUS_BYTES,
     TERNARY_BITS,
     apply_scales,
     chunk_alignment,
@@ -92,7 +93,7 @@ _ALGORITHM_CODES = {name: 100 + i for i, name in enumerate(QUANTIZED_ALGORITHMS)
 # Every data block starts with this status: the failing rank (-1: none) and the code of
 # its error class in _allreduce's table.  8 bytes keep the payload behind it aligned.
 _STATUS = struct.Struct("<ii")
-STATUS_BYTES = _STATUS.size
+assert _STATUS.size == STATUS_BYTES
 
 
 # ------------------------------------------------------------------ status blocks
@@ -106,10 +107,11 @@ def _read_status(block: np.ndarray) -> tuple[int, int]:
     return _STATUS.unpack(block[:STATUS_BYTES].tobytes())
 
 
-def _first_failure(blocks: np.ndarray, offsets: np.ndarray, skip: int = -1) -> tuple[int, int]:
-    """The first failure reported by the blocks ``blocks[offsets[r]:offsets[r+1]]``."""
+def _first_failure(blocks: np.ndarray, offsets: np.ndarray) -> tuple[int, int]:
+    """The first failure reported by the blocks ``blocks[offsets[r]:offsets[r+1]]``
+    (empty blocks, such as a rank's own in an ``Alltoallv``, are skipped)."""
     for r in range(offsets.size - 1):
-        if r != skip:
+        if offsets[r + 1] - offsets[r] >= STATUS_BYTES:
             failed, code = _read_status(blocks[offsets[r] : offsets[r] + STATUS_BYTES])
             if failed >= 0:
                 return failed, code

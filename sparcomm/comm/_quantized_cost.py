@@ -40,6 +40,7 @@ from sparcomm.comm._context import SIGNATURE_FIELDS, ring_allreduce_bytes
 from sparcomm.comm._cost import CostModel
 from sparcomm.comm._quantized_layout import (
     MAX_INT16_RANKS,
+    STATUS_BYTES,
     TERNARY_BITS,
     chunk_alignment,
     chunk_bounds,
@@ -175,7 +176,7 @@ def predict_quantized(
     zeros = np.zeros(size)
     add(QuantizedPhase("check", log, *_ring(np.full(size, _SIGNATURE_BYTES))))
     if algorithm == "allgather":
-        payload = chunk_nbytes(codec, n, dtype)
+        payload = STATUS_BYTES + chunk_nbytes(codec, n, dtype)
         add(QuantizedPhase("encode", 0, zeros, zeros, {"encode": n}))
         add(QuantizedPhase("allgather", log, *_ring(np.full(size, payload))))
         add(QuantizedPhase("decode", 0, zeros, zeros,
@@ -184,7 +185,9 @@ def predict_quantized(
     if algorithm == "reduce_scatter_allgather":
         bounds = chunk_bounds(n, size, chunk_alignment(codec))
         lengths = np.diff(bounds)
-        chunk = np.array([chunk_nbytes(codec, int(m), dtype) for m in lengths], dtype=float)
+        chunk = STATUS_BYTES + np.array(
+            [chunk_nbytes(codec, int(m), dtype) for m in lengths], dtype=float
+        )
         busiest = float(lengths.max())
         add(QuantizedPhase("encode", 0, zeros, zeros, {"encode": n}))
         add(QuantizedPhase("reduce_scatter", size - 1, *_alltoall(np.tile(chunk, (size, 1)))))
@@ -249,7 +252,7 @@ def _measure(codec: Any, dtype: np.dtype, repeats: int) -> CodecCosts:
     m = _CALIBRATION_ELEMENTS
     x = np.random.default_rng(2024).standard_normal(m).astype(dtype)
     out = np.empty_like(x)
-    scratch = np.empty_like(x)
+    scratch = np.zeros_like(x)
     payload = codec.encode(x, key="sparcomm.calibration", step=0)  # compiles or loads
     codec.decode(payload, out=out)
     encode = _median_time(lambda: codec.encode(x, key="sparcomm.calibration", step=0), repeats)

@@ -25,6 +25,10 @@ from sparcomm.payload import Payload
 #: Codec classes the quantized collectives accept (their bare form).
 QUANTIZED_CODECS = (QSGD, TernGrad, OneBit, FP16)
 
+#: Bytes of the status that heads every data block of the quantized collectives (the
+#: rank that failed, -1 for none, and its error class): see ``_quantized``.
+STATUS_BYTES = 8
+
 #: Bits per element of a TernGrad packed code (0 -> 0, 1 -> +s, 2 -> -s).
 TERNARY_BITS = 2
 
