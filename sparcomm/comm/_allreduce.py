@@ -532,8 +532,6 @@ def _load_builtins() -> None:
     _COLLECTIVES.setdefault(NoCompression, _dense_allreduce)
     # QSGD, TernGrad, OneBit and FP16 register on import (issue 4, sparcomm.comm._quantized)
     import sparcomm.comm._quantized  # noqa: F401
-    # QSGD, TernGrad, OneBit and FP16 register on import (issue 4, sparcomm.comm._quantized)
-    import sparcomm.comm._quantized  # noqa: F401
 
 
 def _lookup(codec: Any) -> Callable[..., np.ndarray]:
