@@ -38,8 +38,18 @@ def _launch_logic():
 
 
 def _nvcc(source: Path, output: Path, defines: list[str]) -> None:
-    command = [NVCC, "-c", "--fmad=false", "--Werror", "all-warnings", *ARCH_FLAGS, *defines,
-               str(source), "-o", str(output)]
+    command = [
+        NVCC,
+        "-c",
+        "--fmad=false",
+        "--Werror",
+        "all-warnings",
+        *ARCH_FLAGS,
+        *defines,
+        str(source),
+        "-o",
+        str(output),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout}\n{result.stderr}"
     assert output.stat().st_size > 0

@@ -77,8 +77,11 @@ class Runtime(Protocol):
 
     block: int
     """Threads per block (a multiple of 32, at most :data:`MAX_BLOCK`)."""
-    max_blocks: int
-    """Cap on the grid of the grid-stride kernels."""
+
+    @property
+    def max_blocks(self) -> int:
+        """Cap on the grid of the grid-stride kernels."""
+        ...
 
     def function(
         self, source: str, name: str, real: np.dtype | None, index: np.dtype | None
@@ -164,8 +167,12 @@ class GpuKernels:
         grid = self._grid(-(-n // 4))
         partial = self.runtime.empty(grid, np.float64)
         total = self.runtime.empty(1, np.float64)
-        self._fn("reduce", "sc_stream_read_partial", x.dtype)(grid, block, (x, np.int64(n), partial))
-        self._fn("reduce", "sc_stream_read_final", x.dtype)(1, block, (partial, np.int64(grid), total))
+        self._fn("reduce", "sc_stream_read_partial", x.dtype)(
+            grid, block, (x, np.int64(n), partial)
+        )
+        self._fn("reduce", "sc_stream_read_final", x.dtype)(
+            1, block, (partial, np.int64(grid), total)
+        )
         return float(self.runtime.to_host(total)[0])
 
     def uniform(self, stream: int, start: int, out: Any) -> None:
@@ -238,8 +245,15 @@ class GpuKernels:
             fn("sc_topk_histogram")(
                 grid,
                 block,
-                (x, np.int64(n), np.int32(shift), np.int32(width), np.int32(number == 0),
-                 state, hist),
+                (
+                    x,
+                    np.int64(n),
+                    np.int32(shift),
+                    np.int32(width),
+                    np.int32(number == 0),
+                    state,
+                    hist,
+                ),
             )
             if k == 0:
                 break  # the first pass counted the non-finite entries; nothing to select
@@ -351,8 +365,15 @@ class GpuKernels:
         fn_count(
             tiles_a + tiles_b,
             block,
-            (a_indices, np.int64(na), b_indices, np.int64(nb), np.int64(tiles_a),
-             np.int64(row), counts),
+            (
+                a_indices,
+                np.int64(na),
+                b_indices,
+                np.int64(nb),
+                np.int64(tiles_a),
+                np.int64(row),
+                counts,
+            ),
         )
         self._fn("topk", "sc_scan_rows", real, index)(
             2, block, (counts, np.int64(row), np.int64(row), offsets, info[6:8])
@@ -360,8 +381,19 @@ class GpuKernels:
         self._fn("sparse", "sc_merge_write", real, index)(
             tiles_a + tiles_b,
             block,
-            (a_indices, a_values, np.int64(na), b_indices, b_values, np.int64(nb),
-             np.int64(tiles_a), np.int64(row), offsets, out_indices, out_values),
+            (
+                a_indices,
+                a_values,
+                np.int64(na),
+                b_indices,
+                b_values,
+                np.int64(nb),
+                np.int64(tiles_a),
+                np.int64(row),
+                offsets,
+                out_indices,
+                out_values,
+            ),
         )
         host = rt.to_host(info)
         if host[1] or host[2] or host[4] or host[5]:
@@ -390,8 +422,15 @@ class GpuKernels:
         self._fn("reduce", "sc_max_abs", x.dtype)(
             grid,
             self.runtime.block,
-            (x, np.int64(x.size), np.int64(bucket), np.int64(segment), np.int64(per_bucket),
-             np.int64(total), bits_view),
+            (
+                x,
+                np.int64(x.size),
+                np.int64(bucket),
+                np.int64(segment),
+                np.int64(per_bucket),
+                np.int64(total),
+                bits_view,
+            ),
         )
 
     def _lane_grid(self, nb: int) -> int:
@@ -433,8 +472,17 @@ class GpuKernels:
         self._fn("quantize", "sc_qsgd_encode", x.dtype)(
             self._grid(-(-n // 8)),
             self.runtime.block,
-            (x, np.int64(n), np.int32(levels), np.int32(bits), np.int64(bucket),
-             np.uint64(stream), out_scales, out_packed, np.int64(out_packed.size)),
+            (
+                x,
+                np.int64(n),
+                np.int32(levels),
+                np.int32(bits),
+                np.int64(bucket),
+                np.uint64(stream),
+                out_scales,
+                out_packed,
+                np.int64(out_packed.size),
+            ),
         )
 
     def qsgd_decode(
@@ -453,8 +501,16 @@ class GpuKernels:
         self._fn("quantize", "sc_qsgd_decode", out.dtype)(
             self._grid(-(-n // 8)),
             self.runtime.block,
-            (packed, scales, np.int64(n), np.int32(levels), np.int32(bits), np.int64(bucket),
-             np.int64(packed.size), out),
+            (
+                packed,
+                scales,
+                np.int64(n),
+                np.int32(levels),
+                np.int32(bits),
+                np.int64(bucket),
+                np.int64(packed.size),
+                out,
+            ),
         )
 
     def terngrad_encode(
@@ -473,8 +529,16 @@ class GpuKernels:
         self._fn("quantize", "sc_terngrad_encode", x.dtype)(
             self._grid(out_packed.size),
             self.runtime.block,
-            (x, np.int64(n), scales, np.int64(bucket), x.dtype.type(clip), np.uint64(stream),
-             out_packed, np.int64(out_packed.size)),
+            (
+                x,
+                np.int64(n),
+                scales,
+                np.int64(bucket),
+                x.dtype.type(clip),
+                np.uint64(stream),
+                out_packed,
+                np.int64(out_packed.size),
+            ),
         )
 
     def terngrad_decode(self, packed: Any, scales: Any, bucket: int, out: Any) -> None:

@@ -9,11 +9,11 @@ bucket, of 8 fields, of a tile (block * 8 elements) or of a warp.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
-
 from sparcomm.kernels import reference
 
 SIZES = (1, 7, 9, 100, 1001, 3001)
@@ -29,9 +29,11 @@ class Device:
 
 def bitwise_equal(a: np.ndarray, b: np.ndarray) -> bool:
     a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
-    return a.dtype == b.dtype and a.shape == b.shape and a.view(np.uint8).tobytes() == b.view(
-        np.uint8
-    ).tobytes()
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and a.view(np.uint8).tobytes() == b.view(np.uint8).tobytes()
+    )
 
 
 def gradient_like(n: int, dtype: Any, seed: int = 0, specials: bool = True) -> np.ndarray:
@@ -193,8 +195,9 @@ def case_merge(kernels: Any, dev: Device, na: int, nb: int, index_dtype: Any, dt
     b_i, b_v = sorted_stream(4 * (na + nb) + 1, nb, nb + 7, index_dtype, dtype)
     out_i = dev.empty(na + nb, index_dtype)
     out_v = dev.empty(na + nb, dtype)
-    count = kernels.merge_sum_two(dev.put(a_i), dev.put(a_v), dev.put(b_i), dev.put(b_v),
-                                  out_i, out_v)
+    count = kernels.merge_sum_two(
+        dev.put(a_i), dev.put(a_v), dev.put(b_i), dev.put(b_v), out_i, out_v
+    )
     exp_i, exp_v = merge_expected(a_i, a_v, b_i, b_v)
     assert count == exp_i.size
     assert bitwise_equal(dev.get(out_i)[:count], exp_i)

@@ -110,9 +110,7 @@ class EmulatedRuntime:
                 return self._libraries[key]
             kernels = load_kernels_module()
             text = kernels.source_text(source)
-            signatures = {
-                name: _parameters(params) for name, params in _KERNEL.findall(text)
-            }
+            signatures = {name: _parameters(params) for name, params in _KERNEL.findall(text)}
             wrappers = []
             for name, params in signatures.items():
                 declared = ", ".join(f"{t} {n}" for t, n in params)
@@ -163,7 +161,7 @@ class EmulatedRuntime:
             if len(args) != len(params):
                 raise TypeError(f"{name}: {len(params)} arguments expected, got {len(args)}")
             converted = []
-            for (ctype_name, pname), value in zip(params, args):
+            for (ctype_name, pname), value in zip(params, args, strict=True):
                 pointee = ctype_name.rstrip("*")
                 expected = types[pointee]
                 if ctype_name.endswith("*"):

@@ -129,8 +129,14 @@ def test_max_abs(kernels, dev, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("norm", [0, 1])
 def test_qsgd(kernels, dev, dtype, norm):
-    for n, bucket, levels in [(1001, 512, 7), (1001, 7, 1), (3001, 1000, 127), (9, 4, 3),
-                              (100, 100, 15), (1, 1, 7)]:
+    for n, bucket, levels in [
+        (1001, 512, 7),
+        (1001, 7, 1),
+        (3001, 1000, 127),
+        (9, 4, 3),
+        (100, 100, 15),
+        (1, 1, 7),
+    ]:
         case_qsgd(kernels, dev, gradient_like(n, dtype, seed=n), levels, bucket, norm)
 
 
@@ -143,8 +149,13 @@ def test_qsgd_zero_bucket(kernels, dev, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_terngrad(kernels, dev, dtype):
-    for n, bucket, clip in [(1001, 1001, np.inf), (1001, 5, np.inf), (3001, 512, 0.5),
-                            (9, 2, 0.1), (1, 1, np.inf)]:
+    for n, bucket, clip in [
+        (1001, 1001, np.inf),
+        (1001, 5, np.inf),
+        (3001, 512, 0.5),
+        (9, 2, 0.1),
+        (1, 1, np.inf),
+    ]:
         case_terngrad(kernels, dev, gradient_like(n, dtype, seed=n), bucket, clip)
 
 
@@ -183,8 +194,9 @@ def test_merge_rejects_unsorted(kernels):
     a = np.array([3, 1], np.int64)
     v = np.ones(2)
     with pytest.raises(ValueError, match="strictly ascending"):
-        kernels.merge_sum_two(a, v, np.array([0], np.int64), np.ones(1), np.empty(3, np.int64),
-                              np.empty(3))
+        kernels.merge_sum_two(
+            a, v, np.array([0], np.int64), np.ones(1), np.empty(3, np.int64), np.empty(3)
+        )
 
 
 # ------------------------------------------------------------------ input checks
@@ -215,13 +227,13 @@ def test_checks_types_and_sizes(kernels):
     with pytest.raises(ValueError, match="clip must be a number"):
         kernels.terngrad_encode(x, np.ones(1, np.float32), 10, np.nan, 0, np.empty(3, np.uint8))
     with pytest.raises(ValueError, match="room for 3 entries"):
-        kernels.merge_sum_two(np.arange(2), np.ones(2), np.arange(1), np.ones(1),
-                              np.empty(2, np.int64), np.empty(2))
+        kernels.merge_sum_two(
+            np.arange(2), np.ones(2), np.arange(1), np.ones(1), np.empty(2, np.int64), np.empty(2)
+        )
 
 
 def test_emulator_checks_argument_widths(runtime):
     # The emulator refuses what CuPy would pack wrongly: a Python int for an `int`.
     launch = runtime.function("packing", "sc_pack_bits", None, None)
     with pytest.raises(TypeError, match="numpy int32 scalar"):
-        launch(1, 32, (np.zeros(8, np.uint8), np.int64(8), 3, np.zeros(3, np.uint8),
-                       np.int64(3)))
+        launch(1, 32, (np.zeros(8, np.uint8), np.int64(8), 3, np.zeros(3, np.uint8), np.int64(3)))

@@ -1,0 +1,147 @@
+"""``sparcomm.kernels.gpu`` on a real device, bit for bit against the NumPy reference.
+
+The same bodies as ``test_emulated.py`` (``_gpu_cases``), now through CuPy and NVRTC with
+the production launch shape (256-thread blocks, a grid of a few blocks per SM), plus
+sizes large enough that every grid-stride loop takes several trips.  Skipped without
+CuPy or a GPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _gpu_skip import require_gpu
+
+cupy = require_gpu()
+
+from _gpu_cases import (  # noqa: E402
+    SIZES,
+    Device,
+    case_max_abs,
+    case_merge,
+    case_onebit,
+    case_pack,
+    case_qsgd,
+    case_scatter_add,
+    case_stream_read,
+    case_terngrad,
+    case_topk,
+    case_uniform,
+    gradient_like,
+)
+from sparcomm.kernels import gpu  # noqa: E402
+
+DTYPES = (np.float32, np.float64)
+BIG = (1 << 20) + 12345  # more elements than one pass of the capped grid covers
+dev = Device(put=cupy.asarray, get=cupy.asnumpy, empty=lambda n, d: cupy.empty(n, dtype=d))
+
+
+@pytest.mark.parametrize("start", [0, 2**32 - 100, 2**40 + 3])
+def test_uniform(start):
+    case_uniform(gpu, dev, start, 300)
+    case_uniform(gpu, dev, start, BIG)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_pack_unpack(bits):
+    for n in (0, 1, 7, 9, 1001, BIG):
+        case_pack(gpu, dev, bits, n)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+def test_topk(dtype, index_dtype):
+    for n in (1, 9, 1001, 3001, BIG):
+        x = gradient_like(n, dtype, seed=n)
+        for k in sorted({0, 1, min(n, 3), n // 100, n // 10, n // 2, n}):
+            case_topk(gpu, dev, x, k, index_dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_topk_ties_and_non_finite(dtype):
+    case_topk(gpu, dev, np.full(BIG, -2.5, dtype), BIG // 3, np.int64)
+    x = gradient_like(BIG, dtype)
+    x[[10, 500, BIG - 1]] = [np.inf, -np.inf, np.nan]
+    case_topk(gpu, dev, x, 5000, np.int32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_scatter_add(dtype):
+    rng = np.random.default_rng(1)
+    case_scatter_add(gpu, dev, np.arange(0, 3 * BIG, 3, dtype=np.int32), dtype)
+    case_scatter_add(gpu, dev, np.sort(rng.integers(0, 5000, BIG)).astype(np.int64), dtype)
+    case_scatter_add(gpu, dev, rng.integers(0, 4000, BIG).astype(np.int32), dtype)
+
+
+def test_scatter_add_rejects_out_of_range():
+    out = cupy.zeros(10, np.float32)
+    with pytest.raises(ValueError, match=r"outside \[0, 10\)"):
+        gpu.scatter_add(cupy.array([1, 10], np.int32), cupy.ones(2, np.float32), out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_max_abs(dtype):
+    x = gradient_like(BIG, dtype)
+    x[[5, 700]] = [-np.inf, np.nan]
+    for bucket in (1, 7, 512, 2049, BIG, BIG + 1):
+        case_max_abs(gpu, dev, x, bucket)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm", [0, 1])
+def test_qsgd(dtype, norm):
+    for n, bucket, levels in [
+        (1001, 512, 7),
+        (1001, 7, 1),
+        (3001, 1000, 127),
+        (9, 4, 3),
+        (BIG, 512, 7),
+        (BIG, 333, 15),
+        (100_000, 100_000, 3),
+    ]:
+        case_qsgd(gpu, dev, gradient_like(n, dtype, seed=n), levels, bucket, norm)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_terngrad(dtype):
+    for n, bucket, clip in [
+        (1001, 1001, np.inf),
+        (1001, 5, np.inf),
+        (BIG, BIG, np.inf),
+        (BIG, 512, 0.5),
+        (9, 2, 0.1),
+    ]:
+        case_terngrad(gpu, dev, gradient_like(n, dtype, seed=n), bucket, clip)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_onebit(dtype):
+    for n, bucket in [(1001, 512), (1001, 4), (BIG, 512), (BIG, 1000), (9, 2)]:
+        case_onebit(gpu, dev, gradient_like(n, dtype, seed=n), bucket)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_stream_read(dtype):
+    for n in SIZES + (BIG,):
+        case_stream_read(gpu, dev, gradient_like(n, dtype, specials=False))
+
+
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+def test_merge(index_dtype):
+    for na, nb in [(0, 5), (1, 1), (1001, 700), (BIG, 50_000), (300_000, 300_000)]:
+        case_merge(gpu, dev, na, nb, index_dtype, np.float32)
+    case_merge(gpu, dev, 6000, 6000, index_dtype, np.float64)
+
+
+def test_numpy_input_is_a_type_error():
+    with pytest.raises(TypeError, match="cupy.ndarray"):
+        gpu.max_abs(np.ones(4, np.float32), 2, cupy.empty(2, np.float32))
+
+
+def test_modules_are_memoised():
+    x = cupy.ones(100, np.float32)
+    gpu.stream_read(x)
+    before = dict(gpu.runtime._modules)
+    gpu.stream_read(x)
+    assert gpu.runtime._modules == before
+    assert any(key[1] == "reduce" for key in before)
