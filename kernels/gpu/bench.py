@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import cupy
@@ -133,16 +134,13 @@ def bench_codecs_gpu(sizes: Sequence[int], dtype: str = "float32", repeats: int 
         n = 1 << int(log2n)
         x = cupy.random.default_rng(SEED).standard_normal(n, dtype=np.dtype(dtype))
         copy = cupy.empty_like(x)
-        read_s = time_cuda(lambda x=x: stream_read(x), repeats)
-        copy_s = time_cuda(lambda x=x, copy=copy: cupy.copyto(copy, x), repeats)
+        read_s = time_cuda(partial(stream_read, x), repeats)
+        copy_s = time_cuda(partial(cupy.copyto, copy, x), repeats)
         for codec in codecs_under_test():
             payload = codec.encode(x, key="bench")
             out = cupy.empty_like(x)
-            encode_s = time_cuda(lambda codec=codec, x=x: codec.encode(x, key="bench"), repeats)
-            decode_s = time_cuda(
-                lambda codec=codec, payload=payload, out=out: codec.decode(payload, out=out),
-                repeats,
-            )
+            encode_s = time_cuda(partial(codec.encode, x, key="bench"), repeats)
+            decode_s = time_cuda(partial(codec.decode, payload, out=out), repeats)
             row: dict[str, Any] = {
                 "log2n": int(log2n),
                 "n": n,
@@ -163,13 +161,11 @@ def bench_codecs_gpu(sizes: Sequence[int], dtype: str = "float32", repeats: int 
                 k = payload.arrays["indices"].size
                 indices = cupy.empty(k, dtype=payload.arrays["indices"].dtype)
                 values = cupy.empty(k, dtype=x.dtype)
-                row["kernel_s"] = time_cuda(
-                    lambda x=x, k=k, i=indices, v=values: topk(x, k, i, v), repeats
-                )
+                row["kernel_s"] = time_cuda(partial(topk, x, k, indices, values), repeats)
                 torch_s = _torch_topk_seconds(x, k, repeats)
                 row["torch_topk_s"] = torch_s
                 row["speedup_over_torch"] = None if torch_s is None else torch_s / encode_s
-                cupy_s = time_cuda(lambda x=x, k=k: _cupy_topk(x, k), max(1, repeats // 2))
+                cupy_s = time_cuda(partial(_cupy_topk, x, k), max(1, repeats // 2))
                 row["cupy_topk_s"] = cupy_s
                 row["speedup_over_cupy"] = cupy_s / encode_s
             rows.append(row)
