@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import time
 
 import numpy as np
 import pytest
@@ -206,24 +205,27 @@ def test_measured_bytes_match_cost_model(algorithm, n, density):
     )
 
 
-def test_auto_prefers_sparse_when_sparse_and_dense_when_full():
+def test_auto_prefers_sparse_when_sparse_and_values_only_when_full():
     n = 1 << 18
-    for density, sparse_expected in ((1e-3, True), (1.0, False)):
+    for density in (1e-3, 1.0):
         k = int(density * n)
         rng = np.random.default_rng([9, RANK])
         indices = np.sort(rng.choice(n, k, replace=False))
         stats = AllreduceStats()
         sparse_allreduce(indices, np.ones(k, np.float32), n, COMM, stats=stats)
-        if SIZE > 1:
-            # At density 1 every sparse schedule moves indices on top of the dense data.
-            assert (stats.algorithm != "dense") == sparse_expected, stats.predicted
+        if SIZE == 1:
+            continue
+        if density < 0.01:  # 0.1% of 1 MiB: the dense path moves 500x more bytes
+            assert stats.algorithm != "dense", stats.predicted
+        else:  # full: schedules that always send indices move twice the bytes
+            assert stats.algorithm not in ("allgather", "split_allgather"), stats.predicted
 
 
-def test_calibration_is_cached_fast_and_agreed():
-    start = time.perf_counter()
+def test_calibration_is_cached_and_agreed():
+    # (Its duration is reported by `sparcomm bench allreduce`, not asserted: timed tests
+    # fail on a loaded machine.)
     model = calibrate(COMM)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 0.5, f"calibration took {elapsed:.3f} s"
+    assert model.calibration_seconds > 0
     assert cost_model(COMM) is model
     assert model.alpha > 0 and model.merge > 0 and model.dense > 0
     if SIZE > 1:
