@@ -1,9 +1,9 @@
-"""The CuPy runtime of :class:`._kernels.GpuKernels`: NVRTC builds, memoised, and launches.
+"""The CuPy runtime of :class:`._kernels.GpuKernels`: memoised builds and launches.
 
-Each CUDA source is compiled through ``cupy.RawModule`` once per (device, source, real
-dtype, index dtype) and kept for the life of the process (CuPy also caches the binary
-on disk, keyed on the full source text and options).  FMA contraction is off
-(``-fmad=false``) because the kernel contract fixes the rounding of every product.
+Each CUDA source is compiled once per (device, source, real dtype, index dtype) by
+:mod:`._nvrtc` -- with ``-ftz=false -fmad=false``, which ``cupy.RawModule(code=...)``
+cannot give (it forces ``-ftz=true``) -- cached on disk, loaded with
+``cupy.RawModule(path=...)`` and kept for the life of the process.
 """
 
 from __future__ import annotations
@@ -14,10 +14,7 @@ from typing import Any
 import cupy
 import numpy as np
 
-from . import _kernels
-
-NVRTC_OPTIONS = ("-fmad=false",)
-"""Options of every build (plus the dtype defines of :func:`_kernels.compile_defines`)."""
+from . import _kernels, _nvrtc
 
 
 class CupyRuntime:
@@ -47,9 +44,13 @@ class CupyRuntime:
         with self._lock:
             module = self._modules.get(key)
             if module is None:
-                options = NVRTC_OPTIONS + tuple(_kernels.compile_defines(real, index))
-                module = cupy.RawModule(code=_kernels.source_text(source), options=options)
-                module.compile()
+                path = _nvrtc.build(
+                    _kernels.source_text(source),
+                    source,
+                    _kernels.compile_defines(real, index),
+                    int(cupy.cuda.Device().compute_capability),
+                )
+                module = cupy.RawModule(path=str(path))
                 self._modules[key] = module
         return module
 
