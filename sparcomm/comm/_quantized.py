@@ -141,7 +141,7 @@ class _Problem:
     channel: Channel
     codec: Any  # the bare codec
     memory: ErrorFeedback | None  # worker- and owner-side residuals, if any
-    x: np.ndarray  # the user's array
+    x: np.ndarray  # the user's array, flattened
     key: Any
     step: int | None
     out: np.ndarray  # flat result buffer, n elements
@@ -165,9 +165,12 @@ def _decode_sum(codec: Any, payloads: list[Payload], out: np.ndarray) -> None:
     codec.decode(payloads[0], out=out)
     if len(payloads) > 1:
         scratch = np.empty_like(out)
-        for payload in payloads[1:]:
-            codec.decode(payload, out=scratch)
-            out += scratch
+        # An overflowing sum becomes inf, as in MPI's own Allreduce; an owner then
+        # refuses to re-encode it, and every rank raises (see reduce_scatter_allgather).
+        with np.errstate(over="ignore"):
+            for payload in payloads[1:]:
+                codec.decode(payload, out=scratch)
+                out += scratch
 
 
 def _exchange_counts(blocks: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
@@ -479,7 +482,8 @@ def quantized_allreduce(
     stats.predicted_bytes = predict_quantized(name, bare, n, dtype, size).bytes(rank)
     result = np.empty(x.shape, dtype=dtype) if out is None else out
     flat = result.reshape(-1)
-    ALGORITHMS[name](_Problem(channel, bare, memory, x, key, step, flat))
+    # Encode the flat view: payload sizes then follow chunk_nbytes (a 1-D header).
+    ALGORITHMS[name](_Problem(channel, bare, memory, x.reshape(-1), key, step, flat))
     if op == "mean":
         with stats._phase("output"):
             flat /= dtype.type(size)
