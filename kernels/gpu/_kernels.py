@@ -217,11 +217,14 @@ class GpuKernels:
     def topk(self, x: Any, k: int, out_indices: Any, out_values: Any) -> int:
         """Exact top-k of ``|x|`` by radix select; returns the count of non-finite entries.
 
-        Steps: (1) one histogram pass per digit of the key (the bits of ``|x|``, 11 bits
-        a digit, most significant first), each followed by a one-block select that fixes
-        the digit and how many elements of the prefix are still wanted; (2) per-tile
-        counts of keys above / equal to the threshold; (3) their exclusive scans; (4) a
-        stable compaction writing indices ascending, ties to the lowest indices.
+        Steps: (1) a histogram of the first digit of every key (the bits of ``|x|``,
+        11-bit digits, most significant first) and a one-block select that fixes the
+        digit and how many elements of that prefix are still wanted; (2) the keys sharing
+        that digit are compacted (one host read sizes the buffer) and the remaining
+        digits are resolved on them alone, fixing the threshold key ``T`` and the number
+        of ties ``kt`` to keep; (3) per-tile counts of keys above / equal to ``T`` and
+        their exclusive scans; (4) a stable compaction writing indices ascending, ties to
+        the lowest indices.  ``x`` is read four times.
         """
         self._array("x", x, _REALS, None)
         n = x.size
@@ -236,42 +239,47 @@ class GpuKernels:
         def fn(name: str) -> Launcher:
             return self._fn("topk", name, x.dtype, out_indices.dtype)
 
-        state = rt.zeros(3, np.uint64)
+        state = rt.zeros(4, np.uint64)
         hist = rt.zeros(1 << TOPK_DIGIT_BITS, np.uint64)
         fn("sc_topk_init")(1, 32, (state, np.int64(k)))
-        grid = self._grid(n)
-        key_bits = 31 if x.dtype == np.float32 else 63
-        for number, (shift, width) in enumerate(radix_passes(key_bits)):
-            fn("sc_topk_histogram")(
-                grid,
+        passes = radix_passes(31 if x.dtype == np.float32 else 63)
+        shift, width = passes[0]
+        fn("sc_topk_histogram")(
+            self._grid(n),
+            block,
+            (x, np.int64(n), np.int32(shift), np.int32(width), np.int32(1), state, hist),
+        )
+        if k == 0:  # the first pass counted the non-finite entries; nothing to select
+            return int(rt.to_host(state)[2])
+        fn("sc_topk_select")(1, block, (hist, np.int32(width), np.int32(shift), state))
+        # Resolve the remaining digits on the elements that share the first digit only.
+        # One host read sizes their buffer (usually a small fraction of n).
+        m = int(rt.to_host(state)[3])
+        keys = rt.empty(m, np.uint32 if x.dtype == np.float32 else np.uint64)
+        counter = rt.zeros(1, np.uint64)
+        fn("sc_topk_collect")(
+            self._grid(-(-n // ITEMS)),
+            block,
+            (x, np.int64(n), np.int32(shift), state, keys, counter),
+        )
+        for shift, width in passes[1:]:
+            fn("sc_topk_histogram_keys")(
+                self._grid(m),
                 block,
-                (
-                    x,
-                    np.int64(n),
-                    np.int32(shift),
-                    np.int32(width),
-                    np.int32(number == 0),
-                    state,
-                    hist,
-                ),
+                (keys, np.int64(m), np.int32(shift), np.int32(width), state, hist),
             )
-            if k == 0:
-                break  # the first pass counted the non-finite entries; nothing to select
             fn("sc_topk_select")(1, block, (hist, np.int32(width), np.int32(shift), state))
-        if k > 0:
-            tiles = -(-n // (block * ITEMS))
-            counts = rt.empty(2 * tiles, np.uint64)
-            offsets = rt.empty(2 * tiles, np.uint64)
-            totals = rt.empty(2, np.uint64)
-            fn("sc_topk_count")(tiles, block, (x, np.int64(n), state, counts, np.int64(tiles)))
-            fn("sc_scan_rows")(
-                2, block, (counts, np.int64(tiles), np.int64(tiles), offsets, totals)
-            )
-            fn("sc_topk_write")(
-                tiles,
-                block,
-                (x, np.int64(n), state, offsets, np.int64(tiles), out_indices, out_values),
-            )
+        tiles = -(-n // (block * ITEMS))
+        counts = rt.empty(2 * tiles, np.uint64)
+        offsets = rt.empty(2 * tiles, np.uint64)
+        totals = rt.empty(2, np.uint64)
+        fn("sc_topk_count")(tiles, block, (x, np.int64(n), state, counts, np.int64(tiles)))
+        fn("sc_scan_rows")(2, block, (counts, np.int64(tiles), np.int64(tiles), offsets, totals))
+        fn("sc_topk_write")(
+            tiles,
+            block,
+            (x, np.int64(n), state, offsets, np.int64(tiles), out_indices, out_values),
+        )
         return int(rt.to_host(state)[2])
 
     def _index_flags(self, indices: Any, size: int, flags: Any) -> None:

@@ -6,13 +6,17 @@
 // the k-th largest element and how many elements equal to T must be kept (kt);
 // a stable compaction then writes every element with key > T and the first kt
 // elements with key == T, in ascending index order (ties go to the lowest
-// indices).  No sort: one histogram pass per digit, one count pass and one write
-// pass, each a single read of x.  (Alabi et al., "Fast k-selection algorithms
+// indices).  No sort: x is read four times (first histogram, candidate
+// collection, count, write).  (Alabi et al., "Fast k-selection algorithms
 // for graphics processing units", JEA 2012, describe radix select on GPUs.)
 //
 // state[0]: key prefix found so far (T after the last pass)
 // state[1]: how many elements of that prefix are still to be taken (kt at the end)
 // state[2]: number of non-finite entries (counted in the first pass)
+// state[3]: how many elements share the prefix after the last select
+//
+// Only the first pass reads all of x; the elements that share its digit are
+// then compacted (sc_topk_collect) and the later digits resolved on them.
 #include "common.cuh"
 
 #define SC_TOPK_MAX_BINS 2048  // digits of at most 11 bits
@@ -44,6 +48,66 @@ extern "C" __global__ void sc_topk_histogram(const real_t* x, i64 n, int shift, 
     }
 }
 
+// Same histogram over the compacted candidate keys (passes after the first).
+extern "C" __global__ void sc_topk_histogram_keys(const bits_t* keys, i64 m, int shift,
+                                                  int digit_bits, const u64* state, u64* hist) {
+    __shared__ u32 local[SC_TOPK_MAX_BINS];
+    const int nbins = 1 << digit_bits;
+    for (int d = threadIdx.x; d < nbins; d += blockDim.x) local[d] = 0;
+    __syncthreads();
+    const int top = shift + digit_bits;
+    const bits_t high_mask = top >= (int)(8 * sizeof(bits_t)) ? (bits_t)0
+                                                              : ~(((bits_t)1 << top) - 1);
+    const bits_t prefix = (bits_t)state[0];
+    const bits_t digit_mask = ((bits_t)1 << digit_bits) - 1;
+    for (i64 i = sc_thread_id(); i < m; i += sc_grid_threads()) {
+        const bits_t key = keys[i];
+        if ((key & high_mask) == prefix) atomicAdd(&local[(key >> shift) & digit_mask], 1u);
+    }
+    __syncthreads();
+    for (int d = threadIdx.x; d < nbins; d += blockDim.x) {
+        if (local[d]) atomicAdd(hist + d, (u64)local[d]);
+    }
+}
+
+// After the first pass: copy the keys that share the prefix (bits at and above
+// `shift`) into `keys` (any order: later passes only count), so that the
+// remaining digits are resolved on a few candidates instead of all of x.  One
+// global atomic per block and tile reserves the block's slots.  counter: zero.
+extern "C" __global__ void sc_topk_collect(const real_t* x, i64 n, int shift, const u64* state,
+                                           bits_t* keys, u64* counter) {
+    __shared__ u32 block_count;
+    __shared__ u64 block_base;
+    const bits_t high_mask = ~(((bits_t)1 << shift) - 1);
+    const bits_t prefix = (bits_t)state[0];
+    const i64 tile = (i64)blockDim.x * SC_ITEMS;
+    // The trip count depends on the block only, so every thread meets every barrier.
+    for (i64 start = (i64)blockIdx.x * tile; start < n; start += (i64)gridDim.x * tile) {
+        if (threadIdx.x == 0) block_count = 0;
+        __syncthreads();
+        bits_t tile_keys[SC_ITEMS];  // indexed by unrolled constants only: registers
+        bool match[SC_ITEMS];
+        u32 mine = 0;
+#pragma unroll
+        for (int r = 0; r < SC_ITEMS; ++r) {
+            const i64 i = start + (i64)r * blockDim.x + threadIdx.x;
+            tile_keys[r] = i < n ? sc_abs_key(x[i]) : (bits_t)0;
+            match[r] = i < n && (tile_keys[r] & high_mask) == prefix;
+            mine += match[r];
+        }
+        const u32 offset = mine ? atomicAdd(&block_count, mine) : 0u;
+        __syncthreads();
+        if (threadIdx.x == 0 && block_count) block_base = atomicAdd(counter, (u64)block_count);
+        __syncthreads();
+        u64 slot = block_base + offset;
+#pragma unroll
+        for (int r = 0; r < SC_ITEMS; ++r) {
+            if (match[r]) keys[slot++] = tile_keys[r];
+        }
+        __syncthreads();  // block_count and block_base are reused by the next tile
+    }
+}
+
 // One block: find the digit d holding the k'-th largest candidate, i.e.
 // above(d) < k' <= above(d) + hist[d] where above(d) counts candidates with a
 // larger digit; append d to the prefix and keep k' - above(d).  Zeroes `hist`.
@@ -63,6 +127,7 @@ extern "C" __global__ void sc_topk_select(u64* hist, int digit_bits, int shift, 
         if (above < wanted && wanted <= above + h) {  // exactly one thread, one digit
             state[0] |= (u64)d << shift;
             state[1] = wanted - above;
+            state[3] = h;  // candidates left: the size of the collect buffer
         }
         above += h;
         hist[d] = 0;
@@ -145,6 +210,7 @@ extern "C" __global__ void sc_topk_init(u64* state, i64 k) {
         state[0] = 0;
         state[1] = (u64)k;
         state[2] = 0;
+        state[3] = 0;
     }
 }
 
