@@ -37,7 +37,7 @@ def bitwise_equal(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def gradient_like(n: int, dtype: Any, seed: int = 0, specials: bool = True) -> np.ndarray:
-    """Normal values over several magnitudes, with ties, zeros of both signs."""
+    """Normal values over several magnitudes, with ties, zeros of both signs, subnormals."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(n) * np.exp(rng.uniform(-6, 3, n))
     x = x.astype(dtype)
@@ -46,6 +46,9 @@ def gradient_like(n: int, dtype: Any, seed: int = 0, specials: bool = True) -> n
         x[2] = -0.0
         x[3] = 0.0
         x[4] = -x[1]  # same |x|, other sign
+        # Subnormals: a flush-to-zero build (CuPy's default) would change their bits.
+        x[6] = 3 * np.finfo(dtype).smallest_subnormal
+        x[7] = -77 * np.finfo(dtype).smallest_subnormal
     return x
 
 

@@ -237,3 +237,17 @@ def test_emulator_checks_argument_widths(runtime):
     launch = runtime.function("packing", "sc_pack_bits", None, None)
     with pytest.raises(TypeError, match="numpy int32 scalar"):
         launch(1, 32, (np.zeros(8, np.uint8), np.int64(8), 3, np.zeros(3, np.uint8), np.int64(3)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_all_subnormal_buckets(kernels, dev, dtype):
+    # Scales, steps and means are themselves subnormal here: the hardest case for a build
+    # that flushes to zero (tests/gpu/test_nvrtc_build.py checks the device build does not).
+    tiny = np.finfo(dtype).smallest_subnormal
+    x = (np.arange(1, 200) % 13 - 6).astype(dtype) * tiny
+    for norm in (0, 1):
+        case_qsgd(kernels, dev, x, 7, 16, norm)
+    case_terngrad(kernels, dev, x, 16, np.inf)
+    case_onebit(kernels, dev, x, 16)
+    case_max_abs(kernels, dev, x, 16)
+    case_topk(kernels, dev, x, 50, np.int32)

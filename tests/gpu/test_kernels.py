@@ -145,3 +145,16 @@ def test_modules_are_memoised():
     gpu.stream_read(x)
     assert gpu.runtime._modules == before
     assert any(key[1] == "reduce" for key in before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_all_subnormal_buckets(dtype):
+    # Would fail with CuPy's default -ftz=true build (kernels/gpu/_nvrtc.py avoids it).
+    tiny = np.finfo(dtype).smallest_subnormal
+    x = (np.arange(1, 200) % 13 - 6).astype(dtype) * tiny
+    for norm in (0, 1):
+        case_qsgd(gpu, dev, x, 7, 16, norm)
+    case_terngrad(gpu, dev, x, 16, np.inf)
+    case_onebit(gpu, dev, x, 16)
+    case_max_abs(gpu, dev, x, 16)
+    case_topk(gpu, dev, x, 50, np.int32)
