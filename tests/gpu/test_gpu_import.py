@@ -5,6 +5,7 @@ These run everywhere (no GPU needed): each import happens in a fresh interpreter
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -62,12 +63,21 @@ def test_import_sparcomm_does_not_import_cupy(tmp_path):
     assert result.stdout.strip() == "False"
 
 
-def test_gpu_info_reports_without_raising():
-    from sparcomm._gpu_info import gpu_info
-
-    facts = gpu_info()
+def test_gpu_info_reports_without_raising(tmp_path):
+    # In a child process: cuda_aware_mpi() imports mpi4py.MPI, which initialises MPI.
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import json\nfrom sparcomm._gpu_info import gpu_info\nprint(json.dumps(gpu_info()))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    facts = json.loads(result.stdout.strip().splitlines()[-1])
     assert isinstance(facts["usable"], bool)
     if not facts["usable"]:
         assert facts["reason"]
+    else:
+        assert facts["devices"] and facts["cupy"]
     assert facts["mpi"]["cuda_aware"] in (True, False, None)
     assert facts["mpi"]["method"]
