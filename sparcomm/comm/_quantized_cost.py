@@ -15,13 +15,13 @@ the maximum, so every rank predicts the same and ``auto`` chooses alike everywhe
 Schedules (``P`` ranks, ``n`` elements, ``C(m)`` the payload bytes of ``m`` elements,
 ``m_j`` the owners' chunks; per rank and leaving out the signature check):
 
-* ``allgather`` -- ring allgather of ``P`` payloads: ``(P - 1) C(n)`` each way; decode
+* ``allgather`` -- allgather of ``P`` payloads: ``(P - 1) C(n)`` each way; decode
   ``P n`` elements.
-* ``reduce_scatter_allgather`` -- ``Alltoallv`` of chunk payloads, then a ring allgather
+* ``reduce_scatter_allgather`` -- ``Alltoallv`` of chunk payloads, then an allgather
   of the owners' re-encoded chunks: about ``2 (P - 1) / P C(n)`` each way; decode ``2 n``,
   encode ``n + n / P``.
 * ``shared_scale`` (TernGrad) -- a max-``Allreduce`` of the scales, ``Alltoallv`` of the
-  2-bit codes and a ring allgather of the sums, ``ceil(log2(2P + 1))`` bits each: about
+  2-bit codes and an allgather of the sums, ``ceil(log2(2P + 1))`` bits each: about
   ``(P - 1) / P n (2 + ceil(log2(2P + 1))) / 8`` bytes each way.
 """
 
@@ -133,13 +133,21 @@ class QuantizedPrediction:
 
 
 def _ring(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-rank (sent, received) of a ring allgather of ``blocks`` bytes."""
+    """Per-rank (sent, received) of a ring ``Allgather`` of ``blocks`` bytes (the
+    fixed-size signature row)."""
     blocks = np.asarray(blocks, dtype=np.float64)
     size = blocks.size
     if size == 1:
         return np.zeros(1), np.zeros(1)
     total = blocks.sum()
     return total - blocks[(np.arange(size) + 1) % size], total - blocks
+
+
+def _gather(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-rank (sent, received) of ``Channel.allgatherv``, a direct exchange: rank r
+    sends its block to each of the others and receives every other block."""
+    blocks = np.asarray(blocks, dtype=np.float64)
+    return (blocks.size - 1) * blocks, blocks.sum() - blocks
 
 
 def _alltoall(parts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -178,7 +186,7 @@ def predict_quantized(
     if algorithm == "allgather":
         payload = STATUS_BYTES + chunk_nbytes(codec, n, dtype)
         add(QuantizedPhase("encode", 0, zeros, zeros, {"encode": n}))
-        add(QuantizedPhase("allgather", log, *_ring(np.full(size, payload))))
+        add(QuantizedPhase("allgather", size - 1, *_gather(np.full(size, payload))))
         add(QuantizedPhase("decode", 0, zeros, zeros,
                            {"decode": size * n, "add": (size - 1) * n}))
         return prediction
@@ -194,7 +202,7 @@ def predict_quantized(
         add(QuantizedPhase("owner_sum", 0, zeros, zeros,
                            {"decode": size * busiest, "add": (size - 1) * busiest,
                             "encode": busiest}))
-        add(QuantizedPhase("allgather", log, *_ring(chunk)))
+        add(QuantizedPhase("allgather", size - 1, *_gather(chunk)))
         add(QuantizedPhase("decode", 0, zeros, zeros, {"decode": n}))
         return prediction
     if not isinstance(codec, TernGrad):
@@ -218,7 +226,7 @@ def predict_quantized(
     add(QuantizedPhase("reduce_scatter", size - 1, *_alltoall(np.tile(codes, (size, 1)))))
     add(QuantizedPhase("integer_sum", 0, zeros, zeros,
                        {"accumulate": size * busiest, "pack": busiest}))
-    add(QuantizedPhase("allgather", log, *_ring(sums)))
+    add(QuantizedPhase("allgather", size - 1, *_gather(sums)))
     add(QuantizedPhase("output", 0, zeros, zeros, {"expand": n}))
     return prediction
 
