@@ -14,6 +14,7 @@ from collections.abc import Callable
 _COMMAND_MODULES = [
     "sparcomm._cli_info",
     "sparcomm._cli_bench_codecs",
+    "sparcomm._cli_bench_allreduce",
     "sparcomm._launch",
     "sparcomm.demo",
 ]

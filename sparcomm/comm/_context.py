@@ -5,12 +5,14 @@ The collectives never send on the user's communicator: the first call duplicates
 as an MPI attribute of the user's communicator, so user messages and ours can never
 match each other and the state goes away with the communicator.
 
-The byte counts follow the schedule described in ``docs/collectives.md``: point-to-point
-and ``Alltoallv`` traffic is counted exactly; an ``Allgather(v)`` of blocks ``b_0 ..
-b_{P-1}`` is counted as a ring moves it (rank ``r`` sends every block but its successor's
-and receives every block but its own); a dense ``Allreduce`` of ``m`` bytes as a ring
-reduce-scatter plus allgather, ``2 m (P - 1) / P`` each way.  The cost model in
-:mod:`sparcomm.comm._cost` uses the same conventions, and a test holds the two together.
+The byte counts are what this rank hands to MPI and gets back: the variable-size
+exchanges (``allgatherv``, ``alltoallv``) are direct point-to-point messages and are
+counted exactly (an allgather of blocks ``b_0 .. b_{P-1}``: rank ``r`` sends
+``(P - 1) b_r`` and receives the others' blocks); the small fixed-size ``Allgather`` of
+the signature as a ring moves it (``(P - 1)`` rows each way); a dense ``Allreduce`` of
+``m`` bytes as a ring reduce-scatter plus allgather, ``2 m (P - 1) / P`` each way.
+The cost model in :mod:`sparcomm.comm._cost` uses the same conventions, and a test
+holds the two together.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ if TYPE_CHECKING:
     from sparcomm.comm._cost import CostModel
 
 _KEYVAL: int | None = None
+# Tags of the direct exchanges (point-to-point on the private communicator).
+_TAG_ALLGATHERV = 1 << 10
+_TAG_ALLTOALLV = 2 << 10
 
 #: The int64 row every rank contributes before the data phase (see ``_allreduce``).
 SIGNATURE_FIELDS = (
@@ -91,21 +96,25 @@ class Channel:
         self.stats._add_bytes(*ring_allgather_bytes([row.nbytes] * self.size, self.rank))
         return table
 
-    def allgatherv(self, send: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def allgatherv(
+        self, send: np.ndarray, counts: np.ndarray, tag: int = _TAG_ALLGATHERV
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Gather variable-length blocks (``counts`` elements each) in rank order.
 
-        Returns the concatenation and the ``size + 1`` block offsets.
+        A direct exchange (every rank sends its block to every other, all messages in
+        flight at once) rather than ``MPI_Allgatherv``: MPICH's ring/pipelined
+        ``Allgatherv`` waits on each neighbour in turn and is one to two orders of
+        magnitude slower when ranks share cores (measured in docs/collectives.md).
+        Empty blocks are not sent (every rank knows ``counts``).  Returns the
+        concatenation and the ``size + 1`` block offsets.
         """
+        counts = np.asarray(counts, dtype=np.int64)
         offsets = np.zeros(self.size + 1, dtype=np.int64)
         np.cumsum(counts, out=offsets[1:])
         recv = np.empty(int(offsets[-1]), dtype=send.dtype)
-        if self.size == 1:
-            recv[:] = send
-        else:
-            self.comm.Allgatherv(send, [recv, (counts, offsets[:-1]), _mpi_type(send.dtype)])
-            self.stats._add_bytes(
-                *ring_allgather_bytes(np.asarray(counts) * send.dtype.itemsize, self.rank)
-            )
+        blocks_send = [send] * self.size
+        blocks_recv = [recv[offsets[j] : offsets[j + 1]] for j in range(self.size)]
+        self._exchange(blocks_send, blocks_recv, tag)
         return recv, offsets
 
     def alltoall_counts(self, counts: np.ndarray) -> np.ndarray:
@@ -121,23 +130,47 @@ class Channel:
         send_counts: np.ndarray,
         send_offsets: np.ndarray,
         recv_counts: np.ndarray,
+        tag: int = _TAG_ALLTOALLV,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Personalised exchange; returns the received blocks in rank order and offsets."""
+        """Personalised exchange; returns the received blocks in rank order and offsets.
+
+        Implemented as a direct exchange of nonblocking messages, for the reason given
+        in :meth:`allgatherv`.
+        """
         recv_offsets = np.zeros(self.size + 1, dtype=np.int64)
         np.cumsum(recv_counts, out=recv_offsets[1:])
         recv = np.empty(int(recv_offsets[-1]), dtype=send.dtype)
-        mpi_type = _mpi_type(send.dtype)
-        self.comm.Alltoallv(
-            [send, (send_counts, send_offsets), mpi_type],
-            [recv, (recv_counts, recv_offsets[:-1]), mpi_type],
-        )
-        item = send.dtype.itemsize
-        own = self.rank
-        self.stats._add_bytes(
-            item * (int(np.sum(send_counts)) - int(send_counts[own])),
-            item * (int(np.sum(recv_counts)) - int(recv_counts[own])),
-        )
+        blocks_send = [
+            send[int(send_offsets[j]) : int(send_offsets[j]) + int(send_counts[j])]
+            for j in range(self.size)
+        ]
+        blocks_recv = [recv[recv_offsets[j] : recv_offsets[j + 1]] for j in range(self.size)]
+        self._exchange(blocks_send, blocks_recv, tag)
         return recv, recv_offsets
+
+    def _exchange(self, blocks_send: list, blocks_recv: list, tag: int) -> None:
+        """Send ``blocks_send[j]`` to rank ``j`` and receive ``blocks_recv[j]`` from it,
+        all at once; this rank's own block is copied.  Zero-length blocks are skipped
+        (both sides know the lengths)."""
+        rank = self.rank
+        requests = []
+        received = 0
+        for offset in range(1, self.size):
+            source = (rank - offset) % self.size
+            block = blocks_recv[source]
+            if block.size:
+                requests.append(self.comm.Irecv([block, _mpi_type(block.dtype)], source, tag))
+                received += block.nbytes
+        sent = 0
+        for offset in range(1, self.size):
+            dest = (rank + offset) % self.size
+            block = blocks_send[dest]
+            if block.size:
+                requests.append(self.comm.Isend([block, _mpi_type(block.dtype)], dest, tag))
+                sent += block.nbytes
+        blocks_recv[rank][...] = blocks_send[rank]
+        MPI.Request.Waitall(requests)
+        self.stats._add_bytes(sent, received)
 
     def isend(self, array: np.ndarray, dest: int, tag: int) -> MPI.Request:
         self.stats._add_bytes(array.nbytes, 0)

@@ -33,9 +33,11 @@ from mpi4py import MPI
 
 from sparcomm.comm._context import (
     SIGNATURE_FIELDS,
+    Channel,
     comm_state,
     ring_allreduce_bytes,
 )
+from sparcomm.comm._stats import AllreduceStats
 from sparcomm.kernels.cpu import merge as _merge
 
 SPARSE_ALGORITHMS = ("allgather", "recursive_doubling", "split_allgather", "dsar")
@@ -137,6 +139,12 @@ def _ring(blocks, size: int) -> tuple[np.ndarray, np.ndarray]:
     return total - blocks[(ranks + 1) % size], total - blocks
 
 
+def _direct(blocks, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-rank (sent, received) of a direct allgather of ``blocks`` bytes."""
+    blocks = np.asarray(blocks, dtype=np.float64)
+    return (size - 1) * blocks, blocks.sum() - blocks
+
+
 def predict(
     algorithm: str,
     n: int,
@@ -173,9 +181,9 @@ def predict(
         return prediction
 
     if algorithm == "allgather":
-        si, ri = _ring(k * index_itemsize, size)
-        sv, rv = _ring(k * itemsize, size)
-        add(Phase("allgather", 2 * log, si + sv, ri + rv))
+        si, ri = _direct(k * index_itemsize, size)
+        sv, rv = _direct(k * itemsize, size)
+        add(Phase("allgather", 2 * (size - 1), si + sv, ri + rv))
         add(Phase("merge", 0, zeros, zeros, merge_elements=k.sum() * log))
     elif algorithm == "recursive_doubling":
         _predict_recursive_doubling(add, n, k, itemsize, entry)
@@ -205,7 +213,7 @@ def _predict_recursive_doubling(add, n, k, itemsize, entry) -> None:
         sent, received = np.zeros(size), np.zeros(size)
         for r in range(extra):
             sent[r + low] = received[r] = wire(k[r + low])
-        add(Phase("fold", 1, sent, received, merge_elements=2 * float(k.max())))
+        add(Phase("fold", 2, sent, received, merge_elements=2 * float(k.max())))
     mask = 1
     while mask < low:
         sent, received = np.zeros(size), np.zeros(size)
@@ -227,14 +235,14 @@ def _predict_recursive_doubling(add, n, k, itemsize, entry) -> None:
             sent[r] = wire(expected_union(k[own_block], n))
             received[r] = wire(expected_union(k[other_block], n))
             merged = max(merged, (sent[r] + received[r]) / entry)
-        add(Phase(f"round{mask}", 1, sent, received, merge_elements=merged))
+        add(Phase(f"round{mask}", 2, sent, received, merge_elements=merged))
         mask <<= 1
     if extra:
         sent, received = np.zeros(size), np.zeros(size)
         final = wire(expected_union(k, n))
         sent[:extra] = final
         received[low:] = final
-        add(Phase("unfold", 1, sent, received))
+        add(Phase("unfold", 2, sent, received))
 
 
 def _predict_split(add, n, k, itemsize, entry, switch: bool) -> None:
@@ -264,8 +272,8 @@ def _predict_split(add, n, k, itemsize, entry, switch: bool) -> None:
     if switch:
         block = np.where(block >= lengths * itemsize, lengths * itemsize, block)
     sh, rh = _ring([8] * size, size)
-    sb, rb = _ring(block, size)
-    add(Phase("allgather", 3 * log, sh + sb, rh + rb))
+    sb, rb = _direct(block, size)
+    add(Phase("allgather", log + 2 * (size - 1), sh + sb, rh + rb))
 
 
 # ------------------------------------------------------------------ calibration
@@ -283,8 +291,8 @@ def _median_time(function, repeats: int) -> float:
 def calibrate(comm: MPI.Comm | None = None, *, repeats: int = 5) -> CostModel:
     """Measure the cost-model constants on ``comm`` and cache them there (collective).
 
-    Takes a few tens of milliseconds: small ``Allreduce`` calls for ``alpha``, a 256 KiB
-    per rank ``Allgather`` for ``beta``, a 4 MiB ``Allreduce`` for ``beta_allreduce``, and
+    Takes a few tens of milliseconds: one-element direct exchanges for ``alpha``, a
+    256 KiB per rank exchange for ``beta``, a 4 MiB ``Allreduce`` for ``beta_allreduce``, and
     local merge and dense passes for the compute terms.  Every rank measures, the
     maximum of each constant is agreed, so all ranks hold the same model.  Call again to
     re-calibrate (for example after the machine's load changed).
@@ -317,18 +325,22 @@ def calibrate(comm: MPI.Comm | None = None, *, repeats: int = 5) -> CostModel:
     big = np.empty(1 << 21, np.float32)
     dense = _median_time(lambda: big.fill(0.0), repeats) / big.size
 
-    small = np.zeros(1, np.int64)
-    small_out = np.zeros(1, np.int64)
-    inner.Barrier()
-    alpha = _median_time(lambda: inner.Allreduce(small, small_out), 4 * repeats) / log
-
+    # Network terms through the primitives the algorithms use: the direct exchange of
+    # Channel.allgatherv for alpha and beta, MPI's Allreduce for beta_allreduce.
+    channel = Channel(inner, AllreduceStats())
     if size > 1:
-        block = np.zeros(1 << 16, np.float32)  # 256 KiB per rank
-        gathered = np.empty(size * block.size, np.float32)
-        inner.Allgather(block, gathered)
+        tiny = np.zeros(1, np.float32)
+        tiny_counts = np.ones(size, np.int64)
+        channel.allgatherv(tiny, tiny_counts)
         inner.Barrier()
-        t = _median_time(lambda: inner.Allgather(block, gathered), repeats)
-        beta = max(t - alpha * log, 0.0) / ((size - 1) * block.nbytes)
+        alpha = _median_time(lambda: channel.allgatherv(tiny, tiny_counts), 4 * repeats)
+        alpha /= size - 1
+        block = np.zeros(1 << 16, np.float32)  # 256 KiB per rank
+        counts = np.full(size, block.size, np.int64)
+        channel.allgatherv(block, counts)
+        inner.Barrier()
+        t = _median_time(lambda: channel.allgatherv(block, counts), repeats)
+        beta = max(t - alpha * (size - 1), 0.0) / ((size - 1) * block.nbytes)
         buffer = np.zeros(1 << 20, np.float32)  # 4 MiB
         reduced = np.empty_like(buffer)
         inner.Allreduce(buffer, reduced)
@@ -336,7 +348,7 @@ def calibrate(comm: MPI.Comm | None = None, *, repeats: int = 5) -> CostModel:
         t = _median_time(lambda: inner.Allreduce(buffer, reduced), repeats)
         beta_allreduce = max(t - 2 * alpha * log, 0.0) / buffer.nbytes
     else:
-        beta = beta_allreduce = 0.0
+        alpha = beta = beta_allreduce = 0.0
     local = np.array([alpha, beta, beta_allreduce, merge, dense])
     agreed = np.empty_like(local)
     inner.Allreduce(local, agreed, op=MPI.MAX)

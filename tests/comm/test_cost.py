@@ -29,7 +29,7 @@ def test_allgather_and_dense_bytes_are_exact(size):
         sent, received = predict("allgather", n, k, 4, 4).bytes(rank)
         total = 8 * k.sum()
         ring_sig = SIGNATURE * (size - 1)
-        assert sent == total - 8 * k[(rank + 1) % size] + ring_sig
+        assert sent == (size - 1) * 8 * k[rank] + ring_sig
         assert received == total - 8 * k[rank] + ring_sig
         sent, received = predict("dense", n, k, 4, 4).bytes(rank)
         assert sent == received == (2 * 4 * n * (size - 1)) // size + ring_sig
