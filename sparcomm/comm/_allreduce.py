@@ -570,6 +570,7 @@ def allreduce(
     step: int | None = None,
     stats: AllreduceStats | None = None,
     out: np.ndarray | None = None,
+    dense_phase: Any = None,
 ) -> np.ndarray:
     """Allreduce a dense buffer through a codec: the result is the same on every rank.
 
@@ -596,6 +597,9 @@ def allreduce(
         Filled in place.
     out : numpy.ndarray, optional
         Output buffer with ``x``'s size and dtype (``out=x`` reduces in place).
+    dense_phase : QSGD, TernGrad or FP16, optional
+        With a ``TopK`` codec: SparCML's Q-DSAR, DSAR whose dense gather phase is
+        quantized with this codec (see :mod:`sparcomm.comm._quantized_dsar`).
 
     Returns
     -------
@@ -608,6 +612,11 @@ def allreduce(
         On every rank, when any rank's input is invalid or ranks disagree on size,
         dtype, codec, op or algorithm.
     """
+    if dense_phase is not None:  # Q-DSAR (issue 4): sparcomm.comm._quantized_dsar
+        from sparcomm.comm._quantized_dsar import qdsar_allreduce
+
+        return qdsar_allreduce(x, codec, dense_phase, comm=comm, op=op, algorithm=algorithm,
+                               key=key, step=step, stats=stats, out=out)
     collective = _lookup(codec)
     return collective(
         x, codec, comm=comm, op=op, algorithm=algorithm, key=key, step=step, stats=stats, out=out
