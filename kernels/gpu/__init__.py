@@ -1,16 +1,18 @@
 """CUDA kernels for CuPy arrays: the kernel contract of ``kernels/__init__.py`` on the GPU.
 
 The CUDA C sources are ``kernels/gpu/*.cu`` (shared definitions in ``common.cuh``); they
-are compiled through ``cupy.RawModule`` (NVRTC, ``-fmad=false``) once per device and
-dtype and memoised (:mod:`._runtime`).  The launch sequences live in :mod:`._kernels`,
-which does not import CuPy, so ``tests/gpu`` can also run them on a host emulation of
-the sources.  ``sparcomm._backend.kernels_for`` imports this module only for CuPy inputs.
+are compiled by NVRTC with ``-fmad=false -ftz=false`` (:mod:`._nvrtc`), loaded through
+``cupy.RawModule(path=...)`` once per device and dtype and memoised (:mod:`._runtime`).
+The launch sequences live in :mod:`._kernels`, which does not import CuPy, so
+``tests/gpu`` can also run them on a host emulation of the sources.
+``sparcomm._backend.kernels_for`` imports this module only for CuPy inputs.
 
 Functions (same names, signatures and bits as ``sparcomm.kernels.cpu``):
 ``stream_read``, ``uniform``, ``pack_bits``, ``unpack_bits``, ``topk``, ``scatter_add``,
 ``qsgd_encode``, ``qsgd_decode``, ``max_abs``, ``terngrad_encode``, ``terngrad_decode``,
-``onebit_encode``, ``onebit_decode``, and ``merge_sum_two`` (the sparse allreduce's merge
-of two sorted streams).  See ``docs/gpu.md``.
+``onebit_encode``, ``onebit_decode``, and ``merge_sum_two`` / ``merge_sum_streams`` (the
+sparse allreduce's merges of sorted streams, twins of ``kernels/cpu/merge.py``).
+See ``docs/gpu.md``.
 
 Raises
 ------
@@ -70,5 +72,6 @@ terngrad_decode = kernels.terngrad_decode
 onebit_encode = kernels.onebit_encode
 onebit_decode = kernels.onebit_decode
 merge_sum_two = kernels.merge_sum_two
+merge_sum_streams = kernels.merge_sum_streams
 
 __all__ = list(CONTRACT + EXTRA) + ["kernels", "runtime", "GpuKernels", "CupyRuntime"]

@@ -412,6 +412,84 @@ class GpuKernels:
             )
         return int(na + nb - host[6])
 
+    def merge_sum_streams(
+        self,
+        indices: Any,
+        values: Any,
+        offsets: Any,
+        out_indices: Any,
+        out_values: Any,
+        work_indices: Any,
+        work_values: Any,
+    ) -> int:
+        """Merge ``s`` sorted streams stored back to back, summing equal indices.
+
+        The GPU twin of ``kernels.cpu.merge.merge_sum_streams``, with the same fixed
+        pairwise tree ``((s0 + s1) + (s2 + s3)) + ...`` (an odd last stream carried up
+        unchanged), so the bits equal the CPU's.  Stream ``t`` is
+        ``indices[offsets[t]:offsets[t + 1]]``; ``offsets`` (host or device, ``s + 1``
+        entries) is read on the host.  ``out_*`` and ``work_*`` hold ``offsets[s]``
+        entries each; returns the merged count ``K`` (the result is ``out_*[:K]``).
+        Each pairwise merge reads its count back (``s - 1`` small host reads).
+        """
+        rt = self.runtime
+        host = rt.to_host(offsets) if rt.is_device_array(offsets) else np.asarray(offsets)
+        bounds = np.asarray(host, dtype=np.int64).reshape(-1)
+        if bounds.size == 0 or bounds[0] != 0 or bool((np.diff(bounds) < 0).any()):
+            raise ValueError(
+                f"offsets must start at 0 and never decrease, got {bounds[:8].tolist()}"
+            )
+        starts = [int(v) for v in bounds]
+        self._array("values", values, _REALS, None)
+        self._array("indices", indices, _INDICES, values.size)
+        total = starts[-1]
+        if total > indices.size:
+            raise ValueError(f"offsets[-1] = {total} exceeds the {indices.size} entries given")
+        for name, a, dtypes in (
+            ("out_indices", out_indices, (indices.dtype,)),
+            ("out_values", out_values, (values.dtype,)),
+            ("work_indices", work_indices, (indices.dtype,)),
+            ("work_values", work_values, (values.dtype,)),
+        ):
+            self._array(name, a, dtypes, None)
+            if a.size < total:
+                raise ValueError(f"{name} needs room for {total} entries, got {a.size}")
+        count = len(starts) - 1
+        if count == 0 or total == 0:
+            return 0
+        levels = (count - 1).bit_length()  # ceil(log2(count))
+        # Ping-pong so that the last level lands in out_*, as the CPU twin does.
+        if levels % 2 == 1:
+            dst_i, dst_v, other_i, other_v = out_indices, out_values, work_indices, work_values
+        else:
+            dst_i, dst_v, other_i, other_v = work_indices, work_values, out_indices, out_values
+        src_i, src_v = indices, values
+        empty_i, empty_v = indices[:0], values[:0]
+        if levels == 0:  # one stream: a copy (merge with an empty stream copies)
+            return self.merge_sum_two(
+                src_i[:total], src_v[:total], empty_i, empty_v, out_indices, out_values
+            )
+        while count > 1:
+            position = 0
+            new_starts = [0]
+            for p in range((count + 1) // 2):
+                a0, a1 = starts[2 * p], starts[2 * p + 1]
+                b1 = starts[2 * p + 2] if 2 * p + 1 < count else a1
+                position += self.merge_sum_two(
+                    src_i[a0:a1],
+                    src_v[a0:a1],
+                    src_i[a1:b1] if b1 > a1 else empty_i,
+                    src_v[a1:b1] if b1 > a1 else empty_v,
+                    dst_i[position:],
+                    dst_v[position:],
+                )
+                new_starts.append(position)
+            starts = new_starts
+            count = len(starts) - 1
+            src_i, src_v = dst_i, dst_v
+            dst_i, dst_v, other_i, other_v = other_i, other_v, dst_i, dst_v
+        return starts[1]
+
     def max_abs(self, x: Any, bucket: int, out: Any) -> None:
         """``out[b] = max |x_i|`` over bucket ``b``, exact (integer max of the bit pattern)."""
         self._array("x", x, _REALS, None)
@@ -614,7 +692,7 @@ CONTRACT = (
 )
 """The contract's kernel names (``kernels/__init__.py``), all methods of GpuKernels."""
 
-EXTRA = ("merge_sum_two",)
+EXTRA = ("merge_sum_two", "merge_sum_streams")
 """Kernels beyond the contract, named as their twins in ``kernels/cpu``."""
 
 

@@ -205,3 +205,28 @@ def case_merge(kernels: Any, dev: Device, na: int, nb: int, index_dtype: Any, dt
     assert count == exp_i.size
     assert bitwise_equal(dev.get(out_i)[:count], exp_i)
     assert bitwise_equal(dev.get(out_v)[:count], exp_v)
+
+
+def case_merge_streams(kernels: Any, dev: Device, lengths: list[int], index_dtype: Any, dtype):
+    """``merge_sum_streams`` against the CPU twin's NumPy reference (same pairwise tree)."""
+    from sparcomm.kernels.cpu.merge import merge_sum_streams_reference
+
+    parts = [
+        sorted_stream(3 * sum(lengths) + 1, m, 31 * t + m, index_dtype, dtype)
+        for t, m in enumerate(lengths)
+    ]
+    indices = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, index_dtype)
+    values = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, dtype)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    total = int(offsets[-1])
+    buffers = [
+        dev.empty(total, index_dtype),
+        dev.empty(total, dtype),
+        dev.empty(total, index_dtype),
+        dev.empty(total, dtype),
+    ]
+    count = kernels.merge_sum_streams(dev.put(indices), dev.put(values), offsets, *buffers)
+    exp_i, exp_v = merge_sum_streams_reference(indices, values, offsets)
+    assert count == exp_i.size
+    assert bitwise_equal(dev.get(buffers[0])[:count], exp_i.astype(index_dtype))
+    assert bitwise_equal(dev.get(buffers[1])[:count], exp_v.astype(dtype))

@@ -23,6 +23,7 @@ from _gpu_cases import (  # noqa: E402
     Device,
     case_max_abs,
     case_merge,
+    case_merge_streams,
     case_onebit,
     case_pack,
     case_qsgd,
@@ -251,3 +252,26 @@ def test_all_subnormal_buckets(kernels, dev, dtype):
     case_onebit(kernels, dev, x, 16)
     case_max_abs(kernels, dev, x, 16)
     case_topk(kernels, dev, x, 50, np.int32)
+
+
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+def test_merge_streams(kernels, dev, index_dtype):
+    for lengths in ([], [0], [7], [5, 0, 9], [300, 200, 100, 50, 25], [40] * 8, [1] * 5):
+        case_merge_streams(kernels, dev, lengths, index_dtype, np.float32)
+    case_merge_streams(kernels, dev, [600, 1, 333], index_dtype, np.float64)
+
+
+def test_merge_streams_rejects_bad_offsets(kernels):
+    buffers = [np.empty(4, np.int64), np.empty(4), np.empty(4, np.int64), np.empty(4)]
+    with pytest.raises(ValueError, match="offsets must start at 0 and never decrease"):
+        kernels.merge_sum_streams(np.arange(4), np.ones(4), np.array([0, 3, 2]), *buffers)
+    with pytest.raises(ValueError, match="out_values needs room for 4 entries"):
+        kernels.merge_sum_streams(
+            np.arange(4),
+            np.ones(4),
+            np.array([0, 4]),
+            buffers[0],
+            np.empty(3),
+            buffers[2],
+            buffers[3],
+        )

@@ -19,6 +19,7 @@ from _gpu_cases import (  # noqa: E402
     Device,
     case_max_abs,
     case_merge,
+    case_merge_streams,
     case_onebit,
     case_pack,
     case_qsgd,
@@ -158,3 +159,9 @@ def test_all_subnormal_buckets(dtype):
     case_onebit(gpu, dev, x, 16)
     case_max_abs(gpu, dev, x, 16)
     case_topk(gpu, dev, x, 50, np.int32)
+
+
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+def test_merge_streams(index_dtype):
+    for lengths in ([7], [5, 0, 9], [30_000, 20_000, 10_000, 5], [4000] * 8):
+        case_merge_streams(gpu, dev, lengths, index_dtype, np.float32)
