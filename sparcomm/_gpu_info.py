@@ -112,10 +112,10 @@ def gpu_info() -> dict[str, Any]:
     Returns
     -------
     dict
-        ``usable`` (bool: CuPy installed, a device visible and ``sparcomm.kernels.gpu``
-        importable), ``reason`` when not usable, ``cupy``, ``cuda_runtime``,
-        ``cuda_driver``, ``nvrtc``, ``devices`` (id, name, compute capability, memory,
-        multiprocessors), ``mpi`` (:func:`cuda_aware_mpi`).
+        ``usable`` (bool: CuPy installed, a device visible, NVRTC loadable and
+        ``sparcomm.kernels.gpu`` importable), ``reason`` when not usable, ``cupy``,
+        ``cuda_runtime``, ``cuda_driver``, ``nvrtc``, ``devices`` (id, name, compute
+        capability, memory, multiprocessors), ``mpi`` (:func:`cuda_aware_mpi`).
     """
     facts: dict[str, Any] = {"usable": False}
     if importlib.util.find_spec("cupy") is None:
@@ -126,7 +126,12 @@ def gpu_info() -> dict[str, Any]:
             facts.update(_cupy_facts())
         except Exception as error:  # noqa: BLE001 - a broken CuPy install
             facts["reason"] = f"CuPy failed to load ({error})"
-        if facts.get("devices"):
+        if facts.get("devices") and str(facts.get("nvrtc", "")).startswith("unavailable"):
+            facts["reason"] = (
+                "NVRTC (libnvrtc) not found: the kernels are compiled at run time; install "
+                "the CUDA toolkit or pip install 'cupy-cuda12x[ctk]'"
+            )
+        elif facts.get("devices"):
             try:
                 if "sparcomm.kernels.gpu" not in sys.modules:
                     import sparcomm.kernels.gpu  # noqa: F401
