@@ -615,8 +615,18 @@ def allreduce(
     if dense_phase is not None:  # Q-DSAR (issue 4): sparcomm.comm._quantized_dsar
         from sparcomm.comm._quantized_dsar import qdsar_allreduce
 
-        return qdsar_allreduce(x, codec, dense_phase, comm=comm, op=op, algorithm=algorithm,
-                               key=key, step=step, stats=stats, out=out)
+        return qdsar_allreduce(
+            x,
+            codec,
+            dense_phase,
+            comm=comm,
+            op=op,
+            algorithm=algorithm,
+            key=key,
+            step=step,
+            stats=stats,
+            out=out,
+        )
     collective = _lookup(codec)
     return collective(
         x, codec, comm=comm, op=op, algorithm=algorithm, key=key, step=step, stats=stats, out=out

@@ -172,21 +172,21 @@ class Channel:
         MPI.Request.Waitall(requests)
         self.stats._add_bytes(sent, received)
 
-    def isend(self, array: np.ndarray, dest: int, tag: int) -> MPI.Request:
-        self.stats._add_bytes(array.nbytes, 0)
-        return self.comm.Isend([array, _mpi_type(array.dtype)], dest=dest, tag=tag)
-
-    def probe(self, source: int) -> tuple[int, int]:
-        """Wait for the next message from ``source``; return its (tag, byte count)."""
-        status = MPI.Status()
-        self.comm.Probe(source=source, tag=MPI.ANY_TAG, status=status)
-        return status.Get_tag(), status.Get_count(MPI.BYTE)
-
-    def recv(self, dtype: np.dtype, nbytes: int, source: int, tag: int) -> np.ndarray:
-        array = np.empty(nbytes // np.dtype(dtype).itemsize, dtype=dtype)
-        self.comm.Recv([array, _mpi_type(array.dtype)], source=source, tag=tag)
-        self.stats._add_bytes(0, array.nbytes)
-        return array
+    def transfer(self, sends: list, recvs: list) -> None:
+        """Point-to-point: post every receive ``(array, source, tag)`` and every send
+        ``(array, dest, tag)`` at once, then wait for all of them."""
+        requests = [
+            self.comm.Irecv([array, _mpi_type(array.dtype)], source, tag)
+            for array, source, tag in recvs
+        ]
+        requests += [
+            self.comm.Isend([array, _mpi_type(array.dtype)], dest, tag)
+            for array, dest, tag in sends
+        ]
+        MPI.Request.Waitall(requests)
+        self.stats._add_bytes(
+            sum(array.nbytes for array, _, _ in sends), sum(array.nbytes for array, _, _ in recvs)
+        )
 
     def allreduce_dense(self, send: Any, recv: Any) -> None:
         """MPI's own ``Allreduce`` (sum) of a dense buffer."""

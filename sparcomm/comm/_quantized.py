@@ -252,7 +252,9 @@ def reduce_scatter_allgather(problem: _Problem) -> None:
         if failed < 0 and lengths[rank]:
             try:
                 received = [
-                    parts[r] if r == rank else Payload.from_bytes(
+                    parts[r]
+                    if r == rank
+                    else Payload.from_bytes(
                         recv[recv_offsets[r] + STATUS_BYTES : recv_offsets[r + 1]]
                     )
                     for r in range(size)
@@ -362,8 +364,9 @@ def shared_scale(problem: _Problem) -> None:
         for j in range(size):
             a, b = int(bounds[j]), int(bounds[j + 1])
             if b > a:
-                expand_sums(gathered[offsets[j] : offsets[j + 1]], size, fields[a:b],
-                            problem.out[a:b])
+                expand_sums(
+                    gathered[offsets[j] : offsets[j + 1]], size, fields[a:b], problem.out[a:b]
+                )
         apply_scales(problem.out, shared, bucket)
 
 
@@ -380,8 +383,7 @@ ALGORITHMS = {
 def _check_request(x: np.ndarray, bare: Any, algorithm: str, op: str, size: int) -> None:
     if not isinstance(bare, QUANTIZED_CODECS):
         raise NotImplementedError(
-            f"quantized allreduce takes QSGD, TernGrad, OneBit or FP16, got "
-            f"{type(bare).__name__}"
+            f"quantized allreduce takes QSGD, TernGrad, OneBit or FP16, got {type(bare).__name__}"
         )
     _check_common(op, algorithm, _REQUESTABLE)
     if algorithm == "shared_scale":
@@ -393,9 +395,7 @@ def _check_request(x: np.ndarray, bare: Any, algorithm: str, op: str, size: int)
             )
         sum_dtype(size)
     if x.size == 0:
-        raise ValueError(
-            f"x is empty (shape {x.shape}); there is nothing to reduce: skip it"
-        )
+        raise ValueError(f"x is empty (shape {x.shape}); there is nothing to reduce: skip it")
 
 
 def quantized_allreduce(

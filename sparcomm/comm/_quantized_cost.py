@@ -187,8 +187,7 @@ def predict_quantized(
         payload = STATUS_BYTES + chunk_nbytes(codec, n, dtype)
         add(QuantizedPhase("encode", 0, zeros, zeros, {"encode": n}))
         add(QuantizedPhase("allgather", size - 1, *_gather(np.full(size, payload))))
-        add(QuantizedPhase("decode", 0, zeros, zeros,
-                           {"decode": size * n, "add": (size - 1) * n}))
+        add(QuantizedPhase("decode", 0, zeros, zeros, {"decode": size * n, "add": (size - 1) * n}))
         return prediction
     if algorithm == "reduce_scatter_allgather":
         bounds = chunk_bounds(n, size, chunk_alignment(codec))
@@ -199,9 +198,15 @@ def predict_quantized(
         busiest = float(lengths.max())
         add(QuantizedPhase("encode", 0, zeros, zeros, {"encode": n}))
         add(QuantizedPhase("reduce_scatter", size - 1, *_alltoall(np.tile(chunk, (size, 1)))))
-        add(QuantizedPhase("owner_sum", 0, zeros, zeros,
-                           {"decode": size * busiest, "add": (size - 1) * busiest,
-                            "encode": busiest}))
+        add(
+            QuantizedPhase(
+                "owner_sum",
+                0,
+                zeros,
+                zeros,
+                {"decode": size * busiest, "add": (size - 1) * busiest, "encode": busiest},
+            )
+        )
         add(QuantizedPhase("allgather", size - 1, *_gather(chunk)))
         add(QuantizedPhase("decode", 0, zeros, zeros, {"decode": n}))
         return prediction
@@ -220,12 +225,21 @@ def predict_quantized(
     sums = np.array([sums_nbytes(int(m), size) for m in lengths], dtype=float)
     busiest = float(lengths.max())
     add(QuantizedPhase("scale", 0, zeros, zeros, {"add": n}))
-    add(QuantizedPhase("scale_allreduce", 2 * log, np.full(size, scale_bytes),
-                       np.full(size, scale_bytes) if size > 1 else zeros))
+    add(
+        QuantizedPhase(
+            "scale_allreduce",
+            2 * log,
+            np.full(size, scale_bytes),
+            np.full(size, scale_bytes) if size > 1 else zeros,
+        )
+    )
     add(QuantizedPhase("encode", 0, zeros, zeros, {"encode": n}))
     add(QuantizedPhase("reduce_scatter", size - 1, *_alltoall(np.tile(codes, (size, 1)))))
-    add(QuantizedPhase("integer_sum", 0, zeros, zeros,
-                       {"accumulate": size * busiest, "pack": busiest}))
+    add(
+        QuantizedPhase(
+            "integer_sum", 0, zeros, zeros, {"accumulate": size * busiest, "pack": busiest}
+        )
+    )
     add(QuantizedPhase("allgather", size - 1, *_gather(sums)))
     add(QuantizedPhase("output", 0, zeros, zeros, {"expand": n}))
     return prediction
@@ -277,13 +291,12 @@ def _measure(codec: Any, dtype: np.dtype, repeats: int) -> CodecCosts:
         acc[:] = 0
         pack = _median_time(lambda: pack_sums(acc, 2, codes, wire), repeats)
         expand = _median_time(lambda: expand_sums(wire, 2, codes, out), repeats)
-    return CodecCosts(
-        *(value / m for value in (encode, decode, add, accumulate, pack, expand))
-    )
+    return CodecCosts(*(value / m for value in (encode, decode, add, accumulate, pack, expand)))
 
 
-def codec_costs(comm: MPI.Comm, codec: Any, dtype: Any, describe: str, *,
-                repeats: int = 3) -> CodecCosts:
+def codec_costs(
+    comm: MPI.Comm, codec: Any, dtype: Any, describe: str, *, repeats: int = 3
+) -> CodecCosts:
     """The cached :class:`CodecCosts` of ``codec`` on ``comm`` (collective on first use).
 
     Every rank measures; the maximum of each constant is agreed with one ``Allreduce``

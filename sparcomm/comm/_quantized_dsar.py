@@ -96,8 +96,10 @@ def _quantized_gather(
     if quantize:
         block = np.zeros(STATUS_BYTES + quantized_bytes[rank], dtype=np.uint8)
         with stats._phase("quantize"):
-            dense = mine.values if mine.dense else _sparse._densify(
-                mine.indices, mine.values, mine.start, length
+            dense = (
+                mine.values
+                if mine.dense
+                else _sparse._densify(mine.indices, mine.values, mine.start, length)
             )
             try:
                 payload = dense_codec.encode(dense, key=dense_phase_key(key), step=step, rank=rank)
@@ -111,15 +113,17 @@ def _quantized_gather(
         block = np.zeros(STATUS_BYTES + int(_padded(mine.nnz * entry)), dtype=np.uint8)
         _write_status(block, -1, 0)
         block[STATUS_BYTES : STATUS_BYTES + values_bytes] = mine.values.view(np.uint8)
-        block[STATUS_BYTES + values_bytes : STATUS_BYTES + mine.nnz * entry] = (
-            mine.indices.astype(problem.indices.dtype, copy=False).view(np.uint8)
-        )
+        block[STATUS_BYTES + values_bytes : STATUS_BYTES + mine.nnz * entry] = mine.indices.astype(
+            problem.indices.dtype, copy=False
+        ).view(np.uint8)
     with stats._phase("allgather"):
         header = channel.allgather_array(np.array([-1 if quantize else mine.nnz], np.int64))
         header = header[:, 0]
         sizes = np.array(
-            [STATUS_BYTES + (quantized_bytes[j] if header[j] < 0 else _padded(header[j] * entry))
-             for j in range(size)],
+            [
+                STATUS_BYTES + (quantized_bytes[j] if header[j] < 0 else _padded(header[j] * entry))
+                for j in range(size)
+            ],
             dtype=np.int64,
         )
         gathered, offsets = channel.allgatherv(block, sizes)
@@ -229,8 +233,14 @@ def qdsar_allreduce(
         error = caught
     index_dtype = _index_dtype(max(n, 0))
     row = _signature_row(
-        n, dtype, index_dtype.itemsize, codec_text, algorithm if algorithm in _REQUESTABLE
-        else "invalid", op, 0, 0 if indices is None else indices.size,
+        n,
+        dtype,
+        index_dtype.itemsize,
+        codec_text,
+        algorithm if algorithm in _REQUESTABLE else "invalid",
+        op,
+        0,
+        0 if indices is None else indices.size,
     )
     row[_FIELD["cost_model"]] = 0  # Q-DSAR has one algorithm: no model is consulted
     table = _check_signature(channel, row, error, codec_text, "allreduce")
@@ -251,7 +261,11 @@ def qdsar_allreduce(
     stats.fill = stats.nnz / max(1, int(k_all.max()))
     with stats._phase("output"):
         flat = _sparse.finish(
-            pieces, n, values.dtype, indices.dtype, True,
+            pieces,
+            n,
+            values.dtype,
+            indices.dtype,
+            True,
             float(size) if op == "mean" else None,
             None if out is None else out.reshape(-1),
         )

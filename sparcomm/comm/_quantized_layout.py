@@ -144,8 +144,9 @@ def sums_nbytes(length: int, size: int) -> int:
     return -(-length * sum_bits(size) // 8)
 
 
-def ternary_accumulate(packed: np.ndarray, acc: np.ndarray, codes: np.ndarray,
-                       ones: np.ndarray) -> None:
+def ternary_accumulate(
+    packed: np.ndarray, acc: np.ndarray, codes: np.ndarray, ones: np.ndarray
+) -> None:
     """``acc += t`` for the ternary values ``t`` in {-1, 0, 1} of 2-bit codes ``packed``.
 
     Code 1 is +1 and code 2 is -1, so ``t = (code & 1) - (code >> 1)``; integers add

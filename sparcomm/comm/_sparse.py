@@ -29,8 +29,8 @@ from mpi4py import MPI
 from sparcomm.comm._context import Channel
 from sparcomm.kernels.cpu import merge as _merge
 
-# Tags of the point-to-point messages in recursive doubling (one block of three per step).
-_TAG_INDICES, _TAG_VALUES, _TAG_DENSE = 0, 1, 2
+# Tags of the point-to-point messages in recursive doubling (one block of four per step).
+_TAG_HEADER, _TAG_INDICES, _TAG_VALUES, _TAG_DENSE = 0, 1, 2, 3
 
 
 @dataclass
@@ -142,36 +142,50 @@ def _combine(low: _Stream, high: _Stream, problem: Problem) -> _Stream:
     return _Stream(None, out)
 
 
-def _send_stream(channel: Channel, stream: _Stream, dest: int, step: int) -> list:
-    base = 3 * step
+def _header(stream: _Stream) -> np.ndarray:
+    """The one-int64 header of a stream: its count, or -1 for dense."""
+    return np.array([-1 if stream.indices is None else stream.values.size], np.int64)
+
+
+def _sends(stream: _Stream, dest: int, tag: int) -> list:
     if stream.indices is None:
-        return [channel.isend(stream.values, dest, base + _TAG_DENSE)]
-    return [
-        channel.isend(stream.indices, dest, base + _TAG_INDICES),
-        channel.isend(stream.values, dest, base + _TAG_VALUES),
-    ]
+        return [(stream.values, dest, tag + _TAG_DENSE)]
+    return [(stream.indices, dest, tag + _TAG_INDICES), (stream.values, dest, tag + _TAG_VALUES)]
 
 
-def _recv_stream(channel: Channel, problem: Problem, source: int, step: int) -> _Stream:
-    base = 3 * step
-    tag, nbytes = channel.probe(source)
-    if tag == base + _TAG_DENSE:
-        return _Stream(None, channel.recv(problem.values.dtype, nbytes, source, tag))
-    if tag != base + _TAG_INDICES:  # pragma: no cover - would be a bug in this module
-        raise RuntimeError(f"recursive doubling: unexpected tag {tag} at step {step}")
-    indices = channel.recv(problem.indices.dtype, nbytes, source, tag)
-    count = indices.size
-    values = channel.recv(
-        problem.values.dtype, count * problem.values.dtype.itemsize, source, base + _TAG_VALUES
+def _recvs(header: int, problem: Problem, source: int, tag: int) -> tuple[_Stream, list]:
+    """Buffers for a stream announced by ``header`` and the receives that fill them."""
+    if header < 0:
+        values = np.empty(problem.n, problem.values.dtype)
+        return _Stream(None, values), [(values, source, tag + _TAG_DENSE)]
+    indices = np.empty(header, problem.indices.dtype)
+    values = np.empty(header, problem.values.dtype)
+    receives = [(indices, source, tag + _TAG_INDICES), (values, source, tag + _TAG_VALUES)]
+    return _Stream(indices, values), receives
+
+
+def _send_one_way(channel: Channel, stream: _Stream, dest: int, tag: int) -> None:
+    channel.transfer([(_header(stream), dest, tag + _TAG_HEADER), *_sends(stream, dest, tag)], [])
+
+
+def _recv_one_way(channel: Channel, problem: Problem, source: int, tag: int) -> _Stream:
+    header = np.empty(1, np.int64)
+    channel.transfer([], [(header, source, tag + _TAG_HEADER)])
+    theirs, receives = _recvs(int(header[0]), problem, source, tag)
+    channel.transfer([], receives)
+    return theirs
+
+
+def _swap(channel: Channel, problem: Problem, mine: _Stream, partner: int, tag: int) -> _Stream:
+    """Exchange streams with ``partner``: headers first (so every receive is posted with
+    its size, no probing), then indices and values in flight together."""
+    header = np.empty(1, np.int64)
+    channel.transfer(
+        [(_header(mine), partner, tag + _TAG_HEADER)], [(header, partner, tag + _TAG_HEADER)]
     )
-    return _Stream(indices, values)
-
-
-def _exchange(channel, problem, mine: _Stream, partner: int, step: int, mine_low: bool):
-    requests = _send_stream(channel, mine, partner, step)
-    theirs = _recv_stream(channel, problem, partner, step)
-    MPI.Request.Waitall(requests)
-    return _combine(mine, theirs, problem) if mine_low else _combine(theirs, mine, problem)
+    theirs, receives = _recvs(int(header[0]), problem, partner, tag)
+    channel.transfer(_sends(mine, partner, tag), receives)
+    return theirs
 
 
 def recursive_doubling(problem: Problem) -> list[Piece]:
@@ -188,24 +202,26 @@ def recursive_doubling(problem: Problem) -> list[Piece]:
     stream = _Stream(problem.indices, problem.values)
     if problem.goes_dense(problem.values.size, problem.n):
         stream = _Stream(None, _densify(problem.indices, problem.values, 0, problem.n))
-    step = 0
+    fold_tag, unfold_tag = 0, 4 * (low_size.bit_length() + 1)
     with stats._phase("exchange"):
         if rank >= low_size:
-            MPI.Request.Waitall(_send_stream(channel, stream, rank - low_size, step))
-            stream = _recv_stream(channel, problem, rank - low_size, 1 + low_size.bit_length())
+            _send_one_way(channel, stream, rank - low_size, fold_tag)
+            stream = _recv_one_way(channel, problem, rank - low_size, unfold_tag)
         else:
             if rank < extra:
-                theirs = _recv_stream(channel, problem, rank + low_size, step)
+                theirs = _recv_one_way(channel, problem, rank + low_size, fold_tag)
                 stream = _combine(stream, theirs, problem)
-            mask = 1
+            mask, step = 1, 1
             while mask < low_size:
-                step += 1
                 partner = rank ^ mask
-                stream = _exchange(channel, problem, stream, partner, step, rank < partner)
+                theirs = _swap(channel, problem, stream, partner, 4 * step)
+                # The lower-ranked group's stream is always the left operand.
+                low, high = (stream, theirs) if rank < partner else (theirs, stream)
+                stream = _combine(low, high, problem)
                 mask <<= 1
+                step += 1
             if rank < extra:
-                final_step = 1 + low_size.bit_length()
-                MPI.Request.Waitall(_send_stream(channel, stream, rank + low_size, final_step))
+                _send_one_way(channel, stream, rank + low_size, unfold_tag)
     if stream.indices is None:
         stats.dense_ranges = 1
     return [Piece(0, problem.n, stream.indices, stream.values)]
@@ -331,12 +347,11 @@ def dense(problem: Problem) -> list[Piece]:
     """Write the stream into a dense buffer and run MPI's own ``Allreduce``."""
     channel, stats = problem.channel, problem.channel.stats
     with stats._phase("densify_input"):
-        send = _densify(problem.indices, problem.values, 0, problem.n)
-    recv = np.empty_like(send)
+        buffer = _densify(problem.indices, problem.values, 0, problem.n)
     with stats._phase("allreduce"):
-        channel.allreduce_dense(send, recv)
+        channel.allreduce_dense(MPI.IN_PLACE, buffer)
     stats.dense_ranges = 1
-    return [Piece(0, problem.n, None, recv)]
+    return [Piece(0, problem.n, None, buffer)]
 
 
 ALGORITHMS: dict[str, Callable[[Problem], list[Piece]]] = {

@@ -227,9 +227,9 @@ def test_calibration_is_cached_and_agreed():
     model = calibrate(COMM)
     assert model.calibration_seconds > 0
     assert cost_model(COMM) is model
-    assert model.alpha > 0 and model.merge > 0 and model.dense > 0
-    if SIZE > 1:
-        assert model.beta > 0 and model.beta_allreduce > 0
+    assert model.merge > 0 and model.dense > 0
+    if SIZE > 1:  # one rank sends nothing: its network terms are zero
+        assert model.alpha > 0 and model.beta > 0 and model.beta_allreduce > 0
     assert len(set(COMM.allgather(model.fingerprint()))) == 1
     again = calibrate(COMM)
     assert cost_model(COMM) is again
