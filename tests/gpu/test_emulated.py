@@ -275,3 +275,23 @@ def test_merge_streams_rejects_bad_offsets(kernels):
             buffers[2],
             buffers[3],
         )
+
+
+@pytest.mark.parametrize("block", [32, 256])
+def test_other_block_sizes(block):
+    # The device runs 256-thread blocks; the kernels must not depend on the block size.
+    runtime = EmulatedRuntime(block=block, max_blocks=2)
+    kernels = load_kernels_module().GpuKernels(runtime)
+    dev = Device(put=np.array, get=np.array, empty=runtime.empty)
+    for dtype in DTYPES:
+        x = gradient_like(5003, dtype, seed=3)
+        case_topk(kernels, dev, x, 777, np.int32)
+        case_qsgd(kernels, dev, x, 7, 500, 0)
+        case_onebit(kernels, dev, x, 300)
+        case_terngrad(kernels, dev, x, 1000, np.inf)
+        case_max_abs(kernels, dev, x, 5003)
+        case_stream_read(kernels, dev, x)
+    case_merge(kernels, dev, 5000, 3000, np.int64, np.float32)
+    indices = np.random.default_rng(2).integers(0, 300, 4000).astype(np.int32)
+    case_scatter_add(kernels, dev, indices, np.float32)
+    case_pack(kernels, dev, 5, 4001)
