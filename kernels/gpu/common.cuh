@@ -11,9 +11,10 @@
 // and a fused multiply-add would round once instead of twice.
 //
 // Only a small CUDA subset is used -- threadIdx/blockIdx/blockDim/gridDim,
-// static __shared__ arrays, __syncthreads, full-warp shuffles, integer and
-// double atomics -- so that tests/gpu/cuda_emulator.h can run these same
-// sources on the host, one std::thread per CUDA thread, where no GPU exists.
+// static __shared__ arrays, __syncthreads, full-warp shuffles and
+// __match_any_sync, integer atomics -- so that tests/gpu/cuda_emulator.h can run
+// these same sources on the host, one std::thread per CUDA thread, where no GPU
+// exists.
 #pragma once
 
 #ifndef SPARCOMM_FLOAT64

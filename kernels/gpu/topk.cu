@@ -20,6 +20,7 @@
 #include "common.cuh"
 
 #define SC_TOPK_MAX_BINS 2048  // digits of at most 11 bits
+#define SC_NO_DIGIT 0xFFFFFFFFu  // a lane with no element of the current prefix
 
 // Histogram of the digit (key >> shift) & (2**digit_bits - 1) over the elements
 // whose key matches the prefix found by the earlier passes.  `hist` is zero on
@@ -36,10 +37,23 @@ extern "C" __global__ void sc_topk_histogram(const real_t* x, i64 n, int shift, 
     const bits_t prefix = (bits_t)state[0];
     const bits_t digit_mask = ((bits_t)1 << digit_bits) - 1;
     u64 nonfinite = 0;
-    for (i64 i = sc_thread_id(); i < n; i += sc_grid_threads()) {
-        const bits_t key = sc_abs_key(x[i]);
-        if (first_pass && key >= SC_INF_BITS) ++nonfinite;
-        if ((key & high_mask) == prefix) atomicAdd(&local[(key >> shift) & digit_mask], 1u);
+    const int lane = threadIdx.x % SC_WARP;
+    // Warp-uniform trip count (lanes past n take part with no digit), so that the
+    // lanes holding the same digit can meet in __match_any_sync and add once: many
+    // equal digits (zeros, one dominant exponent) would otherwise serialise up to
+    // 32 shared-memory atomics on one address.
+    for (i64 base = sc_thread_id() - lane; base < n; base += sc_grid_threads()) {
+        const i64 i = base + lane;
+        u32 digit = SC_NO_DIGIT;
+        if (i < n) {
+            const bits_t key = sc_abs_key(x[i]);
+            if (first_pass && key >= SC_INF_BITS) ++nonfinite;
+            if ((key & high_mask) == prefix) digit = (u32)((key >> shift) & digit_mask);
+        }
+        const unsigned peers = __match_any_sync(SC_FULL_MASK, digit);
+        if (digit != SC_NO_DIGIT && lane == __ffs(peers) - 1) {
+            atomicAdd(&local[digit], (u32)__popc(peers));
+        }
     }
     if (nonfinite) atomicAdd(state + 2, nonfinite);
     __syncthreads();

@@ -87,6 +87,29 @@ inline T __shfl_xor_sync(unsigned, T value, unsigned mask) {
     return sc_emu_shuffle(value, (threadIdx.x % 32) ^ mask);
 }
 
+// Bit mask of the lanes of this warp whose `value` equals this lane's.
+template <typename T>
+inline unsigned __match_any_sync(unsigned, T value) {
+    static_assert(sizeof(T) <= 8, "match of at most 8 bytes");
+    sc_emu::Block* block = sc_emu::current;
+    const unsigned t = threadIdx.x;
+    const unsigned warp = t / 32;
+    uint64_t bits = 0;
+    std::memcpy(&bits, &value, sizeof(T));
+    block->exchange[t] = bits;
+    block->warp_barriers[warp]->arrive_and_wait();
+    const unsigned width = blockDim.x - 32 * warp < 32 ? blockDim.x - 32 * warp : 32;
+    unsigned mask = 0;
+    for (unsigned lane = 0; lane < width; ++lane) {
+        if (block->exchange[32 * warp + lane] == bits) mask |= 1u << lane;
+    }
+    block->warp_barriers[warp]->arrive_and_wait();
+    return mask;
+}
+
+inline int __ffs(unsigned x) { return __builtin_ffs((int)x); }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+
 inline unsigned int atomicAdd(unsigned int* address, unsigned int value) {
     return __atomic_fetch_add(address, value, __ATOMIC_SEQ_CST);
 }
