@@ -199,7 +199,8 @@ def recursive_doubling(problem: Problem) -> list[Piece]:
     rank, size = channel.rank, channel.size
     low_size = 1 << (size.bit_length() - 1)
     extra = size - low_size
-    stream = _Stream(problem.indices, problem.values)
+    # A copy: with one rank the input would otherwise come back as the result.
+    stream = _Stream(problem.indices.copy(), problem.values.copy())
     if problem.goes_dense(problem.values.size, problem.n):
         stream = _Stream(None, _densify(problem.indices, problem.values, 0, problem.n))
     fold_tag, unfold_tag = 0, 4 * (low_size.bit_length() + 1)
@@ -318,6 +319,9 @@ def _allgather_pieces(problem: Problem, bounds: np.ndarray, mine: Piece) -> list
         indices, index_offsets = channel.allgatherv(send_i, index_counts)
         values, value_offsets = channel.allgatherv(mine.values, value_counts)
     stats.dense_ranges = int(dense.sum())
+    if not dense.any():
+        # The ranges arrive in rank order, which is index order: one sorted stream, no copy.
+        return [Piece(0, problem.n, indices, values)]
     pieces = []
     for j in range(size):
         v = values[value_offsets[j] : value_offsets[j + 1]]
@@ -412,8 +416,9 @@ def finish(
         else:
             parts_i.append(p.indices)
             parts_v.append(p.values)
-    indices = np.concatenate(parts_i) if len(parts_i) != 1 else parts_i[0].copy()
-    values = np.concatenate(parts_v) if len(parts_v) != 1 else parts_v[0].copy()
+    # Pieces are this module's own buffers (never the caller's arrays): no copy for one.
+    indices = np.concatenate(parts_i) if len(parts_i) != 1 else parts_i[0]
+    values = np.concatenate(parts_v) if len(parts_v) != 1 else parts_v[0]
     if scale is not None:
         values /= dtype.type(scale)
     return indices, values
