@@ -6,6 +6,8 @@ decodes to the same array on the other.  Skipped without CuPy or a GPU.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from _gpu_skip import require_gpu
@@ -46,7 +48,12 @@ def codecs():
 def test_payload_bits_match_cpu(codec, dtype, shape):
     rng = np.random.default_rng(7)
     x = rng.standard_normal(shape).astype(dtype)
-    cpu = codec.encode(x, key="w", step=3)
+    try:
+        cpu = codec.encode(x, key="w", step=3)
+    except (TypeError, ValueError) as error:  # e.g. TopK(k=3) of one element
+        with pytest.raises(type(error), match=re.escape(str(error))):
+            codec.encode(cupy.asarray(x), key="w", step=3)
+        return
     gpu = codec.encode(cupy.asarray(x), key="w", step=3)
     assert gpu.n == cpu.n and gpu.dtype == cpu.dtype and gpu.shape == cpu.shape
     assert set(gpu.arrays) == set(cpu.arrays)
