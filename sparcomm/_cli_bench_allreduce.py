@@ -40,6 +40,7 @@ from sparcomm.cli import arguments, command
 DEFAULT_SIZES = (16, 20, 24)
 DEFAULT_DENSITIES = (1e-4, 1e-3, 1e-2, 0.1, 0.5, 1.0)
 _CHILD_ENV = "SPARCOMM_BENCH_ALLREDUCE_CHILD"
+_YIELD_ENV = "MPIR_CVAR_ENABLE_HEAVY_YIELD"  # MPICH: yield the core while waiting
 # Environment variables set by MPI launchers (MPICH/Hydra, Open MPI, PMIx, Slurm).
 _LAUNCHER_ENV = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "SLURM_PROCID")
 
@@ -62,6 +63,7 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
         argv += ["--plot", os.path.abspath(args.plot)]
     if not args.progress:
         argv.append("--no-progress")
+    argv += ["--yield", args.yield_cpu]
     return argv
 
 
@@ -72,6 +74,12 @@ def _relaunch(args: argparse.Namespace) -> int:
     env[_CHILD_ENV] = "1"
     # One process per core already: keep Numba from starting a thread pool per rank.
     env.setdefault("NUMBA_NUM_THREADS", "1")
+    oversubscribed = args.np > (os.cpu_count() or 1)
+    if args.yield_cpu == "on" or (args.yield_cpu == "auto" and oversubscribed):
+        # More ranks than cores: MPICH's busy polling would hand a waiting rank's time
+        # slice to nobody.  Yielding lets the rank that has work run; it applies to every
+        # measured collective alike, MPI's Allreduce included.
+        env.setdefault(_YIELD_ENV, "1")
     # Not ``python -m sparcomm.cli``: that would run the CLI module as ``__main__``, a
     # second copy beside the ``sparcomm.cli`` that the subcommands register with.
     entry = "import sys; from sparcomm.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -290,6 +298,11 @@ def bench_allreduce(args: argparse.Namespace) -> dict[str, Any] | None:
             "mpi": MPI.Get_library_version().splitlines()[0].strip(),
             "loadavg_start": load_start,
             "loadavg_end": os.getloadavg(),
+            "env": {
+                name: os.environ[name]
+                for name in (_YIELD_ENV, "NUMBA_NUM_THREADS")
+                if name in os.environ
+            },
         },
         "cost_model": {
             "alpha": model.alpha,
@@ -342,6 +355,14 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", metavar="PNG", help="plot time vs density to PNG (matplotlib)")
     parser.add_argument(
         "--no-progress", dest="progress", action="store_false", help="no progress bar"
+    )
+    parser.add_argument(
+        "--yield",
+        dest="yield_cpu",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="set MPIR_CVAR_ENABLE_HEAVY_YIELD=1 in the launched ranks (auto: when there "
+        "are more ranks than cores)",
     )
 
 
