@@ -1,7 +1,7 @@
 """Every CUDA source in ``kernels/gpu`` compiles with nvcc for Hopper and for Ampere.
 
-Two builds per source, each for sm_90 and sm_80 (the oldest architecture family the
-kernels target that CUDA 13 still supports) with ``--fmad=false`` and warnings as errors:
+Two builds per source, each for sm_90 (Hopper) and sm_80 (Ampere; the kernels need sm_70
+or newer for ``__match_any_sync``) with ``--fmad=false`` and warnings as errors:
 the file as it stands (float32 values, int32 indices, ``#include "common.cuh"``), and the
 exact text the CuPy runtime hands to NVRTC (header inlined) for float64 values and int64
 indices.  Object files go to a temporary directory; nothing is linked or run.  Skipped
