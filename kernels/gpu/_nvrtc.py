@@ -23,6 +23,9 @@ from pathlib import Path
 BUILD_OPTIONS = ("-fmad=false", "-ftz=false", "-prec-div=true", "-prec-sqrt=true")
 """NVRTC options of every build: the kernel contract rounds each operation on its own."""
 
+MIN_ARCH = 70
+"""Oldest compute capability the sources support (``__match_any_sync`` needs Volta)."""
+
 
 def nvrtc_version() -> tuple[int, int]:
     from cupy.cuda import nvrtc
@@ -39,6 +42,11 @@ def target(arch: int) -> tuple[str, str]:
     """
     from cupy.cuda import nvrtc
 
+    if arch < MIN_ARCH:
+        raise RuntimeError(
+            f"sparcomm's GPU kernels need compute capability {MIN_ARCH // 10}.{MIN_ARCH % 10} "
+            f"or newer, got {arch // 10}.{arch % 10}; use NumPy arrays (the CPU kernels)"
+        )
     supported = [int(a) for a in nvrtc.getSupportedArchs()]
     if arch in supported:
         return f"-arch=sm_{arch}", "cubin"

@@ -80,3 +80,8 @@ def test_build_caches_by_content(tmp_path, monkeypatch):
 def test_compile_error_shows_the_log():
     with pytest.raises(RuntimeError, match="NVRTC failed to compile kernels/gpu/broken.cu"):
         build.compile_source("this is not CUDA", "broken", [], 90)
+
+
+def test_old_devices_are_refused_clearly():
+    with pytest.raises(RuntimeError, match="compute capability 7.0 or newer, got 6.1"):
+        build.target(61)
