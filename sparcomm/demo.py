@@ -95,7 +95,7 @@ def train(
     *,
     comm: Any = None,
     data: str = "digits",
-    epochs: int = 20,
+    epochs: int = 10,
     batch_size: int = 32,
     lr: float = 0.05,
     seed: int = 0,
@@ -263,7 +263,7 @@ def _configure(parser: argparse.ArgumentParser) -> None:
         help="number of ranks (default 4)",
     )
     parser.add_argument("--data", choices=["digits", "synthetic"], default="digits")
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=32, help="per rank")
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)

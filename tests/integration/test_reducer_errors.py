@@ -123,3 +123,25 @@ def test_importing_sparcomm_does_not_import_torch():
     code = "import sparcomm, sparcomm.reducer, sys; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_overlap_reduces_a_full_bucket_before_the_others_arrive():
+    """With overlap, the progress thread reduces bucket 0 as soon as it is complete,
+    while later gradients are still to come (the backward pass would still be running)."""
+    import time
+
+    r = GradientReducer(NoCompression(), fusion_threshold_bytes=0)
+    try:
+        assert r.overlap
+        r.setup([("last", (8,), np.float32), ("first", (8,), np.float32)])
+        r.submit("last", np.full(8, 2.0, np.float32))
+        deadline = time.monotonic() + 30
+        while "last" not in r._run.outputs:  # reduced in the background
+            assert time.monotonic() < deadline, "bucket 0 was not reduced before wait()"
+            time.sleep(0.001)
+        r.submit("first", np.ones(8, np.float32))
+        out = r.wait()
+        np.testing.assert_array_equal(out["last"], np.full(8, 2.0, np.float32))
+        np.testing.assert_array_equal(out["first"], np.ones(8, np.float32))
+    finally:
+        r.close()
