@@ -20,6 +20,7 @@ _S15 = np.uint32(15)
 _S8 = np.uint32(8)
 _S32 = np.uint64(32)
 _U24 = 2.0**-24
+_WORD = np.int64(1) << np.int64(32)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -47,19 +48,41 @@ def high_word(k1, i):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def hash24(key_lo, k2, i):
-    """Top 24 bits of the per-element hash, given ``key_lo = high_word(k1, i)``."""
-    lo = np.uint32(np.uint64(i) & _LOW32)
+def hash24(key_lo, k2, lo):
+    """Top 24 bits of the per-element hash of an index with low word ``lo``.
+
+    ``key_lo = high_word(k1, i)`` folds in the stream's low half and the index's high
+    word, which are constant over a run of 2**32 indices.
+    """
     h = mix32(np.uint32(np.uint32(lo * GOLDEN32) ^ key_lo))
     h = mix32(np.uint32(h + k2))
     return np.uint32(h >> _S8)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def low_word(i):
+    """The low 32 bits of index ``i`` as uint32."""
+    return np.uint32(np.uint64(i) & _LOW32)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def word_end(i, stop):
+    """End of the run of indices from ``i`` that share its high 32 bits (before ``stop``)."""
+    return min(stop, (i // _WORD + 1) * _WORD)
+
+
 @njit(cache=True, nogil=True)
 def _uniform_chunk(k1, k2, start, out, a, b):
-    for i in range(a, b):
-        j = start + i
-        out[i] = np.float64(hash24(high_word(k1, j), k2, j)) * _U24
+    i0 = start + a
+    stop = start + b
+    while i0 < stop:
+        i1 = word_end(i0, stop)
+        key_lo = high_word(k1, i0)
+        lo = low_word(i0)
+        run = out[i0 - start : i1 - start]
+        for t in range(run.size):
+            run[t] = np.float64(hash24(key_lo, k2, np.uint32(lo + np.uint32(t)))) * _U24
+        i0 = i1
 
 
 def as_stream(stream):

@@ -37,16 +37,17 @@ def _bucket_means(x, a, b, out_means, bk):
     p0 = p1 = p2 = p3 = p4 = p5 = p6 = p7 = 0.0
     q0 = q1 = q2 = q3 = q4 = q5 = q6 = q7 = 0.0
     negatives = 0
-    m = a + (b - a) // 8 * 8
-    for i in range(a, m, 8):
-        s0, t0, c0 = _split(np.float64(x[i]))
-        s1, t1, c1 = _split(np.float64(x[i + 1]))
-        s2, t2, c2 = _split(np.float64(x[i + 2]))
-        s3, t3, c3 = _split(np.float64(x[i + 3]))
-        s4, t4, c4 = _split(np.float64(x[i + 4]))
-        s5, t5, c5 = _split(np.float64(x[i + 5]))
-        s6, t6, c6 = _split(np.float64(x[i + 6]))
-        s7, t7, c7 = _split(np.float64(x[i + 7]))
+    xs = x[a:b]  # indexed from 0: no wraparound test, contiguous vector loads
+    m = xs.size // 8
+    for r in range(m):
+        s0, t0, c0 = _split(np.float64(xs[8 * r]))
+        s1, t1, c1 = _split(np.float64(xs[8 * r + 1]))
+        s2, t2, c2 = _split(np.float64(xs[8 * r + 2]))
+        s3, t3, c3 = _split(np.float64(xs[8 * r + 3]))
+        s4, t4, c4 = _split(np.float64(xs[8 * r + 4]))
+        s5, t5, c5 = _split(np.float64(xs[8 * r + 5]))
+        s6, t6, c6 = _split(np.float64(xs[8 * r + 6]))
+        s7, t7, c7 = _split(np.float64(xs[8 * r + 7]))
         p0 += s0
         p1 += s1
         p2 += s2
@@ -63,41 +64,50 @@ def _bucket_means(x, a, b, out_means, bk):
         q5 += t5
         q6 += t6
         q7 += t7
-        negatives += (np.int64(c0) + np.int64(c1) + np.int64(c2) + np.int64(c3)
-                      + np.int64(c4) + np.int64(c5) + np.int64(c6) + np.int64(c7))
-    r = b - m
+        negatives += (
+            np.int64(c0)
+            + np.int64(c1)
+            + np.int64(c2)
+            + np.int64(c3)
+            + np.int64(c4)
+            + np.int64(c5)
+            + np.int64(c6)
+            + np.int64(c7)
+        )
+    tail = xs[8 * m :]
+    r = tail.size
     if r > 0:
-        s, t, c = _split(np.float64(x[m]))
+        s, t, c = _split(np.float64(tail[0]))
         p0 += s
         q0 += t
         negatives += np.int64(c)
     if r > 1:
-        s, t, c = _split(np.float64(x[m + 1]))
+        s, t, c = _split(np.float64(tail[1]))
         p1 += s
         q1 += t
         negatives += np.int64(c)
     if r > 2:
-        s, t, c = _split(np.float64(x[m + 2]))
+        s, t, c = _split(np.float64(tail[2]))
         p2 += s
         q2 += t
         negatives += np.int64(c)
     if r > 3:
-        s, t, c = _split(np.float64(x[m + 3]))
+        s, t, c = _split(np.float64(tail[3]))
         p3 += s
         q3 += t
         negatives += np.int64(c)
     if r > 4:
-        s, t, c = _split(np.float64(x[m + 4]))
+        s, t, c = _split(np.float64(tail[4]))
         p4 += s
         q4 += t
         negatives += np.int64(c)
     if r > 5:
-        s, t, c = _split(np.float64(x[m + 5]))
+        s, t, c = _split(np.float64(tail[5]))
         p5 += s
         q5 += t
         negatives += np.int64(c)
     if r > 6:
-        s, t, c = _split(np.float64(x[m + 6]))
+        s, t, c = _split(np.float64(tail[6]))
         p6 += s
         q6 += t
         negatives += np.int64(c)
@@ -110,8 +120,10 @@ def _bucket_means(x, a, b, out_means, bk):
 
 @njit(cache=True, nogil=True)
 def _sign_bits(x, a, b, lanes, offset):
-    for i in range(a, b):
-        lanes[i - offset] = np.uint8(x[i] < 0)
+    xs = x[a:b]
+    fs = lanes[a - offset : b - offset]
+    for t in range(xs.size):
+        fs[t] = np.uint8(xs[t] < 0)
 
 
 @njit(cache=True, nogil=True)
@@ -171,8 +183,10 @@ def _decode_task(packed, means, bucket, a, b, out):
         e = min(b, (bk + 1) * bucket)
         positive = as_dtype(means[2 * bk], out)
         negative = as_dtype(means[2 * bk + 1], out)
-        for i in range(s, e):
-            out[i] = negative if lanes[i - a] else positive
+        fs = lanes[s - a : e - a]
+        os = out[s:e]
+        for t in range(fs.size):
+            os[t] = negative if fs[t] else positive
 
 
 @njit(cache=True, nogil=True, parallel=True)

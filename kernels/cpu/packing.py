@@ -51,16 +51,37 @@ def pack_groups(fields, ngroups, bits, out, first_group):
     """Pack ``ngroups`` whole groups from ``fields`` (uint64 words, one field per byte).
 
     Writes bytes ``[first_group*bits, (first_group+ngroups)*bits)`` of ``out``.  The
-    fields must already fit in ``bits`` bits.
+    fields must already fit in ``bits`` bits.  After the squeeze, group ``g``'s bytes are
+    the low ``bits`` bytes of its word; the byte copies for 1, 2, 4 and 8 bits are
+    spelled out so LLVM turns them into vector shuffles.
     """
     for g in range(ngroups):
         fields[g] = compress_group(fields[g], bits)
-    base = first_group * bits
-    for g in range(ngroups):
-        word = fields[g]
-        p = base + g * bits
-        for j in range(bits):
-            out[p + j] = np.uint8((word >> np.uint64(8 * j)) & np.uint64(0xFF))
+    # Slices indexed from 0 (and unsigned indices below) spare Numba's wraparound test.
+    ob = out[first_group * bits : (first_group + ngroups) * bits]
+    fb = fields.view(np.uint8)
+    if bits == 1:
+        for g in range(ngroups):
+            ob[g] = fb[8 * g]
+    elif bits == 2:
+        for g in range(ngroups):
+            ob[2 * g] = fb[8 * g]
+            ob[2 * g + 1] = fb[8 * g + 1]
+    elif bits == 4:
+        for g in range(ngroups):
+            ob[4 * g] = fb[8 * g]
+            ob[4 * g + 1] = fb[8 * g + 1]
+            ob[4 * g + 2] = fb[8 * g + 2]
+            ob[4 * g + 3] = fb[8 * g + 3]
+    elif bits == 8:
+        ob[:] = fb[: 8 * ngroups]
+    else:
+        width = np.uint64(bits)
+        for g in range(ngroups):
+            p = np.uint64(g) * width
+            q = np.uint64(8 * g)
+            for j in range(bits):
+                ob[p + np.uint64(j)] = fb[q + np.uint64(j)]
 
 
 @njit(cache=True, nogil=True)
@@ -74,23 +95,41 @@ def pack_tail(fields, n_fields, bits, out, first_group):
         out[p + j] = np.uint8((word >> np.uint64(8 * j)) & np.uint64(0xFF))
 
 
-@njit(cache=True, nogil=True, inline="always")
-def load_group(packed, g, bits, n_bytes):
-    """Group ``g``'s packed word, reading at most ``n_bytes`` bytes (the stream's end)."""
-    p = g * bits
-    stop = min(p + bits, n_bytes)
-    word = np.uint64(0)
-    for j in range(p, stop):
-        word |= np.uint64(packed[j]) << np.uint64(8 * (j - p))
-    return word
-
-
 @njit(cache=True, nogil=True)
 def unpack_groups(packed, bits, first_group, ngroups, fields):
-    """Expand groups ``first_group ...`` into ``fields`` (uint64 words, a field per byte)."""
-    n_bytes = packed.size
-    for g in range(ngroups):
-        fields[g] = load_group(packed, first_group + g, bits, n_bytes)
+    """Expand groups ``first_group ...`` into ``fields`` (uint64 words, a field per byte).
+
+    Reads at most to the end of ``packed`` (the last group may be partial).
+    """
+    fields[:ngroups] = 0
+    fb = fields.view(np.uint8)
+    start = first_group * bits
+    pb = packed[start : min(packed.size, start + ngroups * bits)]
+    whole = pb.size // bits
+    if bits == 1:
+        for g in range(whole):
+            fb[8 * g] = pb[g]
+    elif bits == 2:
+        for g in range(whole):
+            fb[8 * g] = pb[2 * g]
+            fb[8 * g + 1] = pb[2 * g + 1]
+    elif bits == 4:
+        for g in range(whole):
+            fb[8 * g] = pb[4 * g]
+            fb[8 * g + 1] = pb[4 * g + 1]
+            fb[8 * g + 2] = pb[4 * g + 2]
+            fb[8 * g + 3] = pb[4 * g + 3]
+    elif bits == 8:
+        fb[: 8 * whole] = pb[: 8 * whole]
+    else:
+        width = np.uint64(bits)
+        for g in range(whole):
+            p = np.uint64(g) * width
+            q = np.uint64(8 * g)
+            for j in range(bits):
+                fb[q + np.uint64(j)] = pb[p + np.uint64(j)]
+    for j in range(pb.size - whole * bits):  # a last, partial group
+        fb[8 * whole + j] = pb[whole * bits + j]
     for g in range(ngroups):
         fields[g] = expand_group(fields[g], bits)
 
@@ -100,8 +139,9 @@ def _pack_chunk(src, a, b, bits, out, scratch):
     """Pack elements ``[a, b)`` (``a`` a multiple of 8) of the uint8 ``src``."""
     mask = np.uint8((1 << bits) - 1)
     lanes = scratch.view(np.uint8)
-    for i in range(a, b):
-        lanes[i - a] = src[i] & mask
+    part = src[a:b]
+    for t in range(part.size):
+        lanes[t] = part[t] & mask
     n = b - a
     full = n // 8
     pack_groups(scratch, full, bits, out, a // 8)
@@ -122,9 +162,7 @@ def _pack_bits(fields, bits, out):
 def _unpack_chunk(packed, bits, a, b, out, scratch):
     n = b - a
     unpack_groups(packed, bits, a // 8, (n + 7) // 8, scratch)
-    lanes = scratch.view(np.uint8)
-    for i in range(a, b):
-        out[i] = lanes[i - a]
+    out[a:b] = scratch.view(np.uint8)[:n]
 
 
 @njit(cache=True, nogil=True, parallel=True)

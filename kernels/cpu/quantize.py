@@ -20,40 +20,40 @@ import numpy as np
 from numba import njit, prange
 
 from ._common import CHUNK, abs_bits, abs_mask, as_dtype, lane_sum_squares, n_chunks
-from ._random import as_stream, hash24, high_word, stream_halves
+from ._random import as_stream, hash24, high_word, low_word, stream_halves, word_end
 from .packing import pack_groups, pack_tail, unpack_groups
 from .reduce import max_abs, max_bits
 
 _U24 = 2.0**-24
-_WORD = np.int64(1) << np.int64(32)
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _word_end(i, stop):
-    """End of the run of indices sharing ``i``'s high 32 bits (the hash's ``hi`` word)."""
-    return min(stop, (i // _WORD + 1) * _WORD)
 
 
 @njit(cache=True, nogil=True)
 def _qsgd_fields(x, a, b, inv, levels, k1, k2, lanes, offset):
-    """QSGD fields ``(level << 1) | sign`` of ``x[a:b]`` into ``lanes[i - offset]``."""
+    """QSGD fields ``(level << 1) | sign`` of ``x[a:b]`` into ``lanes[i - offset]``.
+
+    Loops run over slices indexed from 0 (see ``lane_sum_squares``) and over runs of
+    indices sharing their high 32 bits, so the body is branch-free and vectorises.
+    """
     levels_f = as_dtype(levels, x)
     one = as_dtype(1, x)
     zero = as_dtype(0, x)
     u24 = as_dtype(_U24, x)
     i0 = a
     while i0 < b:
-        i1 = _word_end(i0, b)
+        i1 = word_end(i0, b)
         key_lo = high_word(k1, i0)
-        for i in range(i0, i1):
-            v = x[i]
-            t = abs(v) * inv
-            low = np.floor(t)
-            u = as_dtype(hash24(key_lo, k2, i), x) * u24
-            level = low + (one if u < t - low else zero)
+        lo = low_word(i0)
+        xs = x[i0:i1]
+        fs = lanes[i0 - offset : i1 - offset]
+        for t in range(xs.size):
+            v = xs[t]
+            scaled = abs(v) * inv
+            low = np.floor(scaled)
+            u = as_dtype(hash24(key_lo, k2, np.uint32(lo + np.uint32(t))), x) * u24
+            level = low + (one if u < scaled - low else zero)
             # NaN fails `<=` and is clamped as well, so the field is always defined.
             level = level if level <= levels_f else levels_f
-            lanes[i - offset] = np.uint8((np.uint8(level) << np.uint8(1)) | np.uint8(v < 0))
+            fs[t] = np.uint8((np.uint8(level) << np.uint8(1)) | np.uint8(v < 0))
         i0 = i1
 
 
@@ -126,8 +126,19 @@ def _qsgd_encode(x, levels, bits, bucket, norm, stream, out_scales, out_packed):
     if group <= CHUNK:
         task = group * (CHUNK // group)
         for c in prange(n_chunks(n, task)):
-            _qsgd_fused_task(x, c * task, min(n, (c + 1) * task), levels, bits, bucket, norm,
-                             k1, k2, out_scales, out_packed)
+            _qsgd_fused_task(
+                x,
+                c * task,
+                min(n, (c + 1) * task),
+                levels,
+                bits,
+                bucket,
+                norm,
+                k1,
+                k2,
+                out_scales,
+                out_packed,
+            )
     else:
         # A bucket larger than a task: norms first (the L2 lane sum of one bucket is
         # sequential by definition), then quantise in parallel.
@@ -136,8 +147,18 @@ def _qsgd_encode(x, levels, bits, bucket, norm, stream, out_scales, out_packed):
         else:
             max_abs(x, bucket, out_scales)
         for c in prange(n_chunks(n, CHUNK)):
-            _qsgd_task(x, c * CHUNK, min(n, (c + 1) * CHUNK), levels, bits, bucket, k1, k2,
-                       out_scales, out_packed)
+            _qsgd_task(
+                x,
+                c * CHUNK,
+                min(n, (c + 1) * CHUNK),
+                levels,
+                bits,
+                bucket,
+                k1,
+                k2,
+                out_scales,
+                out_packed,
+            )
 
 
 def qsgd_encode(x, levels, bits, bucket, norm, stream, out_scales, out_packed):
@@ -145,8 +166,9 @@ def qsgd_encode(x, levels, bits, bucket, norm, stream, out_scales, out_packed):
 
     See the contract in ``kernels/__init__.py``; ``norm`` 0 = L2, 1 = max.
     """
-    _qsgd_encode(x, int(levels), int(bits), int(bucket), int(norm), as_stream(stream),
-                 out_scales, out_packed)
+    _qsgd_encode(
+        x, int(levels), int(bits), int(bucket), int(norm), as_stream(stream), out_scales, out_packed
+    )
 
 
 @njit(cache=True, nogil=True)
@@ -158,18 +180,21 @@ def _qsgd_decode_task(packed, scales, levels, bits, bucket, a, b, out):
         s = max(a, bk * bucket)
         e = min(b, (bk + 1) * bucket)
         step = as_dtype(scales[bk], out) / as_dtype(levels, out)
-        for i in range(s, e):
-            f = lanes[i - a]
+        fs = lanes[s - a : e - a]
+        os = out[s:e]
+        for t in range(fs.size):
+            f = fs[t]
             magnitude = as_dtype(f >> np.uint8(1), out) * step
-            out[i] = -magnitude if f & np.uint8(1) else magnitude
+            os[t] = -magnitude if f & np.uint8(1) else magnitude
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def _qsgd_decode(packed, scales, levels, bits, bucket, out):
     n = out.size
     for c in prange(n_chunks(n, CHUNK)):
-        _qsgd_decode_task(packed, scales, levels, bits, bucket, c * CHUNK,
-                          min(n, (c + 1) * CHUNK), out)
+        _qsgd_decode_task(
+            packed, scales, levels, bits, bucket, c * CHUNK, min(n, (c + 1) * CHUNK), out
+        )
 
 
 def qsgd_decode(packed, scales, levels, bits, bucket, out):
@@ -181,23 +206,25 @@ def qsgd_decode(packed, scales, levels, bits, bucket, out):
 def _terngrad_fields(x, a, b, scale, clip, k1, k2, lanes, offset):
     """TernGrad codes of ``x[a:b]`` (bucket scale ``scale``) into ``lanes[i - offset]``."""
     if scale == 0:
-        for i in range(a, b):
-            lanes[i - offset] = 0
+        lanes[a - offset : b - offset] = 0
         return
     u24 = as_dtype(_U24, x)
     i0 = a
     while i0 < b:
-        i1 = _word_end(i0, b)
+        i1 = word_end(i0, b)
         key_lo = high_word(k1, i0)
-        for i in range(i0, i1):
-            v = x[i]
+        lo = low_word(i0)
+        xs = x[i0:i1]
+        fs = lanes[i0 - offset : i1 - offset]
+        for t in range(xs.size):
+            v = xs[t]
             magnitude = abs(v)
             # `>` keeps NaN as NaN (np.minimum's rule); the draw then fails for NaN.
             clipped = clip if magnitude > clip else magnitude
             p = clipped / scale
-            u = as_dtype(hash24(key_lo, k2, i), x) * u24
+            u = as_dtype(hash24(key_lo, k2, np.uint32(lo + np.uint32(t))), x) * u24
             code = np.uint8(1) if v > 0 else np.uint8(2)
-            lanes[i - offset] = code if (u < p and v != 0) else np.uint8(0)
+            fs[t] = code if (u < p and v != 0) else np.uint8(0)
         i0 = i1
 
 
@@ -218,8 +245,9 @@ def _terngrad_encode(x, scales, bucket, clip, stream, out_packed):
     k1, k2 = stream_halves(stream)
     clip_x = as_dtype(clip, x)
     for c in prange(n_chunks(n, CHUNK)):
-        _terngrad_task(x, scales, bucket, clip_x, k1, k2, c * CHUNK, min(n, (c + 1) * CHUNK),
-                       out_packed)
+        _terngrad_task(
+            x, scales, bucket, clip_x, k1, k2, c * CHUNK, min(n, (c + 1) * CHUNK), out_packed
+        )
 
 
 def terngrad_encode(x, scales, bucket, clip, stream, out_packed):
@@ -237,9 +265,11 @@ def _terngrad_decode_task(packed, scales, bucket, a, b, out):
         s = max(a, bk * bucket)
         e = min(b, (bk + 1) * bucket)
         scale = as_dtype(scales[bk], out)
-        for i in range(s, e):
-            code = lanes[i - a]
-            out[i] = scale if code == 1 else (-scale if code == 2 else zero)
+        fs = lanes[s - a : e - a]
+        os = out[s:e]
+        for t in range(fs.size):
+            code = fs[t]
+            os[t] = scale if code == 1 else (-scale if code == 2 else zero)
 
 
 @njit(cache=True, nogil=True, parallel=True)

@@ -13,9 +13,10 @@ _STREAM_CHUNK = 1 << 16
 @njit(cache=True, nogil=True, fastmath=True)
 def _sum_chunk(x, a, b):
     # fastmath lets LLVM reorder the sum into vector lanes: a read at full bandwidth.
+    xs = x[a:b]  # indexed from 0: Numba drops its negative-index test, loads vectorise
     total = 0.0
-    for i in range(a, b):
-        total += x[i]
+    for t in range(xs.size):
+        total += xs[t]
     return total
 
 
@@ -33,9 +34,10 @@ def stream_read(x):
 @njit(cache=True, nogil=True)
 def max_bits(bits, mask, a, b):
     """Largest ``bits[i] & mask`` over ``[a, b)``: max |x| as an integer (vectorises)."""
-    best = bits[a] & mask
-    for i in range(a + 1, b):
-        best = max(best, bits[i] & mask)
+    part = bits[a:b]
+    best = part[0] & mask
+    for t in range(1, part.size):
+        best = max(best, part[t] & mask)
     return best
 
 

@@ -8,9 +8,10 @@ so selection runs on integers and never sorts.  Steps, for ``0 < k < n``:
    (``r`` = the sample's expected count above the k-th largest, plus four standard
    deviations) is a threshold ``T`` a little below the true k-th largest key.  For
    ``n <= S`` the sample is all of ``x`` and ``T`` is exact.
-2. **One pass.**  Parallel chunks stream ``x`` once: blocks of 16 keys whose maximum is
-   below ``T`` are skipped with one vector compare; the rest store the indices and keys
-   above ``T`` and count the keys equal to ``T`` (and the non-finite ones).
+2. **One pass.**  Parallel chunks stream ``x`` once: each block of 64 keys is compared
+   with ``T`` into a bit mask by vector compares, and only the set bits are visited: the
+   keys above ``T`` are stored with their indices, those equal to ``T`` (and the
+   non-finite ones) counted.
 3. **Exact select.**  If fewer than ``k`` keys are above ``T`` but enough are at least
    ``T``, the k-th largest is ``T`` itself; if more than ``k`` are above, an MSD radix
    select (11-bit digits) over the few candidates finds it.  If the sample bound was too
@@ -27,6 +28,7 @@ import math
 
 import numpy as np
 from numba import njit, prange
+from numba.cpython.unsafe.numbers import trailing_zeros
 
 from ._common import abs_bits, abs_mask, inf_bits, n_chunks
 
@@ -34,10 +36,20 @@ SCAN_CHUNK = 1 << 16
 """Elements per parallel task of the candidate pass."""
 SAMPLE = 1 << 16
 """Keys in the strided sample that bounds the threshold."""
-BLOCK = 16
-"""Keys checked together against the threshold (one AVX-512 vector of float32)."""
+BLOCK = 64
+"""Keys compared with the threshold into one 64-bit mask."""
 RADIX_BITS = 11
 _DIGITS = 1 << RADIX_BITS
+
+
+@njit(cache=True, nogil=True)
+def _key_range(keys):
+    low = keys[0]
+    high = keys[0]
+    for t in range(1, keys.size):
+        low = min(low, keys[t])
+        high = max(high, keys[t])
+    return np.uint64(low), np.uint64(high)
 
 
 @njit(cache=True, nogil=True)
@@ -45,12 +57,23 @@ def kth_largest(keys, r):
     """The ``r``-th largest value of the unsigned ``keys`` (``1 <= r <= keys.size``).
 
     MSD radix select: histogram one 11-bit digit of the keys still in play, keep the
-    digit bucket that holds the ``r``-th largest, repeat on the next digit.
+    digit bucket that holds the ``r``-th largest, repeat on the next digit.  The first
+    digit starts just below the highest bit where the smallest and largest key differ
+    (all keys share the bits above it), so candidates packed in a narrow range of
+    magnitudes are split at the first pass.
     """
+    low, high = _key_range(keys)
+    if low == high:
+        return keys[0]
+    spread = 0
+    diff = low ^ high
+    while diff:
+        spread += 1
+        diff >>= np.uint64(1)
     work = keys.copy()
     m = work.size
     need = r
-    shift = keys.itemsize * 8 - RADIX_BITS
+    shift = max(spread - RADIX_BITS, 0)
     digit_mask = np.uint64(_DIGITS - 1)
     hist = np.zeros(_DIGITS, dtype=np.int64)
     while True:
@@ -100,8 +123,9 @@ def _sample_bound(bits, mask, n, k):
 @njit(cache=True, nogil=True)
 def _histogram_chunk(bits, mask, shift, a, b, hist):
     s = np.uint64(shift)
-    for i in range(a, b):
-        hist[np.int64(np.uint64(bits[i] & mask) >> s)] += 1
+    part = bits[a:b]
+    for t in range(part.size):
+        hist[np.int64(np.uint64(part[t] & mask) >> s)] += 1
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -123,11 +147,12 @@ def _histogram_bound(bits, mask, n, k):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _block_max(bits, mask, i):
-    m = bits[i] & mask
-    for j in range(1, BLOCK):
-        m = max(m, bits[i + j] & mask)
-    return m
+def _take(part, mask, bound, inf, j, a, out_idx, out_key, above, equal, bad):
+    """Branch-free bookkeeping of key ``j``: always written, kept only if above."""
+    key = part[j] & mask
+    out_idx[above] = a + j
+    out_key[above] = key
+    return above + (key > bound), equal + (key == bound), bad + (key >= inf)
 
 
 @njit(cache=True, nogil=True)
@@ -136,30 +161,34 @@ def _scan_chunk(bits, mask, bound, inf, a, b, cand_idx, cand_key):
 
     Returns ``(above, equal, non_finite)``; non-finite keys are counted only when they are
     at least ``bound`` (the caller keeps ``bound <= inf``, so that is all of them).
+    Each block of 64 keys is compared with ``bound`` into a 64-bit mask (vector compares
+    into mask registers), and only its set bits are visited.  Loops run over slices
+    indexed from 0, so Numba omits its negative-index test, which would turn the loads
+    into gathers.
     """
+    part = bits[a:b]
+    out_idx = cand_idx[a:b]
+    out_key = cand_key[a:b]
     above = 0
     equal = 0
     bad = 0
-    i = a
-    while i < b:
-        if i + BLOCK <= b:
-            if _block_max(bits, mask, i) < bound:
-                i += BLOCK
-                continue
-            e = i + BLOCK
-        else:
-            e = b
-        for j in range(i, e):
-            key = bits[j] & mask
-            if key > bound:
-                cand_idx[a + above] = j
-                cand_key[a + above] = key
-                above += 1
-            elif key == bound:
-                equal += 1
-            if key >= inf:
-                bad += 1
-        i = e
+    blocks = part.size // BLOCK
+    for blk in range(blocks):
+        first = blk * BLOCK
+        hits = np.uint64(0)
+        for j in range(BLOCK):
+            hits |= np.uint64((part[first + j] & mask) >= bound) << np.uint64(j)
+        while hits:
+            j = first + trailing_zeros(hits)
+            hits &= hits - np.uint64(1)
+            above, equal, bad = _take(
+                part, mask, bound, inf, j, a, out_idx, out_key, above, equal, bad
+            )
+    for j in range(blocks * BLOCK, part.size):
+        if (part[j] & mask) >= bound:
+            above, equal, bad = _take(
+                part, mask, bound, inf, j, a, out_idx, out_key, above, equal, bad
+            )
     return above, equal, bad
 
 
@@ -167,16 +196,18 @@ def _scan_chunk(bits, mask, bound, inf, a, b, cand_idx, cand_key):
 def _scan(bits, mask, bound, inf, n, cand_idx, cand_key, above, equal, bad):
     for c in prange(above.size):
         a = c * SCAN_CHUNK
-        above[c], equal[c], bad[c] = _scan_chunk(bits, mask, bound, inf, a,
-                                                 min(n, a + SCAN_CHUNK), cand_idx, cand_key)
+        above[c], equal[c], bad[c] = _scan_chunk(
+            bits, mask, bound, inf, a, min(n, a + SCAN_CHUNK), cand_idx, cand_key
+        )
 
 
 @njit(cache=True, nogil=True)
 def _count_chunk_candidates(cand_key, a, count, kth):
     greater = 0
     equal = 0
-    for t in range(a, a + count):
-        key = cand_key[t]
+    keys = cand_key[a : a + count]
+    for t in range(keys.size):
+        key = keys[t]
         if key > kth:
             greater += 1
         elif key == kth:
@@ -185,15 +216,18 @@ def _count_chunk_candidates(cand_key, a, count, kth):
 
 
 @njit(cache=True, nogil=True)
-def _write_from_candidates(x, cand_idx, cand_key, a, count, kth, ties, out_indices,
-                           out_values, offset):
+def _write_from_candidates(
+    x, cand_idx, cand_key, a, count, kth, ties, out_indices, out_values, offset
+):
     p = offset
-    for t in range(a, a + count):
-        key = cand_key[t]
+    keys = cand_key[a : a + count]
+    where = cand_idx[a : a + count]
+    for t in range(keys.size):
+        key = keys[t]
         if key > kth or (key == kth and ties > 0):
             if key == kth:
                 ties -= 1
-            i = cand_idx[t]
+            i = where[t]
             out_indices[p] = i
             out_values[p] = x[i]
             p += 1
@@ -202,8 +236,10 @@ def _write_from_candidates(x, cand_idx, cand_key, a, count, kth, ties, out_indic
 @njit(cache=True, nogil=True)
 def _write_from_data(x, bits, mask, a, b, kth, ties, out_indices, out_values, offset):
     p = offset
-    for i in range(a, b):
-        key = bits[i] & mask
+    part = bits[a:b]
+    for t in range(part.size):
+        i = a + t
+        key = part[t] & mask
         if key > kth or (key == kth and ties > 0):
             if key == kth:
                 ties -= 1
@@ -213,8 +249,9 @@ def _write_from_data(x, bits, mask, a, b, kth, ties, out_indices, out_values, of
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _output(x, bits, mask, n, k, bound, kth, cand_idx, cand_key, above, equal,
-            out_indices, out_values):
+def _output(
+    x, bits, mask, n, k, bound, kth, cand_idx, cand_key, above, equal, out_indices, out_values
+):
     """Write the k kept entries, ascending, ties at ``kth`` to the lowest indices."""
     nc = above.size
     greater = np.empty(nc, dtype=np.int64)
@@ -224,8 +261,7 @@ def _output(x, bits, mask, n, k, bound, kth, cand_idx, cand_key, above, equal,
         ties[:] = equal
     else:
         for c in prange(nc):
-            greater[c], ties[c] = _count_chunk_candidates(cand_key, c * SCAN_CHUNK, above[c],
-                                                          kth)
+            greater[c], ties[c] = _count_chunk_candidates(cand_key, c * SCAN_CHUNK, above[c], kth)
     # Share the ties out in chunk order: the lowest indices win.
     left = k - greater.sum()
     offsets = np.empty(nc, dtype=np.int64)
@@ -240,11 +276,31 @@ def _output(x, bits, mask, n, k, bound, kth, cand_idx, cand_key, above, equal,
         a = c * SCAN_CHUNK
         if kth == bound and ties[c] > 0:
             # Keys equal to the bound were counted, not stored: read the chunk again.
-            _write_from_data(x, bits, mask, a, min(n, a + SCAN_CHUNK), kth, ties[c],
-                             out_indices, out_values, offsets[c])
+            _write_from_data(
+                x,
+                bits,
+                mask,
+                a,
+                min(n, a + SCAN_CHUNK),
+                kth,
+                ties[c],
+                out_indices,
+                out_values,
+                offsets[c],
+            )
         else:
-            _write_from_candidates(x, cand_idx, cand_key, a, above[c], kth, ties[c],
-                                   out_indices, out_values, offsets[c])
+            _write_from_candidates(
+                x,
+                cand_idx,
+                cand_key,
+                a,
+                above[c],
+                kth,
+                ties[c],
+                out_indices,
+                out_values,
+                offsets[c],
+            )
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -252,7 +308,7 @@ def _gather_keys(cand_key, above, out):
     offsets = np.cumsum(above) - above
     for c in prange(above.size):
         a = c * SCAN_CHUNK
-        out[offsets[c]:offsets[c] + above[c]] = cand_key[a:a + above[c]]
+        out[offsets[c] : offsets[c] + above[c]] = cand_key[a : a + above[c]]
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -261,8 +317,11 @@ def _count_non_finite(bits, mask, inf):
     nc = n_chunks(n, SCAN_CHUNK)
     counts = np.zeros(nc, dtype=np.int64)
     for c in prange(nc):
-        for i in range(c * SCAN_CHUNK, min(n, (c + 1) * SCAN_CHUNK)):
-            counts[c] += (bits[i] & mask) >= inf
+        part = bits[c * SCAN_CHUNK : min(n, (c + 1) * SCAN_CHUNK)]
+        count = 0
+        for t in range(part.size):
+            count += (part[t] & mask) >= inf
+        counts[c] = count
     return counts.sum()
 
 
@@ -309,6 +368,7 @@ def topk(x, k, out_indices, out_values):
         kth = kth_largest(keys, k)
     else:
         kth = bound
-    _output(x, bits, mask, n, k, bound, kth, cand_idx, cand_key, above, equal,
-            out_indices, out_values)
+    _output(
+        x, bits, mask, n, k, bound, kth, cand_idx, cand_key, above, equal, out_indices, out_values
+    )
     return bad.sum()

@@ -269,9 +269,19 @@ def test_scatter_add_matches_reference(dtype: type, index_dtype: type) -> None:
 
 def test_cpu_module_exports_the_contract() -> None:
     contract = {
-        "stream_read", "uniform", "pack_bits", "unpack_bits", "topk", "scatter_add",
-        "qsgd_encode", "qsgd_decode", "max_abs", "terngrad_encode", "terngrad_decode",
-        "onebit_encode", "onebit_decode",
+        "stream_read",
+        "uniform",
+        "pack_bits",
+        "unpack_bits",
+        "topk",
+        "scatter_add",
+        "qsgd_encode",
+        "qsgd_decode",
+        "max_abs",
+        "terngrad_encode",
+        "terngrad_decode",
+        "onebit_encode",
+        "onebit_decode",
     }
     assert contract <= set(cpu.__all__)
     assert all(callable(getattr(ref, name)) for name in contract)

@@ -12,8 +12,15 @@ from sparcomm._random import stream_key, uniform_reference
 
 @pytest.mark.parametrize(
     "stream",
-    [0, 1, 2**63 - 1, 2**63, 2**64 - 1, stream_key(0, 0, "fc1.weight", 0),
-     stream_key(7, 3, 12, 99)],
+    [
+        0,
+        1,
+        2**63 - 1,
+        2**63,
+        2**64 - 1,
+        stream_key(0, 0, "fc1.weight", 0),
+        stream_key(7, 3, 12, 99),
+    ],
 )
 @pytest.mark.parametrize("start", [0, 12345, 2**32 - 100, 2**40 + 3])
 def test_uniform_matches_reference(stream: int, start: int) -> None:
