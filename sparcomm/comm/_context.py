@@ -108,14 +108,24 @@ class Channel:
         Empty blocks are not sent (every rank knows ``counts``).  Returns the
         concatenation and the ``size + 1`` block offsets.
         """
-        counts = np.asarray(counts, dtype=np.int64)
-        offsets = np.zeros(self.size + 1, dtype=np.int64)
-        np.cumsum(counts, out=offsets[1:])
-        recv = np.empty(int(offsets[-1]), dtype=send.dtype)
-        blocks_send = [send] * self.size
-        blocks_recv = [recv[offsets[j] : offsets[j + 1]] for j in range(self.size)]
-        self._exchange(blocks_send, blocks_recv, tag)
-        return recv, offsets
+        return self.allgatherv_many([send], [counts], tag)[0]
+
+    def allgatherv_many(
+        self, sends: list[np.ndarray], counts: list[np.ndarray], tag: int = _TAG_ALLGATHERV
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Several :meth:`allgatherv` at once (for example indices and values): one
+        synchronisation instead of one per array."""
+        results, groups = [], []
+        for number, (send, count) in enumerate(zip(sends, counts, strict=True)):
+            count = np.asarray(count, dtype=np.int64)
+            offsets = np.zeros(self.size + 1, dtype=np.int64)
+            np.cumsum(count, out=offsets[1:])
+            recv = np.empty(int(offsets[-1]), dtype=send.dtype)
+            blocks_recv = [recv[offsets[j] : offsets[j + 1]] for j in range(self.size)]
+            groups.append(([send] * self.size, blocks_recv, tag + number))
+            results.append((recv, offsets))
+        self._exchange(groups)
+        return results
 
     def alltoall_counts(self, counts: np.ndarray) -> np.ndarray:
         """Exchange one int64 per pair of ranks (the sizes of the next ``Alltoallv``)."""
@@ -137,38 +147,52 @@ class Channel:
         Implemented as a direct exchange of nonblocking messages, for the reason given
         in :meth:`allgatherv`.
         """
-        recv_offsets = np.zeros(self.size + 1, dtype=np.int64)
-        np.cumsum(recv_counts, out=recv_offsets[1:])
-        recv = np.empty(int(recv_offsets[-1]), dtype=send.dtype)
-        blocks_send = [
-            send[int(send_offsets[j]) : int(send_offsets[j]) + int(send_counts[j])]
-            for j in range(self.size)
-        ]
-        blocks_recv = [recv[recv_offsets[j] : recv_offsets[j + 1]] for j in range(self.size)]
-        self._exchange(blocks_send, blocks_recv, tag)
-        return recv, recv_offsets
+        return self.alltoallv_many([(send, send_counts, send_offsets, recv_counts)], tag)[0]
 
-    def _exchange(self, blocks_send: list, blocks_recv: list, tag: int) -> None:
-        """Send ``blocks_send[j]`` to rank ``j`` and receive ``blocks_recv[j]`` from it,
-        all at once; this rank's own block is copied.  Zero-length blocks are skipped
-        (both sides know the lengths)."""
-        rank = self.rank
+    def alltoallv_many(
+        self, items: list[tuple], tag: int = _TAG_ALLTOALLV
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Several :meth:`alltoallv` ``(send, send_counts, send_offsets, recv_counts)``
+        at once, with one synchronisation."""
+        results, groups = [], []
+        for number, (send, send_counts, send_offsets, recv_counts) in enumerate(items):
+            recv_offsets = np.zeros(self.size + 1, dtype=np.int64)
+            np.cumsum(recv_counts, out=recv_offsets[1:])
+            recv = np.empty(int(recv_offsets[-1]), dtype=send.dtype)
+            blocks_send = [
+                send[int(send_offsets[j]) : int(send_offsets[j]) + int(send_counts[j])]
+                for j in range(self.size)
+            ]
+            blocks_recv = [recv[recv_offsets[j] : recv_offsets[j + 1]] for j in range(self.size)]
+            groups.append((blocks_send, blocks_recv, tag + number))
+            results.append((recv, recv_offsets))
+        self._exchange(groups)
+        return results
+
+    def _exchange(self, groups: list[tuple[list, list, int]]) -> None:
+        """For each group ``(blocks_send, blocks_recv, tag)``: send ``blocks_send[j]`` to
+        rank ``j`` and receive ``blocks_recv[j]`` from it; all messages of all groups in
+        flight at once, one wait.  This rank's own blocks are copied; zero-length blocks
+        are skipped (both sides know the lengths)."""
+        rank, size = self.rank, self.size
         requests = []
-        received = 0
-        for offset in range(1, self.size):
-            source = (rank - offset) % self.size
-            block = blocks_recv[source]
-            if block.size:
-                requests.append(self.comm.Irecv([block, _mpi_type(block.dtype)], source, tag))
-                received += block.nbytes
-        sent = 0
-        for offset in range(1, self.size):
-            dest = (rank + offset) % self.size
-            block = blocks_send[dest]
-            if block.size:
-                requests.append(self.comm.Isend([block, _mpi_type(block.dtype)], dest, tag))
-                sent += block.nbytes
-        blocks_recv[rank][...] = blocks_send[rank]
+        sent = received = 0
+        for _, blocks_recv, tag in groups:
+            for offset in range(1, size):
+                source = (rank - offset) % size
+                block = blocks_recv[source]
+                if block.size:
+                    requests.append(self.comm.Irecv([block, _mpi_type(block.dtype)], source, tag))
+                    received += block.nbytes
+        for blocks_send, _, tag in groups:
+            for offset in range(1, size):
+                dest = (rank + offset) % size
+                block = blocks_send[dest]
+                if block.size:
+                    requests.append(self.comm.Isend([block, _mpi_type(block.dtype)], dest, tag))
+                    sent += block.nbytes
+        for blocks_send, blocks_recv, _ in groups:
+            blocks_recv[rank][...] = blocks_send[rank]
         MPI.Request.Waitall(requests)
         self.stats._add_bytes(sent, received)
 

@@ -54,7 +54,8 @@ class CostModel:
     Parameters
     ----------
     alpha : float
-        Latency of one message (per step of a tree or ring collective).
+        Latency of one synchronising step: a small exchange with every peer, or one
+        round of point-to-point with a partner (the schedules count steps).
     beta : float
         Seconds per byte moved by ``Allgatherv``/``Alltoallv``/point-to-point.
     beta_allreduce : float
@@ -175,7 +176,7 @@ def predict(
     prediction = Prediction(algorithm)
     add = prediction.phases.append
     sent, received = _ring([_SIGNATURE_BYTES] * size, size)
-    add(Phase("check", log, sent, received))
+    add(Phase("check", 1, sent, received))
     zeros = np.zeros(size)
     if size == 1:
         add(Phase("output", 0, zeros, zeros, dense_elements=n if dense_output else 0))
@@ -184,7 +185,7 @@ def predict(
     if algorithm == "allgather":
         si, ri = _direct(k * index_itemsize, size)
         sv, rv = _direct(k * itemsize, size)
-        add(Phase("allgather", 2 * (size - 1), si + sv, ri + rv))
+        add(Phase("allgather", 1, si + sv, ri + rv))
         add(Phase("merge", 0, zeros, zeros, merge_elements=k.sum() * log))
     elif algorithm == "recursive_doubling":
         _predict_recursive_doubling(add, n, k, itemsize, entry)
@@ -193,7 +194,7 @@ def predict(
     elif algorithm == "dense":
         add(Phase("densify_input", 0, zeros, zeros, dense_elements=n))
         both = np.full(size, float(ring_allreduce_bytes(n * itemsize, size)))
-        add(Phase("allreduce", 2 * log, both, both, allreduce_bytes=n * itemsize))
+        add(Phase("allreduce", 1, both, both, allreduce_bytes=n * itemsize))
     else:
         raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {ALL_ALGORITHMS}")
     if dense_output:
@@ -262,7 +263,7 @@ def _predict_split(add, n, k, itemsize, entry, switch: bool) -> None:
     add(
         Phase(
             "reduce_scatter",
-            log + 2 * (size - 1),
+            2,
             header + part_bytes.sum(axis=1),
             header + part_bytes.sum(axis=0),
             merge_elements=float(counts.sum(axis=0).max()) * log,
@@ -274,7 +275,7 @@ def _predict_split(add, n, k, itemsize, entry, switch: bool) -> None:
         block = np.where(block >= lengths * itemsize, lengths * itemsize, block)
     sh, rh = _ring([8] * size, size)
     sb, rb = _direct(block, size)
-    add(Phase("allgather", log + 2 * (size - 1), sh + sb, rh + rb))
+    add(Phase("allgather", 2, sh + sb, rh + rb))
 
 
 # ------------------------------------------------------------------ calibration
@@ -310,11 +311,10 @@ def calibrate(comm: MPI.Comm | None = None, *, repeats: int = 5) -> CostModel:
     inner = state.comm
     size = inner.Get_size()
     start = time.perf_counter()
-    log = max(1, math.ceil(math.log2(size))) if size > 1 else 1
 
     # Compute terms first (the kernels are compiled or loaded from the cache here).
     rng = np.random.default_rng(12345)
-    m = 1 << 16
+    m = 1 << 18  # two 1 MiB streams: larger than the caches, as the streams that matter
     a_i = np.sort(rng.choice(4 * m, m, replace=False)).astype(np.int32)
     b_i = np.sort(rng.choice(4 * m, m, replace=False)).astype(np.int32)
     a_v = rng.standard_normal(m).astype(np.float32)
@@ -323,31 +323,33 @@ def calibrate(comm: MPI.Comm | None = None, *, repeats: int = 5) -> CostModel:
     _merge.merge_sum_two(a_i, a_v, b_i, a_v, out_i, out_v)
     merge = _median_time(lambda: _merge.merge_sum_two(a_i, a_v, b_i, a_v, out_i, out_v), repeats)
     merge /= 2 * m
-    big = np.empty(1 << 21, np.float32)
-    dense = _median_time(lambda: big.fill(0.0), repeats) / big.size
+    # A dense pass as the algorithms make it: a fresh buffer (page faults) written once.
+    elements = 1 << 21
+    dense = _median_time(lambda: np.zeros(elements, np.float32).fill(1.0), repeats) / elements
 
     # Network terms through the primitives the algorithms use: the direct exchange of
     # Channel.allgatherv for alpha and beta, MPI's Allreduce for beta_allreduce.
     channel = Channel(inner, AllreduceStats())
     if size > 1:
+        # alpha: one synchronising step (a tiny exchange with every peer), the unit in
+        # which the schedules of predict() count their latency.
         tiny = np.zeros(1, np.float32)
         tiny_counts = np.ones(size, np.int64)
         channel.allgatherv(tiny, tiny_counts)
         inner.Barrier()
         alpha = _median_time(lambda: channel.allgatherv(tiny, tiny_counts), 4 * repeats)
-        alpha /= size - 1
         block = np.zeros(1 << 16, np.float32)  # 256 KiB per rank
         counts = np.full(size, block.size, np.int64)
         channel.allgatherv(block, counts)
         inner.Barrier()
         t = _median_time(lambda: channel.allgatherv(block, counts), repeats)
-        beta = max(t - alpha * (size - 1), 0.0) / ((size - 1) * block.nbytes)
+        beta = max(t - alpha, 0.0) / ((size - 1) * block.nbytes)
         buffer = np.zeros(1 << 20, np.float32)  # 4 MiB
         reduced = np.empty_like(buffer)
         inner.Allreduce(buffer, reduced)
         inner.Barrier()
         t = _median_time(lambda: inner.Allreduce(buffer, reduced), repeats)
-        beta_allreduce = max(t - 2 * alpha * log, 0.0) / buffer.nbytes
+        beta_allreduce = max(t - alpha, 0.0) / buffer.nbytes
     else:
         alpha = beta = beta_allreduce = 0.0
     local = np.array([alpha, beta, beta_allreduce, merge, dense])

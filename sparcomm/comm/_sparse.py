@@ -106,8 +106,9 @@ def allgather(problem: Problem) -> list[Piece]:
     """
     channel, stats = problem.channel, problem.channel.stats
     with stats._phase("allgather"):
-        indices, offsets = channel.allgatherv(problem.indices, problem.k_all)
-        values, _ = channel.allgatherv(problem.values, problem.k_all)
+        (indices, offsets), (values, _) = channel.allgatherv_many(
+            [problem.indices, problem.values], [problem.k_all, problem.k_all]
+        )
     with stats._phase("merge"):
         out_i, out_v = _merge_streams(indices, values, offsets)
     return [Piece(0, problem.n, out_i, out_v)]
@@ -279,11 +280,11 @@ def _reduce_scatter(problem: Problem, bounds: np.ndarray, switch: bool) -> Piece
         own_length = int(lengths[rank])
         recv_index_counts = np.where(recv_dense, 0, recv_header)
         recv_value_counts = np.where(recv_dense, own_length, recv_header)
-        indices, index_offsets_in = channel.alltoallv(
-            send_indices, index_counts, index_offsets, recv_index_counts
-        )
-        values, value_offsets_in = channel.alltoallv(
-            send_values, value_counts, value_offsets, recv_value_counts
+        (indices, index_offsets_in), (values, value_offsets_in) = channel.alltoallv_many(
+            [
+                (send_indices, index_counts, index_offsets, recv_index_counts),
+                (send_values, value_counts, value_offsets, recv_value_counts),
+            ]
         )
     start, stop = int(bounds[rank]), int(bounds[rank + 1])
     with stats._phase("merge"):
@@ -316,8 +317,9 @@ def _allgather_pieces(problem: Problem, bounds: np.ndarray, mine: Piece) -> list
         index_counts = np.where(dense, 0, header)
         value_counts = np.where(dense, lengths, header)
         send_i = problem.indices[:0] if mine.dense else mine.indices
-        indices, index_offsets = channel.allgatherv(send_i, index_counts)
-        values, value_offsets = channel.allgatherv(mine.values, value_counts)
+        (indices, index_offsets), (values, value_offsets) = channel.allgatherv_many(
+            [send_i, mine.values], [index_counts, value_counts]
+        )
     stats.dense_ranges = int(dense.sum())
     if not dense.any():
         # The ranges arrive in rank order, which is index order: one sorted stream, no copy.
