@@ -314,7 +314,15 @@ def _run_sparse(
     stats.predicted_bytes = _cost.predict(
         name, n, k_all, values.dtype.itemsize, indices.dtype.itemsize, dense_output
     ).bytes(channel.rank)
-    problem = _sparse.Problem(channel, n, indices, values, k_all)
+    problem = _sparse.Problem(
+        channel,
+        n,
+        indices,
+        values,
+        k_all,
+        out=out if dense_output is not False else None,
+        scratch=state.buffer,
+    )
     pieces = _sparse.ALGORITHMS[name](problem)
     stats.nnz = _sparse.result_nnz(pieces)
     stats.fill = stats.nnz / max(1, int(k_all.max()))

@@ -17,7 +17,7 @@ holds the two together.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -52,6 +52,20 @@ SIGNATURE_FIELDS = (
 class _CommState:
     comm: MPI.Comm  # private duplicate of the user's communicator
     model: CostModel | None = None
+    scratch: dict = field(default_factory=dict)  # (name, dtype) -> reusable buffer
+
+    def buffer(self, name: str, size: int, dtype: np.dtype) -> np.ndarray:
+        """A reusable scratch buffer of ``size`` elements (contents undefined).
+
+        Large temporaries live here so that steady-state calls do not page-fault a fresh
+        buffer each time; never returned to the caller.
+        """
+        key = (name, np.dtype(dtype))
+        array = self.scratch.get(key)
+        if array is None or array.size < size:
+            array = np.empty(size, dtype=dtype)
+            self.scratch[key] = array
+        return array[:size]
 
 
 def comm_state(comm: MPI.Comm) -> _CommState:

@@ -61,6 +61,8 @@ class Problem:
     indices: np.ndarray  # ascending, unique, dtype index_dtype
     values: np.ndarray  # float32 / float64
     k_all: np.ndarray  # every rank's k, in rank order
+    out: np.ndarray | None = None  # the caller's dense output buffer, when it asked for one
+    scratch: Callable[[str, int, np.dtype], np.ndarray] | None = None  # reusable buffers
 
     @property
     def entry_bytes(self) -> int:
@@ -353,9 +355,22 @@ def dense(problem: Problem) -> list[Piece]:
     """Write the stream into a dense buffer and run MPI's own ``Allreduce``."""
     channel, stats = problem.channel, problem.channel.stats
     with stats._phase("densify_input"):
-        buffer = _densify(problem.indices, problem.values, 0, problem.n)
+        if problem.scratch is not None:  # reused across calls: no page faults
+            send = problem.scratch("dense_send", problem.n, problem.values.dtype)
+            send.fill(0)
+            _merge.scatter_assign(problem.indices, problem.values, 0, send)
+        else:
+            send = _densify(problem.indices, problem.values, 0, problem.n)
     with stats._phase("allreduce"):
-        channel.allreduce_dense(MPI.IN_PLACE, buffer)
+        if problem.out is not None:  # reduce straight into the caller's buffer
+            buffer = problem.out
+            channel.allreduce_dense(send, buffer)
+        elif problem.scratch is not None:
+            buffer = np.empty_like(send)
+            channel.allreduce_dense(send, buffer)
+        else:
+            buffer = send
+            channel.allreduce_dense(MPI.IN_PLACE, buffer)
     stats.dense_ranges = 1
     return [Piece(0, problem.n, None, buffer)]
 
@@ -400,7 +415,8 @@ def finish(
         for p in pieces:
             target = out[p.start : p.stop]
             if p.dense:
-                target[:] = p.values
+                if not np.shares_memory(target, p.values):  # dense: may be out already
+                    target[:] = p.values
             else:
                 target[:] = 0
                 _merge.scatter_assign(p.indices, p.values, p.start, target)
