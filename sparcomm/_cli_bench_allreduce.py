@@ -55,6 +55,7 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
     argv += ["--repeats", str(args.repeats), "--dtype", args.dtype, "--seed", str(args.seed)]
     if args.algorithms:
         argv += ["--algorithms", *args.algorithms]
+    argv += ["--codecs", *args.codecs]  # issue 4: quantized section
     if args.json:
         argv.append("--json")
     if args.output:
@@ -293,6 +294,10 @@ def bench_allreduce(args: argparse.Namespace) -> dict[str, Any] | None:
             bar.update()
     if bar is not None:
         bar.close()
+    # Quantized codecs (issue 4): sparcomm.comm._quantized_bench
+    from sparcomm.comm._quantized_bench import bench_quantized
+
+    quantized = bench_quantized(comm, args.sizes, args.codecs, dtype, args.repeats, args.seed)
     if rank != 0:
         return None
     return {
@@ -323,6 +328,8 @@ def bench_allreduce(args: argparse.Namespace) -> dict[str, Any] | None:
             "calibration_seconds": model.calibration_seconds,
         },
         "rows": rows,
+        "codecs": list(args.codecs),
+        "quantized": quantized,
     }
 
 
@@ -346,7 +353,7 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--densities",
         type=float,
-        nargs="+",
+        nargs="*",
         default=list(DEFAULT_DENSITIES),
         metavar="D",
         help="non-zeros per rank / n, in (0, 1]",
@@ -357,6 +364,14 @@ def _configure(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         metavar="NAME",
         help="subset of allgather recursive_doubling split_allgather dsar dense",
+    )
+    parser.add_argument(
+        "--codecs",
+        nargs="*",
+        default=["qsgd4", "qsgd8", "terngrad", "onebit", "fp16"],
+        metavar="NAME",
+        help="quantized codecs to measure: qsgd2 qsgd4 qsgd8 terngrad onebit fp16 "
+        "(none: --codecs alone)",
     )
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--seed", type=int, default=0)
@@ -392,6 +407,11 @@ def _check(args: argparse.Namespace) -> None:
     for name in args.algorithms or ():
         if name not in ALL_ALGORITHMS:
             raise ValueError(f"--algorithms must be among {ALL_ALGORITHMS}, got {name!r}")
+    from sparcomm.comm._quantized_bench import CODECS
+
+    for name in args.codecs:
+        if name not in CODECS:
+            raise ValueError(f"--codecs must be among {tuple(CODECS)}, got {name!r}")
 
 
 @command("bench", "allreduce", help="sparse allreduce algorithms vs MPI Allreduce (launches ranks)")
@@ -410,11 +430,16 @@ def run(args: argparse.Namespace) -> int:
     if args.output:
         with open(args.output, "w") as handle:
             json.dump(result, handle, indent=2)
-    if args.plot:
+    if args.plot and result["rows"]:  # the plot shows the sparse grid
         plot(result, args.plot)
     if args.json:
         json.dump(result, sys.stdout, indent=2)
         print()
     else:
-        print(format_table(result))
+        if result["rows"]:
+            print(format_table(result))
+        if result["quantized"]:
+            from sparcomm.comm._quantized_bench import format_quantized
+
+            print(format_quantized(result["quantized"], result["ranks"]))
     return 0

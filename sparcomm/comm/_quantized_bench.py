@@ -1,0 +1,139 @@
+"""The quantized section of ``sparcomm bench allreduce`` (``--codecs``).
+
+For every vector length n and codec, each of ``P`` ranks holds n standard-normal values;
+measured in the same run, on the same data, interleaved within each repeat so drifting
+load hits all alike:
+
+* every algorithm of :mod:`sparcomm.comm._quantized` that can run the codec, and ``auto``;
+* MPI's own ``Allreduce`` of the dense buffers (the peer every figure is a ratio to).
+
+A figure is the median over repeats of the slowest rank's time.  Bytes are what the
+collectives count (``AllreduceStats.bytes_sent``, mean over ranks); the dense reference
+is a bandwidth-optimal allreduce, ``2 n itemsize (P - 1) / P`` per rank (what MPICH's
+reduce-scatter + allgather moves for large buffers).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from sparcomm.codecs import FP16, QSGD, OneBit, TernGrad
+from sparcomm.comm._quantized_cost import candidates
+
+#: ``--codecs`` names and the codec each builds (fresh per benchmark point).
+CODECS: dict[str, Callable[[], Any]] = {
+    "qsgd2": lambda: QSGD(bits=2),
+    "qsgd4": lambda: QSGD(bits=4),
+    "qsgd8": lambda: QSGD(bits=8),
+    "terngrad": TernGrad,
+    "onebit": OneBit,
+    "fp16": FP16,
+}
+DEFAULT_CODECS = ("qsgd4", "qsgd8", "terngrad", "onebit", "fp16")
+
+
+def _timed(comm, function) -> float:
+    from mpi4py import MPI
+
+    comm.Barrier()
+    start = time.perf_counter()
+    function()
+    return comm.allreduce(time.perf_counter() - start, op=MPI.MAX)
+
+
+def bench_codec(comm, n: int, name: str, dtype: np.dtype, repeats: int, seed: int) -> dict:
+    """Measure one (n, codec) point on every rank; returns the row (on every rank)."""
+    from sparcomm.comm import AllreduceStats, allreduce
+
+    rank, size = comm.Get_rank(), comm.Get_size()
+    codec = CODECS[name]()
+    x = np.random.default_rng([seed, rank, n]).standard_normal(n).astype(dtype)
+    reduced = np.empty_like(x)
+    algorithms = list(candidates(codec, size))
+    stats = {a: AllreduceStats() for a in (*algorithms, "auto")}
+    steps = {a: 0 for a in stats}
+
+    def call(algorithm: str):
+        def run():
+            steps[algorithm] += 1
+            allreduce(x, codec=codec, comm=comm, algorithm=algorithm, key=f"bench.{algorithm}",
+                      step=steps[algorithm], stats=stats[algorithm], out=reduced)
+        return run
+
+    functions = {a: call(a) for a in stats}
+    functions["mpi_allreduce"] = lambda: comm.Allreduce(x, reduced)
+    times: dict[str, list[float]] = {a: [] for a in functions}
+    for function in functions.values():
+        function()  # warm-up: compilation, buffers, calibration for auto
+    for _ in range(repeats):
+        for a, function in functions.items():
+            times[a].append(_timed(comm, function))
+    median = {a: statistics.median(t) for a, t in times.items()}
+    dense_bytes = 2 * n * dtype.itemsize * (size - 1) / size
+    rows: dict[str, Any] = {}
+    for a in stats:
+        sent = comm.allreduce(stats[a].bytes_sent) / size
+        rows[a] = {
+            "median_s": median[a],
+            "speedup_vs_mpi": median["mpi_allreduce"] / median[a],
+            "bytes_sent_per_rank": sent,
+            "predicted_bytes_sent": stats[a].predicted_bytes[0],
+            "fewer_bytes_than_dense": dense_bytes / sent if sent else None,
+            "phases_s_rank0": dict(stats[a].phases),
+        }
+    best = min(algorithms, key=lambda a: median[a])
+    return {
+        "n": n,
+        "codec": name,
+        "codec_repr": repr(codec),
+        "mpi_allreduce_s": median["mpi_allreduce"],
+        "dense_bytes_per_rank": dense_bytes,
+        "algorithms": {a: rows[a] for a in algorithms},
+        "auto": {**rows["auto"], "choice": stats["auto"].algorithm,
+                 "predicted_s": stats["auto"].predicted},
+        "fastest": best,
+        "fewest_bytes": min(algorithms, key=lambda a: rows[a]["bytes_sent_per_rank"]),
+    }
+
+
+def bench_quantized(comm, sizes, names, dtype: np.dtype, repeats: int, seed: int,
+                    progress: Callable[[str], None] | None = None) -> list[dict]:
+    """Every (n, codec) point, on every rank of ``comm``."""
+    rows = []
+    for log2n in sizes:
+        for name in names:
+            if progress is not None:
+                progress(f"n=2^{log2n} {name}")
+            rows.append(bench_codec(comm, 1 << log2n, name, dtype, repeats, seed))
+    return rows
+
+
+def format_quantized(rows: list[dict], ranks: int) -> str:
+    """The terminal table of the quantized section."""
+    short = {"allgather": "allgather", "reduce_scatter_allgather": "rs+ag",
+             "shared_scale": "shared"}
+    head = ["n", "codec", "MPI ms", "allgather", "rs+ag", "shared", "auto", "choice",
+            "MPI/best", "bytes dense/best"]
+    table = [head]
+    for row in rows:
+        algorithms = row["algorithms"]
+        best = row["fastest"]
+        cells = [f"2^{int(np.log2(row['n']))}", row["codec"], f"{1e3 * row['mpi_allreduce_s']:.2f}"]
+        for a in ("allgather", "reduce_scatter_allgather", "shared_scale"):
+            cells.append(f"{1e3 * algorithms[a]['median_s']:.2f}" if a in algorithms else "-")
+        cells += [
+            f"{1e3 * row['auto']['median_s']:.2f}",
+            short[row["auto"]["choice"]],
+            f"{algorithms[best]['speedup_vs_mpi']:.2f}x",
+            f"{algorithms[row['fewest_bytes']]['fewer_bytes_than_dense']:.1f}x",
+        ]
+        table.append(cells)
+    widths = [max(len(r[c]) for r in table) for c in range(len(head))]
+    body = "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in table)
+    return (f"quantized codecs, {ranks} ranks, times in ms (median, slowest rank); bytes: "
+            f"dense ring allreduce / fewest-bytes algorithm, per rank\n{body}")
