@@ -1,0 +1,43 @@
+"""``sparcomm bench allreduce --codecs``: the quantized section measures every algorithm,
+``auto`` and MPI's Allreduce in one run, and reports bytes the cost model predicted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sparcomm.cli import main
+
+ENTRY = "import sys; from sparcomm.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def test_bench_allreduce_reports_the_quantized_codecs():
+    command = [sys.executable, "-c", ENTRY, "bench", "allreduce", "-np", "2", "--sizes", "12"]
+    command += ["--densities", "--codecs", "qsgd4", "terngrad", "--repeats", "1",
+                "--no-progress", "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert result["rows"] == [] and result["codecs"] == ["qsgd4", "terngrad"]
+    rows = result["quantized"]
+    assert [(r["n"], r["codec"]) for r in rows] == [(4096, "qsgd4"), (4096, "terngrad")]
+    for row in rows:
+        names = set(row["algorithms"])
+        expected = {"allgather", "reduce_scatter_allgather"}
+        assert names == (expected | {"shared_scale"} if row["codec"] == "terngrad" else expected)
+        assert row["auto"]["choice"] in names
+        assert row["fastest"] == min(names, key=lambda a: row["algorithms"][a]["median_s"])
+        for entry in row["algorithms"].values():
+            assert entry["bytes_sent_per_rank"] == entry["predicted_bytes_sent"]
+            assert entry["speedup_vs_mpi"] == pytest.approx(
+                row["mpi_allreduce_s"] / entry["median_s"])
+            assert entry["fewer_bytes_than_dense"] > 1
+    assert "--codecs qsgd4 terngrad" in result["command"]
+
+
+def test_bench_allreduce_refuses_unknown_codecs(capsys):
+    assert main(["bench", "allreduce", "--codecs", "qsgd3"]) == 2
+    assert "--codecs must be among" in capsys.readouterr().err
