@@ -1,9 +1,11 @@
 """``sparcomm demo``: data-parallel training of a small MLP, once dense and once per codec.
 
 The task is scikit-learn's bundled ``digits`` set (8x8 images, 10 classes; no download,
-the ``[demo]`` extra) or, with ``--data synthetic`` or without scikit-learn, a generated
+the ``[demo]`` extra) or, with ``--data synthetic`` (no scikit-learn needed), a generated
 Gaussian-mixture classification problem.  Each rank trains on its shard with
-:func:`sparcomm.torch.DistributedOptimizer`; the table compares final test accuracy,
+:func:`sparcomm.torch.DistributedOptimizer` (PyTorch installed) or with
+:class:`sparcomm.reducer.GradientReducer` on a NumPy MLP (``--framework numpy``, the
+default without PyTorch); the table compares final test accuracy,
 bytes sent per rank per step, the ratio of bytes to the dense run, and time per step.
 
 ``sparcomm demo`` relaunches itself under ``mpiexec`` (``-np 4`` by default) through the
@@ -22,6 +24,9 @@ from typing import Any
 import numpy as np
 
 from sparcomm.cli import arguments, command
+
+#: Width of the MLP's two hidden layers.
+HIDDEN = 256
 
 #: The runs of the demo: label -> codec factory.  Fresh codec objects per run, so no
 #: error-feedback state leaks from one run into the next.
@@ -76,8 +81,8 @@ def load_task(
     return features[:split], labels[:split], features[split:], labels[split:]
 
 
-def make_model(seed: int, hidden: int = 256) -> Any:
-    """The demo's MLP: 64 -> hidden -> hidden -> 10 with ReLU, initialised from ``seed``."""
+def make_model(seed: int, hidden: int = HIDDEN) -> Any:
+    """The demo's MLP in PyTorch: 64 -> hidden -> hidden -> 10 with ReLU."""
     import torch
 
     torch.manual_seed(seed)
@@ -90,10 +95,118 @@ def make_model(seed: int, hidden: int = 256) -> Any:
     )
 
 
+class _TorchTrainer:
+    """The MLP in PyTorch, reduced by :func:`sparcomm.torch.DistributedOptimizer`."""
+
+    def __init__(self, codec: Any, comm: Any, seed: int, lr: float, **options: Any) -> None:
+        import torch
+
+        from sparcomm.torch import DistributedOptimizer, broadcast_parameters
+
+        self.torch = torch
+        self.model = make_model(seed)
+        broadcast_parameters(self.model.state_dict(), root_rank=0, comm=comm)
+        self.optimizer = DistributedOptimizer(
+            torch.optim.SGD(self.model.parameters(), lr=lr, momentum=0.9),
+            named_parameters=self.model.named_parameters(),
+            codec=codec,
+            comm=comm,
+            **options,
+        )
+        self.loss = torch.nn.CrossEntropyLoss()
+
+    def step(self, x: np.ndarray, y: np.ndarray) -> None:
+        self.optimizer.zero_grad()
+        self.loss(self.model(self.torch.from_numpy(x)), self.torch.from_numpy(y)).backward()
+        self.optimizer.step()
+
+    def bytes_sent(self) -> int:
+        return self.optimizer.last_stats.bytes_sent
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        with self.torch.no_grad():
+            return self.model(self.torch.from_numpy(x)).argmax(dim=1).numpy()
+
+    def close(self) -> None:
+        self.optimizer.close()
+
+
+class _NumpyTrainer:
+    """The same MLP in plain NumPy, reduced by :class:`sparcomm.reducer.GradientReducer`.
+
+    Initialised like ``torch.nn.Linear`` (uniform in +-1/sqrt(fan_in)), trained by SGD with
+    momentum 0.9 as ``torch.optim.SGD`` defines it.  The backward pass submits each
+    gradient as soon as it is computed (last layer first), so the reducer's thread
+    starts on full buckets while the earlier layers' gradients are being computed.
+    """
+
+    def __init__(self, codec: Any, comm: Any, seed: int, lr: float, **options: Any) -> None:
+        from sparcomm.reducer import GradientReducer
+
+        rng = np.random.default_rng(seed)
+        widths = [64, HIDDEN, HIDDEN, 10]
+        self.params: dict[str, np.ndarray] = {}
+        for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+            bound = 1.0 / np.sqrt(fan_in)
+            self.params[f"{2 * i}.weight"] = rng.uniform(-bound, bound, (fan_out, fan_in))
+            self.params[f"{2 * i}.bias"] = rng.uniform(-bound, bound, fan_out)
+        for name, value in self.params.items():
+            self.params[name] = value.astype(np.float32)
+            comm.Bcast(self.params[name], root=0)
+        self.momentum = {name: np.zeros_like(p) for name, p in self.params.items()}
+        self.lr = lr
+        self.reducer = GradientReducer(codec, comm, **options)
+        self.reducer.setup([(n, p.shape, p.dtype) for n, p in reversed(self.params.items())])
+
+    def _forward(self, x: np.ndarray) -> list[np.ndarray]:
+        activations = [x]
+        for i in range(3):
+            z = activations[-1] @ self.params[f"{2 * i}.weight"].T + self.params[f"{2 * i}.bias"]
+            activations.append(np.maximum(z, 0.0) if i < 2 else z)
+        return activations
+
+    def step(self, x: np.ndarray, y: np.ndarray) -> None:
+        activations = self._forward(x)
+        logits = activations[-1]
+        probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probabilities /= probabilities.sum(axis=1, keepdims=True)
+        delta = probabilities
+        delta[np.arange(len(y)), y] -= 1.0
+        delta /= len(y)  # d(mean cross-entropy)/d(logits)
+        for i in (2, 1, 0):
+            self.reducer.submit(f"{2 * i}.weight", delta.T @ activations[i])
+            self.reducer.submit(f"{2 * i}.bias", delta.sum(axis=0))
+            if i:
+                delta = (delta @ self.params[f"{2 * i}.weight"]) * (activations[i] > 0)
+        grads = self.reducer.wait()
+        for name, param in self.params.items():
+            buffer = self.momentum[name]
+            buffer *= 0.9
+            buffer += grads[name]
+            param -= self.lr * buffer
+
+    def bytes_sent(self) -> int:
+        return self.reducer.last_stats.bytes_sent
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self._forward(x)[-1].argmax(axis=1)
+
+    def close(self) -> None:
+        self.reducer.close()
+
+
+def default_framework() -> str:
+    """``"torch"`` when PyTorch is installed, else ``"numpy"``."""
+    import importlib.util
+
+    return "torch" if importlib.util.find_spec("torch") is not None else "numpy"
+
+
 def train(
     codec: Any,
     *,
     comm: Any = None,
+    framework: str | None = None,
     data: str = "digits",
     epochs: int = 10,
     batch_size: int = 32,
@@ -107,59 +220,45 @@ def train(
 
     Each rank takes the training samples ``rank::size`` and, per step, a mini-batch of
     ``batch_size`` of them (the global batch is ``size * batch_size``), SGD with momentum
-    0.9 through :func:`sparcomm.torch.DistributedOptimizer`.
+    0.9: through :func:`sparcomm.torch.DistributedOptimizer` (``framework="torch"``) or
+    :class:`sparcomm.reducer.GradientReducer` on NumPy arrays (``"numpy"``).
 
     Returns
     -------
     dict
         ``accuracy`` (test, percent), ``bytes_per_step`` (mean bytes this rank sent per
         step, gathered as the maximum over ranks), ``seconds_per_step`` (median wall time
-        of a training step, maximum over ranks), ``steps``.
+        of a training step, maximum over ranks), ``steps``, ``ranks``, ``framework``.
     """
-    import torch
     from mpi4py import MPI
 
-    from sparcomm.torch import DistributedOptimizer, broadcast_parameters
-
     comm = MPI.COMM_WORLD if comm is None else comm
+    framework = framework or default_framework()
+    if framework not in ("torch", "numpy"):
+        raise ValueError(f"framework must be 'torch' or 'numpy', got {framework!r}")
     rank, size = comm.Get_rank(), comm.Get_size()
     x_train, y_train, x_test, y_test = load_task(data, seed)
-    x_local = torch.from_numpy(x_train[rank::size])
-    y_local = torch.from_numpy(y_train[rank::size])
-    model = make_model(seed)
-    broadcast_parameters(model.state_dict(), root_rank=0, comm=comm)
-    optimizer = DistributedOptimizer(
-        torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9),
-        named_parameters=model.named_parameters(),
-        codec=codec,
-        comm=comm,
-        warmup_steps=warmup_steps,
-        compression=compression,
-    )
-    loss_fn = torch.nn.CrossEntropyLoss()
+    x_local, y_local = x_train[rank::size], y_train[rank::size]
+    trainer_cls = _TorchTrainer if framework == "torch" else _NumpyTrainer
+    trainer = trainer_cls(codec, comm, seed, lr, warmup_steps=warmup_steps, compression=compression)
     # Every rank runs the same number of steps per epoch: the smallest shard decides.
     steps_per_epoch = (len(y_train) // size) // batch_size
-    generator = torch.Generator().manual_seed(seed + 1000 * rank)
+    rng = np.random.default_rng(seed + 1000 * rank)
     step_seconds, step_bytes = [], []
     try:
         for _ in range(epochs):
-            order = torch.randperm(len(y_local), generator=generator)
+            order = rng.permutation(len(y_local))
             for step in range(steps_per_epoch):
                 batch = order[step * batch_size : (step + 1) * batch_size]
                 start = time.perf_counter()
-                optimizer.zero_grad()
-                loss = loss_fn(model(x_local[batch]), y_local[batch])
-                loss.backward()
-                optimizer.step()
+                trainer.step(x_local[batch], y_local[batch])
                 step_seconds.append(time.perf_counter() - start)
-                step_bytes.append(optimizer.last_stats.bytes_sent)
+                step_bytes.append(trainer.bytes_sent())
             if progress is not None:
                 progress()
+        accuracy = 100.0 * float((trainer.predict(x_test) == y_test).mean())
     finally:
-        optimizer.close()
-    with torch.no_grad():
-        predicted = model(torch.from_numpy(x_test)).argmax(dim=1).numpy()
-    accuracy = 100.0 * float((predicted == y_test).mean())
+        trainer.close()
     # Skip the first epoch's steps in the timing: they include the cost model's one-off
     # calibration and the kernels' first compilation.
     timed = step_seconds[steps_per_epoch:] or step_seconds
@@ -169,6 +268,7 @@ def train(
         "seconds_per_step": comm.allreduce(float(np.median(timed)), op=MPI.MAX),
         "steps": len(step_seconds),
         "ranks": size,
+        "framework": framework,
     }
     accuracies = comm.allgather(accuracy)
     if len(set(accuracies)) != 1:
@@ -200,6 +300,7 @@ def run_ranks(args: argparse.Namespace) -> int:
     unknown = [label for label in labels if label not in RUNS]
     if unknown:
         raise ValueError(f"unknown codec {unknown}; choose from {list(RUNS)}")
+    framework = args.framework or default_framework()
     rows: list[dict[str, Any]] = []
     bar = None
     if comm.Get_rank() == 0 and not args.no_progress:
@@ -221,6 +322,7 @@ def run_ranks(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 warmup_steps=args.warmup_steps,
                 compression=args.compression,
+                framework=framework,
                 progress=bar.update if bar is not None else None,
             )
         except NotImplementedError as error:
@@ -242,11 +344,18 @@ def run_ranks(args: argparse.Namespace) -> int:
             )
     if comm.Get_rank() == 0:
         if args.json:
-            print(json.dumps({"ranks": comm.Get_size(), "data": args.data, "runs": rows}, indent=2))
+            report = {
+                "ranks": comm.Get_size(),
+                "data": args.data,
+                "framework": framework,
+                "epochs": args.epochs,
+                "runs": rows,
+            }
+            print(json.dumps(report, indent=2))
         else:
             print(
-                f"sparcomm demo: {args.data}, MLP 64-256-256-10, {comm.Get_size()} ranks, "
-                f"{args.epochs} epochs, batch {args.batch_size} per rank"
+                f"sparcomm demo: {args.data}, MLP 64-{HIDDEN}-{HIDDEN}-10 ({framework}), "
+                f"{comm.Get_size()} ranks, {args.epochs} epochs, batch {args.batch_size} per rank"
             )
             print(_format_table(rows))
     return 0
@@ -263,6 +372,12 @@ def _configure(parser: argparse.ArgumentParser) -> None:
         help="number of ranks (default 4)",
     )
     parser.add_argument("--data", choices=["digits", "synthetic"], default="digits")
+    parser.add_argument(
+        "--framework",
+        choices=["torch", "numpy"],
+        default=None,
+        help="PyTorch DistributedOptimizer or NumPy GradientReducer (default: torch if installed)",
+    )
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=32, help="per rank")
     parser.add_argument("--lr", type=float, default=0.05)
@@ -306,6 +421,8 @@ def _forwarded(args: argparse.Namespace) -> list[str]:
         "--compression",
         args.compression,
     ]
+    if args.framework:
+        argv += ["--framework", args.framework]
     if args.codecs:
         argv += ["--codecs", *args.codecs]
     if args.json:
@@ -318,12 +435,11 @@ def _forwarded(args: argparse.Namespace) -> list[str]:
 @command("demo", help="train a small MLP on N local ranks, dense and with every codec")
 @arguments(_configure)
 def demo(args: argparse.Namespace) -> int:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        print("sparcomm demo needs PyTorch: pip install 'sparcomm[torch,demo]'", file=sys.stderr)
-        return 2
     from sparcomm._launch import launch
+
+    if args.framework == "torch" and default_framework() != "torch":
+        print("--framework torch needs PyTorch: pip install 'sparcomm[torch]'", file=sys.stderr)
+        return 2
 
     command_line = [sys.executable, "-m", "sparcomm.demo", *_forwarded(args)]
     return launch(args.nprocs, command_line, timeout=args.timeout)

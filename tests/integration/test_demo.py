@@ -1,9 +1,10 @@
 """The main job: ``sparcomm demo`` on 4 ranks, and convergence under every codec.
 
-One run of the demo (fixed seeds, 10 epochs) serves all tests here.  Tolerances are the
-issue's: TopK(0.01) with error feedback within 1 point of dense test accuracy; QSGD
-4-bit, TernGrad and OneBit within 2 points (the test set has 360 samples, so a point is
-3.6 samples).
+One run of the demo (fixed seeds, 10 epochs; PyTorch's DistributedOptimizer where torch is
+installed, the NumPy GradientReducer MLP otherwise) serves the convergence tests.
+Tolerances are the issue's: TopK(0.01) with error feedback within 1 point of dense test
+accuracy; QSGD 4-bit, TernGrad and OneBit within 2 points (the test set has 360
+samples, so a point is 3.6 samples).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import sys
 
 import pytest
 
-pytest.importorskip("torch", reason="the demo trains a PyTorch model")
 pytest.importorskip("sklearn", reason="the demo's digits data set comes with scikit-learn")
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow]
@@ -72,3 +72,26 @@ def test_quantized_codecs_within_two_points_of_dense(demo_runs, label):
     dense, row = _row(demo_runs, "dense"), _row(demo_runs, label)
     assert row["accuracy"] >= dense["accuracy"] - 2.0
     assert row["bytes_per_step"] < dense["bytes_per_step"]
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch"])
+def test_one_rank_trainers_learn(framework):
+    """Both trainers of the demo, in this process (one rank): the NumPy MLP and the
+    PyTorch one reach the same ballpark on the same data."""
+    if framework == "torch":
+        pytest.importorskip("torch")
+    from sparcomm import NoCompression
+    from sparcomm.demo import train
+
+    result = train(NoCompression(), framework=framework, epochs=3, batch_size=64)
+    assert result["framework"] == framework and result["ranks"] == 1
+    assert result["accuracy"] >= 90.0
+    assert result["steps"] == 3 * (1437 // 64)
+
+
+def test_bad_framework_is_refused():
+    from sparcomm import NoCompression
+    from sparcomm.demo import train
+
+    with pytest.raises(ValueError, match="framework must be 'torch' or 'numpy', got 'jax'"):
+        train(NoCompression(), framework="jax")
