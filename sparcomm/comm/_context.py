@@ -53,6 +53,7 @@ class _CommState:
     comm: MPI.Comm  # private duplicate of the user's communicator
     model: CostModel | None = None
     scratch: dict = field(default_factory=dict)  # (name, dtype) -> reusable buffer
+    choices: dict = field(default_factory=dict)  # auto's choice per (model, n, k_all, ...)
 
     def buffer(self, name: str, size: int, dtype: np.dtype) -> np.ndarray:
         """A reusable scratch buffer of ``size`` elements (contents undefined).

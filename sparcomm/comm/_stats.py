@@ -46,6 +46,8 @@ class AllreduceStats:
         The cost model's (sent, received) bytes for the algorithm that ran.
     dense_ranges : int
         Index ranges (or recursive-doubling streams) that switched to dense form.
+    rank : int
+        This rank.
     """
 
     algorithm: str = ""
@@ -62,8 +64,28 @@ class AllreduceStats:
     bytes_received: int = 0
     phases: dict[str, float] = field(default_factory=dict)
     predicted: dict[str, float] = field(default_factory=dict)
-    predicted_bytes: tuple[int, int] = (0, 0)
     dense_ranges: int = 0
+    rank: int = 0
+    _predicted_bytes: tuple[int, int] | None = field(default=None, repr=False)
+
+    @property
+    def predicted_bytes(self) -> tuple[int, int]:
+        """The cost model's (sent, received) bytes for the algorithm that ran, on this
+        rank (computed on first access: the calls themselves do not pay for it)."""
+        if self._predicted_bytes is None:
+            from sparcomm.comm import _cost
+
+            if self.algorithm not in _cost.ALL_ALGORITHMS or not self.k_all:
+                return (0, 0)
+            prediction = _cost.predict(
+                self.algorithm, self.n, self.k_all, self.itemsize, self.index_itemsize, None
+            )
+            self._predicted_bytes = prediction.bytes(self.rank)
+        return self._predicted_bytes
+
+    @predicted_bytes.setter
+    def predicted_bytes(self, value: tuple[int, int]) -> None:
+        self._predicted_bytes = value
 
     @property
     def time(self) -> float:
