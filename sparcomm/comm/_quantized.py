@@ -131,6 +131,43 @@ def _raise_failure(own: BaseException | None, failed: int, code: int) -> None:
         )
 
 
+# ------------------------------------------------------------------ scratch
+
+_KEYVAL: int | None = None
+
+
+class _Scratch:
+    """Work buffers reused from call to call on one communicator, grown on demand.
+
+    A fresh multi-megabyte array costs a page fault per 4 KiB on first touch, which at
+    n = 2^24 is a sizeable part of a collective; the buffers never leave this module
+    (results are written to the caller's ``out`` or a fresh array).  One set per private
+    communicator: calls on one communicator are ordered, as MPI requires.
+    """
+
+    def __init__(self) -> None:
+        self._arrays: dict[tuple[str, str], np.ndarray] = {}
+
+    def get(self, name: str, size: int, dtype: Any) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        array = self._arrays.get((name, dtype.str))
+        if array is None or array.size < size:
+            array = np.empty(size, dtype=dtype)
+            self._arrays[(name, dtype.str)] = array
+        return array[:size]
+
+
+def _scratch(comm: MPI.Comm) -> _Scratch:
+    global _KEYVAL
+    if _KEYVAL is None:
+        _KEYVAL = MPI.Comm.Create_keyval()
+    scratch = comm.Get_attr(_KEYVAL)
+    if scratch is None:
+        scratch = _Scratch()
+        comm.Set_attr(_KEYVAL, scratch)
+    return scratch
+
+
 # ------------------------------------------------------------------ problem
 
 
@@ -145,6 +182,7 @@ class _Problem:
     key: Any
     step: int | None
     out: np.ndarray  # flat result buffer, n elements
+    scratch: _Scratch
 
     @property
     def n(self) -> int:
@@ -160,11 +198,12 @@ class _Problem:
         return encoder.encode(values, key=key, step=self.step, rank=self.channel.rank, **options)
 
 
-def _decode_sum(codec: Any, payloads: list[Payload], out: np.ndarray) -> None:
-    """``out = sum of decode(p)`` in list order (rank order: the same on every rank)."""
+def _decode_sum(codec: Any, payloads: list[Payload], out: np.ndarray,
+                scratch: np.ndarray) -> None:
+    """``out = sum of decode(p)`` in list order (rank order: the same on every rank);
+    ``scratch`` is a work buffer like ``out``."""
     codec.decode(payloads[0], out=out)
     if len(payloads) > 1:
-        scratch = np.empty_like(out)
         # An overflowing sum becomes inf, as in MPI's own Allreduce; an owner then
         # refuses to re-encode it, and every rank raises (see reduce_scatter_allgather).
         with np.errstate(over="ignore"):
@@ -190,7 +229,7 @@ def allgather(problem: _Problem) -> None:
     channel, codec = problem.channel, problem.codec
     stats, size, rank = channel.stats, channel.size, channel.rank
     block = STATUS_BYTES + chunk_nbytes(codec, problem.n, problem.dtype)
-    send = np.zeros(block, dtype=np.uint8)
+    send = problem.scratch.get("send", block, np.uint8)
     error: BaseException | None = None
     with stats._phase("encode"):
         try:
@@ -207,7 +246,8 @@ def allgather(problem: _Problem) -> None:
             Payload.from_bytes(recv[offsets[r] + STATUS_BYTES : offsets[r + 1]])
             for r in range(size)
         ]
-        _decode_sum(codec, payloads, problem.out)
+        work = problem.scratch.get("work", problem.n, problem.dtype)
+        _decode_sum(codec, payloads, problem.out, work)
 
 
 # ----------------------------------------------------- reduce-scatter + allgather
@@ -223,7 +263,7 @@ def reduce_scatter_allgather(problem: _Problem) -> None:
         [chunk_nbytes(codec, int(m), problem.dtype) for m in lengths], dtype=np.int64
     )
     send_counts, send_offsets = _exchange_counts(blocks, rank)
-    send = np.zeros(int(send_counts.sum()), dtype=np.uint8)
+    send = problem.scratch.get("send", int(send_counts.sum()), np.uint8)
     parts: list[Payload | None] = [None] * size
     error: BaseException | None = None
     with stats._phase("encode"):
@@ -246,7 +286,7 @@ def reduce_scatter_allgather(problem: _Problem) -> None:
     recv_counts = np.where(np.arange(size) == rank, 0, blocks[rank]).astype(np.int64)
     with stats._phase("reduce_scatter"):
         recv, recv_offsets = channel.alltoallv(send, send_counts, send_offsets, recv_counts)
-    mine = np.zeros(int(blocks[rank]), dtype=np.uint8)
+    mine = problem.scratch.get("mine", int(blocks[rank]), np.uint8)
     failed, code = (rank, _error_code(error)) if error else _first_failure(recv, recv_offsets)
     with stats._phase("owner_sum"):
         if failed < 0 and lengths[rank]:
@@ -259,8 +299,9 @@ def reduce_scatter_allgather(problem: _Problem) -> None:
                     )
                     for r in range(size)
                 ]
-                total = np.empty(int(lengths[rank]), dtype=problem.dtype)
-                _decode_sum(codec, received, total)
+                total = problem.scratch.get("total", int(lengths[rank]), problem.dtype)
+                work = problem.scratch.get("work", int(lengths[rank]), problem.dtype)
+                _decode_sum(codec, received, total, work)
                 reencoded = problem.encode(total, owner_key(problem.key))
                 reencoded.to_bytes(out=mine[STATUS_BYTES:])
             except Exception as caught:
@@ -332,7 +373,7 @@ def shared_scale(problem: _Problem) -> None:
     code_bytes = -(-lengths * TERNARY_BITS // 8)
     starts = bounds[:-1] * TERNARY_BITS // 8
     send_counts, send_offsets = _exchange_counts(code_bytes, rank)
-    send = np.empty(int(send_counts.sum()), dtype=np.uint8)
+    send = problem.scratch.get("send", int(send_counts.sum()), np.uint8)
     for j in range(size):
         if j != rank:
             send[send_offsets[j] : send_offsets[j] + send_counts[j]] = packed[
@@ -343,12 +384,13 @@ def shared_scale(problem: _Problem) -> None:
         recv, recv_offsets = channel.alltoallv(send, send_counts, send_offsets, recv_counts)
     length = int(lengths[rank])
     gather_bytes = np.array([sums_nbytes(int(m), size) for m in lengths], dtype=np.int64)
-    mine = np.empty(int(gather_bytes[rank]), dtype=np.uint8)
+    mine = problem.scratch.get("mine", int(gather_bytes[rank]), np.uint8)
     with stats._phase("integer_sum"):
         if length:
-            total = np.zeros(length, dtype=sum_dtype(size))
-            codes = np.empty(length, dtype=np.uint8)
-            ones = np.empty(length, dtype=np.uint8)
+            total = problem.scratch.get("sums", length, sum_dtype(size))
+            total[:] = 0
+            codes = problem.scratch.get("codes", length, np.uint8)
+            ones = problem.scratch.get("ones", length, np.uint8)
             for r in range(size):
                 part = (
                     packed[starts[rank] : starts[rank] + code_bytes[rank]]
@@ -360,7 +402,7 @@ def shared_scale(problem: _Problem) -> None:
     with stats._phase("allgather"):
         gathered, offsets = channel.allgatherv(mine, gather_bytes)
     with stats._phase("output"):
-        fields = np.empty(n, dtype=np.uint8)
+        fields = problem.scratch.get("codes", n, np.uint8)
         for j in range(size):
             a, b = int(bounds[j]), int(bounds[j + 1])
             if b > a:
@@ -483,7 +525,8 @@ def quantized_allreduce(
     result = np.empty(x.shape, dtype=dtype) if out is None else out
     flat = result.reshape(-1)
     # Encode the flat view: payload sizes then follow chunk_nbytes (a 1-D header).
-    ALGORITHMS[name](_Problem(channel, bare, memory, x.reshape(-1), key, step, flat))
+    problem = _Problem(channel, bare, memory, x.reshape(-1), key, step, flat, _scratch(state.comm))
+    ALGORITHMS[name](problem)
     if op == "mean":
         with stats._phase("output"):
             flat /= dtype.type(size)
