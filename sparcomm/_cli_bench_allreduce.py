@@ -370,7 +370,7 @@ def _configure(parser: argparse.ArgumentParser) -> None:
         nargs="*",
         default=["qsgd4", "qsgd8", "terngrad", "onebit", "fp16"],
         metavar="NAME",
-        help="quantized codecs to measure: qsgd2 qsgd4 qsgd8 terngrad onebit fp16 "
+        help="quantized codecs to measure: qsgd2 qsgd4 qsgd8 terngrad onebit onebit-noef fp16 "
         "(none: --codecs alone)",
     )
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")

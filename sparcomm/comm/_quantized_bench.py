@@ -31,7 +31,8 @@ CODECS: dict[str, Callable[[], Any]] = {
     "qsgd4": lambda: QSGD(bits=4),
     "qsgd8": lambda: QSGD(bits=8),
     "terngrad": TernGrad,
-    "onebit": OneBit,
+    "onebit": OneBit,  # error feedback at the worker and at the owner
+    "onebit-noef": lambda: OneBit(error_feedback=False),  # the collective without it
     "fp16": FP16,
 }
 DEFAULT_CODECS = ("qsgd4", "qsgd8", "terngrad", "onebit", "fp16")
