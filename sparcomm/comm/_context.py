@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from sparcomm.comm._cost import CostModel
 
 _KEYVAL: int | None = None
+_SCRATCH_LIMIT_BYTES = 64 << 20  # larger temporaries are allocated per call
 # Tags of the direct exchanges (point-to-point on the private communicator).
 _TAG_ALLGATHERV = 1 << 10
 _TAG_ALLTOALLV = 2 << 10
@@ -62,6 +63,8 @@ class _CommState:
         buffer each time; never returned to the caller.
         """
         key = (name, np.dtype(dtype))
+        if size * key[1].itemsize > _SCRATCH_LIMIT_BYTES:
+            return np.empty(size, dtype=dtype)  # not worth pinning that much memory
         array = self.scratch.get(key)
         if array is None or array.size < size:
             array = np.empty(size, dtype=dtype)
@@ -126,16 +129,21 @@ class Channel:
         return self.allgatherv_many([send], [counts], tag)[0]
 
     def allgatherv_many(
-        self, sends: list[np.ndarray], counts: list[np.ndarray], tag: int = _TAG_ALLGATHERV
+        self,
+        sends: list[np.ndarray],
+        counts: list[np.ndarray],
+        tag: int = _TAG_ALLGATHERV,
+        recvs: list[np.ndarray] | None = None,
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """Several :meth:`allgatherv` at once (for example indices and values): one
-        synchronisation instead of one per array."""
+        synchronisation instead of one per array.  ``recvs`` optionally gives the
+        receive buffers (exact sizes)."""
         results, groups = [], []
         for number, (send, count) in enumerate(zip(sends, counts, strict=True)):
             count = np.asarray(count, dtype=np.int64)
             offsets = np.zeros(self.size + 1, dtype=np.int64)
             np.cumsum(count, out=offsets[1:])
-            recv = np.empty(int(offsets[-1]), dtype=send.dtype)
+            recv = np.empty(int(offsets[-1]), send.dtype) if recvs is None else recvs[number]
             blocks_recv = [recv[offsets[j] : offsets[j + 1]] for j in range(self.size)]
             groups.append(([send] * self.size, blocks_recv, tag + number))
             results.append((recv, offsets))
@@ -165,15 +173,19 @@ class Channel:
         return self.alltoallv_many([(send, send_counts, send_offsets, recv_counts)], tag)[0]
 
     def alltoallv_many(
-        self, items: list[tuple], tag: int = _TAG_ALLTOALLV
+        self,
+        items: list[tuple],
+        tag: int = _TAG_ALLTOALLV,
+        recvs: list[np.ndarray] | None = None,
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """Several :meth:`alltoallv` ``(send, send_counts, send_offsets, recv_counts)``
-        at once, with one synchronisation."""
+        at once, with one synchronisation; ``recvs`` optionally gives the buffers."""
         results, groups = [], []
         for number, (send, send_counts, send_offsets, recv_counts) in enumerate(items):
             recv_offsets = np.zeros(self.size + 1, dtype=np.int64)
             np.cumsum(recv_counts, out=recv_offsets[1:])
-            recv = np.empty(int(recv_offsets[-1]), dtype=send.dtype)
+            total = int(recv_offsets[-1])
+            recv = np.empty(total, dtype=send.dtype) if recvs is None else recvs[number]
             blocks_send = [
                 send[int(send_offsets[j]) : int(send_offsets[j]) + int(send_counts[j])]
                 for j in range(self.size)

@@ -82,12 +82,30 @@ def split_bounds(n: int, size: int) -> np.ndarray:
 # ------------------------------------------------------------------------ helpers
 
 
-def _merge_streams(indices: np.ndarray, values: np.ndarray, offsets: np.ndarray):
+def _buffer(problem: Problem, name: str, size: int, dtype: np.dtype) -> np.ndarray:
+    """A temporary that does not outlive the call: reused across calls when possible."""
+    if problem.scratch is None:
+        return np.empty(size, dtype)
+    return problem.scratch(name, size, dtype)
+
+
+def _merge_streams(
+    problem: Problem,
+    indices: np.ndarray,
+    values: np.ndarray,
+    offsets: np.ndarray,
+    result_is_temporary: bool,
+):
+    """Merge-and-sum the streams; the output is scratch when the caller only sends it."""
     total = indices.size
-    out_i = np.empty(total, indices.dtype)
-    out_v = np.empty(total, values.dtype)
-    work_i = np.empty(total, indices.dtype)
-    work_v = np.empty(total, values.dtype)
+    if result_is_temporary:
+        out_i = _buffer(problem, "merge_out_i", total, indices.dtype)
+        out_v = _buffer(problem, "merge_out_v", total, values.dtype)
+    else:
+        out_i = np.empty(total, indices.dtype)
+        out_v = np.empty(total, values.dtype)
+    work_i = _buffer(problem, "merge_work_i", total, indices.dtype)
+    work_v = _buffer(problem, "merge_work_v", total, values.dtype)
     count = _merge.merge_sum_streams(indices, values, offsets, out_i, out_v, work_i, work_v)
     return out_i[:count], out_v[:count]
 
@@ -108,11 +126,17 @@ def allgather(problem: Problem) -> list[Piece]:
     """
     channel, stats = problem.channel, problem.channel.stats
     with stats._phase("allgather"):
+        total = int(problem.k_all.sum())
         (indices, offsets), (values, _) = channel.allgatherv_many(
-            [problem.indices, problem.values], [problem.k_all, problem.k_all]
+            [problem.indices, problem.values],
+            [problem.k_all, problem.k_all],
+            recvs=[
+                _buffer(problem, "gather_i", total, problem.indices.dtype),
+                _buffer(problem, "gather_v", total, problem.values.dtype),
+            ],
         )
     with stats._phase("merge"):
-        out_i, out_v = _merge_streams(indices, values, offsets)
+        out_i, out_v = _merge_streams(problem, indices, values, offsets, False)
     return [Piece(0, problem.n, out_i, out_v)]
 
 
@@ -286,12 +310,16 @@ def _reduce_scatter(problem: Problem, bounds: np.ndarray, switch: bool) -> Piece
             [
                 (send_indices, index_counts, index_offsets, recv_index_counts),
                 (send_values, value_counts, value_offsets, recv_value_counts),
-            ]
+            ],
+            recvs=[
+                _buffer(problem, "parts_i", int(recv_index_counts.sum()), send_indices.dtype),
+                _buffer(problem, "parts_v", int(recv_value_counts.sum()), send_values.dtype),
+            ],
         )
     start, stop = int(bounds[rank]), int(bounds[rank + 1])
     with stats._phase("merge"):
         if not recv_dense.any():
-            out_i, out_v = _merge_streams(indices, values, index_offsets_in)
+            out_i, out_v = _merge_streams(problem, indices, values, index_offsets_in, True)
             if switch and out_i.size and problem.goes_dense(out_i.size, own_length):
                 return Piece(start, stop, None, _densify(out_i, out_v, start, own_length))
             return Piece(start, stop, out_i, out_v)
