@@ -43,6 +43,9 @@ _ERROR_CLASSES: tuple[type[Exception], ...] = (
     RuntimeError,
 )
 _FIELD = {name: i for i, name in enumerate(SIGNATURE_FIELDS)}
+#: Signature codes of algorithms outside ``_ALGORITHMS`` -> their names, for messages;
+#: registered by the collectives that use them (``sparcomm.comm._quantized``).
+ALGORITHM_CODES: dict[int, str] = {}
 
 
 # ------------------------------------------------------------------ signature
@@ -93,6 +96,8 @@ def _describe_field(name: str, value: int, codec_names: dict[int, str]) -> str:
         names = {code: dtype.name for dtype, code in _DTYPES.items()}
         return names.get(value, "an invalid dtype")
     if name == "algorithm":
+        if value in ALGORITHM_CODES:  # codes of other families (the quantized collectives)
+            return repr(ALGORITHM_CODES[value])
         return repr(_ALGORITHMS[value]) if 0 <= value < len(_ALGORITHMS) else "invalid"
     if name == "op":
         return repr(_OPS[value]) if 0 <= value < len(_OPS) else "invalid"

@@ -49,6 +49,7 @@ from sparcomm.comm import _cost
 from sparcomm.comm._allreduce import (
     _ERROR_CLASSES,
     _FIELD,
+    ALGORITHM_CODES,
     _check_common,
     _check_out,
     _check_signature,
@@ -536,6 +537,7 @@ def quantized_allreduce(
 def _register() -> None:
     for codec_type in QUANTIZED_CODECS:
         register_collective(codec_type, quantized_allreduce)
+    ALGORITHM_CODES.update({code: name for name, code in _ALGORITHM_CODES.items()})
 
 
 _register()

@@ -373,7 +373,8 @@ def test_ranks_that_disagree_raise_instead_of_hanging():
         pytest.skip("needs two ranks")
     x = _input(RANK)
     algorithm = "allgather" if RANK == 0 else "reduce_scatter_allgather"
-    with pytest.raises(ValueError, match="disagree on algorithm"):
+    with pytest.raises(ValueError, match="disagree on algorithm: rank 0 has 'allgather', "
+                       "rank 1 has 'reduce_scatter_allgather'"):
         allreduce(x, codec=QSGD(), comm=COMM, algorithm=algorithm)
     codec = QSGD(bits=4) if RANK == 0 else QSGD(bits=8)
     with pytest.raises(ValueError, match="disagree on codec"):
