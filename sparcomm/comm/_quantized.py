@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from mpi4py import MPI
@@ -162,7 +162,7 @@ def _scratch(comm: MPI.Comm) -> _Scratch:
     global _KEYVAL
     if _KEYVAL is None:
         _KEYVAL = MPI.Comm.Create_keyval()
-    scratch = comm.Get_attr(_KEYVAL)
+    scratch = cast("_Scratch | None", comm.Get_attr(_KEYVAL))
     if scratch is None:
         scratch = _Scratch()
         comm.Set_attr(_KEYVAL, scratch)
@@ -199,8 +199,7 @@ class _Problem:
         return encoder.encode(values, key=key, step=self.step, rank=self.channel.rank, **options)
 
 
-def _decode_sum(codec: Any, payloads: list[Payload], out: np.ndarray,
-                scratch: np.ndarray) -> None:
+def _decode_sum(codec: Any, payloads: list[Payload], out: np.ndarray, scratch: np.ndarray) -> None:
     """``out = sum of decode(p)`` in list order (rank order: the same on every rank);
     ``scratch`` is a work buffer like ``out``."""
     codec.decode(payloads[0], out=out)
@@ -277,8 +276,9 @@ def reduce_scatter_allgather(problem: _Problem) -> None:
                 if j != rank:
                     target = send[send_offsets[j] : send_offsets[j] + send_counts[j]]
                     _write_status(target, -1, 0)
-                    if parts[j] is not None:
-                        parts[j].to_bytes(out=target[STATUS_BYTES:])
+                    part = parts[j]
+                    if part is not None:
+                        part.to_bytes(out=target[STATUS_BYTES:])
         except Exception as caught:
             error = caught
             for j in range(size):
@@ -292,8 +292,10 @@ def reduce_scatter_allgather(problem: _Problem) -> None:
     with stats._phase("owner_sum"):
         if failed < 0 and lengths[rank]:
             try:
+                own = parts[rank]
+                assert own is not None  # this rank's chunk is not empty
                 received = [
-                    parts[r]
+                    own
                     if r == rank
                     else Payload.from_bytes(
                         recv[recv_offsets[r] + STATUS_BYTES : recv_offsets[r + 1]]
@@ -507,6 +509,7 @@ def quantized_allreduce(
     )
     row[_FIELD["algorithm"]] = 0 if algorithm == "auto" else _ALGORITHM_CODES.get(algorithm, -1)
     _check_signature(channel, row, error, codec_text, "allreduce")
+    assert dtype is not None  # _check_signature raised otherwise
     size, rank = channel.size, channel.rank
     stats.requested, stats.size, stats.n = algorithm, size, n
     stats.itemsize, stats.k, stats.k_all = dtype.itemsize, n, [n] * size

@@ -62,8 +62,17 @@ def bench_codec(comm, n: int, name: str, dtype: np.dtype, repeats: int, seed: in
     def call(algorithm: str):
         def run():
             steps[algorithm] += 1
-            allreduce(x, codec=codec, comm=comm, algorithm=algorithm, key=f"bench.{algorithm}",
-                      step=steps[algorithm], stats=stats[algorithm], out=reduced)
+            allreduce(
+                x,
+                codec=codec,
+                comm=comm,
+                algorithm=algorithm,
+                key=f"bench.{algorithm}",
+                step=steps[algorithm],
+                stats=stats[algorithm],
+                out=reduced,
+            )
+
         return run
 
     functions = {a: call(a) for a in stats}
@@ -95,15 +104,25 @@ def bench_codec(comm, n: int, name: str, dtype: np.dtype, repeats: int, seed: in
         "mpi_allreduce_s": median["mpi_allreduce"],
         "dense_bytes_per_rank": dense_bytes,
         "algorithms": {a: rows[a] for a in algorithms},
-        "auto": {**rows["auto"], "choice": stats["auto"].algorithm,
-                 "predicted_s": stats["auto"].predicted},
+        "auto": {
+            **rows["auto"],
+            "choice": stats["auto"].algorithm,
+            "predicted_s": stats["auto"].predicted,
+        },
         "fastest": best,
         "fewest_bytes": min(algorithms, key=lambda a: rows[a]["bytes_sent_per_rank"]),
     }
 
 
-def bench_quantized(comm, sizes, names, dtype: np.dtype, repeats: int, seed: int,
-                    progress: Callable[[str], None] | None = None) -> list[dict]:
+def bench_quantized(
+    comm,
+    sizes,
+    names,
+    dtype: np.dtype,
+    repeats: int,
+    seed: int,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
     """Every (n, codec) point, on every rank of ``comm``."""
     rows = []
     for log2n in sizes:
@@ -116,10 +135,23 @@ def bench_quantized(comm, sizes, names, dtype: np.dtype, repeats: int, seed: int
 
 def format_quantized(rows: list[dict], ranks: int) -> str:
     """The terminal table of the quantized section."""
-    short = {"allgather": "allgather", "reduce_scatter_allgather": "rs+ag",
-             "shared_scale": "shared"}
-    head = ["n", "codec", "MPI ms", "allgather", "rs+ag", "shared", "auto", "choice",
-            "MPI/best", "bytes dense/best"]
+    short = {
+        "allgather": "allgather",
+        "reduce_scatter_allgather": "rs+ag",
+        "shared_scale": "shared",
+    }
+    head = [
+        "n",
+        "codec",
+        "MPI ms",
+        "allgather",
+        "rs+ag",
+        "shared",
+        "auto",
+        "choice",
+        "MPI/best",
+        "bytes dense/best",
+    ]
     table = [head]
     for row in rows:
         algorithms = row["algorithms"]
@@ -136,5 +168,7 @@ def format_quantized(rows: list[dict], ranks: int) -> str:
         table.append(cells)
     widths = [max(len(r[c]) for r in table) for c in range(len(head))]
     body = "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in table)
-    return (f"quantized codecs, {ranks} ranks, times in ms (median, slowest rank); bytes: "
-            f"dense ring allreduce / fewest-bytes algorithm, per rank\n{body}")
+    return (
+        f"quantized codecs, {ranks} ranks, times in ms (median, slowest rank); bytes: "
+        f"dense ring allreduce / fewest-bytes algorithm, per rank\n{body}"
+    )

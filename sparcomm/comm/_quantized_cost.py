@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from mpi4py import MPI
@@ -306,7 +306,7 @@ def codec_costs(
     global _KEYVAL
     if _KEYVAL is None:
         _KEYVAL = MPI.Comm.Create_keyval()
-    cache = comm.Get_attr(_KEYVAL)
+    cache = cast("dict[tuple[str, str], CodecCosts] | None", comm.Get_attr(_KEYVAL))
     if cache is None:
         cache = {}
         comm.Set_attr(_KEYVAL, cache)

@@ -96,11 +96,10 @@ def _quantized_gather(
     if quantize:
         block = np.zeros(STATUS_BYTES + quantized_bytes[rank], dtype=np.uint8)
         with stats._phase("quantize"):
-            dense = (
-                mine.values
-                if mine.dense
-                else _sparse._densify(mine.indices, mine.values, mine.start, length)
-            )
+            if mine.indices is None:
+                dense = mine.values
+            else:
+                dense = _sparse._densify(mine.indices, mine.values, mine.start, length)
             try:
                 payload = dense_codec.encode(dense, key=dense_phase_key(key), step=step, rank=rank)
                 payload.to_bytes(out=block[STATUS_BYTES:])
@@ -109,6 +108,7 @@ def _quantized_gather(
                 error = caught
                 _write_status(block, rank, _error_code(caught))
     else:
+        assert mine.indices is not None  # not quantized: the piece is sparse
         values_bytes = mine.nnz * dtype.itemsize
         block = np.zeros(STATUS_BYTES + int(_padded(mine.nnz * entry)), dtype=np.uint8)
         _write_status(block, -1, 0)

@@ -130,8 +130,7 @@ def test_apply_scales_multiplies_each_bucket_by_its_scale():
 # ------------------------------------------------------------------ cost model
 
 MODEL = CostModel(alpha=2e-6, beta=1e-10, beta_allreduce=2e-10, merge=1e-9, dense=3e-10)
-COSTS = CodecCosts(encode=3e-9, decode=2e-9, add=5e-10, accumulate=2e-9, pack=1e-9,
-                   expand=2e-9)
+COSTS = CodecCosts(encode=3e-9, decode=2e-9, add=5e-10, accumulate=2e-9, pack=1e-9, expand=2e-9)
 
 
 @pytest.mark.parametrize("size", [2, 4, 16])
@@ -147,8 +146,11 @@ def test_reduce_scatter_moves_about_two_over_p_of_the_allgather_volume(size):
 
 @pytest.mark.parametrize(
     ("codec", "wire_bits"),
-    [(QSGD(bits=4), 4 + 32 / 512), (QSGD(bits=4, bucket_size=8192), 4 + 32 / 8192),
-     (OneBit(), 1 + 64 / 512)],
+    [
+        (QSGD(bits=4), 4 + 32 / 512),
+        (QSGD(bits=4, bucket_size=8192), 4 + 32 / 8192),
+        (OneBit(), 1 + 64 / 512),
+    ],
     ids=repr,
 )
 def test_compression_factor_against_a_dense_ring_allreduce(codec, wire_bits):

@@ -16,8 +16,16 @@ ENTRY = "import sys; from sparcomm.cli import main; sys.exit(main(sys.argv[1:]))
 
 def test_bench_allreduce_reports_the_quantized_codecs():
     command = [sys.executable, "-c", ENTRY, "bench", "allreduce", "-np", "2", "--sizes", "12"]
-    command += ["--densities", "--codecs", "qsgd4", "terngrad", "--repeats", "1",
-                "--no-progress", "--json"]
+    command += [
+        "--densities",
+        "--codecs",
+        "qsgd4",
+        "terngrad",
+        "--repeats",
+        "1",
+        "--no-progress",
+        "--json",
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
@@ -33,7 +41,8 @@ def test_bench_allreduce_reports_the_quantized_codecs():
         for entry in row["algorithms"].values():
             assert entry["bytes_sent_per_rank"] == entry["predicted_bytes_sent"]
             assert entry["speedup_vs_mpi"] == pytest.approx(
-                row["mpi_allreduce_s"] / entry["median_s"])
+                row["mpi_allreduce_s"] / entry["median_s"]
+            )
             assert entry["fewer_bytes_than_dense"] > 1
     assert "--codecs qsgd4 terngrad" in result["command"]
 

@@ -37,8 +37,12 @@ CASES = [
     ("terngrad", TernGrad, "shared_scale", None),
     ("onebit", lambda: OneBit(bucket_size=32), "reduce_scatter_allgather", None),
     ("topk-ef", lambda: ErrorFeedback(TopK(density=0.1)), "allgather", None),
-    ("q-dsar", lambda: ErrorFeedback(TopK(density=0.3)), "dsar",
-     lambda: QSGD(bits=4, bucket_size=32)),
+    (
+        "q-dsar",
+        lambda: ErrorFeedback(TopK(density=0.3)),
+        "dsar",
+        lambda: QSGD(bits=4, bucket_size=32),
+    ),
 ]
 
 
@@ -53,8 +57,9 @@ def _loss(a, b, w) -> float:
     return 0.5 * float(np.mean((a @ w - b) ** 2))
 
 
-@pytest.mark.parametrize(("name", "make", "algorithm", "dense_phase"), CASES,
-                         ids=[case[0] for case in CASES])
+@pytest.mark.parametrize(
+    ("name", "make", "algorithm", "dense_phase"), CASES, ids=[case[0] for case in CASES]
+)
 def test_distributed_least_squares_reaches_the_dense_loss(name, make, algorithm, dense_phase):
     a, b = _problem()
     best = _loss(a, b, np.linalg.lstsq(a, b, rcond=None)[0])
@@ -65,8 +70,15 @@ def test_distributed_least_squares_reaches_the_dense_loss(name, make, algorithm,
     w = np.zeros(DIM, np.float32)
     for step in range(STEPS):
         gradient = shard_a.T @ (shard_a @ w - shard_b) / np.float32(ROWS)
-        reduced = allreduce(gradient, codec=codec, comm=COMM, algorithm=algorithm,
-                            key="w", step=step, dense_phase=phase)
+        reduced = allreduce(
+            gradient,
+            codec=codec,
+            comm=COMM,
+            algorithm=algorithm,
+            key="w",
+            step=step,
+            dense_phase=phase,
+        )
         rate = RATE if step < STEPS // 2 else RATE * (STEPS // 2) / (step + 1)
         w -= np.float32(rate) * reduced
     final = _loss(a, b, w.astype(np.float64))

@@ -93,8 +93,7 @@ def _reference(codec, algorithm, inputs, key, step):
         return out
     # shared_scale: S_b times the exact integer sum of every rank's ternary values
     scale = np.max([codec.local_scales(x) for x in inputs], axis=0)
-    codes = [codec.encode(x, key=key, step=step, rank=r, scale=scale)
-             for r, x in enumerate(inputs)]
+    codes = [codec.encode(x, key=key, step=step, rank=r, scale=scale) for r, x in enumerate(inputs)]
     ternary = sum(
         np.rint(codec.decode(p) / np.repeat(scale, codec.bucket_for(n))[:n]).astype(np.int64)
         for p in codes
@@ -106,8 +105,9 @@ def _reference(codec, algorithm, inputs, key, step):
 def test_equals_local_reference_and_identical_everywhere(codec, algorithm):
     inputs = [_input(r) for r in range(SIZE)]
     stats = AllreduceStats()
-    result = allreduce(inputs[RANK], codec=codec, comm=COMM, algorithm=algorithm,
-                       key="w", step=3, stats=stats)
+    result = allreduce(
+        inputs[RANK], codec=codec, comm=COMM, algorithm=algorithm, key="w", step=3, stats=stats
+    )
     _digest_everywhere(result)
     np.testing.assert_array_equal(result, _reference(codec, algorithm, inputs, "w", 3))
     assert stats.algorithm == algorithm and stats.size == SIZE and stats.n == N
@@ -117,8 +117,9 @@ def test_equals_local_reference_and_identical_everywhere(codec, algorithm):
 def _ternary_sum(codec, inputs, scale, per_element, key):
     """Every rank's ternary values in {-1, 0, 1}, summed exactly in int64 by the test."""
     return sum(
-        np.rint(codec.decode(codec.encode(x, key=key, step=0, rank=r, scale=scale))
-                / per_element).astype(np.int64)
+        np.rint(
+            codec.decode(codec.encode(x, key=key, step=0, rank=r, scale=scale)) / per_element
+        ).astype(np.int64)
         for r, x in enumerate(inputs)
     )
 
@@ -128,8 +129,9 @@ def test_shared_scale_is_the_exact_integer_sum():
     values (one rounding, no accumulated error); with ``S = 1`` it is ``k`` itself."""
     codec = TernGrad(bucket_size=16)
     inputs = [_input(r, dtype=np.float64) for r in range(SIZE)]
-    result = allreduce(inputs[RANK], codec=codec, comm=COMM, algorithm="shared_scale",
-                       key=5, step=0)
+    result = allreduce(
+        inputs[RANK], codec=codec, comm=COMM, algorithm="shared_scale", key=5, step=0
+    )
     scale = np.max([codec.local_scales(x) for x in inputs], axis=0)
     per_element = np.repeat(scale, 16)[:N]
     integers = _ternary_sum(codec, inputs, scale, per_element, 5)
@@ -138,11 +140,18 @@ def test_shared_scale_is_the_exact_integer_sum():
 
     unit = [x / np.abs(x).max() for x in inputs]  # shared scale exactly 1.0
     codec = TernGrad()
-    result = allreduce(unit[RANK].astype(np.float32), codec=codec, comm=COMM,
-                       algorithm="shared_scale", key=6, step=0)
+    result = allreduce(
+        unit[RANK].astype(np.float32),
+        codec=codec,
+        comm=COMM,
+        algorithm="shared_scale",
+        key=6,
+        step=0,
+    )
     ones = np.ones(N)
-    integers = _ternary_sum(codec, [u.astype(np.float32) for u in unit], np.ones(1, np.float32),
-                            ones, 6)
+    integers = _ternary_sum(
+        codec, [u.astype(np.float32) for u in unit], np.ones(1, np.float32), ones, 6
+    )
     np.testing.assert_array_equal(result, integers.astype(np.float32))
 
 
@@ -152,8 +161,16 @@ def test_tiny_vectors_and_empty_chunks(n, algorithm):
     codec = TernGrad(bucket_size=64) if algorithm == "shared_scale" else QSGD(bucket_size=64)
     inputs = [_input(r, n=n, dtype=np.float64) for r in range(SIZE)]
     stats = AllreduceStats()
-    result = allreduce(inputs[RANK].reshape(n, 1), codec=codec, comm=COMM, op="mean",
-                       algorithm=algorithm, key="t", step=1, stats=stats)
+    result = allreduce(
+        inputs[RANK].reshape(n, 1),
+        codec=codec,
+        comm=COMM,
+        op="mean",
+        algorithm=algorithm,
+        key="t",
+        step=1,
+        stats=stats,
+    )
     assert result.shape == (n, 1)
     _digest_everywhere(result)
     expected = _reference(codec, algorithm, inputs, "t", 1) / SIZE
@@ -188,8 +205,7 @@ UNBIASED = [
 ]
 
 
-@pytest.mark.parametrize(("codec", "algorithm"), UNBIASED,
-                         ids=[f"{c!r}-{a}" for c, a in UNBIASED])
+@pytest.mark.parametrize(("codec", "algorithm"), UNBIASED, ids=[f"{c!r}-{a}" for c, a in UNBIASED])
 def test_unbiased_codecs_give_unbiased_sums(codec, algorithm):
     """Over T = 200 steps (independent random streams) the mean of the allreduce
     approaches the exact sum within five standard deviations of :func:`_bias_ratio`;
@@ -199,10 +215,12 @@ def test_unbiased_codecs_give_unbiased_sums(codec, algorithm):
     x = _input(RANK, n=n, dtype=np.float64, seed=11)
     exact = np.empty_like(x)
     COMM.Allreduce(x, exact, op=MPI.SUM)
-    samples = np.stack([
-        allreduce(x, codec=codec, comm=COMM, algorithm=algorithm, key="u", step=t)
-        for t in range(steps)
-    ])
+    samples = np.stack(
+        [
+            allreduce(x, codec=codec, comm=COMM, algorithm=algorithm, key="u", step=t)
+            for t in range(steps)
+        ]
+    )
     ratio, threshold = _bias_ratio(samples, exact)
     assert threshold < 3.0, "too few random elements for a meaningful test"
     assert ratio < threshold
@@ -228,8 +246,7 @@ EF_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("make", "algorithm"), EF_CASES,
-                         ids=[f"{m()!r}-{a}" for m, a in EF_CASES])
+@pytest.mark.parametrize(("make", "algorithm"), EF_CASES, ids=[f"{m()!r}-{a}" for m, a in EF_CASES])
 def test_error_feedback_conserves_mass_across_both_levels(make, algorithm):
     """applied + every worker residual + every owner residual == everything that went in."""
     from sparcomm.feedback import unwrap
@@ -265,27 +282,34 @@ def test_owner_residuals_are_saved_and_restored():
     codec = OneBit(bucket_size=32)
     inputs = [_input(RANK, n=257, dtype=np.float64, seed=s) for s in range(4)]
     for t in range(3):
-        allreduce(inputs[t], codec=codec, comm=COMM, algorithm="reduce_scatter_allgather",
-                  key="s", step=t)
+        allreduce(
+            inputs[t], codec=codec, comm=COMM, algorithm="reduce_scatter_allgather", key="s", step=t
+        )
     state = codec.state_dict()
-    if chunk_bounds(257, SIZE, chunk_alignment(OneBit(32)))[RANK + 1] > \
-            chunk_bounds(257, SIZE, chunk_alignment(OneBit(32)))[RANK]:
+    if (
+        chunk_bounds(257, SIZE, chunk_alignment(OneBit(32)))[RANK + 1]
+        > chunk_bounds(257, SIZE, chunk_alignment(OneBit(32)))[RANK]
+    ):
         assert owner_key("s") in state["residuals"]
-    expected = allreduce(inputs[3], codec=codec, comm=COMM,
-                         algorithm="reduce_scatter_allgather", key="s", step=3)
+    expected = allreduce(
+        inputs[3], codec=codec, comm=COMM, algorithm="reduce_scatter_allgather", key="s", step=3
+    )
     fresh = OneBit(bucket_size=32)
     fresh.load_state_dict(state)
-    again = allreduce(inputs[3], codec=fresh, comm=COMM, algorithm="reduce_scatter_allgather",
-                      key="s", step=3)
+    again = allreduce(
+        inputs[3], codec=fresh, comm=COMM, algorithm="reduce_scatter_allgather", key="s", step=3
+    )
     np.testing.assert_array_equal(again, expected)
     if SIZE == 1:
         return  # one rank's decoded payload re-encodes exactly: its owner residual is ~0
     # without the owner residuals the result differs (so the check above means something)
     partial = OneBit(bucket_size=32)
-    partial.load_state_dict({**state, "residuals": {
-        k: v for k, v in state["residuals"].items() if k != owner_key("s")}})
-    other = allreduce(inputs[3], codec=partial, comm=COMM,
-                      algorithm="reduce_scatter_allgather", key="s", step=3)
+    partial.load_state_dict(
+        {**state, "residuals": {k: v for k, v in state["residuals"].items() if k != owner_key("s")}}
+    )
+    other = allreduce(
+        inputs[3], codec=partial, comm=COMM, algorithm="reduce_scatter_allgather", key="s", step=3
+    )
     assert COMM.allreduce(int(not np.array_equal(other, expected)), op=MPI.SUM) > 0
 
 
@@ -296,8 +320,7 @@ def test_measured_bytes_match_the_cost_model(algorithm, n):
     the payload sizes directly."""
     codec = TernGrad(bucket_size=128) if algorithm == "shared_scale" else QSGD(bits=4)
     stats = AllreduceStats()
-    allreduce(_input(RANK, n=n), codec=codec, comm=COMM, algorithm=algorithm, key="b",
-              stats=stats)
+    allreduce(_input(RANK, n=n), codec=codec, comm=COMM, algorithm=algorithm, key="b", stats=stats)
     predicted = predict_quantized(algorithm, codec, n, np.float32, SIZE).bytes(RANK)
     for measured, expected in zip((stats.bytes_sent, stats.bytes_received), predicted, strict=True):
         assert abs(measured - expected) <= 0.05 * max(expected, 1)
@@ -313,8 +336,9 @@ def test_measured_bytes_match_the_cost_model(algorithm, n):
 
 def test_statistics_name_algorithm_and_phases():
     stats = AllreduceStats()
-    allreduce(_input(RANK), codec=QSGD(), comm=COMM, algorithm="reduce_scatter_allgather",
-              stats=stats)
+    allreduce(
+        _input(RANK), codec=QSGD(), comm=COMM, algorithm="reduce_scatter_allgather", stats=stats
+    )
     assert stats.requested == stats.algorithm == "reduce_scatter_allgather"
     for phase in ("check", "encode", "reduce_scatter", "owner_sum", "allgather", "decode"):
         assert phase in stats.phases
@@ -373,8 +397,11 @@ def test_ranks_that_disagree_raise_instead_of_hanging():
         pytest.skip("needs two ranks")
     x = _input(RANK)
     algorithm = "allgather" if RANK == 0 else "reduce_scatter_allgather"
-    with pytest.raises(ValueError, match="disagree on algorithm: rank 0 has 'allgather', "
-                       "rank 1 has 'reduce_scatter_allgather'"):
+    with pytest.raises(
+        ValueError,
+        match="disagree on algorithm: rank 0 has 'allgather', "
+        "rank 1 has 'reduce_scatter_allgather'",
+    ):
         allreduce(x, codec=QSGD(), comm=COMM, algorithm=algorithm)
     codec = QSGD(bits=4) if RANK == 0 else QSGD(bits=8)
     with pytest.raises(ValueError, match="disagree on codec"):

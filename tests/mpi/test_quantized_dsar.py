@@ -35,16 +35,16 @@ def _same_everywhere(array: np.ndarray) -> None:
     assert len(set(COMM.allgather(digest))) == 1, "results differ between ranks"
 
 
-@pytest.mark.parametrize("dense_phase", [QSGD(bits=8), QSGD(bits=4, norm="max"), FP16()],
-                         ids=repr)
+@pytest.mark.parametrize("dense_phase", [QSGD(bits=8), QSGD(bits=4, norm="max"), FP16()], ids=repr)
 def test_dense_ranges_are_the_quantized_dsar_sums(dense_phase):
     """Density 1: every owner's range is dense, and each equals the quantization (owner's
     rank, its own key) of the DSAR sum of that range."""
     x = _input()
     exact = allreduce(x, codec=TopK(density=1.0), comm=COMM, algorithm="dsar")
     stats = AllreduceStats()
-    result = allreduce(x, codec=TopK(density=1.0), comm=COMM, dense_phase=dense_phase,
-                       key="q", step=2, stats=stats)
+    result = allreduce(
+        x, codec=TopK(density=1.0), comm=COMM, dense_phase=dense_phase, key="q", step=2, stats=stats
+    )
     _same_everywhere(result)
     assert stats.algorithm == "dsar" and stats.dense_ranges == SIZE
     bounds = split_bounds(N, SIZE)
@@ -71,11 +71,19 @@ def test_mixed_ranges_identical_and_bytes_within_five_percent(density):
     """Random supports: the cost model's expected fill puts the bytes within 5%."""
     x = _input(n=1 << 16, seed=3)
     stats = AllreduceStats()
-    result = allreduce(x, codec=ErrorFeedback(TopK(density=density)), comm=COMM,
-                       dense_phase=QSGD(bits=8), op="mean", key="m", stats=stats)
+    result = allreduce(
+        x,
+        codec=ErrorFeedback(TopK(density=density)),
+        comm=COMM,
+        dense_phase=QSGD(bits=8),
+        op="mean",
+        key="m",
+        stats=stats,
+    )
     _same_everywhere(result)
-    for measured, predicted in zip((stats.bytes_sent, stats.bytes_received),
-                                   stats.predicted_bytes, strict=True):
+    for measured, predicted in zip(
+        (stats.bytes_sent, stats.bytes_received), stats.predicted_bytes, strict=True
+    ):
         assert abs(measured - predicted) <= 0.05 * max(predicted, 1)
     plain = AllreduceStats()
     allreduce(x, codec=TopK(density=density), comm=COMM, algorithm="dsar", stats=plain)
@@ -91,11 +99,14 @@ def test_qsgd_dense_phase_is_unbiased():
     x = _input(n=64, seed=9, dtype=np.float64)
     codec = TopK(density=0.5)
     exact = allreduce(x, codec=codec, comm=COMM, algorithm="dsar")
-    samples = np.stack([
-        allreduce(x, codec=codec, comm=COMM, dense_phase=QSGD(bits=3, bucket_size=16),
-                  key="b", step=t)
-        for t in range(200)
-    ])
+    samples = np.stack(
+        [
+            allreduce(
+                x, codec=codec, comm=COMM, dense_phase=QSGD(bits=3, bucket_size=16), key="b", step=t
+            )
+            for t in range(200)
+        ]
+    )
     ratio, threshold = _bias_ratio(samples, exact)
     assert threshold < 3.0 and ratio < threshold
 
@@ -110,5 +121,10 @@ def test_unsupported_combinations_raise_on_every_rank():
         allreduce(x, codec=TopK(k=5), comm=COMM, dense_phase=QSGD(), algorithm="allgather")
     if SIZE > 1:
         with pytest.raises(ValueError, match="disagree on codec"):
-            allreduce(x, codec=TopK(k=5), comm=COMM, algorithm="dsar",
-                      dense_phase=QSGD() if RANK == 0 else None)
+            allreduce(
+                x,
+                codec=TopK(k=5),
+                comm=COMM,
+                algorithm="dsar",
+                dense_phase=QSGD() if RANK == 0 else None,
+            )
