@@ -328,7 +328,7 @@ class GradientReducer:
         self._specs: list[tuple[Hashable, tuple[int, ...], np.dtype]] | None = None
         self._plans: dict[bool, _Plan] = {}
         self._run: _StepRun | None = None
-        self._fusion_buffers: dict[tuple[bool, int], Any] = {}
+        self._fusion_buffers: dict[tuple[int, int], Any] = {}
         self._queue: queue.Queue[_StepRun | None] = queue.Queue()
         self._thread: threading.Thread | None = None
 
@@ -567,7 +567,8 @@ class GradientReducer:
             return
         first = run.inputs[bucket.slots[0].name]
         xp = array_module(first)
-        buffer_key = (bucket.compressed, bucket.index)
+        # One buffer per bucket of each plan (warm-up and compressed plans differ).
+        buffer_key = (id(run.plan), bucket.index)
         fused = self._fusion_buffers.get(buffer_key)
         if fused is None or array_module(fused) is not xp:
             fused = xp.empty(bucket.size, dtype=bucket.dtype)
@@ -604,7 +605,7 @@ class GradientReducer:
         stats.seconds += time.perf_counter() - start
         stats.buckets += 1
         stats.compressed_buckets += int(bucket.compressed)
-        stats.elements += bucket.size
+        stats.elements += int(x.size)
         stats.bytes_sent += info.bytes_sent
         stats.bytes_received += info.bytes_received
         stats.algorithms.append(info.algorithm)

@@ -145,3 +145,24 @@ def test_overlap_reduces_a_full_bucket_before_the_others_arrive():
         np.testing.assert_array_equal(out["first"], np.ones(8, np.float32))
     finally:
         r.close()
+
+
+def test_switching_from_warmup_plan_reduces_only_each_buckets_own_elements():
+    """The warm-up plan fuses everything; afterwards the small tensors form a smaller
+    dense bucket at the same index: it must not reuse the warm-up's larger buffer."""
+    from sparcomm import ErrorFeedback, TopK
+
+    r = GradientReducer(
+        ErrorFeedback(TopK(density=0.1)), warmup_steps=1, dense_below=100, compression="bucket"
+    )
+    grads = {"b": np.ones(10), "c": np.ones(12), "w": np.ones((300, 10))}
+    try:
+        r.reduce(grads)
+        assert r.last_stats.elements == 3022 and r.last_stats.buckets == 1
+        out = r.reduce(grads)
+        assert r.last_stats.buckets == 2 and r.last_stats.compressed_buckets == 1
+        assert r.last_stats.elements == 3022  # 22 dense + 3000 compressed, nothing more
+        np.testing.assert_array_equal(out["b"], np.ones(10))
+        assert np.count_nonzero(out["w"]) == 300  # top 10 % of the (compensated) ones
+    finally:
+        r.close()
