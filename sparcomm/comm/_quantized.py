@@ -212,6 +212,20 @@ def _decode_sum(codec: Any, payloads: list[Payload], out: np.ndarray, scratch: n
                 out += scratch
 
 
+def _allgatherv(problem: _Problem, send: np.ndarray, counts: np.ndarray):
+    """``Channel.allgatherv`` into a reused receive buffer: (buffer, block offsets)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    recv = problem.scratch.get("gathered", int(counts.sum()), send.dtype)
+    return problem.channel.allgatherv_many([send], [counts], recvs=[recv])[0]
+
+
+def _alltoallv(problem: _Problem, send, send_counts, send_offsets, recv_counts):
+    """``Channel.alltoallv`` into a reused receive buffer: (buffer, block offsets)."""
+    recv = problem.scratch.get("received", int(np.sum(recv_counts)), send.dtype)
+    item = (send, send_counts, send_offsets, recv_counts)
+    return problem.channel.alltoallv_many([item], recvs=[recv])[0]
+
+
 def _exchange_counts(blocks: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
     """Send counts and offsets of an ``Alltoallv`` that sends ``blocks[j]`` bytes to j."""
     counts = blocks.astype(np.int64)
@@ -239,7 +253,7 @@ def allgather(problem: _Problem) -> None:
             error = caught
             _write_status(send, rank, _error_code(caught))
     with stats._phase("allgather"):
-        recv, offsets = channel.allgatherv(send, np.full(size, block, dtype=np.int64))
+        recv, offsets = _allgatherv(problem, send, np.full(size, block, dtype=np.int64))
     _raise_failure(error, *_first_failure(recv, offsets))
     with stats._phase("decode"):
         payloads = [
@@ -286,7 +300,7 @@ def reduce_scatter_allgather(problem: _Problem) -> None:
                     _write_status(send[send_offsets[j] :], rank, _error_code(caught))
     recv_counts = np.where(np.arange(size) == rank, 0, blocks[rank]).astype(np.int64)
     with stats._phase("reduce_scatter"):
-        recv, recv_offsets = channel.alltoallv(send, send_counts, send_offsets, recv_counts)
+        recv, recv_offsets = _alltoallv(problem, send, send_counts, send_offsets, recv_counts)
     mine = problem.scratch.get("mine", int(blocks[rank]), np.uint8)
     failed, code = (rank, _error_code(error)) if error else _first_failure(recv, recv_offsets)
     with stats._phase("owner_sum"):
@@ -312,7 +326,7 @@ def reduce_scatter_allgather(problem: _Problem) -> None:
                 failed, code = rank, _error_code(caught)
         _write_status(mine, failed, code)
     with stats._phase("allgather"):
-        gathered, offsets = channel.allgatherv(mine, blocks)
+        gathered, offsets = _allgatherv(problem, mine, blocks)
     _raise_failure(error, *_first_failure(gathered, offsets))
     with stats._phase("decode"):
         for j in range(size):
@@ -384,7 +398,7 @@ def shared_scale(problem: _Problem) -> None:
             ]
     recv_counts = np.where(np.arange(size) == rank, 0, code_bytes[rank]).astype(np.int64)
     with stats._phase("reduce_scatter"):
-        recv, recv_offsets = channel.alltoallv(send, send_counts, send_offsets, recv_counts)
+        recv, recv_offsets = _alltoallv(problem, send, send_counts, send_offsets, recv_counts)
     length = int(lengths[rank])
     gather_bytes = np.array([sums_nbytes(int(m), size) for m in lengths], dtype=np.int64)
     mine = problem.scratch.get("mine", int(gather_bytes[rank]), np.uint8)
@@ -403,7 +417,7 @@ def shared_scale(problem: _Problem) -> None:
                 ternary_accumulate(part, total, codes, ones)
             pack_sums(total, size, codes, mine)
     with stats._phase("allgather"):
-        gathered, offsets = channel.allgatherv(mine, gather_bytes)
+        gathered, offsets = _allgatherv(problem, mine, gather_bytes)
     with stats._phase("output"):
         fields = problem.scratch.get("codes", n, np.uint8)
         for j in range(size):
