@@ -63,6 +63,18 @@ def _as_dtype_overload(value, x):
     return lambda value, x: np.float64(value)
 
 
+def as_key(value, keys):  # pragma: no cover - replaced by the overload inside Numba
+    """``value`` converted to the unsigned type of the key array ``keys``."""
+    raise NotImplementedError
+
+
+@overload(as_key)
+def _as_key_overload(value, keys):
+    if keys.dtype == types.uint32:
+        return lambda value, keys: np.uint32(value)
+    return lambda value, keys: np.uint64(value)
+
+
 @njit(cache=True, nogil=True)
 def n_chunks(n, chunk):
     return (n + chunk - 1) // chunk

@@ -23,7 +23,7 @@ _U24 = 2.0**-24
 _WORD = np.int64(1) << np.int64(32)
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def mix32(h):
     """The "lowbias32" finaliser on a uint32."""
     h = np.uint32(h ^ (h >> _S16))
@@ -33,21 +33,21 @@ def mix32(h):
     return np.uint32(h ^ (h >> _S16))
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def stream_halves(stream):
     """``(k1, k2)``: the low and high 32 bits of a uint64 stream key (int64 or uint64)."""
     s = np.uint64(stream)
     return np.uint32(s & _LOW32), np.uint32(s >> _S32)
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def high_word(k1, i):
     """``k1 ^ (hi * HIGH32)`` for index ``i``: constant over runs of 2**32 indices."""
     hi = np.uint32(np.uint64(i) >> _S32)
     return np.uint32(k1 ^ np.uint32(hi * HIGH32))
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def hash24(key_lo, k2, lo):
     """Top 24 bits of the per-element hash of an index with low word ``lo``.
 
@@ -59,13 +59,13 @@ def hash24(key_lo, k2, lo):
     return np.uint32(h >> _S8)
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def low_word(i):
     """The low 32 bits of index ``i`` as uint32."""
     return np.uint32(np.uint64(i) & _LOW32)
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def word_end(i, stop):
     """End of the run of indices from ``i`` that share its high 32 bits (before ``stop``)."""
     return min(stop, (i // _WORD + 1) * _WORD)

@@ -20,7 +20,7 @@ from ._common import CHUNK, as_dtype, n_chunks
 from .packing import pack_groups, pack_tail, unpack_groups
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _split(v):
     """``(v, 0)`` for ``v >= 0`` or NaN (bit 0), ``(0, v)`` for ``v < 0`` (bit 1)."""
     negative = v < 0.0

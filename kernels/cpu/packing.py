@@ -23,7 +23,7 @@ _SHIFT16 = np.uint64(16)
 _SHIFT32 = np.uint64(32)
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def compress_group(word, bits):
     """Squeeze 8 byte-lane fields of ``word`` into its low ``8*bits`` bits."""
     b = np.uint64(bits)
@@ -32,7 +32,7 @@ def compress_group(word, bits):
     return np.uint64((word & _M32) | ((word & ~_M32) >> (_SHIFT32 - np.uint64(4) * b)))
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def expand_group(word, bits):
     """Inverse of :func:`compress_group`: one field per byte lane (upper bits zero)."""
     b = np.uint64(bits)
@@ -74,7 +74,8 @@ def pack_groups(fields, ngroups, bits, out, first_group):
             ob[4 * g + 2] = fb[8 * g + 2]
             ob[4 * g + 3] = fb[8 * g + 3]
     elif bits == 8:
-        ob[:] = fb[: 8 * ngroups]
+        for t in range(8 * ngroups):
+            ob[t] = fb[t]
     else:
         width = np.uint64(bits)
         for g in range(ngroups):
@@ -101,7 +102,8 @@ def unpack_groups(packed, bits, first_group, ngroups, fields):
 
     Reads at most to the end of ``packed`` (the last group may be partial).
     """
-    fields[:ngroups] = 0
+    for g in range(ngroups):
+        fields[g] = 0
     fb = fields.view(np.uint8)
     start = first_group * bits
     pb = packed[start : min(packed.size, start + ngroups * bits)]
@@ -120,7 +122,8 @@ def unpack_groups(packed, bits, first_group, ngroups, fields):
             fb[8 * g + 2] = pb[4 * g + 2]
             fb[8 * g + 3] = pb[4 * g + 3]
     elif bits == 8:
-        fb[: 8 * whole] = pb[: 8 * whole]
+        for t in range(8 * whole):
+            fb[t] = pb[t]
     else:
         width = np.uint64(bits)
         for g in range(whole):
@@ -162,7 +165,10 @@ def _pack_bits(fields, bits, out):
 def _unpack_chunk(packed, bits, a, b, out, scratch):
     n = b - a
     unpack_groups(packed, bits, a // 8, (n + 7) // 8, scratch)
-    out[a:b] = scratch.view(np.uint8)[:n]
+    lanes = scratch.view(np.uint8)
+    part = out[a:b]
+    for t in range(n):
+        part[t] = lanes[t]
 
 
 @njit(cache=True, nogil=True, parallel=True)

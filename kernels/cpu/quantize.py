@@ -57,7 +57,7 @@ def _qsgd_fields(x, a, b, inv, levels, k1, k2, lanes, offset):
         i0 = i1
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _inverse_step(scale, levels, x):
     """``levels / scale`` in x.dtype, 0 for a zero scale."""
     return as_dtype(levels, x) / scale if scale != 0 else as_dtype(0, x)
@@ -206,7 +206,9 @@ def qsgd_decode(packed, scales, levels, bits, bucket, out):
 def _terngrad_fields(x, a, b, scale, clip, k1, k2, lanes, offset):
     """TernGrad codes of ``x[a:b]`` (bucket scale ``scale``) into ``lanes[i - offset]``."""
     if scale == 0:
-        lanes[a - offset : b - offset] = 0
+        fs = lanes[a - offset : b - offset]
+        for t in range(fs.size):
+            fs[t] = 0
         return
     u24 = as_dtype(_U24, x)
     i0 = a

@@ -30,7 +30,7 @@ import numpy as np
 from numba import njit, prange
 from numba.cpython.unsafe.numbers import trailing_zeros
 
-from ._common import abs_bits, abs_mask, inf_bits, n_chunks
+from ._common import abs_bits, abs_mask, as_key, inf_bits, n_chunks
 
 SCAN_CHUNK = 1 << 16
 """Elements per parallel task of the candidate pass."""
@@ -78,7 +78,8 @@ def kth_largest(keys, r):
     hist = np.zeros(_DIGITS, dtype=np.int64)
     while True:
         s = np.uint64(shift)
-        hist[:] = 0
+        for d in range(_DIGITS):
+            hist[d] = 0
         for t in range(m):
             hist[np.int64((np.uint64(work[t]) >> s) & digit_mask)] += 1
         d = _DIGITS - 1
@@ -137,16 +138,19 @@ def _histogram_bound(bits, mask, n, k):
     hists = np.zeros((tasks, _DIGITS), dtype=np.int64)
     for t in prange(tasks):
         _histogram_chunk(bits, mask, shift, min(n, t * per), min(n, (t + 1) * per), hists[t])
-    hist = hists.sum(axis=0)
+    hist = np.zeros(_DIGITS, dtype=np.int64)
+    for t in range(tasks):
+        for d in range(_DIGITS):
+            hist[d] += hists[t, d]
     d = _DIGITS - 1
     above = 0
     while above + hist[d] < k:
         above += hist[d]
         d -= 1
-    return (bits[0] & np.uint64(0)) | (np.uint64(d) << np.uint64(shift))
+    return as_key(np.uint64(d) << np.uint64(shift), bits)
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _take(part, mask, bound, inf, j, a, out_idx, out_key, above, equal, bad):
     """Branch-free bookkeeping of key ``j``: always written, kept only if above."""
     key = part[j] & mask
@@ -169,6 +173,10 @@ def _scan_chunk(bits, mask, bound, inf, a, b, cand_idx, cand_key):
     part = bits[a:b]
     out_idx = cand_idx[a:b]
     out_key = cand_key[a:b]
+    # Keys visited: those >= bound, except that with bound 0 (a gradient that is mostly
+    # zeros) only the non-zero ones are visited and the zeros are counted by subtraction.
+    one = mask & np.uint8(1)  # 1 in the key's unsigned type
+    visit = one if bound == 0 else bound
     above = 0
     equal = 0
     bad = 0
@@ -177,7 +185,7 @@ def _scan_chunk(bits, mask, bound, inf, a, b, cand_idx, cand_key):
         first = blk * BLOCK
         hits = np.uint64(0)
         for j in range(BLOCK):
-            hits |= np.uint64((part[first + j] & mask) >= bound) << np.uint64(j)
+            hits |= np.uint64((part[first + j] & mask) >= visit) << np.uint64(j)
         while hits:
             j = first + trailing_zeros(hits)
             hits &= hits - np.uint64(1)
@@ -185,10 +193,12 @@ def _scan_chunk(bits, mask, bound, inf, a, b, cand_idx, cand_key):
                 part, mask, bound, inf, j, a, out_idx, out_key, above, equal, bad
             )
     for j in range(blocks * BLOCK, part.size):
-        if (part[j] & mask) >= bound:
+        if (part[j] & mask) >= visit:
             above, equal, bad = _take(
                 part, mask, bound, inf, j, a, out_idx, out_key, above, equal, bad
             )
+    if bound == 0:
+        equal = part.size - above
     return above, equal, bad
 
 
@@ -257,8 +267,9 @@ def _output(
     greater = np.empty(nc, dtype=np.int64)
     ties = np.empty(nc, dtype=np.int64)
     if kth == bound:
-        greater[:] = above
-        ties[:] = equal
+        for c in range(nc):
+            greater[c] = above[c]
+            ties[c] = equal[c]
     else:
         for c in prange(nc):
             greater[c], ties[c] = _count_chunk_candidates(cand_key, c * SCAN_CHUNK, above[c], kth)
@@ -303,33 +314,38 @@ def _output(
             )
 
 
-@njit(cache=True, nogil=True, parallel=True)
+@njit(cache=True, nogil=True)
 def _gather_keys(cand_key, above, out):
-    offsets = np.cumsum(above) - above
-    for c in prange(above.size):
+    """Concatenate the chunks' candidate keys (few: a sequential copy is enough)."""
+    p = 0
+    for c in range(above.size):
         a = c * SCAN_CHUNK
-        out[offsets[c] : offsets[c] + above[c]] = cand_key[a : a + above[c]]
+        for t in range(above[c]):
+            out[p + t] = cand_key[a + t]
+        p += above[c]
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _count_non_finite(bits, mask, inf):
-    n = bits.size
+def _keep_all_or_none(x, keep_all, out_indices, out_values):
+    """``k == n`` or ``k == 0``: copy everything (or nothing), count non-finite entries."""
+    n = x.size
+    bits = abs_bits(x)
+    mask = abs_mask(x)
+    inf = inf_bits(x)
     nc = n_chunks(n, SCAN_CHUNK)
     counts = np.zeros(nc, dtype=np.int64)
     for c in prange(nc):
-        part = bits[c * SCAN_CHUNK : min(n, (c + 1) * SCAN_CHUNK)]
+        a = c * SCAN_CHUNK
+        part = bits[a : min(n, a + SCAN_CHUNK)]
         count = 0
         for t in range(part.size):
             count += (part[t] & mask) >= inf
         counts[c] = count
+        if keep_all:
+            for t in range(part.size):
+                out_indices[a + t] = a + t
+                out_values[a + t] = x[a + t]
     return counts.sum()
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def _copy_all(x, out_indices, out_values):
-    for i in prange(x.size):
-        out_indices[i] = i
-        out_values[i] = x[i]
 
 
 @njit(cache=True, nogil=True)
@@ -344,9 +360,7 @@ def topk(x, k, out_indices, out_values):
     mask = abs_mask(x)
     inf = inf_bits(x)
     if k == 0 or k == n:
-        if k == n:
-            _copy_all(x, out_indices, out_values)
-        return _count_non_finite(bits, mask, inf)
+        return _keep_all_or_none(x, k == n, out_indices, out_values)
     nc = n_chunks(n, SCAN_CHUNK)
     # Scratch for the candidates: a task writes at its own chunk offset, so no atomics;
     # only the touched pages of these buffers are ever committed.
