@@ -438,6 +438,7 @@ class GradientReducer:
         The array must not be modified until :meth:`wait` returns (it is read in place,
         without a copy, when it forms a bucket of its own).
         """
+        array_module(grad)  # a clear TypeError for tensors, lists and mixed devices
         run = self._run or self._begin()
         found = run.plan.lookup.get(name)
         if found is None:

@@ -58,6 +58,10 @@ def test_submission_errors_name_the_gradient(reducer):
     with pytest.raises(RuntimeError, match="call setup"):
         reducer.submit("w", np.ones(3, np.float32))
     reducer.setup([("w", (3,), np.float32), ("b", (2,), np.float32)])
+    with pytest.raises(
+        TypeError, match="expected a numpy.ndarray or cupy.ndarray, got builtins.list"
+    ):
+        reducer.submit("w", [1.0, 2.0, 3.0])
     with pytest.raises(KeyError, match="'v' was not registered"):
         reducer.submit("v", np.ones(3, np.float32))
     with pytest.raises(ValueError, match=r"'w' has shape \(4,\), registered as \(3,\)"):
