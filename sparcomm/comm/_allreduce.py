@@ -31,7 +31,7 @@ from sparcomm.comm._stats import AllreduceStats
 from sparcomm.kernels.cpu import merge as _merge
 
 _VERSION = 1
-_DTYPES = {np.dtype(np.float32): 1, np.dtype(np.float64): 2}
+_DTYPES: dict[np.dtype, int] = {np.dtype(np.float32): 1, np.dtype(np.float64): 2}
 _OPS = ("sum", "mean")
 _ALGORITHMS = ("auto", *_cost.ALL_ALGORITHMS)
 _DENSE_ALGORITHMS = ("auto", "dense")

@@ -78,7 +78,7 @@ def comm_state(comm: MPI.Comm) -> _CommState:
     if _KEYVAL is None:
         _KEYVAL = MPI.Comm.Create_keyval()
     state = comm.Get_attr(_KEYVAL)
-    if state is None:
+    if not isinstance(state, _CommState):
         state = _CommState(comm=comm.Dup())
         comm.Set_attr(_KEYVAL, state)
     return state

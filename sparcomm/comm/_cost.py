@@ -355,7 +355,10 @@ def calibrate(comm: MPI.Comm | None = None, *, repeats: int = 5) -> CostModel:
     local = np.array([alpha, beta, beta_allreduce, merge, dense])
     agreed = np.empty_like(local)
     inner.Allreduce(local, agreed, op=MPI.MAX)
-    model = CostModel(*(float(v) for v in agreed), calibration_seconds=time.perf_counter() - start)
+    alpha, beta, beta_allreduce, merge, dense = (float(v) for v in agreed)
+    model = CostModel(
+        alpha, beta, beta_allreduce, merge, dense, calibration_seconds=time.perf_counter() - start
+    )
     state.model = model
     return model
 

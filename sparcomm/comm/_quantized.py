@@ -199,17 +199,37 @@ class _Problem:
         return encoder.encode(values, key=key, step=self.step, rank=self.channel.rank, **options)
 
 
+#: Elements per block of :func:`_decode_sum`: the work buffer (1 MiB of float32) stays in
+#: cache while each payload's block is decoded into it and added, instead of streaming
+#: a chunk-sized buffer through memory once per rank.
+_SUM_BLOCK = 1 << 18
+
+
 def _decode_sum(codec: Any, payloads: list[Payload], out: np.ndarray, scratch: np.ndarray) -> None:
     """``out = sum of decode(p)`` in list order (rank order: the same on every rank);
-    ``scratch`` is a work buffer like ``out``."""
-    codec.decode(payloads[0], out=out)
-    if len(payloads) > 1:
-        # An overflowing sum becomes inf, as in MPI's own Allreduce; an owner then
-        # refuses to re-encode it, and every rank raises (see reduce_scatter_allgather).
-        with np.errstate(over="ignore"):
-            for payload in payloads[1:]:
-                codec.decode(payload, out=scratch)
-                out += scratch
+    ``scratch`` is a work buffer like ``out``.
+
+    Works block by block (blocks of whole buckets, see :func:`slice_payload`): every
+    element is still the same rank-order sum, so the result does not depend on the block.
+    """
+    n = out.size
+    align = chunk_alignment(codec)
+    block = max(align, _SUM_BLOCK // align * align)
+    # An overflowing sum becomes inf, as in MPI's own Allreduce; an owner then refuses
+    # to re-encode it, and every rank raises (see reduce_scatter_allgather).
+    with np.errstate(over="ignore"):
+        for start in range(0, n, block):
+            stop = min(n, start + block)
+            target, work = out[start:stop], scratch[: stop - start]
+            parts = (
+                payloads
+                if stop - start == n
+                else [slice_payload(codec, p, start, stop) for p in payloads]
+            )
+            codec.decode(parts[0], out=target)
+            for part in parts[1:]:
+                codec.decode(part, out=work)
+                target += work
 
 
 def _allgatherv(problem: _Problem, send: np.ndarray, counts: np.ndarray):

@@ -346,7 +346,7 @@ def _allgather_pieces(problem: Problem, bounds: np.ndarray, mine: Piece) -> list
         dense = header < 0
         index_counts = np.where(dense, 0, header)
         value_counts = np.where(dense, lengths, header)
-        send_i = problem.indices[:0] if mine.dense else mine.indices
+        send_i = problem.indices[:0] if mine.indices is None else mine.indices
         (indices, index_offsets), (values, value_offsets) = channel.allgatherv_many(
             [send_i, mine.values], [index_counts, value_counts]
         )
@@ -459,7 +459,7 @@ def finish(
             count = _merge.gather_nonzero(p.values, p.start, gi, gv)
             parts_i.append(gi[:count])
             parts_v.append(gv[:count])
-        else:
+        elif p.indices is not None:
             parts_i.append(p.indices)
             parts_v.append(p.values)
     # Pieces are this module's own buffers (never the caller's arrays): no copy for one.
