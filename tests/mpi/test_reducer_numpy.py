@@ -37,8 +37,7 @@ def _same_on_all_ranks(arrays: dict[str, np.ndarray]) -> None:
         assert np.array_equal(arrays[name], root[name]), f"{name} differs between ranks"
 
 
-@pytest.mark.parametrize("threshold", [0, 4096, 1 << 20])
-@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize(("threshold", "overlap"), [(0, True), (4096, False), (1 << 20, True)])
 def test_no_compression_equals_mpi_allreduce(threshold, overlap):
     reducer = GradientReducer(NoCompression(), fusion_threshold_bytes=threshold, overlap=overlap)
     try:
