@@ -107,7 +107,10 @@ def _sample_keys(bits, mask, stride, count, out, a, b):
 
 @njit(cache=True, nogil=True, parallel=True)
 def _sample_bound(bits, mask, n, k):
-    """A threshold key at or below the k-th largest, from a strided sample (usually)."""
+    """A threshold key at or below the k-th largest, from a strided sample (usually).
+
+    Returns the bound and a capacity per scan chunk for the candidates above it.
+    """
     size = min(n, SAMPLE)
     stride = n // size
     sample = np.empty(size, dtype=bits.dtype)
@@ -115,10 +118,19 @@ def _sample_bound(bits, mask, n, k):
     for c in prange(n_chunks(size, per)):
         _sample_keys(bits, mask, stride, size, sample, c * per, min(size, (c + 1) * per))
     if size == n:
-        return kth_largest(sample, k)
+        return kth_largest(sample, k), SCAN_CHUNK
     expected = k * (size / n)
     r = min(size, np.int64(math.ceil(expected + 4.0 * math.sqrt(expected) + 8.0)))
-    return kth_largest(sample, r)
+    bound = kth_largest(sample, r)
+    # Candidate slots per chunk: the sample's share of keys above the bound, with room
+    # for chance (Poisson: 8 standard deviations) and uneven data.  A chunk that still
+    # overflows is detected and the scan redone with room for every key.
+    above = 0
+    for t in range(size):
+        above += sample[t] > bound
+    per_chunk = SCAN_CHUNK * (above / size)
+    cap = np.int64(2.0 * per_chunk + 8.0 * math.sqrt(per_chunk) + 1024.0)
+    return bound, min(cap, SCAN_CHUNK)
 
 
 @njit(cache=True, nogil=True)
@@ -152,16 +164,21 @@ def _histogram_bound(bits, mask, n, k):
 
 @njit(cache=True, nogil=True)
 def _take(part, mask, bound, inf, j, a, out_idx, out_key, above, equal, bad):
-    """Branch-free bookkeeping of key ``j``: always written, kept only if above."""
+    """Branch-free bookkeeping of key ``j``: always written, kept only if above.
+
+    The slot is clamped to the chunk's capacity: a chunk that overflows keeps counting,
+    and the caller, seeing ``above > capacity``, scans again with room for every key.
+    """
     key = part[j] & mask
-    out_idx[above] = a + j
-    out_key[above] = key
+    slot = min(above, out_idx.size - 1)
+    out_idx[slot] = a + j
+    out_key[slot] = key
     return above + (key > bound), equal + (key == bound), bad + (key >= inf)
 
 
 @njit(cache=True, nogil=True)
-def _scan_chunk(bits, mask, bound, inf, a, b, cand_idx, cand_key):
-    """Store the keys above ``bound`` in ``[a, b)`` at ``cand_*[a:]``; count the rest.
+def _scan_chunk(bits, mask, bound, inf, a, b, cand_idx, cand_key, base, cap):
+    """Store the keys above ``bound`` in ``[a, b)`` at ``cand_*[base:base+cap]``.
 
     Returns ``(above, equal, non_finite)``; non-finite keys are counted only when they are
     at least ``bound`` (the caller keeps ``bound <= inf``, so that is all of them).
@@ -171,8 +188,8 @@ def _scan_chunk(bits, mask, bound, inf, a, b, cand_idx, cand_key):
     into gathers.
     """
     part = bits[a:b]
-    out_idx = cand_idx[a:b]
-    out_key = cand_key[a:b]
+    out_idx = cand_idx[base : base + cap]
+    out_key = cand_key[base : base + cap]
     # Keys visited: those >= bound, except that with bound 0 (a gradient that is mostly
     # zeros) only the non-zero ones are visited and the zeros are counted by subtraction.
     one = mask & np.uint8(1)  # 1 in the key's unsigned type
@@ -203,11 +220,11 @@ def _scan_chunk(bits, mask, bound, inf, a, b, cand_idx, cand_key):
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _scan(bits, mask, bound, inf, n, cand_idx, cand_key, above, equal, bad):
+def _scan(bits, mask, bound, inf, n, cand_idx, cand_key, cap, above, equal, bad):
     for c in prange(above.size):
         a = c * SCAN_CHUNK
         above[c], equal[c], bad[c] = _scan_chunk(
-            bits, mask, bound, inf, a, min(n, a + SCAN_CHUNK), cand_idx, cand_key
+            bits, mask, bound, inf, a, min(n, a + SCAN_CHUNK), cand_idx, cand_key, c * cap, cap
         )
 
 
@@ -260,7 +277,7 @@ def _write_from_data(x, bits, mask, a, b, kth, ties, out_indices, out_values, of
 
 @njit(cache=True, nogil=True, parallel=True)
 def _output(
-    x, bits, mask, n, k, bound, kth, cand_idx, cand_key, above, equal, out_indices, out_values
+    x, bits, mask, n, k, bound, kth, cand_idx, cand_key, cap, above, equal, out_indices, out_values
 ):
     """Write the k kept entries, ascending, ties at ``kth`` to the lowest indices."""
     nc = above.size
@@ -272,7 +289,7 @@ def _output(
             ties[c] = equal[c]
     else:
         for c in prange(nc):
-            greater[c], ties[c] = _count_chunk_candidates(cand_key, c * SCAN_CHUNK, above[c], kth)
+            greater[c], ties[c] = _count_chunk_candidates(cand_key, c * cap, above[c], kth)
     # Share the ties out in chunk order: the lowest indices win.
     left = k - greater.sum()
     offsets = np.empty(nc, dtype=np.int64)
@@ -304,7 +321,7 @@ def _output(
                 x,
                 cand_idx,
                 cand_key,
-                a,
+                c * cap,
                 above[c],
                 kth,
                 ties[c],
@@ -315,11 +332,11 @@ def _output(
 
 
 @njit(cache=True, nogil=True)
-def _gather_keys(cand_key, above, out):
+def _gather_keys(cand_key, cap, above, out):
     """Concatenate the chunks' candidate keys (few: a sequential copy is enough)."""
     p = 0
     for c in range(above.size):
-        a = c * SCAN_CHUNK
+        a = c * cap
         for t in range(above[c]):
             out[p + t] = cand_key[a + t]
         p += above[c]
@@ -362,27 +379,47 @@ def topk(x, k, out_indices, out_values):
     if k == 0 or k == n:
         return _keep_all_or_none(x, k == n, out_indices, out_values)
     nc = n_chunks(n, SCAN_CHUNK)
-    # Scratch for the candidates: a task writes at its own chunk offset, so no atomics;
-    # only the touched pages of these buffers are ever committed.
-    cand_idx = np.empty(n, dtype=np.int64)
-    cand_key = np.empty(n, dtype=bits.dtype)
     above = np.empty(nc, dtype=np.int64)
     equal = np.empty(nc, dtype=np.int64)
     bad = np.empty(nc, dtype=np.int64)
-    bound = min(_sample_bound(bits, mask, n, k), inf)
-    _scan(bits, mask, bound, inf, n, cand_idx, cand_key, above, equal, bad)
-    if above.sum() + equal.sum() < k:
-        # The sample overshot: this bound has at least k keys at or above it.
-        bound = min(_histogram_bound(bits, mask, n, k), inf)
-        _scan(bits, mask, bound, inf, n, cand_idx, cand_key, above, equal, bad)
+    bound, cap = _sample_bound(bits, mask, n, k)
+    bound = min(bound, inf)
+    # Candidate slots: chunk c writes at c * cap, so no atomics.  Sized from the sample,
+    # they stay small enough for malloc to reuse between calls: fresh pages (zeroed huge
+    # pages, with transparent huge pages) would cost more than the scan itself.
+    cand_idx = np.empty(nc * cap, dtype=np.int64)
+    cand_key = np.empty(nc * cap, dtype=bits.dtype)
+    _scan(bits, mask, bound, inf, n, cand_idx, cand_key, cap, above, equal, bad)
+    short = above.sum() + equal.sum() < k
+    if short or above.max() > cap:
+        if short:
+            # The sample overshot: this bound has at least k keys at or above it.
+            bound = min(_histogram_bound(bits, mask, n, k), inf)
+        cap = SCAN_CHUNK
+        cand_idx = np.empty(nc * cap, dtype=np.int64)
+        cand_key = np.empty(nc * cap, dtype=bits.dtype)
+        _scan(bits, mask, bound, inf, n, cand_idx, cand_key, cap, above, equal, bad)
     total_above = above.sum()
     if total_above >= k:
         keys = np.empty(total_above, dtype=bits.dtype)
-        _gather_keys(cand_key, above, keys)
+        _gather_keys(cand_key, cap, above, keys)
         kth = kth_largest(keys, k)
     else:
         kth = bound
     _output(
-        x, bits, mask, n, k, bound, kth, cand_idx, cand_key, above, equal, out_indices, out_values
+        x,
+        bits,
+        mask,
+        n,
+        k,
+        bound,
+        kth,
+        cand_idx,
+        cand_key,
+        cap,
+        above,
+        equal,
+        out_indices,
+        out_values,
     )
     return bad.sum()

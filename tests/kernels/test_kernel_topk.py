@@ -95,9 +95,22 @@ def test_topk_exact_when_the_sample_bound_overshoots() -> None:
     x[1::stride] = np.linspace(0.5, 0.75, n // stride, dtype=np.float32)
     k = n // 100
     bits = x.view(np.uint32)
-    bound = topk_module._sample_bound(bits, np.uint32(0x7FFFFFFF), n, k)
+    bound, _ = topk_module._sample_bound(bits, np.uint32(0x7FFFFFFF), n, k)
     assert np.count_nonzero(bits >= bound) < k  # the fallback path really runs
     check(x, k, np.int32)
+
+
+def test_topk_exact_when_a_chunk_overflows_its_candidate_slots() -> None:
+    # Sorted magnitudes: the sample sees the right share of large keys overall, but they
+    # all sit in the last scan chunk, more than its slots hold: the scan must be redone.
+    n = 1 << 18
+    x = np.sort(np.random.default_rng(4).standard_normal(n).astype(np.float32) ** 2)
+    x[::2] *= -1
+    k = n // 100
+    bits = x.view(np.uint32) & np.uint32(0x7FFFFFFF)
+    bound, cap = topk_module._sample_bound(bits, np.uint32(0x7FFFFFFF), n, k)
+    assert np.count_nonzero(bits[-topk_module.SCAN_CHUNK :] > bound) > cap
+    check(x, k, np.int64)
 
 
 @st.composite
