@@ -4,12 +4,13 @@ Run under MPI, one process per rank::
 
     sparcomm run -np 2 -- python bench/ddp_step.py --json bench/results/ddp_step_np2.json
 
-Both contenders train the same MLP on the same synthetic data in the same job, in
-alternating rounds (DDP, sparcomm dense, sparcomm TopK, DDP, ...) so machine drift hits
-them alike.  A step is ``zero_grad + forward + backward + step`` including all
-communication.  Reported: median seconds per step (the slowest rank's median), bytes
-this rank sent per step as counted by sparcomm's collectives, and ratios: sparcomm dense
-/ DDP time (target <= 1.2) and dense / TopK(0.01)+EF bytes (target >= 30).
+All contenders train the same MLP on the same synthetic data in the same job, in
+alternating rounds (DDP, sparcomm dense, sparcomm TopK, sparcomm dense without overlap,
+DDP, ...) so machine drift hits them alike.  A step is ``zero_grad + forward + backward
++ step`` including all communication.  Reported: median seconds per step (the slowest
+rank's median), bytes this rank sent per step as counted by sparcomm's collectives, and
+ratios: sparcomm dense / DDP time (target <= 1.2), dense / TopK(0.01)+EF bytes (target
+>= 30) and dense with / without overlap time.
 """
 
 from __future__ import annotations
@@ -62,7 +63,9 @@ def _init_gloo() -> None:
 class _Contender:
     """One way of training: a model, an optimizer, and how to read bytes per step."""
 
-    def __init__(self, label: str, args: argparse.Namespace, codec: Any = None) -> None:
+    def __init__(
+        self, label: str, args: argparse.Namespace, codec: Any = None, overlap: bool = True
+    ) -> None:
         self.label = label
         model = _model(args)
         if codec is None:
@@ -79,6 +82,7 @@ class _Contender:
                 codec=codec,
                 comm=COMM,
                 fusion_threshold_bytes=int(args.fusion_mib * 2**20),
+                overlap=overlap,
             )
         self.seconds: list[float] = []
         self.bytes: list[int] = []
@@ -131,6 +135,7 @@ def main() -> None:
         _Contender("torch DDP (gloo)", args),
         _Contender("sparcomm NoCompression", args, NoCompression()),
         _Contender("sparcomm TopK(0.01)+EF", args, ErrorFeedback(TopK(density=0.01))),
+        _Contender("sparcomm NoCompression, no overlap", args, NoCompression(), overlap=False),
     ]
     for contender in contenders:
         contender.steps(batches[:3], record=False)  # warm-up: allocation, calibration, JIT
@@ -142,7 +147,7 @@ def main() -> None:
         contender.optimizer.close()
     dist.destroy_process_group()
 
-    ddp, dense, topk = (results[c.label] for c in contenders)
+    ddp, dense, topk, serial = (results[c.label] for c in contenders)
     parameters = sum(p.numel() for p in _model(args).parameters())
     report = {
         "command": "sparcomm run -np {} -- python {}".format(COMM.Get_size(), " ".join(sys.argv)),
@@ -157,6 +162,7 @@ def main() -> None:
         "dense_over_ddp_time": dense["seconds_per_step"] / ddp["seconds_per_step"],
         "topk_over_ddp_time": topk["seconds_per_step"] / ddp["seconds_per_step"],
         "dense_over_topk_bytes": dense["bytes_sent_per_step"] / topk["bytes_sent_per_step"],
+        "overlap_over_no_overlap_time": dense["seconds_per_step"] / serial["seconds_per_step"],
     }
     if COMM.Get_rank() == 0:
         text = json.dumps(report, indent=2)
