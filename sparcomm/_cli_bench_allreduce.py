@@ -11,9 +11,10 @@ same run, on the same data:
   into an n-element array, a memset-bound pass that is not communication);
 * MPI's own ``Allreduce`` of the dense n-element buffers.
 
-A figure is the median over ``--repeats`` of the slowest rank's time (each repeat starts
-after a barrier; algorithms are interleaved within a repeat so drifting load hits all
-of them alike).  Reported: times, MPI time / time (speedup), auto / fastest, bytes sent
+A figure is the median over ``--repeats`` of the slowest rank's time per call; a repeat
+starts after a barrier and times enough back-to-back calls to last about 30 ms (as the
+OSU micro-benchmarks loop), and algorithms are interleaved within a repeat so drifting
+load hits all of them alike.  Reported: times, MPI time / time (speedup), auto / fastest, bytes sent
 per rank (mean over ranks), and auto's choice.
 
 When started outside ``mpiexec`` with ``-np`` > 1, the command relaunches itself under
@@ -41,6 +42,7 @@ DEFAULT_SIZES = (16, 20, 24)
 DEFAULT_DENSITIES = (1e-4, 1e-3, 1e-2, 0.1, 0.5, 1.0)
 _CHILD_ENV = "SPARCOMM_BENCH_ALLREDUCE_CHILD"
 _YIELD_ENV = "MPIR_CVAR_ENABLE_HEAVY_YIELD"  # MPICH: yield the core while waiting
+_MIN_REPEAT_SECONDS = 0.03
 # Environment variables set by MPI launchers (MPICH/Hydra, Open MPI, PMIx, Slurm).
 _LAUNCHER_ENV = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "SLURM_PROCID")
 
@@ -88,14 +90,22 @@ def _relaunch(args: argparse.Namespace) -> int:
     return subprocess.call(command + _child_argv(args), env=env)
 
 
-def _timed(comm, function) -> float:
-    """Seconds of one collective call on the slowest rank (after a barrier)."""
+def _timed(comm, function, iterations: int = 1) -> float:
+    """Seconds per call of ``iterations`` back-to-back calls, on the slowest rank (after
+    a barrier)."""
     from mpi4py import MPI
 
     comm.Barrier()
     start = time.perf_counter()
-    function()
-    return comm.allreduce(time.perf_counter() - start, op=MPI.MAX)
+    for _ in range(iterations):
+        function()
+    return comm.allreduce(time.perf_counter() - start, op=MPI.MAX) / iterations
+
+
+def _iterations(seconds: float) -> int:
+    """Calls per timed repeat so that a repeat lasts about ``_MIN_REPEAT_SECONDS``: one
+    slow scheduling event then shifts a figure by a fraction, not a multiple."""
+    return max(1, min(50, math.ceil(_MIN_REPEAT_SECONDS / max(seconds, 1e-6))))
 
 
 def _inputs(n: int, k: int, dtype: np.dtype, seed: int, rank: int):
@@ -139,9 +149,11 @@ def bench_point(comm, n: int, density: float, dtype: np.dtype, algorithms, repea
     times: dict[str, list[float]] = {name: [] for name in functions}
     for function in functions.values():
         function()  # warm-up: compilation, first touch of buffers, calibration
+    # The same iteration count on every rank (from the slowest rank's warm-up timing).
+    iterations = {name: _iterations(_timed(comm, f)) for name, f in functions.items()}
     for _ in range(repeats):
         for name, function in functions.items():
-            times[name].append(_timed(comm, function))
+            times[name].append(_timed(comm, function, iterations[name]))
     median = {name: statistics.median(values) for name, values in times.items()}
     sent = {name: comm.allreduce(stats[name].bytes_sent) / size for name in stats}
     row: dict[str, Any] = {

@@ -19,6 +19,7 @@ def test_bench_allreduce_relaunches_under_mpiexec_and_reports(tmp_path):
     output, png = tmp_path / "a.json", tmp_path / "a.png"
     command = [sys.executable, "-c", ENTRY, "bench", "allreduce", "-np", "2", "--sizes", "12"]
     command += ["--densities", "0.01", "1", "--repeats", "1", "--no-progress", "--json"]
+    command += ["--codecs"]  # none: the quantized section has its own tests
     command += ["--output", str(output), "--plot", str(png)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
