@@ -9,8 +9,9 @@ the full gradient.  Learning rate 0.3 (the Hessian's eigenvalues lie in about
 averages out.
 
 Stated tolerance: the final loss is within 5% of the least-squares optimum ``L*``
-(``L(w_T) <= 1.05 L*``; ``L(0)`` is about 150 ``L*``).  Measured at P = 1, 2, 5 the worst
-case was 1.021 L*; without compression the loop reaches L* to 1e-12.
+(``L(w_T) <= 1.05 L*``; ``L(0)`` is 252 ``L*``).  Measured at P = 1..5 the worst case was
+1.021 L* (TopK with error feedback at P = 1, 1-bit SGD at P = 5); without compression the
+loop reaches L* to 1e-9.
 """
 
 from __future__ import annotations
@@ -83,6 +84,6 @@ def test_distributed_least_squares_reaches_the_dense_loss(name, make, algorithm,
         w -= np.float32(rate) * reduced
     final = _loss(a, b, w.astype(np.float64))
     assert final <= TOLERANCE * best, f"{name}: loss {final:.5f} vs optimum {best:.5f}"
-    assert _loss(a, b, np.zeros(DIM)) > 100 * best  # the problem is far from trivial
+    assert _loss(a, b, np.zeros(DIM)) > 200 * best  # the problem is far from trivial
     if name == "none":
         assert final <= best * (1 + 1e-9)
