@@ -223,9 +223,12 @@ class Channel:
         MPI.Request.Waitall(requests)
         self.stats._add_bytes(sent, received)
 
-    def transfer(self, sends: list, recvs: list) -> None:
+    def transfer(self, sends: list, recvs: list) -> list[int]:
         """Point-to-point: post every receive ``(array, source, tag)`` and every send
-        ``(array, dest, tag)`` at once, then wait for all of them."""
+        ``(array, dest, tag)`` at once, then wait for all of them.
+
+        A receive buffer may be larger than the message (an upper bound); returns the
+        number of elements each receive actually got."""
         requests = [
             self.comm.Irecv([array, _mpi_type(array.dtype)], source, tag)
             for array, source, tag in recvs
@@ -234,10 +237,16 @@ class Channel:
             self.comm.Isend([array, _mpi_type(array.dtype)], dest, tag)
             for array, dest, tag in sends
         ]
-        MPI.Request.Waitall(requests)
-        self.stats._add_bytes(
-            sum(array.nbytes for array, _, _ in sends), sum(array.nbytes for array, _, _ in recvs)
+        statuses = [MPI.Status() for _ in requests]
+        MPI.Request.Waitall(requests, statuses)
+        counts = [
+            statuses[j].Get_count(_mpi_type(array.dtype)) for j, (array, _, _) in enumerate(recvs)
+        ]
+        received = sum(
+            c * array.dtype.itemsize for c, (array, _, _) in zip(counts, recvs, strict=True)
         )
+        self.stats._add_bytes(sum(array.nbytes for array, _, _ in sends), received)
+        return counts
 
     def allreduce_dense(self, send: Any, recv: Any) -> None:
         """MPI's own ``Allreduce`` (sum) of a dense buffer."""

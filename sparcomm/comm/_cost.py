@@ -44,7 +44,6 @@ SPARSE_ALGORITHMS = ("allgather", "recursive_doubling", "split_allgather", "dsar
 ALL_ALGORITHMS = (*SPARSE_ALGORITHMS, "dense")
 
 _SIGNATURE_BYTES = 8 * len(SIGNATURE_FIELDS)
-_HEADER = 8  # the int64 count that precedes each stream in recursive doubling
 
 
 @dataclass(frozen=True)
@@ -214,8 +213,8 @@ def _predict_recursive_doubling(add, n, k, itemsize, entry) -> None:
     if extra:
         sent, received = np.zeros(size), np.zeros(size)
         for r in range(extra):
-            sent[r + low] = received[r] = _HEADER + wire(k[r + low])
-        add(Phase("fold", 2, sent, received, merge_elements=2 * float(k.max())))
+            sent[r + low] = received[r] = wire(k[r + low])
+        add(Phase("fold", 1, sent, received, merge_elements=2 * float(k.max())))
     mask = 1
     while mask < low:
         sent, received = np.zeros(size), np.zeros(size)
@@ -234,17 +233,17 @@ def _predict_recursive_doubling(add, n, k, itemsize, entry) -> None:
                 if (q & mask) != (r & mask)
                 for m in groups[q]
             ]
-            sent[r] = _HEADER + wire(expected_union(k[own_block], n))
-            received[r] = _HEADER + wire(expected_union(k[other_block], n))
-            merged = max(merged, (sent[r] + received[r] - 2 * _HEADER) / entry)
-        add(Phase(f"round{mask}", 2, sent, received, merge_elements=merged))
+            sent[r] = wire(expected_union(k[own_block], n))
+            received[r] = wire(expected_union(k[other_block], n))
+            merged = max(merged, (sent[r] + received[r]) / entry)
+        add(Phase(f"round{mask}", 1, sent, received, merge_elements=merged))
         mask <<= 1
     if extra:
         sent, received = np.zeros(size), np.zeros(size)
-        final = _HEADER + wire(expected_union(k, n))
+        final = wire(expected_union(k, n))
         sent[:extra] = final
         received[low:] = final
-        add(Phase("unfold", 2, sent, received))
+        add(Phase("unfold", 1, sent, received))
 
 
 def _predict_split(add, n, k, itemsize, entry, switch: bool) -> None:

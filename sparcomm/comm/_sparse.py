@@ -29,8 +29,8 @@ from mpi4py import MPI
 from sparcomm.comm._context import Channel
 from sparcomm.kernels.cpu import merge as _merge
 
-# Tags of the point-to-point messages in recursive doubling (one block of four per step).
-_TAG_HEADER, _TAG_INDICES, _TAG_VALUES, _TAG_DENSE = 0, 1, 2, 3
+# Tags of the point-to-point messages in recursive doubling (a block of four per step).
+_TAG_INDICES, _TAG_VALUES = 1, 2
 
 
 @dataclass
@@ -169,50 +169,53 @@ def _combine(low: _Stream, high: _Stream, problem: Problem) -> _Stream:
     return _Stream(None, out)
 
 
-def _header(stream: _Stream) -> np.ndarray:
-    """The one-int64 header of a stream: its count, or -1 for dense."""
-    return np.array([-1 if stream.indices is None else stream.values.size], np.int64)
+def _sends(stream: _Stream, dest: int, tag: int, index_dtype: np.dtype) -> list:
+    """Indices and values; a dense stream sends no indices (an empty message)."""
+    indices = stream.indices if stream.indices is not None else np.empty(0, index_dtype)
+    return [(indices, dest, tag + _TAG_INDICES), (stream.values, dest, tag + _TAG_VALUES)]
 
 
-def _sends(stream: _Stream, dest: int, tag: int) -> list:
-    if stream.indices is None:
-        return [(stream.values, dest, tag + _TAG_DENSE)]
-    return [(stream.indices, dest, tag + _TAG_INDICES), (stream.values, dest, tag + _TAG_VALUES)]
-
-
-def _recvs(header: int, problem: Problem, source: int, tag: int) -> tuple[_Stream, list]:
-    """Buffers for a stream announced by ``header`` and the receives that fill them."""
-    if header < 0:
-        values = np.empty(problem.n, problem.values.dtype)
-        return _Stream(None, values), [(values, source, tag + _TAG_DENSE)]
-    indices = np.empty(header, problem.indices.dtype)
-    values = np.empty(header, problem.values.dtype)
-    receives = [(indices, source, tag + _TAG_INDICES), (values, source, tag + _TAG_VALUES)]
-    return _Stream(indices, values), receives
-
-
-def _send_one_way(channel: Channel, stream: _Stream, dest: int, tag: int) -> None:
-    channel.transfer([(_header(stream), dest, tag + _TAG_HEADER), *_sends(stream, dest, tag)], [])
-
-
-def _recv_one_way(channel: Channel, problem: Problem, source: int, tag: int) -> _Stream:
-    header = np.empty(1, np.int64)
-    channel.transfer([], [(header, source, tag + _TAG_HEADER)])
-    theirs, receives = _recvs(int(header[0]), problem, source, tag)
-    channel.transfer([], receives)
-    return theirs
-
-
-def _swap(channel: Channel, problem: Problem, mine: _Stream, partner: int, tag: int) -> _Stream:
-    """Exchange streams with ``partner``: headers first (so every receive is posted with
-    its size, no probing), then indices and values in flight together."""
-    header = np.empty(1, np.int64)
-    channel.transfer(
-        [(_header(mine), partner, tag + _TAG_HEADER)], [(header, partner, tag + _TAG_HEADER)]
+def _receive_buffers(problem: Problem, source: int, tag: int, bound: int):
+    """Receives for a stream of at most ``bound`` entries, dense or sparse: buffers sized
+    by the bound (untouched memory costs nothing), so no count message is needed."""
+    bound = min(bound, problem.n)
+    may_be_dense = problem.goes_dense(bound, problem.n)
+    index_dtype = problem.indices.dtype if bound else np.dtype(np.int64)
+    indices = np.empty(bound, index_dtype)
+    values = np.empty(problem.n if may_be_dense else bound, problem.values.dtype)
+    return (
+        indices,
+        values,
+        [(indices, source, tag + _TAG_INDICES), (values, source, tag + _TAG_VALUES)],
     )
-    theirs, receives = _recvs(int(header[0]), problem, partner, tag)
-    channel.transfer(_sends(mine, partner, tag), receives)
-    return theirs
+
+
+def _as_stream(problem: Problem, indices, values, counts: list[int]) -> _Stream:
+    """A dense stream arrives as no indices and ``n`` values (a sparse one always has
+    fewer values than ``n``, by the dense switch)."""
+    index_count, value_count = counts[-2], counts[-1]
+    if index_count == 0 and value_count == problem.n:
+        return _Stream(None, values[: problem.n])
+    return _Stream(
+        indices[:index_count].astype(problem.indices.dtype, copy=False), values[:value_count]
+    )
+
+
+def _send_one_way(channel: Channel, problem: Problem, stream: _Stream, dest: int, tag: int):
+    channel.transfer(_sends(stream, dest, tag, problem.indices.dtype), [])
+
+
+def _recv_one_way(channel: Channel, problem: Problem, source: int, tag: int, bound: int):
+    indices, values, receives = _receive_buffers(problem, source, tag, bound)
+    return _as_stream(problem, indices, values, channel.transfer([], receives))
+
+
+def _swap(channel, problem: Problem, mine: _Stream, partner: int, tag: int, bound: int):
+    """Exchange streams with ``partner``, whose stream has at most ``bound`` entries:
+    indices and values both ways in flight together, one wait."""
+    indices, values, receives = _receive_buffers(problem, partner, tag, bound)
+    counts = channel.transfer(_sends(mine, partner, tag, problem.indices.dtype), receives)
+    return _as_stream(problem, indices, values, counts)
 
 
 def recursive_doubling(problem: Problem) -> list[Piece]:
@@ -231,25 +234,36 @@ def recursive_doubling(problem: Problem) -> list[Piece]:
     if problem.goes_dense(problem.values.size, problem.n):
         stream = _Stream(None, _densify(problem.indices, problem.values, 0, problem.n))
     fold_tag, unfold_tag = 0, 4 * (low_size.bit_length() + 1)
+    k_all = problem.k_all
+
+    def group_bound(first: int, count: int) -> int:
+        """Entries held by the group of low ranks ``first .. first + count - 1``."""
+        members = list(range(first, first + count))
+        members += [q + low_size for q in members if q < extra]
+        return int(sum(int(k_all[q]) for q in members))
+
     with stats._phase("exchange"):
         if rank >= low_size:
-            _send_one_way(channel, stream, rank - low_size, fold_tag)
-            stream = _recv_one_way(channel, problem, rank - low_size, unfold_tag)
+            _send_one_way(channel, problem, stream, rank - low_size, fold_tag)
+            stream = _recv_one_way(channel, problem, rank - low_size, unfold_tag, int(k_all.sum()))
         else:
             if rank < extra:
-                theirs = _recv_one_way(channel, problem, rank + low_size, fold_tag)
+                theirs = _recv_one_way(
+                    channel, problem, rank + low_size, fold_tag, int(k_all[rank + low_size])
+                )
                 stream = _combine(stream, theirs, problem)
             mask, step = 1, 1
             while mask < low_size:
                 partner = rank ^ mask
-                theirs = _swap(channel, problem, stream, partner, 4 * step)
+                bound = group_bound(partner & ~(mask - 1), mask)
+                theirs = _swap(channel, problem, stream, partner, 4 * step, bound)
                 # The lower-ranked group's stream is always the left operand.
                 low, high = (stream, theirs) if rank < partner else (theirs, stream)
                 stream = _combine(low, high, problem)
                 mask <<= 1
                 step += 1
             if rank < extra:
-                _send_one_way(channel, stream, rank + low_size, unfold_tag)
+                _send_one_way(channel, problem, stream, rank + low_size, unfold_tag)
     if stream.indices is None:
         stats.dense_ranges = 1
     return [Piece(0, problem.n, stream.indices, stream.values)]

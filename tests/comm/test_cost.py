@@ -71,8 +71,8 @@ def test_recursive_doubling_goes_dense_after_the_threshold():
     k = [int(0.3 * n)] * size  # two streams: union 51% -> dense in round 2
     prediction = predict("recursive_doubling", n, k, 4, 4)
     rounds = [p for p in prediction.phases if p.name.startswith("round")]
-    assert rounds[0].sent[0] == 8 + 8 * k[0]  # count header + stream
-    assert rounds[1].sent[0] == 8 + 4 * n
+    assert rounds[0].sent[0] == 8 * k[0]
+    assert rounds[1].sent[0] == 4 * n
 
 
 def test_auto_chooses_sparse_when_sparse_and_dense_when_full():
