@@ -8,11 +8,16 @@ is written once for float32 and float64.
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, types
-from numba.extending import overload
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
 
 CHUNK = 1 << 14
 """Elements per parallel task: a multiple of 64, small enough to stay in L1/L2."""
+LANES = 8
+"""Lanes of the contract's deterministic bucket sum (``lane_sum``)."""
+_LANE_VECTOR = ir.VectorType(ir.DoubleType(), LANES)
 
 
 def abs_bits(x):  # pragma: no cover - replaced by the overload inside Numba
@@ -80,36 +85,101 @@ def n_chunks(n, chunk):
     return (n + chunk - 1) // chunk
 
 
+def _lane_rows(context, builder, array_type, array_value, rows, body):
+    """Emit ``for r in range(rows): body(float64 <8 x double> of array[8r:8r+8])``."""
+    array = context.make_array(array_type)(context, builder, array_value)
+    element = context.get_data_type(array_type.dtype)
+    vector_in = ir.VectorType(element, LANES)
+    align = context.get_abi_sizeof(element)
+    with cgutils.for_range(builder, rows) as loop:
+        first = builder.mul(loop.index, ir.Constant(loop.index.type, LANES))
+        pointer = builder.bitcast(builder.gep(array.data, [first]), vector_in.as_pointer())
+        row = builder.load(pointer, align=align)
+        if isinstance(element, ir.FloatType):  # float32 input: widen to float64 lanes
+            row = builder.fpext(row, _LANE_VECTOR)
+        body(row)
+
+
+def _lane_tuple(context, builder, return_type, vectors):
+    items = [
+        builder.extract_element(vector, ir.Constant(ir.IntType(32), j))
+        for vector in vectors
+        for j in range(LANES)
+    ]
+    return context.make_tuple(builder, return_type, items)
+
+
+@intrinsic
+def _lane_rows_squares(typingctx, xs, rows):
+    """The 8 lane sums of ``float64(x)**2`` over ``rows`` full rows of 8 (a UniTuple).
+
+    Numba does not vectorise eight scalar accumulators, and cannot prove its arrays
+    free of aliasing; this emits the lane vector directly: one ``<8 x double>``
+    accumulator, lane ``j`` adding row after row in order, exactly the contract's sum.
+    """
+    signature = types.UniTuple(types.float64, LANES)(xs, types.int64)
+
+    def codegen(context, builder, sig, args):
+        total = cgutils.alloca_once_value(builder, ir.Constant(_LANE_VECTOR, [0.0] * LANES))
+
+        def body(row):
+            builder.store(builder.fadd(builder.load(total), builder.fmul(row, row)), total)
+
+        _lane_rows(context, builder, sig.args[0], args[0], args[1], body)
+        return _lane_tuple(context, builder, sig.return_type, [builder.load(total)])
+
+    return signature, codegen
+
+
+@intrinsic
+def lane_rows_by_sign(typingctx, xs, rows):
+    """Lane sums over ``rows`` rows of 8: 8 lanes of ``x >= 0`` (or NaN), 8 of ``x < 0``.
+
+    An element of the other group adds +0.0 to a lane, which leaves it unchanged (lanes
+    start at +0.0, so none is ever -0.0): the contract's sum over the group's members.
+    """
+    signature = types.UniTuple(types.float64, 2 * LANES)(xs, types.int64)
+
+    def codegen(context, builder, sig, args):
+        zero = ir.Constant(_LANE_VECTOR, [0.0] * LANES)
+        positive = cgutils.alloca_once_value(builder, zero)
+        negative = cgutils.alloca_once_value(builder, zero)
+
+        def body(row):
+            is_negative = builder.fcmp_ordered("<", row, zero)
+            builder.store(
+                builder.fadd(builder.load(positive), builder.select(is_negative, zero, row)),
+                positive,
+            )
+            builder.store(
+                builder.fadd(builder.load(negative), builder.select(is_negative, row, zero)),
+                negative,
+            )
+
+        _lane_rows(context, builder, sig.args[0], args[0], args[1], body)
+        vectors = [builder.load(positive), builder.load(negative)]
+        return _lane_tuple(context, builder, sig.return_type, vectors)
+
+    return signature, codegen
+
+
+@njit(cache=True, nogil=True)
+def combine_lanes(l0, l1, l2, l3, l4, l5, l6, l7):
+    """The contract's combination of the 8 lanes."""
+    return ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))
+
+
 @njit(cache=True, nogil=True)
 def lane_sum_squares(x, start, stop):
     """Contract ``lane_sum`` of ``float64(x_i)**2`` over ``x[start:stop]``.
 
-    Eight explicit accumulators give the contract's order (lane ``j`` takes elements
-    ``j, j+8, ...``).  The loop runs over a slice with indices from 0: Numba then knows
-    they are non-negative and drops its wraparound test, which otherwise turns every
-    load into a gather.
+    Full rows of 8 go through the lane vector; the last ``< 8`` elements are the last
+    terms of lanes ``0 .. r-1``.
     """
     xs = x[start:stop]
-    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
-    m = xs.size // 8
-    for r in range(m):
-        v0 = np.float64(xs[8 * r])
-        v1 = np.float64(xs[8 * r + 1])
-        v2 = np.float64(xs[8 * r + 2])
-        v3 = np.float64(xs[8 * r + 3])
-        v4 = np.float64(xs[8 * r + 4])
-        v5 = np.float64(xs[8 * r + 5])
-        v6 = np.float64(xs[8 * r + 6])
-        v7 = np.float64(xs[8 * r + 7])
-        a0 += v0 * v0
-        a1 += v1 * v1
-        a2 += v2 * v2
-        a3 += v3 * v3
-        a4 += v4 * v4
-        a5 += v5 * v5
-        a6 += v6 * v6
-        a7 += v7 * v7
-    tail = xs[8 * m :]
+    rows = xs.size // LANES
+    a0, a1, a2, a3, a4, a5, a6, a7 = _lane_rows_squares(xs, rows)
+    tail = xs[LANES * rows :]
     r = tail.size
     if r > 0:
         a0 += np.float64(tail[0]) * np.float64(tail[0])
@@ -125,4 +195,4 @@ def lane_sum_squares(x, start, stop):
         a5 += np.float64(tail[5]) * np.float64(tail[5])
     if r > 6:
         a6 += np.float64(tail[6]) * np.float64(tail[6])
-    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+    return combine_lanes(a0, a1, a2, a3, a4, a5, a6, a7)

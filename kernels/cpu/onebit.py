@@ -16,7 +16,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ._common import CHUNK, as_dtype, n_chunks
+from ._common import CHUNK, LANES, as_dtype, combine_lanes, lane_rows_by_sign, n_chunks
 from .packing import pack_groups, pack_tail, unpack_groups
 
 
@@ -24,7 +24,7 @@ from .packing import pack_groups, pack_tail, unpack_groups
 def _split(v):
     """``(v, 0)`` for ``v >= 0`` or NaN (bit 0), ``(0, v)`` for ``v < 0`` (bit 1)."""
     negative = v < 0.0
-    return (0.0 if negative else v), (v if negative else 0.0), negative
+    return (0.0 if negative else v), (v if negative else 0.0)
 
 
 @njit(cache=True, nogil=True)
@@ -32,88 +32,49 @@ def _bucket_means(x, a, b, out_means, bk):
     """Both groups' contract ``lane_sum`` over ``x[a:b]`` divided by their counts.
 
     Lane ``j`` takes the bucket's positions ``j, j+8, ...``; an element of the other
-    group adds +0.0, which leaves a lane that starts at +0.0 unchanged.
+    group adds +0.0, which leaves a lane that starts at +0.0 unchanged.  Full rows of 8
+    go through the lane vectors of ``lane_rows_by_sign``; the last ``< 8`` elements are
+    the last terms of lanes ``0 .. r-1``.
     """
-    p0 = p1 = p2 = p3 = p4 = p5 = p6 = p7 = 0.0
-    q0 = q1 = q2 = q3 = q4 = q5 = q6 = q7 = 0.0
-    negatives = 0
-    xs = x[a:b]  # indexed from 0: no wraparound test, contiguous vector loads
-    m = xs.size // 8
-    for r in range(m):
-        s0, t0, c0 = _split(np.float64(xs[8 * r]))
-        s1, t1, c1 = _split(np.float64(xs[8 * r + 1]))
-        s2, t2, c2 = _split(np.float64(xs[8 * r + 2]))
-        s3, t3, c3 = _split(np.float64(xs[8 * r + 3]))
-        s4, t4, c4 = _split(np.float64(xs[8 * r + 4]))
-        s5, t5, c5 = _split(np.float64(xs[8 * r + 5]))
-        s6, t6, c6 = _split(np.float64(xs[8 * r + 6]))
-        s7, t7, c7 = _split(np.float64(xs[8 * r + 7]))
-        p0 += s0
-        p1 += s1
-        p2 += s2
-        p3 += s3
-        p4 += s4
-        p5 += s5
-        p6 += s6
-        p7 += s7
-        q0 += t0
-        q1 += t1
-        q2 += t2
-        q3 += t3
-        q4 += t4
-        q5 += t5
-        q6 += t6
-        q7 += t7
-        negatives += (
-            np.int64(c0)
-            + np.int64(c1)
-            + np.int64(c2)
-            + np.int64(c3)
-            + np.int64(c4)
-            + np.int64(c5)
-            + np.int64(c6)
-            + np.int64(c7)
-        )
-    tail = xs[8 * m :]
+    xs = x[a:b]
+    rows = xs.size // LANES
+    p0, p1, p2, p3, p4, p5, p6, p7, q0, q1, q2, q3, q4, q5, q6, q7 = lane_rows_by_sign(xs, rows)
+    tail = xs[LANES * rows :]
     r = tail.size
     if r > 0:
-        s, t, c = _split(np.float64(tail[0]))
+        s, t = _split(np.float64(tail[0]))
         p0 += s
         q0 += t
-        negatives += np.int64(c)
     if r > 1:
-        s, t, c = _split(np.float64(tail[1]))
+        s, t = _split(np.float64(tail[1]))
         p1 += s
         q1 += t
-        negatives += np.int64(c)
     if r > 2:
-        s, t, c = _split(np.float64(tail[2]))
+        s, t = _split(np.float64(tail[2]))
         p2 += s
         q2 += t
-        negatives += np.int64(c)
     if r > 3:
-        s, t, c = _split(np.float64(tail[3]))
+        s, t = _split(np.float64(tail[3]))
         p3 += s
         q3 += t
-        negatives += np.int64(c)
     if r > 4:
-        s, t, c = _split(np.float64(tail[4]))
+        s, t = _split(np.float64(tail[4]))
         p4 += s
         q4 += t
-        negatives += np.int64(c)
     if r > 5:
-        s, t, c = _split(np.float64(tail[5]))
+        s, t = _split(np.float64(tail[5]))
         p5 += s
         q5 += t
-        negatives += np.int64(c)
     if r > 6:
-        s, t, c = _split(np.float64(tail[6]))
+        s, t = _split(np.float64(tail[6]))
         p6 += s
         q6 += t
-        negatives += np.int64(c)
-    sum0 = ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7))
-    sum1 = ((q0 + q1) + (q2 + q3)) + ((q4 + q5) + (q6 + q7))
-    count0 = (b - a) - negatives
+    negatives = 0
+    for t in range(xs.size):
+        negatives += xs[t] < 0
+    count0 = xs.size - negatives
+    sum0 = combine_lanes(p0, p1, p2, p3, p4, p5, p6, p7)
+    sum1 = combine_lanes(q0, q1, q2, q3, q4, q5, q6, q7)
     out_means[2 * bk] = as_dtype(sum0 / count0 if count0 > 0 else 0.0, out_means)
     out_means[2 * bk + 1] = as_dtype(sum1 / negatives if negatives > 0 else 0.0, out_means)
 
