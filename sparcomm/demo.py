@@ -121,7 +121,8 @@ class _TorchTrainer:
         self.optimizer.step()
 
     def bytes_sent(self) -> int:
-        return self.optimizer.last_stats.bytes_sent
+        stats = self.optimizer.last_stats
+        return stats.bytes_sent if stats is not None else 0
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         with self.torch.no_grad():
@@ -186,7 +187,8 @@ class _NumpyTrainer:
             param -= self.lr * buffer
 
     def bytes_sent(self) -> int:
-        return self.reducer.last_stats.bytes_sent
+        stats = self.reducer.last_stats
+        return stats.bytes_sent if stats is not None else 0
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         return self._forward(x)[-1].argmax(axis=1)

@@ -167,7 +167,7 @@ def build_plan(
     # A bucket can start when its last member is ready: number them in that order.
     position = {name: i for i, (name, _, _) in enumerate(specs)}
     closed.sort(key=lambda item: position[item[1][-1][0]])
-    buckets = []
+    buckets: list[_Bucket] = []
     for (compressed, dtype), members in closed:
         slots, offset = [], 0
         for name, shape, size in members:
@@ -302,7 +302,7 @@ class GradientReducer:
                 raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
-        self.codec = codec
+        self.codec: Any = codec
         self.op = op
         self.fusion_threshold_bytes = int(fusion_threshold_bytes)
         self.dense_below = int(dense_below)
@@ -370,14 +370,14 @@ class GradientReducer:
             raise ValueError("no gradients to reduce: register at least one (name, shape, dtype)")
         self._check_same_on_all_ranks(cleaned)
         self._specs = cleaned
-        options = dict(
-            fusion_threshold_bytes=self.fusion_threshold_bytes,
-            dense_below=self.dense_below,
-            compression=self.compression,
-        )
-        compress = not _is_dense_codec(self.codec)
-        self._plans[True] = build_plan(cleaned, compress=compress, **options)
-        self._plans[False] = build_plan(cleaned, compress=False, **options)
+        for compressing in (True, False):
+            self._plans[compressing] = build_plan(
+                cleaned,
+                compress=compressing and not _is_dense_codec(self.codec),
+                fusion_threshold_bytes=self.fusion_threshold_bytes,
+                dense_below=self.dense_below,
+                compression=self.compression,
+            )
 
     def _signature(self, specs: Sequence[tuple[Hashable, tuple[int, ...], np.dtype]]) -> str:
         text = repr(

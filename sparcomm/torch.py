@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -70,7 +70,12 @@ def _as_tensor(array: Any) -> torch.Tensor:
 
 
 class _DistributedOptimizer(torch.optim.Optimizer):
-    """Methods mixed into the user's optimizer class by :func:`DistributedOptimizer`."""
+    """The hooks and Horovod's methods, placed before the user's optimizer class.
+
+    :func:`DistributedOptimizer` builds ``class SGD(_DistributedOptimizer, torch.optim.SGD)``
+    (the user's class), so ``super()`` here is the user's optimizer and the result is an
+    instance of both.
+    """
 
     _sparcomm_reducer: GradientReducer
 
@@ -81,7 +86,9 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         reducer: GradientReducer,
         backward_passes_per_step: int,
     ) -> None:
-        super(self.__class__, self).__init__(params)  # the user's optimizer class
+        # The next class in the MRO is the user's optimizer, whose param_groups already
+        # carry every hyper-parameter.
+        super().__init__(params)  # type: ignore[call-arg]
         self._sparcomm_reducer = reducer
         self._passes = backward_passes_per_step
         self._names = _parameter_names(self.param_groups, named_parameters)
@@ -111,7 +118,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             self._counts[p] = count
             if count == self._passes:
                 self._synchronized = False
-                self._sparcomm_reducer.submit(self._names[p], _as_array(p.grad))
+                grad = cast(torch.Tensor, p.grad)  # set: the hook runs after accumulation
+                self._sparcomm_reducer.submit(self._names[p], _as_array(grad))
 
         return hook
 
@@ -167,7 +175,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         if not self._skip_synchronize and not self._synchronized:
             self.synchronize()
         self._synchronized = False
-        return super(self.__class__, self).step(closure)
+        return super().step(closure)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As the wrapped optimizer's; refuses to drop a reduction in flight."""
@@ -177,7 +185,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                 "synchronize(): the gradient reduction in flight would be lost; call "
                 "step() (or synchronize()) first"
             )
-        return super(self.__class__, self).zero_grad(set_to_none=set_to_none)
+        return super().zero_grad(set_to_none=set_to_none)
 
     # -- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -185,7 +193,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 
         Residuals differ between ranks: save one file per rank.
         """
-        state = super(self.__class__, self).state_dict()
+        state = super().state_dict()
         state[_STATE_KEY] = self._sparcomm_reducer.state_dict()
         return state
 
@@ -193,7 +201,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         """Restore :meth:`state_dict` output; a plain optimizer state dict is accepted too."""
         state = dict(state_dict)
         reducer_state = state.pop(_STATE_KEY, None)
-        super(self.__class__, self).load_state_dict(state)
+        super().load_state_dict(state)
         if reducer_state is not None:
             self._sparcomm_reducer.load_state_dict(reducer_state)
 
@@ -264,7 +272,7 @@ def DistributedOptimizer(  # noqa: N802 - a factory named like the class it retu
     warmup_steps: int = 0,
     compression: str = "layer",
     overlap: bool = True,
-) -> torch.optim.Optimizer:
+) -> _DistributedOptimizer:
     """Wrap ``optimizer`` so that ``step()`` applies gradients reduced across ranks.
 
     The result is an instance of a subclass of ``optimizer``'s class (as in Horovod), so
@@ -301,7 +309,7 @@ def DistributedOptimizer(  # noqa: N802 - a factory named like the class it retu
         raise TypeError(
             f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
         )
-    if hasattr(optimizer, "_sparcomm_reducer"):
+    if isinstance(optimizer, _DistributedOptimizer):
         raise ValueError("optimizer is already a sparcomm DistributedOptimizer")
     if (
         isinstance(backward_passes_per_step, bool)
@@ -321,11 +329,7 @@ def DistributedOptimizer(  # noqa: N802 - a factory named like the class it retu
         compression=compression,
         overlap=overlap,
     )
-    cls = type(
-        optimizer.__class__.__name__,
-        (optimizer.__class__,),
-        dict(_DistributedOptimizer.__dict__),
-    )
+    cls = type(optimizer.__class__.__name__, (_DistributedOptimizer, optimizer.__class__), {})
     try:
         wrapped = cls(optimizer.param_groups, named_parameters, reducer, backward_passes_per_step)
     except BaseException:

@@ -51,6 +51,7 @@ def test_keeps_the_optimizer_class_and_its_state():
     wrapped = DistributedOptimizer(adam, model.named_parameters())
     try:
         assert isinstance(wrapped, torch.optim.Adam)
+        assert type(wrapped).__name__ == "Adam"
         after = wrapped.state[next(model.parameters())]
         for key, value in before.items():
             torch.testing.assert_close(after[key], value)
