@@ -55,6 +55,12 @@ def test_keeps_the_optimizer_class_and_its_state():
         after = wrapped.state[next(model.parameters())]
         for key, value in before.items():
             torch.testing.assert_close(after[key], value)
+        scheduler = torch.optim.lr_scheduler.StepLR(wrapped, step_size=1, gamma=0.5)
+        wrapped.zero_grad()
+        _backward(model)
+        wrapped.step()
+        scheduler.step()
+        assert wrapped.param_groups[0]["lr"] == pytest.approx(0.005)
     finally:
         wrapped.close()
 
