@@ -180,15 +180,11 @@ def build_plan(
     return _Plan(tuple(buckets), lookup)
 
 
-def _inner_codec(codec: Any) -> Any:
-    """The codec under an ErrorFeedback wrapper (or the codec itself)."""
-    return getattr(codec, "codec", codec)
-
-
 def _is_dense_codec(codec: Any) -> bool:
     from sparcomm.codecs import NoCompression
+    from sparcomm.feedback import unwrap
 
-    return isinstance(_inner_codec(codec), NoCompression)
+    return isinstance(unwrap(codec)[0], NoCompression)
 
 
 def _default_comm(comm: Any) -> Any:
