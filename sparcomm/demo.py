@@ -439,6 +439,11 @@ def _forwarded(args: argparse.Namespace) -> list[str]:
 def demo(args: argparse.Namespace) -> int:
     from sparcomm._launch import launch
 
+    _register_runs()
+    unknown = [label for label in args.codecs or [] if label not in RUNS]
+    if unknown:
+        print(f"sparcomm demo: unknown codec {unknown}; choose from {list(RUNS)}", file=sys.stderr)
+        return 2
     if args.framework == "torch" and default_framework() != "torch":
         print("--framework torch needs PyTorch: pip install 'sparcomm[torch]'", file=sys.stderr)
         return 2

@@ -95,3 +95,10 @@ def test_bad_framework_is_refused():
 
     with pytest.raises(ValueError, match="framework must be 'torch' or 'numpy', got 'jax'"):
         train(NoCompression(), framework="jax")
+
+
+def test_unknown_codec_is_refused_before_launching(capsys):
+    from sparcomm.cli import main
+
+    assert main(["demo", "--codecs", "dense", "topk-0.5"]) == 2
+    assert "unknown codec ['topk-0.5']; choose from ['dense'" in capsys.readouterr().err
