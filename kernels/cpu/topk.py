@@ -100,12 +100,6 @@ def kth_largest(keys, r):
 
 
 @njit(cache=True, nogil=True)
-def _sample_keys(bits, mask, stride, count, out, a, b):
-    for j in range(a, b):
-        out[j] = bits[j * stride] & mask
-
-
-@njit(cache=True, nogil=True, parallel=True)
 def _sample_bound(bits, mask, n, k):
     """A threshold key at or below the k-th largest, from a strided sample (usually).
 
@@ -114,9 +108,10 @@ def _sample_bound(bits, mask, n, k):
     size = min(n, SAMPLE)
     stride = n // size
     sample = np.empty(size, dtype=bits.dtype)
-    per = 4096
-    for c in prange(n_chunks(size, per)):
-        _sample_keys(bits, mask, stride, size, sample, c * per, min(size, (c + 1) * per))
+    # Serial on purpose: 64K strided loads take ~0.1 ms, less than waking the threads
+    # costs on a busy machine.
+    for j in range(size):
+        sample[j] = bits[j * stride] & mask
     if size == n:
         return kth_largest(sample, k), SCAN_CHUNK
     expected = k * (size / n)
