@@ -9,6 +9,7 @@ types differently in Numba) before calling the compiled code.
 
 from __future__ import annotations
 
+from . import _cache  # noqa: F401 - drops stale Numba caches before any kernel runs
 from ._random import uniform
 from .onebit import onebit_decode, onebit_encode
 from .packing import pack_bits, unpack_bits
