@@ -85,7 +85,7 @@ def _uniform_chunk(k1, k2, start, out, a, b):
         i0 = i1
 
 
-def as_stream(stream):
+def as_stream(stream: int) -> np.uint64:
     """A stream key as ``np.uint64``, so Numba always sees one argument type.
 
     A Python int types as int64 below 2**63 and uint64 above; once one specialisation
@@ -103,6 +103,6 @@ def _uniform(stream, start, out):
         _uniform_chunk(k1, k2, start, out, c * chunk, min(n, (c + 1) * chunk))
 
 
-def uniform(stream, start, out):
+def uniform(stream: int, start: int, out: np.ndarray) -> None:
     """``out[i] = u(stream, start + i)`` as float64 (the RNG's test hook)."""
     _uniform(as_stream(stream), np.int64(start), out)

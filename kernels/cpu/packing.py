@@ -179,7 +179,7 @@ def _unpack_bits(packed, bits, out):
         _unpack_chunk(packed, bits, c * CHUNK, min(n, (c + 1) * CHUNK), out, scratch)
 
 
-def pack_bits(fields, bits, out):
+def pack_bits(fields: np.ndarray, bits: int, out: np.ndarray) -> None:
     """Pack ``bits``-wide fields (uint8, length n) into ``out`` (``ceil(n*bits/8)`` bytes).
 
     Bits of a field above ``bits`` are ignored.
@@ -187,6 +187,6 @@ def pack_bits(fields, bits, out):
     _pack_bits(fields, int(bits), out)
 
 
-def unpack_bits(packed, bits, out):
+def unpack_bits(packed: np.ndarray, bits: int, out: np.ndarray) -> None:
     """Unpack ``out.size`` fields of ``bits`` bits from ``packed`` into ``out`` (uint8)."""
     _unpack_bits(packed, int(bits), out)

@@ -161,7 +161,16 @@ def _qsgd_encode(x, levels, bits, bucket, norm, stream, out_scales, out_packed):
             )
 
 
-def qsgd_encode(x, levels, bits, bucket, norm, stream, out_scales, out_packed):
+def qsgd_encode(
+    x: np.ndarray,
+    levels: int,
+    bits: int,
+    bucket: int,
+    norm: int,
+    stream: int,
+    out_scales: np.ndarray,
+    out_packed: np.ndarray,
+) -> None:
     """QSGD stochastic rounding of ``|x| / scale`` to ``levels`` levels, sign + level packed.
 
     See the contract in ``kernels/__init__.py``; ``norm`` 0 = L2, 1 = max.
@@ -197,7 +206,9 @@ def _qsgd_decode(packed, scales, levels, bits, bucket, out):
         )
 
 
-def qsgd_decode(packed, scales, levels, bits, bucket, out):
+def qsgd_decode(
+    packed: np.ndarray, scales: np.ndarray, levels: int, bits: int, bucket: int, out: np.ndarray
+) -> None:
     """``out_i = ±(level_i * (scale_b / levels))`` from packed QSGD fields."""
     _qsgd_decode(packed, scales, int(levels), int(bits), int(bucket), out)
 
@@ -252,7 +263,14 @@ def _terngrad_encode(x, scales, bucket, clip, stream, out_packed):
         )
 
 
-def terngrad_encode(x, scales, bucket, clip, stream, out_packed):
+def terngrad_encode(
+    x: np.ndarray,
+    scales: np.ndarray,
+    bucket: int,
+    clip: float,
+    stream: int,
+    out_packed: np.ndarray,
+) -> None:
     """TernGrad codes (0, 1 = +s, 2 = -s) drawn with probability ``min(|x|, clip) / s``."""
     _terngrad_encode(x, scales, int(bucket), float(clip), as_stream(stream), out_packed)
 
@@ -281,6 +299,6 @@ def _terngrad_decode(packed, scales, bucket, out):
         _terngrad_decode_task(packed, scales, bucket, c * CHUNK, min(n, (c + 1) * CHUNK), out)
 
 
-def terngrad_decode(packed, scales, bucket, out):
+def terngrad_decode(packed: np.ndarray, scales: np.ndarray, bucket: int, out: np.ndarray) -> None:
     """Code 1 -> ``+s_b``, 2 -> ``-s_b``, 0 and 3 -> 0."""
     _terngrad_decode(packed, scales, int(bucket), out)
