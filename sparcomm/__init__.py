@@ -22,6 +22,7 @@ __all__ = [
     "QSGD",
     "Codec",
     "ErrorFeedback",
+    "GradientReducer",
     "NoCompression",
     "OneBit",
     "Payload",
@@ -31,7 +32,11 @@ __all__ = [
     "sparse_allreduce",
 ]
 
-_LAZY = {"allreduce": "sparcomm.comm", "sparse_allreduce": "sparcomm.comm"}
+_LAZY = {
+    "allreduce": "sparcomm.comm",
+    "sparse_allreduce": "sparcomm.comm",
+    "GradientReducer": "sparcomm.reducer",
+}
 
 
 def __getattr__(name: str) -> Any:

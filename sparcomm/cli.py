@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 from collections.abc import Callable
 
 _COMMAND_MODULES = [
@@ -76,6 +75,3 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     return int(args._run(args) or 0)
 
-
-if __name__ == "__main__":
-    sys.exit(main())
