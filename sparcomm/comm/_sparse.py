@@ -111,6 +111,8 @@ def _merge_streams(
 
 
 def _densify(indices: np.ndarray, values: np.ndarray, start: int, length: int) -> np.ndarray:
+    if indices.size == length:  # sorted, unique, in range and full: already dense
+        return values.copy()
     dense = np.zeros(length, dtype=values.dtype)
     _merge.scatter_assign(indices, values, start, dense)
     return dense
@@ -307,7 +309,9 @@ def _reduce_scatter(problem: Problem, bounds: np.ndarray, switch: bool) -> Piece
             part_i = problem.indices[positions[j] : positions[j + 1]]
             part_v = problem.values[positions[j] : positions[j + 1]]
             target = send_values[value_offsets[j] : value_offsets[j] + value_counts[j]]
-            if dense_parts[j]:
+            if dense_parts[j] and part_i.size == target.size:  # full part: already dense
+                target[:] = part_v
+            elif dense_parts[j]:
                 target[:] = 0
                 _merge.scatter_assign(part_i, part_v, int(bounds[j]), target)
             else:
@@ -397,7 +401,9 @@ def dense(problem: Problem) -> list[Piece]:
     """Write the stream into a dense buffer and run MPI's own ``Allreduce``."""
     channel, stats = problem.channel, problem.channel.stats
     with stats._phase("densify_input"):
-        if problem.scratch is not None:  # reused across calls: no page faults
+        if problem.values.size == problem.n:  # a full stream is its dense vector
+            send = problem.values
+        elif problem.scratch is not None:  # reused across calls: no page faults
             send = problem.scratch("dense_send", problem.n, problem.values.dtype)
             send.fill(0)
             _merge.scatter_assign(problem.indices, problem.values, 0, send)
@@ -406,9 +412,11 @@ def dense(problem: Problem) -> list[Piece]:
     with stats._phase("allreduce"):
         if problem.out is not None:  # reduce straight into the caller's buffer
             buffer = problem.out
+            if np.shares_memory(buffer, send):  # out given as the values themselves
+                send = send.copy()
             channel.allreduce_dense(send, buffer)
-        elif problem.scratch is not None:
-            buffer = np.empty_like(send)
+        elif problem.scratch is not None or send is problem.values:
+            buffer = np.empty_like(send)  # never reduce into the caller's values
             channel.allreduce_dense(send, buffer)
         else:
             buffer = send
