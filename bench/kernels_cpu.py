@@ -1,6 +1,7 @@
 """Kernel-level benchmark of the Numba CPU kernels against their peers, in one run.
 
-Figures are medians of ``--repeats`` timed calls after one warm-up call, each reported as
+Figures are medians of ``--repeats`` timed calls after one warm-up call (the cases
+interleaved round-robin), each reported as
 a ratio to a peer measured in the same run: ``stream_read`` (one parallel read of the
 input, the physical limit of a kernel that must read it once) and, for top-k,
 ``np.argpartition(np.abs(x), n - k)``.  Thread count: set ``NUMBA_NUM_THREADS``.
@@ -23,14 +24,21 @@ import numpy as np
 from sparcomm.kernels import cpu
 
 
-def median_ms(call: Callable[[], object], repeats: int) -> float:
-    call()  # warm-up: compilation (or cache load) and first-touch page faults
-    times = []
+def median_ms(cases: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median wall time of each case in ms, the cases interleaved round-robin.
+
+    Interleaving makes a burst of load on a shared machine hit every case alike, so the
+    ratios between cases stay meaningful even when the absolute times move.
+    """
+    for call in cases.values():
+        call()  # warm-up: compilation (or cache load) and first-touch page faults
+    times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        for name, call in cases.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) * 1e3 for name, values in times.items()}
 
 
 def run(log2n: int, density: float, repeats: int, seed: int) -> dict[str, object]:
@@ -65,7 +73,7 @@ def run(log2n: int, density: float, repeats: int, seed: int) -> dict[str, object
         "terngrad(max_abs+encode)": terngrad,
         "onebit_encode": lambda: cpu.onebit_encode(x, bucket, packed1, means),
     }
-    timings = {name: median_ms(call, repeats) for name, call in cases.items()}
+    timings = median_ms(cases, repeats)
     read = timings["stream_read"]
     return {
         "n": n,

@@ -20,11 +20,19 @@ import numpy as np
 from numba import njit, prange
 
 from ._common import CHUNK, abs_bits, abs_mask, as_dtype, lane_sum_squares, n_chunks
-from ._random import as_stream, hash24, high_word, low_word, stream_halves, word_end
+from ._random import (
+    GOLDEN32,
+    as_stream,
+    hash24_golden,
+    high_word,
+    low_word,
+    stream_halves,
+    word_end,
+)
 from .packing import pack_groups, pack_tail, unpack_groups
 from .reduce import max_abs, max_bits
 
-_U24 = 2.0**-24
+_TWO24 = 2.0**24  # u(stream, i) * 2**24 is the hash's top 24 bits, an integer
 
 
 @njit(cache=True, nogil=True)
@@ -37,23 +45,25 @@ def _qsgd_fields(x, a, b, inv, levels, k1, k2, lanes, offset):
     levels_f = as_dtype(levels, x)
     one = as_dtype(1, x)
     zero = as_dtype(0, x)
-    u24 = as_dtype(_U24, x)
+    scale24 = as_dtype(_TWO24, x)
     i0 = a
     while i0 < b:
         i1 = word_end(i0, b)
         key_lo = high_word(k1, i0)
-        lo = low_word(i0)
+        golden = np.uint32(low_word(i0) * GOLDEN32)
         xs = x[i0:i1]
         fs = lanes[i0 - offset : i1 - offset]
         for t in range(xs.size):
             v = xs[t]
             scaled = abs(v) * inv
             low = np.floor(scaled)
-            u = as_dtype(hash24(key_lo, k2, np.uint32(lo + np.uint32(t))), x) * u24
-            level = low + (one if u < scaled - low else zero)
+            # u < frac  <=>  (u * 2**24) < frac * 2**24: both sides scale exactly.
+            draw = as_dtype(hash24_golden(golden, key_lo, k2), x)
+            level = low + (one if draw < (scaled - low) * scale24 else zero)
             # NaN fails `<=` and is clamped as well, so the field is always defined.
             level = level if level <= levels_f else levels_f
             fs[t] = np.uint8((np.uint8(level) << np.uint8(1)) | np.uint8(v < 0))
+            golden = np.uint32(golden + GOLDEN32)
         i0 = i1
 
 
@@ -221,12 +231,12 @@ def _terngrad_fields(x, a, b, scale, clip, k1, k2, lanes, offset):
         for t in range(fs.size):
             fs[t] = 0
         return
-    u24 = as_dtype(_U24, x)
+    scale24 = as_dtype(_TWO24, x)
     i0 = a
     while i0 < b:
         i1 = word_end(i0, b)
         key_lo = high_word(k1, i0)
-        lo = low_word(i0)
+        golden = np.uint32(low_word(i0) * GOLDEN32)
         xs = x[i0:i1]
         fs = lanes[i0 - offset : i1 - offset]
         for t in range(xs.size):
@@ -235,9 +245,10 @@ def _terngrad_fields(x, a, b, scale, clip, k1, k2, lanes, offset):
             # `>` keeps NaN as NaN (np.minimum's rule); the draw then fails for NaN.
             clipped = clip if magnitude > clip else magnitude
             p = clipped / scale
-            u = as_dtype(hash24(key_lo, k2, np.uint32(lo + np.uint32(t))), x) * u24
+            draw = as_dtype(hash24_golden(golden, key_lo, k2), x)  # u * 2**24, exact
             code = np.uint8(1) if v > 0 else np.uint8(2)
-            fs[t] = code if (u < p and v != 0) else np.uint8(0)
+            fs[t] = code if (draw < p * scale24 and v != 0) else np.uint8(0)
+            golden = np.uint32(golden + GOLDEN32)
         i0 = i1
 
 
