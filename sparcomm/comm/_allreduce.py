@@ -597,7 +597,9 @@ def allreduce(
     codec : codec, optional
         ``TopK`` (optionally wrapped in ``ErrorFeedback``): each rank's top-k entries
         are summed with the sparse family (SparCML).  ``NoCompression`` or ``None``:
-        MPI's dense ``Allreduce``.  Other codecs register with
+        MPI's dense ``Allreduce``.  ``QSGD``, ``TernGrad``, ``OneBit``, ``FP16``
+        (optionally under ``ErrorFeedback``): the quantized collectives of
+        :mod:`sparcomm.comm._quantized` (docs/quantized.md).  Other codecs register with
         :func:`register_collective`; an unregistered one raises ``NotImplementedError``.
     comm : mpi4py.MPI.Comm, optional
         Communicator, ``MPI.COMM_WORLD`` by default.
@@ -606,7 +608,8 @@ def allreduce(
     algorithm : str
         ``auto`` (cost model) or one of ``allgather``, ``recursive_doubling``,
         ``split_allgather``, ``dsar``, ``dense``.  The dense path accepts ``auto`` and
-        ``dense``.
+        ``dense``; quantized codecs ``auto``, ``allgather``, ``reduce_scatter_allgather``
+        and, for TernGrad, ``shared_scale``.
     key, step :
         Passed to ``codec.encode`` (the error-feedback residual's key, the RNG step).
     stats : AllreduceStats, optional
