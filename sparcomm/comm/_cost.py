@@ -53,8 +53,8 @@ class CostModel:
     Parameters
     ----------
     alpha : float
-        Latency of one synchronising step: a small exchange with every peer, or one
-        round of point-to-point with a partner (the schedules count steps).
+        Latency of one synchronising step among all ranks (a small collective, or an
+        exchange with every peer); the schedules count such steps.
     beta : float
         Seconds per byte moved by ``Allgatherv``/``Alltoallv``/point-to-point.
     beta_allreduce : float
@@ -63,6 +63,10 @@ class CostModel:
         Seconds per element per level of the merge tree.
     dense : float
         Seconds per element of one pass over a dense buffer.
+    alpha_pair, beta_pair : float, optional
+        Latency and seconds per byte of an exchange between two partners (recursive
+        doubling's rounds), which differ from the all-peer figures where ranks share
+        cores (only two ranks must run, but only two streams move at once).
     """
 
     alpha: float
@@ -71,13 +75,26 @@ class CostModel:
     merge: float
     dense: float
     calibration_seconds: float = 0.0
+    alpha_pair: float | None = None
+    beta_pair: float | None = None
 
     def as_array(self) -> np.ndarray:
         return np.array([self.alpha, self.beta, self.beta_allreduce, self.merge, self.dense])
 
+    @property
+    def pair_latency(self) -> float:
+        """Latency of a step between two partners (``alpha`` when not measured)."""
+        return self.alpha if self.alpha_pair is None else self.alpha_pair
+
+    @property
+    def pair_byte_time(self) -> float:
+        """Seconds per byte between two partners (``beta`` when not measured)."""
+        return self.beta if self.beta_pair is None else self.beta_pair
+
     def fingerprint(self) -> int:
         """A 31-bit hash of the constants: ranks compare it before ``auto`` chooses."""
-        return zlib.crc32(self.as_array().tobytes()) & 0x7FFFFFFF
+        constants = np.append(self.as_array(), [self.pair_latency, self.pair_byte_time])
+        return zlib.crc32(constants.tobytes()) & 0x7FFFFFFF
 
 
 @dataclass
@@ -91,6 +108,9 @@ class Phase:
     merge_elements: float = 0.0
     dense_elements: float = 0.0
     allreduce_bytes: float = 0.0
+    pair_steps: float = 0.0
+    # False for MPI's Allreduce: its bytes are accounted, its time is beta_allreduce's.
+    bytes_timed: bool = True
 
 
 @dataclass
@@ -111,9 +131,12 @@ class Prediction:
         total = 0.0
         for p in self.phases:
             busiest = float(np.max(np.maximum(p.sent, p.received))) if p.sent.size else 0.0
+            busiest = busiest if p.bytes_timed else 0.0
+            byte_time = model.pair_byte_time if p.pair_steps else model.beta
             total += (
                 model.alpha * p.messages
-                + model.beta * busiest
+                + model.pair_latency * p.pair_steps
+                + byte_time * busiest
                 + model.merge * p.merge_elements
                 + model.dense * p.dense_elements
                 + model.beta_allreduce * p.allreduce_bytes
@@ -191,9 +214,21 @@ def predict(
     elif algorithm in ("split_allgather", "dsar"):
         _predict_split(add, n, k, itemsize, entry, switch=algorithm == "dsar")
     elif algorithm == "dense":
-        add(Phase("densify_input", 0, zeros, zeros, dense_elements=n))
+        # Zero-fill and scatter (a scattered write costs about a merge step per entry);
+        # a full stream is already its dense vector.
+        full = bool(np.all(k >= n))
+        add(
+            Phase(
+                "densify_input",
+                0,
+                zeros,
+                zeros,
+                dense_elements=0 if full else n,
+                merge_elements=0 if full else float(k.max()),
+            )
+        )
         both = np.full(size, float(ring_allreduce_bytes(n * itemsize, size)))
-        add(Phase("allreduce", 1, both, both, allreduce_bytes=n * itemsize))
+        add(Phase("allreduce", 1, both, both, allreduce_bytes=n * itemsize, bytes_timed=False))
     else:
         raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {ALL_ALGORITHMS}")
     if dense_output:
@@ -214,7 +249,7 @@ def _predict_recursive_doubling(add, n, k, itemsize, entry) -> None:
         sent, received = np.zeros(size), np.zeros(size)
         for r in range(extra):
             sent[r + low] = received[r] = wire(k[r + low])
-        add(Phase("fold", 1, sent, received, merge_elements=2 * float(k.max())))
+        add(Phase("fold", 0, sent, received, merge_elements=2 * float(k.max()), pair_steps=1))
     mask = 1
     while mask < low:
         sent, received = np.zeros(size), np.zeros(size)
@@ -236,14 +271,14 @@ def _predict_recursive_doubling(add, n, k, itemsize, entry) -> None:
             sent[r] = wire(expected_union(k[own_block], n))
             received[r] = wire(expected_union(k[other_block], n))
             merged = max(merged, (sent[r] + received[r]) / entry)
-        add(Phase(f"round{mask}", 1, sent, received, merge_elements=merged))
+        add(Phase(f"round{mask}", 0, sent, received, merge_elements=merged, pair_steps=1))
         mask <<= 1
     if extra:
         sent, received = np.zeros(size), np.zeros(size)
         final = wire(expected_union(k, n))
         sent[:extra] = final
         received[low:] = final
-        add(Phase("unfold", 1, sent, received))
+        add(Phase("unfold", 0, sent, received, pair_steps=1))
 
 
 def _predict_split(add, n, k, itemsize, entry, switch: bool) -> None:
@@ -292,11 +327,12 @@ def _median_time(function, repeats: int) -> float:
 def calibrate(comm: MPI.Comm | None = None, *, repeats: int = 5) -> CostModel:
     """Measure the cost-model constants on ``comm`` and cache them there (collective).
 
-    Takes a few hundred milliseconds: one-element direct exchanges for ``alpha``, a
-    256 KiB per rank exchange for ``beta``, a 4 MiB ``Allreduce`` for ``beta_allreduce``, and
-    local merge and dense passes for the compute terms.  Every rank measures, the
-    maximum of each constant is agreed, so all ranks hold the same model.  Call again to
-    re-calibrate (for example after the machine's load changed).
+    Takes a few hundred milliseconds: a signature check plus a one-entry
+    split-allgather for ``alpha``, one-element and 256 KiB swaps between partners for
+    ``alpha_pair`` and ``beta_pair``, a 256 KiB per rank exchange for ``beta``, a 16 MiB
+    ``Allreduce`` for ``beta_allreduce``, and local merge and dense passes.  Every rank
+    measures, the maximum of each constant is agreed, so all ranks hold the same model.
+    Call again to re-calibrate (for example after the machine's load changed).
 
     Parameters
     ----------
@@ -358,26 +394,57 @@ def calibrate(comm: MPI.Comm | None = None, *, repeats: int = 5) -> CostModel:
         tiny_call()
         inner.Barrier()
         alpha = _median_time(tiny_call, 4 * repeats) / 5
+        # alpha_pair: a one-element swap between partners r and r ^ 1 (a rank left
+        # without a partner, when P is odd, measures nothing and reports zero).
+        rank = inner.Get_rank()
+        partner = rank ^ 1
+        one, other = np.zeros(1, np.float32), np.zeros(1, np.float32)
+
+        def swap() -> None:
+            channel.transfer([(one, partner, 99)], [(other, partner, 99)])
+
+        big_one, big_other = np.zeros(1 << 16, np.float32), np.zeros(1 << 16, np.float32)
+
+        def big_swap() -> None:
+            channel.transfer([(big_one, partner, 98)], [(big_other, partner, 98)])
+
+        if partner < size:
+            swap()
+            big_swap()
+        inner.Barrier()
+        alpha_pair = _median_time(swap, 4 * repeats) if partner < size else 0.0
+        inner.Barrier()
+        t = _median_time(big_swap, repeats) if partner < size else 0.0
+        beta_pair = max(t - alpha_pair, 0.0) / big_one.nbytes
         block = np.zeros(1 << 16, np.float32)  # 256 KiB per rank
         counts = np.full(size, block.size, np.int64)
         channel.allgatherv(block, counts)
         inner.Barrier()
         t = _median_time(lambda: channel.allgatherv(block, counts), repeats)
         beta = max(t - alpha, 0.0) / ((size - 1) * block.nbytes)
-        buffer = np.zeros(1 << 20, np.float32)  # 4 MiB
+        # 16 MiB: MPI's large-message schedule (smaller buffers overstate the per-byte
+        # time by up to 1.7x, which would make auto avoid the dense path where it wins).
+        buffer = np.zeros(1 << 22, np.float32)
         reduced = np.empty_like(buffer)
         inner.Allreduce(buffer, reduced)
         inner.Barrier()
-        t = _median_time(lambda: inner.Allreduce(buffer, reduced), repeats)
+        t = _median_time(lambda: inner.Allreduce(buffer, reduced), max(1, repeats // 2))
         beta_allreduce = max(t - alpha, 0.0) / buffer.nbytes
     else:
-        alpha = beta = beta_allreduce = 0.0
-    local = np.array([alpha, beta, beta_allreduce, merge, dense])
+        alpha = alpha_pair = beta = beta_pair = beta_allreduce = 0.0
+    local = np.array([alpha, beta, beta_allreduce, merge, dense, alpha_pair, beta_pair])
     agreed = np.empty_like(local)
     inner.Allreduce(local, agreed, op=MPI.MAX)
-    alpha, beta, beta_allreduce, merge, dense = (float(v) for v in agreed)
+    alpha, beta, beta_allreduce, merge, dense, alpha_pair, beta_pair = (float(v) for v in agreed)
     model = CostModel(
-        alpha, beta, beta_allreduce, merge, dense, calibration_seconds=time.perf_counter() - start
+        alpha,
+        beta,
+        beta_allreduce,
+        merge,
+        dense,
+        calibration_seconds=time.perf_counter() - start,
+        alpha_pair=alpha_pair,
+        beta_pair=beta_pair,
     )
     state.model = model
     return model
