@@ -38,6 +38,9 @@ SAMPLE = 1 << 16
 """Keys in the strided sample that bounds the threshold."""
 BLOCK = 64
 """Keys compared with the threshold into one 64-bit mask."""
+_MASKS = 64
+_UNROLLED = 2
+"""Masks computed before their set bits are visited (64 * 64 keys: 16 KB of float32)."""
 RADIX_BITS = 11
 _DIGITS = 1 << RADIX_BITS
 
@@ -158,17 +161,23 @@ def _histogram_bound(bits, mask, n, k):
 
 
 @njit(cache=True, nogil=True)
-def _take(part, mask, bound, inf, j, a, out_idx, out_key, above, equal, bad):
+def _take(part, mask, bound, inf, j, valid, a, out_idx, out_raw, above, equal, bad):
     """Branch-free bookkeeping of key ``j``: always written, kept only if above.
 
-    The slot is clamped to the chunk's capacity: a chunk that overflows keeps counting,
-    and the caller, seeing ``above > capacity``, scans again with room for every key.
+    The raw bits (sign included) are stored, so the output needs no gather from ``x``.
+    ``valid`` False makes the step a no-op.  The slot is clamped to the chunk's
+    capacity: a chunk that overflows keeps counting, and the caller, seeing
+    ``above > capacity``, scans again with room for every key.
     """
-    key = part[j] & mask
+    raw = part[j]
+    key = raw & mask
     slot = min(above, out_idx.size - 1)
     out_idx[slot] = a + j
-    out_key[slot] = key
-    return above + (key > bound), equal + (key == bound), bad + (key >= inf)
+    out_raw[slot] = raw
+    above += valid & (key > bound)
+    equal += valid & (key == bound)
+    bad += valid & (key >= inf)
+    return above, equal, bad
 
 
 @njit(cache=True, nogil=True)
@@ -193,21 +202,40 @@ def _scan_chunk(bits, mask, bound, inf, a, b, cand_idx, cand_key, base, cap):
     equal = 0
     bad = 0
     blocks = part.size // BLOCK
-    for blk in range(blocks):
-        first = blk * BLOCK
-        hits = np.uint64(0)
-        for j in range(BLOCK):
-            hits |= np.uint64((part[first + j] & mask) >= visit) << np.uint64(j)
-        while hits:
-            j = first + trailing_zeros(hits)
-            hits &= hits - np.uint64(1)
-            above, equal, bad = _take(
-                part, mask, bound, inf, j, a, out_idx, out_key, above, equal, bad
-            )
+    masks = np.empty(_MASKS, dtype=np.uint64)
+    for group in range(0, blocks, _MASKS):
+        count = min(_MASKS, blocks - group)
+        # Pass 1, branch-free: the masks of a few KB of keys.  Keeping the data-dependent
+        # branches of pass 2 out of this loop lets the core stream memory at full speed.
+        for m in range(count):
+            first = (group + m) * BLOCK
+            hits = np.uint64(0)
+            for j in range(BLOCK):
+                hits |= np.uint64((part[first + j] & mask) >= visit) << np.uint64(j)
+            masks[m] = hits
+        # Pass 2: visit the set bits, the keys now in L1.  The first few of a mask are
+        # taken without branching (an empty step is a no-op on the last key); only a
+        # mask with more set bits than that loops (rare at the densities top-k serves).
+        for m in range(count):
+            hits = masks[m]
+            first = (group + m) * BLOCK
+            last = first + BLOCK - 1
+            for _ in range(_UNROLLED):
+                j = min(first + np.int64(trailing_zeros(hits)), last)
+                above, equal, bad = _take(
+                    part, mask, bound, inf, j, hits != 0, a, out_idx, out_key, above, equal, bad
+                )
+                hits &= hits - np.uint64(1)
+            while hits:
+                j = first + np.int64(trailing_zeros(hits))
+                hits &= hits - np.uint64(1)
+                above, equal, bad = _take(
+                    part, mask, bound, inf, j, True, a, out_idx, out_key, above, equal, bad
+                )
     for j in range(blocks * BLOCK, part.size):
         if (part[j] & mask) >= visit:
             above, equal, bad = _take(
-                part, mask, bound, inf, j, a, out_idx, out_key, above, equal, bad
+                part, mask, bound, inf, j, True, a, out_idx, out_key, above, equal, bad
             )
     if bound == 0:
         equal = part.size - above
@@ -224,12 +252,12 @@ def _scan(bits, mask, bound, inf, n, cand_idx, cand_key, cap, above, equal, bad)
 
 
 @njit(cache=True, nogil=True)
-def _count_chunk_candidates(cand_key, a, count, kth):
+def _count_chunk_candidates(cand_key, mask, a, count, kth):
     greater = 0
     equal = 0
     keys = cand_key[a : a + count]
     for t in range(keys.size):
-        key = keys[t]
+        key = keys[t] & mask
         if key > kth:
             greater += 1
         elif key == kth:
@@ -239,19 +267,20 @@ def _count_chunk_candidates(cand_key, a, count, kth):
 
 @njit(cache=True, nogil=True)
 def _write_from_candidates(
-    x, cand_idx, cand_key, a, count, kth, ties, out_indices, out_values, offset
+    cand_idx, cand_key, mask, a, count, kth, ties, out_indices, out_values, offset
 ):
+    """Write a chunk's kept candidates; values come from the stored raw bits."""
+    out_bits = abs_bits(out_values)
     p = offset
-    keys = cand_key[a : a + count]
+    raws = cand_key[a : a + count]
     where = cand_idx[a : a + count]
-    for t in range(keys.size):
-        key = keys[t]
+    for t in range(raws.size):
+        key = raws[t] & mask
         if key > kth or (key == kth and ties > 0):
             if key == kth:
                 ties -= 1
-            i = where[t]
-            out_indices[p] = i
-            out_values[p] = x[i]
+            out_indices[p] = where[t]
+            out_bits[p] = raws[t]
             p += 1
 
 
@@ -284,7 +313,7 @@ def _output(
             ties[c] = equal[c]
     else:
         for c in prange(nc):
-            greater[c], ties[c] = _count_chunk_candidates(cand_key, c * cap, above[c], kth)
+            greater[c], ties[c] = _count_chunk_candidates(cand_key, mask, c * cap, above[c], kth)
     # Share the ties out in chunk order: the lowest indices win.
     left = k - greater.sum()
     offsets = np.empty(nc, dtype=np.int64)
@@ -313,9 +342,9 @@ def _output(
             )
         else:
             _write_from_candidates(
-                x,
                 cand_idx,
                 cand_key,
+                mask,
                 c * cap,
                 above[c],
                 kth,
@@ -327,13 +356,13 @@ def _output(
 
 
 @njit(cache=True, nogil=True)
-def _gather_keys(cand_key, cap, above, out):
+def _gather_keys(cand_key, mask, cap, above, out):
     """Concatenate the chunks' candidate keys (few: a sequential copy is enough)."""
     p = 0
     for c in range(above.size):
         a = c * cap
         for t in range(above[c]):
-            out[p + t] = cand_key[a + t]
+            out[p + t] = cand_key[a + t] & mask
         p += above[c]
 
 
@@ -397,7 +426,7 @@ def topk(x, k, out_indices, out_values):
     total_above = above.sum()
     if total_above >= k:
         keys = np.empty(total_above, dtype=bits.dtype)
-        _gather_keys(cand_key, cap, above, keys)
+        _gather_keys(cand_key, mask, cap, above, keys)
         kth = kth_largest(keys, k)
     else:
         kth = bound
