@@ -37,9 +37,9 @@ class ErrorFeedback:
 
     Notes
     -----
-    Two buffers per key are kept and swapped, so steady-state encoding allocates
-    nothing beyond the payload, and a failed encode (for example on NaN input) leaves
-    the residual exactly as it was.
+    Two buffers per key are kept and swapped (the consumed residual doubles as the
+    decode buffer), so steady-state encoding allocates nothing beyond the payload, and
+    a failed encode (for example on NaN input) leaves the residual exactly as it was.
     """
 
     def __init__(self, codec: Codec) -> None:
@@ -123,7 +123,12 @@ class ErrorFeedback:
         if residual_into is not None:
             residual_into(compensated, payload)
         else:
-            compensated -= self.codec.decode(payload).reshape(-1)
+            # The old residual is consumed: decode into it rather than into a fresh
+            # array (a fresh n-element array per call costs its page faults every step).
+            decoded = residual if residual is not None else xp.empty_like(flat)
+            self.codec.decode(payload, out=decoded)
+            compensated -= decoded
+            residual = decoded
         if residual is not None:
             self._scratch[key] = residual
         self._residuals[key] = compensated
