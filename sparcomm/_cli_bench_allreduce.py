@@ -343,6 +343,8 @@ def bench_allreduce(args: argparse.Namespace) -> dict[str, Any] | None:
             "beta_allreduce": model.beta_allreduce,
             "merge": model.merge,
             "dense": model.dense,
+            "alpha_pair": model.pair_latency,
+            "beta_pair": model.pair_byte_time,
             "calibration_seconds": model.calibration_seconds,
         },
         "rows": rows,
