@@ -194,7 +194,8 @@ def _check_values(x: Any, name: str) -> np.ndarray:
     if not isinstance(x, np.ndarray):
         raise TypeError(
             f"{name} must be a numpy.ndarray, got {type(x).__module__}.{type(x).__qualname__}; "
-            "convert it with numpy.asarray() (a torch tensor: tensor.numpy())"
+            "convert it with numpy.asarray() (a torch tensor: tensor.numpy(); a CuPy array: "
+            "cupy.asnumpy(x))"
         )
     if x.dtype not in _DTYPES:
         raise TypeError(
