@@ -124,7 +124,8 @@ def _densify(indices: np.ndarray, values: np.ndarray, start: int, length: int) -
 def allgather(problem: Problem) -> list[Piece]:
     """Every rank gathers every stream and merges them (Horovod's and GRACE's sparse path).
 
-    Cost: ``2 ceil(log2 P) alpha + beta (sum_r k_r - k_min)(i + v) + merge``.
+    Cost: two steps (signature check, one exchange) ``2 alpha``, ``beta (P - 1) k (i + v)``
+    bytes out per rank, and a merge of ``P k`` entries over ``log2 P`` tree levels.
     """
     channel, stats = problem.channel, problem.channel.stats
     with stats._phase("allgather"):
