@@ -457,15 +457,43 @@ def calibrate(comm: MPI.Comm | None = None, *, repeats: int = 5) -> CostModel:
         beta_pair=beta_pair,
     )
     state.model = model
+    _GROUP_MODELS[_group_key(comm)] = model
     return model
 
 
+# Models by the set of processes they were measured on: a duplicate of a communicator
+# (a reducer's private one, say) reuses its model instead of measuring afresh, so two
+# communicators over the same processes predict, choose, and sum alike.
+_GROUP_MODELS: dict[tuple[int, ...], CostModel] = {}
+
+
+def _group_key(comm: MPI.Comm) -> tuple[int, ...]:
+    """The ranks in ``MPI.COMM_WORLD`` of ``comm``'s processes, in ``comm``'s order."""
+    if comm.Is_inter():
+        return (-1, id(comm))  # intercommunicators are not shared
+    group, world = comm.Get_group(), MPI.COMM_WORLD.Get_group()
+    try:
+        ranks = MPI.Group.Translate_ranks(group, list(range(group.Get_size())), world)
+    finally:
+        group.Free()
+        world.Free()
+    return tuple(int(r) for r in ranks)
+
+
 def cost_model(comm: MPI.Comm | None = None) -> CostModel:
-    """The cached cost model of ``comm``, calibrating on first use (collective then)."""
+    """The cached cost model of ``comm``, calibrating on first use (collective then).
+
+    A model measured on another communicator over the same processes (``comm`` itself
+    before a ``Dup``, for example) is reused: the key is the processes' ranks in
+    ``MPI.COMM_WORLD``, the same on every rank, so all ranks reuse or measure together.
+    """
     comm = MPI.COMM_WORLD if comm is None else comm
     state = comm_state(comm)
     if state.model is None:
-        return calibrate(comm)
+        shared = _GROUP_MODELS.get(_group_key(comm))
+        if shared is None:
+            return calibrate(comm)
+        state.model = shared
     return state.model
 
 

@@ -233,6 +233,13 @@ def test_calibration_is_cached_and_agreed():
     assert len(set(COMM.allgather(model.fingerprint()))) == 1
     again = calibrate(COMM)
     assert cost_model(COMM) is again
+    # A duplicate over the same processes reuses the model (no new measurement), so
+    # two reducers on duplicates of one communicator choose, and sum, alike.
+    duplicate = COMM.Dup()
+    try:
+        assert cost_model(duplicate) is again
+    finally:
+        duplicate.Free()
 
 
 # ----------------------------------------------------------------- codec entry points
