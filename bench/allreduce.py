@@ -1,6 +1,8 @@
 """Record ``sparcomm bench allreduce`` into bench/results/allreduce.json and .png.
 
-Usage: python bench/allreduce.py [-np 4] [--sizes 16 20 24] [--repeats 5] ...
+Usage: python bench/allreduce.py -np 4 --repeats 5 --codecs
+(the recorded run; ``--codecs`` with no names skips the quantized-codec section, which
+bench/results/quantized.json records separately; ``--sizes``/``--densities`` shrink the grid)
 
 The command launches its own ranks through ``mpiexec``; the JSON keeps the exact command,
 the machine's load average at the start and the end, and the calibrated cost model.
