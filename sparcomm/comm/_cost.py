@@ -437,9 +437,16 @@ def calibrate(comm: MPI.Comm | None = None, *, repeats: int = 5) -> CostModel:
         best = {name: min(times) for name, times in samples.items()}
         alpha = best["steps"] / 5
         alpha_pair = best["swap"] if paired else 0.0
-        beta_pair = max(best["big_swap"] - alpha_pair, 0.0) / big_one.nbytes if paired else 0.0
-        beta = max(best["exchange"] - alpha, 0.0) / ((size - 1) * block.nbytes)
-        beta_allreduce = max(best["allreduce"] - alpha, 0.0) / buffer.nbytes
+        # A large transfer's time is mostly bandwidth.  alpha comes from other, tiny
+        # probes; on a loaded machine it can exceed a large probe's time, and plain
+        # subtraction would leave a zero (free) bandwidth term that makes auto pick
+        # byte-heavy algorithms.  So at least half of each large probe counts as bytes.
+        def per_byte(seconds: float, latency: float, nbytes: int) -> float:
+            return max(seconds - latency, seconds / 2) / nbytes
+
+        beta_pair = per_byte(best["big_swap"], alpha_pair, big_one.nbytes) if paired else 0.0
+        beta = per_byte(best["exchange"], alpha, (size - 1) * block.nbytes)
+        beta_allreduce = per_byte(best["allreduce"], alpha, buffer.nbytes)
     else:
         alpha = alpha_pair = beta = beta_pair = beta_allreduce = 0.0
     local = np.array([alpha, beta, beta_allreduce, merge, dense, alpha_pair, beta_pair])
