@@ -28,6 +28,7 @@ __all__ = [
     "Payload",
     "TernGrad",
     "TopK",
+    "AllreduceStats",
     "allreduce",
     "sparse_allreduce",
 ]
@@ -35,6 +36,7 @@ __all__ = [
 _LAZY = {
     "allreduce": "sparcomm.comm",
     "sparse_allreduce": "sparcomm.comm",
+    "AllreduceStats": "sparcomm.comm",
     "GradientReducer": "sparcomm.reducer",
 }
 
