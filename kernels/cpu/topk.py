@@ -25,10 +25,13 @@ so selection runs on integers and never sorts.  Steps, for ``0 < k < n``:
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
-from numba import njit, prange
-from numba.cpython.unsafe.numbers import trailing_zeros
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from ._common import abs_bits, abs_mask, as_key, inf_bits, n_chunks
 
@@ -36,11 +39,8 @@ SCAN_CHUNK = 1 << 16
 """Elements per parallel task of the candidate pass."""
 SAMPLE = 1 << 16
 """Keys in the strided sample that bounds the threshold."""
-BLOCK = 64
-"""Keys compared with the threshold into one 64-bit mask."""
-_MASKS = 64
-_UNROLLED = 2
-"""Masks computed before their set bits are visited (64 * 64 keys: 16 KB of float32)."""
+_ROW = 16
+"""Keys compared and compressed together (one AVX-512 vector of float32 keys)."""
 RADIX_BITS = 11
 _DIGITS = 1 << RADIX_BITS
 
@@ -160,85 +160,150 @@ def _histogram_bound(bits, mask, n, k):
     return as_key(np.uint64(d) << np.uint64(shift), bits)
 
 
-@njit(cache=True, nogil=True)
-def _take(part, mask, bound, inf, j, valid, a, out_idx, out_raw, above, equal, bad):
-    """Branch-free bookkeeping of key ``j``: always written, kept only if above.
+def _splat(builder, vector_type, value):
+    lanes = vector_type.count
+    first = builder.insert_element(
+        ir.Constant(vector_type, ir.Undefined), value, ir.Constant(ir.IntType(32), 0)
+    )
+    zeros = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
+    return builder.shuffle_vector(first, ir.Constant(vector_type, ir.Undefined), zeros)
 
-    The raw bits (sign included) are stored, so the output needs no gather from ``x``.
-    ``valid`` False makes the step a no-op.  The slot is clamped to the chunk's
-    capacity: a chunk that overflows keeps counting, and the caller, seeing
-    ``above > capacity``, scans again with room for every key.
+
+def _count_true(builder, flags):
+    """Number of set lanes of an ``<N x i1>`` as i64 (a popcount of the mask register)."""
+    width = ir.IntType(flags.type.count)
+    bits = builder.bitcast(flags, width)
+    popcount = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(width, [width]), f"llvm.ctpop.i{flags.type.count}"
+    )
+    return builder.zext(builder.call(popcount, [bits]), ir.IntType(64))
+
+
+def _compress_into(builder, values, keep, array, slot):
+    """Store the lanes of ``values`` where ``keep`` is set, packed, at ``array[slot]``.
+
+    Compresses in registers (``llvm.experimental.vector.compress``, one ``vpcompress``
+    with AVX-512), then stores the whole vector: lanes past the kept ones are scratch
+    that later rows overwrite.  A compressing *store* would be microcoded and slow on
+    AMD cores.
     """
-    raw = part[j]
-    key = raw & mask
-    slot = min(above, out_idx.size - 1)
-    out_idx[slot] = a + j
-    out_raw[slot] = raw
-    above += valid & (key > bound)
-    equal += valid & (key == bound)
-    bad += valid & (key >= inf)
-    return above, equal, bad
+    vector_type = values.type
+    lanes = vector_type.count
+    compress = cgutils.get_or_insert_function(
+        builder.module,
+        ir.FunctionType(
+            vector_type, [vector_type, ir.VectorType(ir.IntType(1), lanes), vector_type]
+        ),
+        f"llvm.experimental.vector.compress.v{lanes}i{vector_type.element.width}",
+    )
+    packed = builder.call(compress, [values, keep, ir.Constant(vector_type, ir.Undefined)])
+    target = builder.bitcast(builder.gep(array.data, [slot]), vector_type.as_pointer())
+    builder.store(packed, target, align=1)
+
+
+def _half(builder, vector, first):
+    """Lanes ``first .. first+7`` of a 16-lane vector."""
+    mask = ir.Constant(ir.VectorType(ir.IntType(32), _ROW // 2), list(range(first, first + 8)))
+    return builder.shuffle_vector(vector, ir.Constant(vector.type, ir.Undefined), mask)
+
+
+@intrinsic
+def _compress_row(typingctx, part, first, mask, bound, inf, out_idx, out_raw, slot, offset):
+    """One row of 16 keys: store those above ``bound``, count equal and non-finite.
+
+    ``part[first:first+16]`` is compared with ``bound`` after masking the sign bit; the
+    indices (``offset + first + lane``, int32) and raw bits of the keys above are written
+    contiguously from ``out_*[slot]`` (see :func:`_compress_into`): no branch depends on
+    the data.  64-bit keys go in two halves of 8 lanes.  Returns ``(stored, equal,
+    non_finite)``.  The caller guarantees 16 free slots.
+    """
+    signature = types.UniTuple(types.int64, 3)(
+        part, types.int64, mask, bound, inf, out_idx, out_raw, types.int64, types.int64
+    )
+
+    def codegen(context, builder, sig, args):
+        part_v, first, mask_v, bound_v, inf_v, idx_v, raw_v, slot_v, offset_v = args
+        keys_in = context.make_array(sig.args[0])(context, builder, part_v)
+        idx_out = context.make_array(sig.args[5])(context, builder, idx_v)
+        raw_out = context.make_array(sig.args[6])(context, builder, raw_v)
+        key_type = context.get_data_type(sig.args[0].dtype)
+        row_type = ir.VectorType(key_type, _ROW)
+        index_type = ir.VectorType(ir.IntType(32), _ROW)
+        pointer = builder.gep(keys_in.data, [first])
+        raw = builder.load(builder.bitcast(pointer, row_type.as_pointer()), align=1)
+        keys = builder.and_(raw, _splat(builder, row_type, mask_v))
+        above = builder.icmp_unsigned(">", keys, _splat(builder, row_type, bound_v))
+        equal = builder.icmp_unsigned("==", keys, _splat(builder, row_type, bound_v))
+        bad = builder.icmp_unsigned(">=", keys, _splat(builder, row_type, inf_v))
+        lane = ir.Constant(index_type, list(range(_ROW)))
+        start = builder.trunc(builder.add(offset_v, first), ir.IntType(32))
+        index = builder.add(_splat(builder, index_type, start), lane)
+        if key_type.width == 32:
+            _compress_into(builder, index, above, idx_out, slot_v)
+            _compress_into(builder, raw, above, raw_out, slot_v)
+        else:
+            low_keep = _half(builder, above, 0)
+            high_slot = builder.add(slot_v, _count_true(builder, low_keep))
+            for half, target_slot in ((0, slot_v), (8, high_slot)):
+                keep = _half(builder, above, half)
+                _compress_into(builder, _half(builder, index, half), keep, idx_out, target_slot)
+                _compress_into(builder, _half(builder, raw, half), keep, raw_out, target_slot)
+        counts = [_count_true(builder, flags) for flags in (above, equal, bad)]
+        return context.make_tuple(builder, sig.return_type, counts)
+
+    return signature, codegen
 
 
 @njit(cache=True, nogil=True)
 def _scan_chunk(bits, mask, bound, inf, a, b, cand_idx, cand_key, base, cap):
     """Store the keys above ``bound`` in ``[a, b)`` at ``cand_*[base:base+cap]``.
 
+    ``cand_idx`` receives offsets within the chunk (``i - a``), ``cand_key`` raw bits.
+
     Returns ``(above, equal, non_finite)``; non-finite keys are counted only when they are
     at least ``bound`` (the caller keeps ``bound <= inf``, so that is all of them).
-    Each block of 64 keys is compared with ``bound`` into a 64-bit mask (vector compares
-    into mask registers), and only its set bits are visited.  Loops run over slices
-    indexed from 0, so Numba omits its negative-index test, which would turn the loads
-    into gathers.
+    Rows of 16 keys go through :func:`_compress_row` (one streaming, branch-free pass);
+    the last ``< 16`` keys are done one by one.  A chunk with more keys above ``bound``
+    than its ``cap`` slots stops storing but keeps counting, and the caller, seeing
+    ``above > cap``, scans again with room for every key.
     """
     part = bits[a:b]
     out_idx = cand_idx[base : base + cap]
-    out_key = cand_key[base : base + cap]
-    # Keys visited: those >= bound, except that with bound 0 (a gradient that is mostly
-    # zeros) only the non-zero ones are visited and the zeros are counted by subtraction.
-    one = mask & np.uint8(1)  # 1 in the key's unsigned type
-    visit = one if bound == 0 else bound
+    out_raw = cand_key[base : base + cap]
+    # The row intrinsic splats these into vectors of the key type.
+    mask = as_key(mask, bits)
+    bound = as_key(bound, bits)
+    inf = as_key(inf, bits)
     above = 0
     equal = 0
     bad = 0
-    blocks = part.size // BLOCK
-    masks = np.empty(_MASKS, dtype=np.uint64)
-    for group in range(0, blocks, _MASKS):
-        count = min(_MASKS, blocks - group)
-        # Pass 1, branch-free: the masks of a few KB of keys.  Keeping the data-dependent
-        # branches of pass 2 out of this loop lets the core stream memory at full speed.
-        for m in range(count):
-            first = (group + m) * BLOCK
-            hits = np.uint64(0)
-            for j in range(BLOCK):
-                hits |= np.uint64((part[first + j] & mask) >= visit) << np.uint64(j)
-            masks[m] = hits
-        # Pass 2: visit the set bits, the keys now in L1.  The first few of a mask are
-        # taken without branching (an empty step is a no-op on the last key); only a
-        # mask with more set bits than that loops (rare at the densities top-k serves).
-        for m in range(count):
-            hits = masks[m]
-            first = (group + m) * BLOCK
-            last = first + BLOCK - 1
-            for _ in range(_UNROLLED):
-                j = min(first + np.int64(trailing_zeros(hits)), last)
-                above, equal, bad = _take(
-                    part, mask, bound, inf, j, hits != 0, a, out_idx, out_key, above, equal, bad
-                )
-                hits &= hits - np.uint64(1)
-            while hits:
-                j = first + np.int64(trailing_zeros(hits))
-                hits &= hits - np.uint64(1)
-                above, equal, bad = _take(
-                    part, mask, bound, inf, j, True, a, out_idx, out_key, above, equal, bad
-                )
-    for j in range(blocks * BLOCK, part.size):
-        if (part[j] & mask) >= visit:
-            above, equal, bad = _take(
-                part, mask, bound, inf, j, True, a, out_idx, out_key, above, equal, bad
+    rows = part.size // _ROW
+    for row in range(rows):
+        first = row * _ROW
+        if above + _ROW <= cap:
+            stored, same, nonfinite = _compress_row(
+                part, first, mask, bound, inf, out_idx, out_raw, above, 0
             )
-    if bound == 0:
-        equal = part.size - above
+        else:  # out of slots: count only (the scan is redone)
+            stored = 0
+            same = 0
+            nonfinite = 0
+            for j in range(first, first + _ROW):
+                key = part[j] & mask
+                stored += key > bound
+                same += key == bound
+                nonfinite += key >= inf
+        above += stored
+        equal += same
+        bad += nonfinite
+    for j in range(rows * _ROW, part.size):
+        key = part[j] & mask
+        if key > bound and above < cap:
+            out_idx[above] = j
+            out_raw[above] = part[j]
+        above += key > bound
+        equal += key == bound
+        bad += key >= inf
     return above, equal, bad
 
 
@@ -267,9 +332,12 @@ def _count_chunk_candidates(cand_key, mask, a, count, kth):
 
 @njit(cache=True, nogil=True)
 def _write_from_candidates(
-    cand_idx, cand_key, mask, a, count, kth, ties, out_indices, out_values, offset
+    cand_idx, cand_key, mask, chunk_start, a, count, kth, ties, out_indices, out_values, offset
 ):
-    """Write a chunk's kept candidates; values come from the stored raw bits."""
+    """Write a chunk's kept candidates; values come from the stored raw bits.
+
+    ``cand_idx`` holds offsets within the chunk (int32: a chunk is 64K keys).
+    """
     out_bits = abs_bits(out_values)
     p = offset
     raws = cand_key[a : a + count]
@@ -279,7 +347,7 @@ def _write_from_candidates(
         if key > kth or (key == kth and ties > 0):
             if key == kth:
                 ties -= 1
-            out_indices[p] = where[t]
+            out_indices[p] = chunk_start + where[t]
             out_bits[p] = raws[t]
             p += 1
 
@@ -345,6 +413,7 @@ def _output(
                 cand_idx,
                 cand_key,
                 mask,
+                a,
                 c * cap,
                 above[c],
                 kth,
@@ -390,37 +459,41 @@ def _keep_all_or_none(x, keep_all, out_indices, out_values):
 
 
 @njit(cache=True, nogil=True)
-def topk(x, k, out_indices, out_values):
-    """Exact top-k of ``|x|``: ascending indices, ties to the lowest indices.
+def _topk(x, k, out_indices, out_values, spare_idx, spare_key):
+    """The kernel behind :func:`topk`; ``spare_*`` are reusable candidate buffers.
 
-    Returns the number of non-finite entries of ``x`` (the caller raises when it is not
-    zero).  See the module docstring for the algorithm.
+    Returns ``(non_finite, spare_idx, spare_key)``: the spare buffers, grown if this
+    call needed more, for the next call.
     """
     n = x.size
     bits = abs_bits(x)
     mask = abs_mask(x)
     inf = inf_bits(x)
     if k == 0 or k == n:
-        return _keep_all_or_none(x, k == n, out_indices, out_values)
+        return _keep_all_or_none(x, k == n, out_indices, out_values), spare_idx, spare_key
     nc = n_chunks(n, SCAN_CHUNK)
     above = np.empty(nc, dtype=np.int64)
     equal = np.empty(nc, dtype=np.int64)
     bad = np.empty(nc, dtype=np.int64)
     bound, cap = _sample_bound(bits, mask, n, k)
     bound = min(bound, inf)
-    # Candidate slots: chunk c writes at c * cap, so no atomics.  Sized from the sample,
-    # they stay small enough for malloc to reuse between calls: fresh pages (zeroed huge
-    # pages, with transparent huge pages) would cost more than the scan itself.
-    cand_idx = np.empty(nc * cap, dtype=np.int64)
-    cand_key = np.empty(nc * cap, dtype=bits.dtype)
+    # Candidate slots: chunk c writes at c * cap, so no atomics.  Sized from the sample
+    # and kept between calls: fresh pages (zeroed huge pages, with transparent huge
+    # pages) would cost more than the scan itself.
+    if spare_idx.size < nc * cap:
+        spare_idx = np.empty(nc * cap, dtype=np.int32)
+        spare_key = np.empty(nc * cap, dtype=bits.dtype)
+    cand_idx = spare_idx
+    cand_key = spare_key
     _scan(bits, mask, bound, inf, n, cand_idx, cand_key, cap, above, equal, bad)
     short = above.sum() + equal.sum() < k
     if short or above.max() > cap:
         if short:
             # The sample overshot: this bound has at least k keys at or above it.
             bound = min(_histogram_bound(bits, mask, n, k), inf)
+        # Room for every key: a one-off, not kept.
         cap = SCAN_CHUNK
-        cand_idx = np.empty(nc * cap, dtype=np.int64)
+        cand_idx = np.empty(nc * cap, dtype=np.int32)
         cand_key = np.empty(nc * cap, dtype=bits.dtype)
         _scan(bits, mask, bound, inf, n, cand_idx, cand_key, cap, above, equal, bad)
     total_above = above.sum()
@@ -446,4 +519,27 @@ def topk(x, k, out_indices, out_values):
         out_indices,
         out_values,
     )
-    return bad.sum()
+    return bad.sum(), spare_idx, spare_key
+
+
+_spare = threading.local()
+"""Per-thread candidate buffers of :func:`topk`, by dtype (kernels release the GIL)."""
+
+
+def topk(x: np.ndarray, k: int, out_indices: np.ndarray, out_values: np.ndarray) -> int:
+    """Exact top-k of ``|x|``: ascending indices, ties to the lowest indices.
+
+    Returns the number of non-finite entries of ``x`` (the caller raises when it is not
+    zero).  See the module docstring for the algorithm.  The candidate buffers (a few
+    percent of ``x``) are kept per thread and dtype between calls.
+    """
+    spares = getattr(_spare, "buffers", None)
+    if spares is None:
+        spares = _spare.buffers = {}
+    key_dtype = np.uint32 if x.dtype == np.float32 else np.uint64
+    spare_idx, spare_key = spares.get(
+        x.dtype, (np.empty(0, dtype=np.int32), np.empty(0, dtype=key_dtype))
+    )
+    bad, spare_idx, spare_key = _topk(x, int(k), out_indices, out_values, spare_idx, spare_key)
+    spares[x.dtype] = (spare_idx, spare_key)
+    return int(bad)
