@@ -8,10 +8,12 @@ so selection runs on integers and never sorts.  Steps, for ``0 < k < n``:
    (``r`` = the sample's expected count above the k-th largest, plus four standard
    deviations) is a threshold ``T`` a little below the true k-th largest key.  For
    ``n <= S`` the sample is all of ``x`` and ``T`` is exact.
-2. **One pass.**  Parallel chunks stream ``x`` once: each block of 64 keys is compared
-   with ``T`` into a bit mask by vector compares, and only the set bits are visited: the
-   keys above ``T`` are stored with their indices, those equal to ``T`` (and the
-   non-finite ones) counted.
+2. **One pass.**  Parallel chunks stream ``x`` once, 16 keys per vector: a compare
+   with ``T`` gives a lane mask, the chunk offsets and raw bits of the keys above ``T``
+   are packed by a vector compress (no data-dependent branch), and the keys equal to
+   ``T`` (and the non-finite ones) are counted by popcounts.  Each chunk has its own
+   slots, sized from the sample; a chunk that overflows them is detected and the scan
+   redone with room for every key.
 3. **Exact select.**  If fewer than ``k`` keys are above ``T`` but enough are at least
    ``T``, the k-th largest is ``T`` itself; if more than ``k`` are above, an MSD radix
    select (11-bit digits) over the few candidates finds it.  If the sample bound was too
