@@ -18,6 +18,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -104,13 +105,13 @@ def bench_codecs(
     for log2n in sizes:
         n = 1 << log2n
         x = np.random.default_rng(seed).standard_normal(n, dtype=np.float64).astype(dtype)
-        read = _median_seconds(lambda: cpu.stream_read(x), repeats)
+        read = _median_seconds(partial(cpu.stream_read, x), repeats)
         for label, codec in codecs:
             bar.set_postfix_str(f"2^{log2n} {label}")
             payload = codec.encode(x, key="bench", step=0)
             out = np.empty_like(x)
-            encode = _median_seconds(lambda: codec.encode(x, key="bench", step=0), repeats)
-            decode = _median_seconds(lambda: codec.decode(payload, out=out), repeats)
+            encode = _median_seconds(partial(codec.encode, x, key="bench", step=0), repeats)
+            decode = _median_seconds(partial(codec.decode, payload, out=out), repeats)
             peer = _median_seconds(_numpy_peer(codec, x), numpy_repeats)
             rows.append({
                 "codec": label,

@@ -268,7 +268,7 @@ class Payload:
         if int(np.prod(shape, dtype=np.int64)) != n:
             raise ValueError(f"payload shape {shape} does not hold n={n} elements")
         arrays = {}
-        for array_name, (dtype, count) in zip(names, descriptors):
+        for array_name, (dtype, count) in zip(names, descriptors, strict=True):
             end = offset + dtype.itemsize * count
             arrays[array_name] = buffer[offset:end].view(dtype)
             offset += _padded(dtype.itemsize * count)

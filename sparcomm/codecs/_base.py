@@ -212,7 +212,7 @@ class Codec:
                 f"{expected}); decode with the same codec settings as the encoder"
             )
         layout = self._wire_arrays(payload.n, payload.dtype)
-        for (name, array), (dtype, count) in zip(payload.arrays.items(), layout):
+        for (name, array), (dtype, count) in zip(payload.arrays.items(), layout, strict=True):
             if array.dtype != dtype or array.size != count:
                 raise ValueError(
                     f"{self.name} payload array {name!r} must hold {count} x {dtype}, got "

@@ -71,7 +71,7 @@ def test_foreign_buffers_raise(rng):
 
 
 def test_wire_sizes_follow_the_documented_bit_counts():
-    from sparcomm import QSGD, FP16, OneBit, TernGrad, TopK
+    from sparcomm import FP16, QSGD, OneBit, TernGrad, TopK
 
     n = 1 << 20
     header = wire_nbytes(1, 0, [])  # 24-byte fixed header + 8 bytes of shape
