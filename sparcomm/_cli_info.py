@@ -35,7 +35,7 @@ def collect() -> dict[str, Any]:
 
         facts["numba"] = numba.__version__
         facts["numba_threads"] = numba.get_num_threads()
-        facts["numba_threading_layer"] = numba.config.THREADING_LAYER
+        facts["numba_threading_layer"] = numba.config.THREADING_LAYER  # type: ignore[attr-defined]
     except Exception as error:  # noqa: BLE001
         facts["numba"] = f"unavailable ({error})"
     try:

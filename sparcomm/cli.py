@@ -41,7 +41,7 @@ def arguments(configure: Callable[[argparse.ArgumentParser], None]):
     """Attach an argument-configuring function to a command (apply below ``@command``)."""
 
     def attach(run: Callable) -> Callable:
-        run._configure = configure
+        run._configure = configure  # type: ignore[attr-defined]
         return run
 
     return attach

@@ -67,7 +67,7 @@ class OneBit(Codec):
         """The internal :class:`~sparcomm.ErrorFeedback` (None without error feedback)."""
         return self._memory
 
-    def encode(self, x: Any, **kwargs: Any):  # type: ignore[override]
+    def encode(self, x: Any, **kwargs: Any) -> Payload:
         if self._memory is not None:
             return self._memory.encode(x, **kwargs)
         return super().encode(x, **kwargs)

@@ -79,6 +79,7 @@ class TopK(Codec):
                     "use density="
                 )
             return self.k
+        assert self.density is not None  # one of k and density is set (constructor)
         return min(n, max(1, math.ceil(self.density * n)))
 
     def _params(self, n: int) -> tuple[int, ...]:
