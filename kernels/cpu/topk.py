@@ -75,30 +75,43 @@ def kth_largest(keys, r):
     while diff:
         spread += 1
         diff >>= np.uint64(1)
-    work = keys.copy()
-    m = work.size
+    # The first pass filters from ``keys`` into ``work`` (no copy of all keys); later
+    # passes filter ``work`` in place.
+    source = keys
+    work = np.empty_like(keys)
+    m = keys.size
     need = r
     shift = max(spread - RADIX_BITS, 0)
     digit_mask = np.uint64(_DIGITS - 1)
-    hist = np.zeros(_DIGITS, dtype=np.int64)
+    # Four interleaved sub-histograms: candidates crowd into a few digits, and a single
+    # histogram would serialise on store-to-load forwarding of the same counter.
+    hist = np.zeros((4, _DIGITS), dtype=np.int64)
     while True:
         s = np.uint64(shift)
-        for d in range(_DIGITS):
-            hist[d] = 0
-        for t in range(m):
-            hist[np.int64((np.uint64(work[t]) >> s) & digit_mask)] += 1
+        hist[:] = 0
+        quads = m - m % 4
+        for t in range(0, quads, 4):
+            hist[0, np.int64((np.uint64(source[t]) >> s) & digit_mask)] += 1
+            hist[1, np.int64((np.uint64(source[t + 1]) >> s) & digit_mask)] += 1
+            hist[2, np.int64((np.uint64(source[t + 2]) >> s) & digit_mask)] += 1
+            hist[3, np.int64((np.uint64(source[t + 3]) >> s) & digit_mask)] += 1
+        for t in range(quads, m):
+            hist[0, np.int64((np.uint64(source[t]) >> s) & digit_mask)] += 1
         d = _DIGITS - 1
         above = 0
-        while above + hist[d] < need:
-            above += hist[d]
+        count = hist[0, d] + hist[1, d] + hist[2, d] + hist[3, d]
+        while above + count < need:
+            above += count
             d -= 1
+            count = hist[0, d] + hist[1, d] + hist[2, d] + hist[3, d]
         need -= above
         j = 0
         for t in range(m):
-            if np.int64((np.uint64(work[t]) >> s) & digit_mask) == d:
-                work[j] = work[t]
+            if np.int64((np.uint64(source[t]) >> s) & digit_mask) == d:
+                work[j] = source[t]
                 j += 1
         m = j
+        source = work
         if shift == 0:
             return work[0]
         shift = max(shift - RADIX_BITS, 0)
