@@ -212,6 +212,11 @@ class Codec:
                 f"{expected}); decode with the same codec settings as the encoder"
             )
         layout = self._wire_arrays(payload.n, payload.dtype)
+        if len(payload.arrays) != len(layout):
+            raise ValueError(
+                f"{self.name} payload must carry {len(layout)} arrays, got "
+                f"{len(payload.arrays)} ({sorted(payload.arrays)}): corrupted payload"
+            )
         for (name, array), (dtype, count) in zip(payload.arrays.items(), layout, strict=True):
             if array.dtype != dtype or array.size != count:
                 raise ValueError(

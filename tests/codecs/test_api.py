@@ -171,3 +171,28 @@ def test_wrapping_twice_or_wrapping_self_feeding_codecs_raises():
 def test_key_must_be_hashable_text_or_int():
     with pytest.raises(TypeError, match="key must be a str, an int or None"):
         QSGD().encode(np.ones(4, np.float32), key=("a", 1))
+
+
+def test_payload_with_a_missing_array_raises(rng):
+    payload = TopK(k=5).encode(rng.standard_normal(100).astype(np.float32))
+    del payload.arrays["values"]
+    with pytest.raises(ValueError, match="must carry 2 arrays, got 1"):
+        TopK(k=5).decode(payload)
+
+
+@pytest.mark.parametrize(
+    "make, error, message",
+    [
+        (lambda: TopK(density="0.1"), TypeError, "density must be a float"),
+        (lambda: TernGrad(clip="2.5"), TypeError, "clip must be a float or None"),
+        (lambda: QSGD(bits=4.0), TypeError, "bits must be an int"),
+    ],
+)
+def test_parameters_of_the_wrong_type_raise(make, error, message):
+    with pytest.raises(error, match=message):
+        make()
+
+
+def test_terngrad_refuses_unknown_options():
+    with pytest.raises(TypeError, match="unexpected options"):
+        TernGrad().encode(np.ones(8, np.float32), scales=1.0)

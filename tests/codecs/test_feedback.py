@@ -107,3 +107,12 @@ def test_shape_change_under_one_key_is_refused():
     ef.encode(np.ones(4, np.float32), key="w")
     with pytest.raises(ValueError, match="give every tensor its own key"):
         ef.encode(np.ones(5, np.float32), key="w")
+
+
+def test_state_dict_with_a_malformed_residual_is_refused():
+    ef = ErrorFeedback(TopK(k=1))
+    ef.encode(np.ones(4, np.float32), key="w")
+    state = ef.state_dict()
+    state["residuals"]["w"] = np.ones((2, 2), np.float32)
+    with pytest.raises(ValueError, match="1-D float array"):
+        ErrorFeedback(TopK(k=1)).load_state_dict(state)
