@@ -18,6 +18,7 @@ class; ``ErrorFeedback(codec)`` is looked up by its inner codec.
 
 from __future__ import annotations
 
+import sys
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
-from sparcomm.comm import _cost, _sparse
+from sparcomm.comm import _cost, _device, _sparse
 from sparcomm.comm._context import SIGNATURE_FIELDS, Channel, comm_state
 from sparcomm.comm._stats import AllreduceStats
 from sparcomm.kernels.cpu import merge as _merge
@@ -190,12 +191,13 @@ def _check_common(op: str, algorithm: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"algorithm must be one of {allowed}, got {algorithm!r}")
 
 
-def _check_values(x: Any, name: str) -> np.ndarray:
-    if not isinstance(x, np.ndarray):
+def _check_values(x: Any, name: str) -> Any:
+    """``x`` if it is a float32/float64 NumPy or CuPy array, else a clear TypeError."""
+    if not isinstance(x, np.ndarray) and not _device.is_device(x):
         raise TypeError(
-            f"{name} must be a numpy.ndarray, got {type(x).__module__}.{type(x).__qualname__}; "
-            "convert it with numpy.asarray() (a torch tensor: tensor.numpy(); a CuPy array: "
-            "cupy.asnumpy(x))"
+            f"{name} must be a numpy.ndarray or cupy.ndarray, got "
+            f"{type(x).__module__}.{type(x).__qualname__}; convert it with numpy.asarray() "
+            "(a torch tensor: tensor.numpy(), or cupy.from_dlpack(tensor) on a GPU)"
         )
     if x.dtype not in _DTYPES:
         raise TypeError(
@@ -205,16 +207,33 @@ def _check_values(x: Any, name: str) -> np.ndarray:
     return x
 
 
-def _check_out(out: np.ndarray | None, n: int, dtype: np.dtype) -> None:
+def _check_out(out: Any, n: int, dtype: np.dtype, device: bool = False) -> None:
+    """``out`` must be None or a C-contiguous array of ``n`` x ``dtype`` on the input's
+    device (NumPy for host inputs, CuPy for device inputs)."""
     if out is None:
         return
-    if not isinstance(out, np.ndarray) or out.dtype != dtype:
-        raise TypeError(f"out must be a numpy.ndarray of dtype {dtype}, got {out!r:.80}")
+    kind = "cupy.ndarray" if device else "numpy.ndarray"
+    on_device = _device.is_device(out)
+    if not (on_device if device else isinstance(out, np.ndarray)) or out.dtype != dtype:
+        raise TypeError(
+            f"out must be a {kind} of dtype {dtype} (on the input's device), got "
+            f"{type(out).__module__}.{type(out).__qualname__}"
+            + (f" of dtype {out.dtype}" if hasattr(out, "dtype") else "")
+        )
     if out.size != n or not out.flags.c_contiguous:
         raise ValueError(
             f"out must be C-contiguous with {n} elements, got {out.size} elements "
             f"(contiguous: {out.flags.c_contiguous})"
         )
+
+
+def _check_no_partial_overlap(out: Any, x: Any) -> None:
+    """``out=x`` works in place; a buffer that overlaps ``x`` only in part is refused."""
+    if out is None or out is x:
+        return
+    xp = sys.modules["cupy"] if _device.is_device(x) else np
+    if xp.shares_memory(out, x):
+        raise ValueError("out overlaps x partially; pass out=x or a separate buffer")
 
 
 def _prepare_stream(indices: Any, values: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -257,18 +276,25 @@ def _prepare_stream(indices: Any, values: Any, n: int) -> tuple[np.ndarray, np.n
 
 
 def _run_sparse(
-    prepare: Callable[[], tuple[np.ndarray, np.ndarray]],
+    prepare: Callable[[_device.DeviceStaging], tuple[np.ndarray, np.ndarray]],
     n: int,
     dtype: np.dtype | None,
     comm: MPI.Comm | None,
     op: str,
     algorithm: str,
     dense_output: bool | None,
-    out: np.ndarray | None,
+    out: Any,
     stats: AllreduceStats | None,
     codec_text: str,
     what: str,
+    device: bool = False,
 ):
+    """Prepare, check and reduce one sparse stream per rank.
+
+    ``prepare(staging)`` returns this rank's host stream (it stages device data through
+    ``staging``).  With ``device=True`` the input came from CuPy: ``out`` is a device
+    array or None, and the result is returned on the device (see :mod:`._device`).
+    """
     comm = MPI.COMM_WORLD if comm is None else comm
     state = comm_state(comm)
     stats = AllreduceStats() if stats is None else stats
@@ -284,9 +310,9 @@ def _run_sparse(
         if not (dense_output is None or isinstance(dense_output, bool)):
             raise ValueError(f"dense_output must be True, False or None, got {dense_output!r}")
         with stats._phase("prepare"):
-            indices, values = prepare()
+            indices, values = prepare(state.staging)
         dtype = values.dtype
-        _check_out(out, int(n), dtype)
+        _check_out(out, int(n), dtype, device)
     except Exception as caught:  # held back until every rank has heard of it
         error = caught
     model = state.model
@@ -325,29 +351,27 @@ def _run_sparse(
         name = algorithm
     stats.algorithm = name
     stats.rank = channel.rank
+    host_out = None if device or dense_output is False else out
     problem = _sparse.Problem(
-        channel,
-        n,
-        indices,
-        values,
-        k_all,
-        out=out if dense_output is not False else None,
-        scratch=state.buffer,
+        channel, n, indices, values, k_all, out=host_out, scratch=state.buffer
     )
     pieces = _sparse.ALGORITHMS[name](problem)
     stats.nnz = _sparse.result_nnz(pieces)
     stats.fill = stats.nnz / max(1, int(k_all.max()))
+    mean = float(size) if op == "mean" else None
     with stats._phase("output"):
-        result = _sparse.finish(
-            pieces,
-            n,
-            values.dtype,
-            indices.dtype,
-            dense_output,
-            float(size) if op == "mean" else None,
-            out,
-        )
-    return result
+        if not device:
+            return _sparse.finish(
+                pieces, n, values.dtype, indices.dtype, dense_output, mean, host_out
+            )
+        # The cheapest host form; a sparse sum is scattered on the device.
+        form = False if dense_output is False else None
+        result = _sparse.finish(pieces, n, values.dtype, indices.dtype, form, mean, None)
+        if isinstance(result, tuple) and dense_output is not True:
+            cupy = sys.modules["cupy"]
+            return cupy.asarray(result[0]), cupy.asarray(result[1])
+        target = _device.device_output(out, (n,), values.dtype)
+        return _device.result_to_device(result, target)
 
 
 def sparse_allreduce(
@@ -407,8 +431,22 @@ def sparse_allreduce(
     Sparse Communication for Machine Learning", SC'19.
     """
     dtype = getattr(values, "dtype", None)
+    device = _device.is_device(values) or _device.is_device(indices)
+
+    def prepare(staging: _device.DeviceStaging) -> tuple[np.ndarray, np.ndarray]:
+        if not device:
+            return _prepare_stream(indices, values, n)
+        if not (_device.is_device(values) and _device.is_device(indices)):
+            raise TypeError(
+                "indices and values must be on the same device: one is a cupy.ndarray and "
+                "the other is not; move both with cupy.asarray() or cupy.asnumpy()"
+            )
+        _check_values(values, "values")
+        host_values = staging.array_to_host(values, "values")
+        return _prepare_stream(staging.array_to_host(indices, "indices"), host_values, n)
+
     return _run_sparse(
-        lambda: _prepare_stream(indices, values, n),
+        prepare,
         n,
         dtype if dtype in _DTYPES else None,
         comm,
@@ -419,6 +457,7 @@ def sparse_allreduce(
         stats,
         "sparse",
         "sparse_allreduce",
+        device,
     )
 
 
@@ -446,13 +485,13 @@ def _dense_allreduce(
     codec_text = describe_codec(codec)
     error: BaseException | None = None
     n, dtype = -1, None
+    device = _device.is_device(x)
     try:
         x = _check_values(x, "x")
         n, dtype = x.size, x.dtype
         _check_common(op, algorithm, _DENSE_ALGORITHMS)
-        _check_out(out, n, dtype)
-        if out is not None and out is not x and np.shares_memory(out, x):
-            raise ValueError("out overlaps x partially; pass out=x or a separate buffer")
+        _check_out(out, n, dtype, device)
+        _check_no_partial_overlap(out, x)
     except Exception as caught:
         error = caught
     index_size = _index_dtype(max(n, 0)).itemsize
@@ -464,6 +503,8 @@ def _dense_allreduce(
     stats.k_all = table[:, _FIELD["k"]].tolist()
     stats.nnz, stats.fill, stats.dense_ranges = n, 1.0, 1
     stats.index_itemsize, stats.rank = index_size, channel.rank  # predicted_bytes: lazily
+    if device:
+        return _dense_allreduce_device(x, channel, state.staging, op, stats, out)
     source = np.ascontiguousarray(x).reshape(-1)
     result = np.empty(x.shape, dtype=x.dtype) if out is None else out
     flat = result.reshape(-1)
@@ -473,6 +514,40 @@ def _dense_allreduce(
     if op == "mean":
         with stats._phase("output"):
             flat /= x.dtype.type(channel.size)
+    return result
+
+
+def _dense_allreduce_device(
+    x: Any,
+    channel: Channel,
+    staging: _device.DeviceStaging,
+    op: str,
+    stats: AllreduceStats,
+    out: Any,
+) -> Any:
+    """The dense path for a CuPy ``x``: device buffers straight to a CUDA-aware MPI,
+    else one staged round trip through pinned host memory."""
+    cupy = sys.modules["cupy"]
+    result = _device.device_output(out, x.shape, x.dtype)
+    flat = result.reshape(-1)
+    if channel.size > 1 and _device.cuda_aware():
+        source = cupy.ascontiguousarray(x).reshape(-1)
+        with stats._phase("allreduce"):
+            _device.synchronize()  # MPI reads the buffer outside CuPy's stream order
+            in_place = cupy.shares_memory(flat, source)
+            channel.allreduce_dense(MPI.IN_PLACE if in_place else source, flat)
+        if op == "mean":
+            with stats._phase("output"):
+                _device.divide(flat, channel.size)
+        return result
+    with stats._phase("stage"):
+        host = staging.array_to_host(x, "dense")
+    with stats._phase("allreduce"):
+        channel.allreduce_dense(MPI.IN_PLACE, host.reshape(-1))
+    with stats._phase("output"):
+        if op == "mean":
+            host /= x.dtype.type(channel.size)
+        _device.dense_to_device(host, result)
     return result
 
 
@@ -509,17 +584,22 @@ def _sparse_codec_allreduce(
 ) -> np.ndarray:
     """Sparse family for sparse codecs (TopK, plain or under ErrorFeedback)."""
     holder: dict[str, Any] = {}
+    device = _device.is_device(x)
 
-    def prepare() -> tuple[np.ndarray, np.ndarray]:
+    def prepare(staging: _device.DeviceStaging) -> tuple[np.ndarray, np.ndarray]:
         array = _check_values(x, "x")
         rank = comm.Get_rank() if comm is not None else MPI.COMM_WORLD.Get_rank()
         payload = codec.encode(array, key=key, step=step, rank=rank)
+        if device:  # encoded on the device: only the k entries cross to the host
+            payload = staging.payload_to_host(payload, "payload")
         holder["shape"] = array.shape
         return _prepare_stream(payload.arrays["indices"], payload.arrays["values"], array.size)
 
-    n = x.size if isinstance(x, np.ndarray) else -1
-    dtype = x.dtype if isinstance(x, np.ndarray) and x.dtype in _DTYPES else None
-    flat_out = out.reshape(-1) if isinstance(out, np.ndarray) and out.flags.c_contiguous else out
+    is_array = isinstance(x, np.ndarray) or device
+    n = x.size if is_array else -1
+    dtype = x.dtype if is_array and x.dtype in _DTYPES else None
+    contiguous = (isinstance(out, np.ndarray) or _device.is_device(out)) and out.flags.c_contiguous
+    flat_out = out.reshape(-1) if contiguous else out
     result = _run_sparse(
         prepare,
         n,
@@ -532,6 +612,7 @@ def _sparse_codec_allreduce(
         stats,
         describe_codec(codec),
         "allreduce",
+        device,
     )
     return result.reshape(holder["shape"]) if out is None else out
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from mpi4py import MPI
 
+from sparcomm.comm._device import DeviceStaging
 from sparcomm.comm._stats import AllreduceStats
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ class _CommState:
     model: CostModel | None = None
     scratch: dict = field(default_factory=dict)  # (name, dtype) -> reusable buffer
     choices: dict = field(default_factory=dict)  # auto's choice per (model, n, k_all, ...)
+    staging: DeviceStaging = field(default_factory=DeviceStaging)  # pinned, for CuPy inputs
 
     def buffer(self, name: str, size: int, dtype: np.dtype) -> np.ndarray:
         """A reusable scratch buffer of ``size`` elements (contents undefined).

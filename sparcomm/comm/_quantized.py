@@ -51,6 +51,7 @@ from sparcomm.comm._allreduce import (
     _FIELD,
     ALGORITHM_CODES,
     _check_common,
+    _check_no_partial_overlap,
     _check_out,
     _check_signature,
     _check_values,
@@ -60,6 +61,12 @@ from sparcomm.comm._allreduce import (
     register_collective,
 )
 from sparcomm.comm._context import Channel, comm_state, ring_allreduce_bytes
+from sparcomm.comm._device import (
+    DeviceStaging,
+    dense_to_device,
+    device_output,
+    is_device,
+)
 from sparcomm.comm._quantized_cost import (
     QUANTIZED_ALGORITHMS,
     SHARED_SCALE_ALIGNMENT,
@@ -182,8 +189,9 @@ class _Problem:
     x: np.ndarray  # the user's array, flattened
     key: Any
     step: int | None
-    out: np.ndarray  # flat result buffer, n elements
+    out: np.ndarray  # flat result buffer, n elements (host memory, also for CuPy inputs)
     scratch: _Scratch
+    staging: DeviceStaging | None = None  # set for CuPy inputs: device payloads go through it
 
     @property
     def n(self) -> int:
@@ -196,7 +204,11 @@ class _Problem:
     def encode(self, values: np.ndarray, key: Any, **options: Any) -> Payload:
         """Encode through the error-feedback memory when there is one."""
         encoder = self.codec if self.memory is None else self.memory
-        return encoder.encode(values, key=key, step=self.step, rank=self.channel.rank, **options)
+        payload = encoder.encode(values, key=key, step=self.step, rank=self.channel.rank, **options)
+        if self.staging is not None and is_device(values):
+            # Encoded on the device; the rest of the algorithm runs on the host.
+            payload = self.staging.payload_to_host(payload, "payload")
+        return payload
 
 
 #: Elements per block of :func:`_decode_sum`: the work buffer (1 MiB of float32) stays in
@@ -382,6 +394,8 @@ def shared_scale(problem: _Problem) -> None:
     with stats._phase("scale"):
         try:
             local = codec.local_scales(_compensated(problem))
+            if is_device(local):
+                local = local.get()  # one scale per bucket: the scale allreduce is on the host
         except Exception as caught:
             # An infinite scale is the in-band failure signal of this phase.
             error = caught
@@ -528,13 +542,13 @@ def quantized_allreduce(
     bare, memory = unwrap(codec)
     error: BaseException | None = None
     n, dtype = -1, None
+    device = is_device(x)
     try:
         x = _check_values(x, "x")
         n, dtype = x.size, x.dtype
         _check_request(x, bare, algorithm, op, channel.size)
-        _check_out(out, n, dtype)
-        if out is not None and out is not x and np.shares_memory(out, x):
-            raise ValueError("out overlaps x partially; pass out=x or a separate buffer")
+        _check_out(out, n, dtype, device)
+        _check_no_partial_overlap(out, x)
     except Exception as caught:  # held back until every rank has heard of it
         error = caught
     model = state.model if algorithm == "auto" else None
@@ -560,14 +574,30 @@ def quantized_allreduce(
             )
     stats.algorithm = name
     stats.predicted_bytes = predict_quantized(name, bare, n, dtype, size).bytes(rank)
-    result = np.empty(x.shape, dtype=dtype) if out is None else out
-    flat = result.reshape(-1)
+    if device:  # the sum is formed on the host, then copied to the device once
+        result = None
+        flat = state.staging.host_buffer(n, dtype, "result")
+    else:
+        result = np.empty(x.shape, dtype=dtype) if out is None else out
+        flat = result.reshape(-1)
     # Encode the flat view: payload sizes then follow chunk_nbytes (a 1-D header).
-    problem = _Problem(channel, bare, memory, x.reshape(-1), key, step, flat, _scratch(state.comm))
+    problem = _Problem(
+        channel,
+        bare,
+        memory,
+        x.reshape(-1),
+        key,
+        step,
+        flat,
+        _scratch(state.comm),
+        state.staging if device else None,
+    )
     ALGORITHMS[name](problem)
-    if op == "mean":
-        with stats._phase("output"):
+    with stats._phase("output"):
+        if op == "mean":
             flat /= dtype.type(size)
+        if device:
+            return dense_to_device(flat, device_output(out, x.shape, dtype))
     return result
 
 

@@ -40,6 +40,7 @@ from sparcomm.comm._allreduce import (
     describe_codec,
 )
 from sparcomm.comm._context import Channel, comm_state
+from sparcomm.comm._device import device_output, is_device, result_to_device
 from sparcomm.comm._quantized import _first_failure, _raise_failure, _write_status
 from sparcomm.comm._quantized_layout import STATUS_BYTES, chunk_nbytes
 from sparcomm.comm._stats import AllreduceStats
@@ -218,14 +219,17 @@ def qdsar_allreduce(
     error: BaseException | None = None
     indices = values = None
     n, dtype = -1, None
+    device = is_device(x)
     try:
         _check_dense_phase(codec, dense_phase)
         _check_common(op, algorithm, _REQUESTABLE)
         x = _check_values(x, "x")
         n, dtype = x.size, x.dtype
-        _check_out(out, n, dtype)
+        _check_out(out, n, dtype, device)
         with stats._phase("prepare"):
             payload = codec.encode(x, key=key, step=step)
+            if device:  # TopK ran on the device; the reduction runs on the host
+                payload = state.staging.payload_to_host(payload, "payload")
             indices, values = _prepare_stream(
                 payload.arrays["indices"], payload.arrays["values"], n
             )
@@ -259,14 +263,18 @@ def qdsar_allreduce(
     pieces = _quantized_gather(problem, bounds, mine, dense_phase, key, step)
     stats.nnz = _sparse.result_nnz(pieces)
     stats.fill = stats.nnz / max(1, int(k_all.max()))
+    mean = float(size) if op == "mean" else None
     with stats._phase("output"):
+        if device:
+            result = _sparse.finish(pieces, n, values.dtype, indices.dtype, None, mean, None)
+            return result_to_device(result, device_output(out, x.shape, values.dtype))
         flat = _sparse.finish(
             pieces,
             n,
             values.dtype,
             indices.dtype,
             True,
-            float(size) if op == "mean" else None,
+            mean,
             None if out is None else out.reshape(-1),
         )
     return flat.reshape(x.shape) if out is None else out
