@@ -65,4 +65,10 @@ onebit_encode(x, bucket, out_packed, out_means)
     ``lane_sum(x over the group) / count`` in float64, cast to x.dtype.
 onebit_decode(packed, means, bucket, out)
     ``out_i = means[2b + bit_i]``.
+add(a, b, out) / subtract(a, b, out)
+    ``out[i] = a[i] + b[i]`` / ``a[i] - b[i]``, each rounded once to nearest-even in
+    ``a.dtype``; ``b`` and ``out`` have ``a``'s dtype and size.  ``out`` may be ``a`` or
+    ``b`` (in place) but must not partly overlap either (ValueError).  NaN and inf
+    propagate; subnormal results are kept, not flushed to zero (CuPy's own ufuncs flush
+    float32 ones).  Error feedback's ``x + residual`` and ``compensated - decoded``.
 """

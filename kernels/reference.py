@@ -212,3 +212,15 @@ def onebit_decode(packed: np.ndarray, means: np.ndarray, bucket: int, out: np.nd
     bit = np.empty(out.size, dtype=np.uint8)
     unpack_bits(packed, 1, bit)
     out[:] = means.astype(out.dtype)[2 * _bucket_of(out.size, bucket) + bit]
+
+
+def add(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+    """``out[i] = a[i] + b[i]``, rounded to nearest in ``a.dtype``; ``out`` may be a or b."""
+    with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN are results here
+        np.add(a, b, out=out)
+
+
+def subtract(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+    """``out[i] = a[i] - b[i]``, rounded to nearest in ``a.dtype``; ``out`` may be a or b."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        np.subtract(a, b, out=out)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from . import _cache  # noqa: F401 - drops stale Numba caches before any kernel runs
 from ._random import uniform
+from .elementwise import add, subtract
 from .onebit import onebit_decode, onebit_encode
 from .packing import pack_bits, unpack_bits
 from .quantize import qsgd_decode, qsgd_encode, terngrad_decode, terngrad_encode
@@ -19,6 +20,7 @@ from .sparse import scatter_add
 from .topk import topk
 
 __all__ = [
+    "add",
     "max_abs",
     "onebit_decode",
     "onebit_encode",
@@ -27,6 +29,7 @@ __all__ = [
     "qsgd_encode",
     "scatter_add",
     "stream_read",
+    "subtract",
     "terngrad_decode",
     "terngrad_encode",
     "topk",

@@ -10,7 +10,8 @@ The launch sequences live in :mod:`._kernels`, which does not import CuPy, so
 Functions (same names, signatures and bits as ``sparcomm.kernels.cpu``):
 ``stream_read``, ``uniform``, ``pack_bits``, ``unpack_bits``, ``topk``, ``scatter_add``,
 ``qsgd_encode``, ``qsgd_decode``, ``max_abs``, ``terngrad_encode``, ``terngrad_decode``,
-``onebit_encode``, ``onebit_decode``, and ``merge_sum_two`` / ``merge_sum_streams`` (the
+``onebit_encode``, ``onebit_decode``, ``add``, ``subtract`` (elementwise, keeping the float32
+subnormals that ``cupy.add`` / ``-=`` flush), and ``merge_sum_two`` / ``merge_sum_streams`` (the
 sparse allreduce's merges of sorted streams, twins of ``kernels/cpu/merge.py``).
 See ``docs/gpu.md``.
 
@@ -71,6 +72,8 @@ terngrad_encode = kernels.terngrad_encode
 terngrad_decode = kernels.terngrad_decode
 onebit_encode = kernels.onebit_encode
 onebit_decode = kernels.onebit_decode
+add = kernels.add
+subtract = kernels.subtract
 merge_sum_two = kernels.merge_sum_two
 merge_sum_streams = kernels.merge_sum_streams
 
