@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from sparcomm._backend import array_module
+from sparcomm._backend import array_module, kernels_for
 from sparcomm.codecs._base import Codec, check_array
 from sparcomm.payload import Payload
 
@@ -96,22 +96,28 @@ class ErrorFeedback:
     ) -> Payload:
         """Encode ``x + residual[key]`` and keep what the payload does not carry."""
         xp, flat = check_array(x)
+        kernels = kernels_for(xp)
         residual = self._residuals.get(key)
-        if residual is not None and (
-            residual.size != flat.size or residual.dtype != flat.dtype
-            or array_module(residual) is not xp
-        ):
+        if residual is not None and (residual.size != flat.size or residual.dtype != flat.dtype):
             raise ValueError(
                 f"the residual for key {key!r} holds {residual.size} x {residual.dtype}, got "
                 f"{flat.size} x {flat.dtype}; give every tensor its own key"
             )
+        if residual is not None and array_module(residual) is not xp:
+            # The residual follows the data (host after load_state_dict, device after a
+            # model moved to the GPU): one copy, at the first encode on the new device.
+            residual = xp.asarray(residual) if xp is not np else residual.get()
+            self._residuals[key] = residual
+            self._scratch.pop(key, None)
         compensated = self._scratch.pop(key, None)
         if compensated is None:
             compensated = xp.empty_like(flat)
         if residual is None:
             compensated[...] = flat
         else:
-            xp.add(flat, residual, out=compensated)
+            # The kernel layer's add, not xp.add: CuPy's operators flush float32
+            # subnormals (-ftz=true), which would lose residual mass on the GPU only.
+            kernels.add(flat, residual, compensated)
         try:
             payload = self.codec.encode(
                 compensated.reshape(x.shape), key=key, step=step, rank=rank, **options
@@ -127,7 +133,7 @@ class ErrorFeedback:
             # array (a fresh n-element array per call costs its page faults every step).
             decoded = residual if residual is not None else xp.empty_like(flat)
             self.codec.decode(payload, out=decoded)
-            compensated -= decoded
+            kernels.subtract(compensated, decoded, compensated)
             residual = decoded
         if residual is not None:
             self._scratch[key] = residual
@@ -142,7 +148,8 @@ class ErrorFeedback:
         return {"codec": repr(self.codec), "residuals": residuals}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore residuals saved by :meth:`state_dict` (onto the host).
+        """Restore residuals saved by :meth:`state_dict` (onto the host; a residual moves
+        to the GPU at its key's first encode of a CuPy array).
 
         Raises
         ------
@@ -168,8 +175,15 @@ class ErrorFeedback:
         self._scratch = {}
 
     def to_device(self, xp: Any) -> None:
-        """Move every residual to the array module ``xp`` (``cupy`` after a load)."""
-        self._residuals = {key: xp.asarray(value) for key, value in self._residuals.items()}
+        """Move every residual to the array module ``xp`` (``numpy`` or ``cupy``) now.
+
+        Optional: a residual on the other device is moved at its key's next encode.
+        """
+        moved = {}
+        for key, value in self._residuals.items():
+            same = array_module(value) is xp
+            moved[key] = value if same else (value.get() if xp is np else xp.asarray(value))
+        self._residuals = moved
         self._scratch = {}
 
 
