@@ -230,3 +230,93 @@ def case_merge_streams(kernels: Any, dev: Device, lengths: list[int], index_dtyp
     assert count == exp_i.size
     assert bitwise_equal(dev.get(buffers[0])[:count], exp_i.astype(index_dtype))
     assert bitwise_equal(dev.get(buffers[1])[:count], exp_v.astype(dtype))
+
+
+def values_equal(got: np.ndarray, want: np.ndarray) -> bool:
+    """Bit for bit, except that a NaN matches any NaN.
+
+    The contract leaves a NaN result's sign and payload open: x86 (NumPy) keeps an input
+    NaN's payload and makes ``inf - inf`` a negative NaN, CUDA returns its canonical NaN.
+    """
+    got, want = np.ascontiguousarray(got), np.ascontiguousarray(want)
+    if got.dtype != want.dtype or got.shape != want.shape:
+        return False
+    nan = np.isnan(want)
+    return np.array_equal(np.isnan(got), nan) and bitwise_equal(got[~nan], want[~nan])
+
+
+def elementwise_operands(n: int, dtype: Any, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(a, b)``: gradient-like values with special pairs at every third position.
+
+    The pairs give subnormal sums and differences (from subnormal and from normal
+    operands: a flush-to-zero build returns 0 for them), signed zeros (``-0 + -0`` is
+    ``-0``, ``0 + -0`` is ``+0``), NaN and inf operands, ``inf - inf`` and overflow.
+    """
+    info = np.finfo(dtype)
+    tiny, normal, big = info.smallest_subnormal, info.tiny, info.max
+    pairs = np.array(
+        [
+            (3 * tiny, 2 * tiny),
+            (3 * tiny, -5 * tiny),
+            (1.5 * normal, -normal),  # a + b subnormal
+            (1.5 * normal, normal),  # a - b subnormal
+            (-1.25 * normal, 1.0 * normal),
+            (0.0, -0.0),
+            (-0.0, -0.0),
+            (-0.0, 0.0),
+            (np.nan, 1.0),
+            (2.0, np.nan),
+            (np.inf, -np.inf),
+            (np.inf, np.inf),
+            (-np.inf, 3.0),
+            (big, big),  # overflow to inf
+            (-big, big),
+            (1.0, -1.0),
+        ],
+        dtype=dtype,
+    )
+    a = gradient_like(n, dtype, seed=seed)
+    b = gradient_like(n, dtype, seed=seed + 1)
+    slots = np.arange(0, n, 3)
+    chosen = pairs[np.arange(slots.size) % len(pairs)]
+    a[slots], b[slots] = chosen[:, 0], chosen[:, 1]
+    return a, b
+
+
+def _on_device(dev: Device, host: np.ndarray, offset: int) -> Any:
+    """A device copy of ``host`` that starts ``offset`` elements into its allocation."""
+    return dev.put(np.concatenate([np.zeros(offset, host.dtype), host]))[offset:]
+
+
+def case_elementwise(
+    kernels: Any,
+    dev: Device,
+    name: str,
+    a: np.ndarray,
+    b: np.ndarray,
+    out_is: str = "new",
+    offsets: tuple[int, int, int] = (0, 0, 0),
+) -> None:
+    """``add`` or ``subtract`` against the reference; ``out_is`` "new", "a" or "b".
+
+    ``offsets`` (in elements, for a, b and a new out) move the operands off the 16-byte
+    alignment of fresh allocations: equal offsets take the kernel's vector path after a
+    short scalar head, unequal ones its all-scalar path.
+    """
+    n = a.size
+    a_dev, b_dev = _on_device(dev, a, offsets[0]), _on_device(dev, b, offsets[1])
+    if out_is == "a":
+        out = a_dev
+    elif out_is == "b":
+        out = b_dev
+    else:
+        out = dev.empty(n + offsets[2], a.dtype)[offsets[2] :]
+    getattr(kernels, name)(a_dev, b_dev, out)
+    expected = np.empty(n, a.dtype)
+    getattr(reference, name)(a, b, expected)
+    assert values_equal(dev.get(out), expected)
+    # The operands that are not out are read, never written.
+    if out_is != "a":
+        assert bitwise_equal(dev.get(a_dev), a)
+    if out_is != "b":
+        assert bitwise_equal(dev.get(b_dev), b)

@@ -21,6 +21,8 @@ if shutil.which("g++") is None:
 from _gpu_cases import (  # noqa: E402
     SIZES,
     Device,
+    bitwise_equal,
+    case_elementwise,
     case_max_abs,
     case_merge,
     case_merge_streams,
@@ -32,9 +34,12 @@ from _gpu_cases import (  # noqa: E402
     case_terngrad,
     case_topk,
     case_uniform,
+    elementwise_operands,
     gradient_like,
+    values_equal,
 )
 from _gpu_emulator import EmulatedRuntime, load_kernels_module  # noqa: E402
+from sparcomm.kernels import reference  # noqa: E402
 
 DTYPES = (np.float32, np.float64)
 
@@ -58,6 +63,7 @@ def test_every_contract_name_is_a_method():
     module = load_kernels_module()
     assert set(module.CONTRACT) <= set(dir(module.GpuKernels))
     assert "merge_sum_two" in module.EXTRA
+    assert {"add", "subtract"} <= set(module.CONTRACT)
 
 
 @pytest.mark.parametrize("start", [0, 2**32 - 100, 2**40 + 3])
@@ -295,3 +301,65 @@ def test_other_block_sizes(block):
     indices = np.random.default_rng(2).integers(0, 300, 4000).astype(np.int32)
     case_scatter_add(kernels, dev, indices, np.float32)
     case_pack(kernels, dev, 5, 4001)
+
+
+# ------------------------------------------------------------------ add / subtract
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["add", "subtract"])
+def test_elementwise(kernels, dev, dtype, name):
+    # 3001: more 16-byte vectors than the capped grid (3 blocks of 64) covers in one trip.
+    for n in (0, 1, 2, 7, 1001, 3001):
+        a, b = elementwise_operands(n, dtype, seed=n)
+        for out_is in ("new", "a", "b"):
+            case_elementwise(kernels, dev, name, a, b, out_is)
+    a, b = elementwise_operands(1001, dtype, seed=5)
+    for offsets in [(1, 1, 1), (3, 3, 3), (0, 1, 0), (1, 0, 2), (0, 0, 1)]:
+        case_elementwise(kernels, dev, name, a, b, "new", offsets)
+        case_elementwise(kernels, dev, name, a, b, "a", offsets)
+        case_elementwise(kernels, dev, name, a, b, "b", offsets)
+    for n in (1, 2, 3):  # shorter than the scalar head before the first aligned vector
+        a, b = elementwise_operands(n, dtype, seed=n)
+        case_elementwise(kernels, dev, name, a, b, "new", (1, 1, 1))
+
+
+@pytest.mark.parametrize("name", ["add", "subtract"])
+def test_elementwise_all_operands_one_buffer(kernels, name):
+    x, _ = elementwise_operands(1001, np.float32)
+    expected = np.empty_like(x)
+    getattr(reference, name)(x, x, expected)
+    getattr(kernels, name)(x, x, x)
+    assert values_equal(x, expected)
+
+
+def test_elementwise_keeps_subnormals(kernels):
+    # The reason for these kernels: cupy.add / -= flush these results to zero.
+    tiny = np.finfo(np.float32).smallest_subnormal
+    a = np.array([3, 1, -8] * 100, np.float32) * tiny
+    b = np.array([2, 1, 5] * 100, np.float32) * tiny
+    out = np.empty_like(a)
+    kernels.subtract(a, b, out)
+    assert np.array_equal(out, np.array([1, 0, -13] * 100, np.float32) * tiny)
+    assert out[0] != 0 and out[2] != 0
+
+
+def test_elementwise_rejects_bad_operands(kernels):
+    x = np.ones(10, np.float32)
+    with pytest.raises(TypeError, match="b must have dtype float32, got float64"):
+        kernels.add(x, np.ones(10), np.empty(10, np.float32))
+    with pytest.raises(TypeError, match="out must have dtype float32, got float64"):
+        kernels.subtract(x, x, np.empty(10))
+    with pytest.raises(ValueError, match="out must have 10 elements, got 9"):
+        kernels.add(x, x, np.empty(9, np.float32))
+    with pytest.raises(TypeError, match="a must have dtype float32 or float64, got int64"):
+        kernels.add(np.arange(10), np.arange(10), np.empty(10, np.int64))
+    with pytest.raises(TypeError, match="cupy.ndarray"):
+        kernels.add([1.0], np.ones(1, np.float32), np.empty(1, np.float32))
+    buffer = np.arange(11, dtype=np.float32)
+    before = buffer.copy()
+    with pytest.raises(ValueError, match="out partly overlaps a"):
+        kernels.add(buffer[:10], x, buffer[1:])
+    with pytest.raises(ValueError, match="out partly overlaps b"):
+        kernels.subtract(x, buffer[1:], buffer[:10])
+    assert bitwise_equal(buffer, before)  # rejected before any write

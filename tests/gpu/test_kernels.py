@@ -17,6 +17,7 @@ cupy = require_gpu()
 from _gpu_cases import (  # noqa: E402
     SIZES,
     Device,
+    case_elementwise,
     case_max_abs,
     case_merge,
     case_merge_streams,
@@ -28,6 +29,7 @@ from _gpu_cases import (  # noqa: E402
     case_terngrad,
     case_topk,
     case_uniform,
+    elementwise_operands,
     gradient_like,
 )
 from sparcomm.kernels import gpu  # noqa: E402
@@ -165,3 +167,32 @@ def test_all_subnormal_buckets(dtype):
 def test_merge_streams(index_dtype):
     for lengths in ([7], [5, 0, 9], [30_000, 20_000, 10_000, 5], [4000] * 8):
         case_merge_streams(gpu, dev, lengths, index_dtype, np.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["add", "subtract"])
+def test_elementwise(dtype, name):
+    for n in (0, 1, 7, 1001, BIG):
+        a, b = elementwise_operands(n, dtype, seed=n)
+        for out_is in ("new", "a", "b"):
+            case_elementwise(gpu, dev, name, a, b, out_is)
+    a, b = elementwise_operands(BIG, dtype, seed=5)
+    for offsets in [(1, 1, 1), (0, 1, 0), (1, 0, 2)]:  # scalar head + vectors; all scalar
+        case_elementwise(gpu, dev, name, a, b, "new", offsets)
+        case_elementwise(gpu, dev, name, a, b, "a", offsets)
+
+
+def test_elementwise_keeps_what_cupy_flushes():
+    # cupy.subtract is built with -ftz=true; gpu.subtract (kernels/gpu/_nvrtc.py) is not.
+    tiny = np.finfo(np.float32).smallest_subnormal
+    a = cupy.asarray(np.array([3, 1, -8] * 1000, np.float32) * tiny)
+    b = cupy.asarray(np.array([2, 1, 5] * 1000, np.float32) * tiny)
+    out = cupy.empty_like(a)
+    gpu.subtract(a, b, out)
+    assert np.array_equal(cupy.asnumpy(out), np.array([1, 0, -13] * 1000, np.float32) * tiny)
+
+
+def test_elementwise_rejects_partial_overlap():
+    buffer = cupy.arange(11, dtype=cupy.float32)
+    with pytest.raises(ValueError, match="out partly overlaps a"):
+        gpu.add(buffer[:10], cupy.ones(10, cupy.float32), buffer[1:])

@@ -282,6 +282,104 @@ def test_cpu_module_exports_the_contract() -> None:
         "terngrad_decode",
         "onebit_encode",
         "onebit_decode",
+        "add",
+        "subtract",
     }
     assert contract <= set(cpu.__all__)
     assert all(callable(getattr(ref, name)) for name in contract)
+
+
+# --------------------------------------------------------------------- add / subtract
+
+
+def elementwise_operands(n: int, dtype: type, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Gradient values with special pairs at every third position: subnormal results
+    (from subnormal and from normal operands), signed zeros, NaN, inf, overflow."""
+    info = np.finfo(dtype)
+    tiny, normal, big = info.smallest_subnormal, info.tiny, info.max
+    pairs = np.array(
+        [
+            (3 * tiny, -5 * tiny),
+            (1.5 * normal, -normal),
+            (1.5 * normal, normal),
+            (0.0, -0.0),
+            (-0.0, -0.0),
+            (-0.0, 0.0),
+            (np.nan, 1.0),
+            (np.inf, -np.inf),
+            (np.inf, np.inf),
+            (big, big),
+        ],
+        dtype=dtype,
+    )
+    if n == 0:
+        return np.empty(0, dtype), np.empty(0, dtype)
+    a, b = gradient(n, dtype, seed), gradient(n, dtype, seed + 1)
+    slots = np.arange(0, n, 3)
+    chosen = pairs[np.arange(slots.size) % len(pairs)]
+    a[slots], b[slots] = chosen[:, 0], chosen[:, 1]
+    return a, b
+
+
+def values_equal(got: np.ndarray, want: np.ndarray) -> bool:
+    """Bit for bit, but any NaN matches any NaN (the contract leaves NaN bits open)."""
+    nan = np.isnan(want)
+    return np.array_equal(np.isnan(got), nan) and same_bits(got[~nan], want[~nan])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["add", "subtract"])
+@pytest.mark.parametrize("n", [0, 1, 7, 20_003, BIG])  # BIG: the parallel path
+def test_elementwise_matches_reference(dtype: type, name: str, n: int) -> None:
+    a, b = elementwise_operands(n, dtype, seed=n)
+    expected = np.empty(n, dtype)
+    getattr(ref, name)(a, b, expected)
+    kernel = getattr(cpu, name)
+    out = np.full(n, 7.0, dtype)
+    kernel(a, b, out)
+    assert values_equal(out, expected)
+    for in_place in ("a", "b"):
+        x, y = a.copy(), b.copy()
+        kernel(x, y, x if in_place == "a" else y)
+        assert values_equal(x if in_place == "a" else y, expected)
+        assert same_bits(y if in_place == "a" else x, b if in_place == "a" else a)
+    x = a.copy()
+    kernel(x, x, x)
+    both = np.empty(n, dtype)
+    getattr(ref, name)(a, a, both)
+    assert values_equal(x, both)
+
+
+def test_elementwise_keeps_subnormals() -> None:
+    tiny = np.finfo(np.float32).smallest_subnormal
+    a = np.array([3, 1, -8] * 30_000, np.float32) * tiny
+    b = np.array([2, 1, 5] * 30_000, np.float32) * tiny
+    out = np.empty_like(a)
+    cpu.subtract(a, b, out)
+    assert np.array_equal(out, np.array([1, 0, -13] * 30_000, np.float32) * tiny)
+    assert out[0] != 0
+
+
+def test_elementwise_rejects_bad_operands() -> None:
+    x = np.ones(10, np.float32)
+    with pytest.raises(TypeError, match="share one dtype, got float32, float64, float32"):
+        cpu.add(x, np.ones(10), np.empty(10, np.float32))
+    with pytest.raises(TypeError, match="out must have dtype float32 or float64, got int64"):
+        cpu.subtract(x, x, np.empty(10, np.int64))
+    with pytest.raises(ValueError, match="same size, got 10, 10, 9"):
+        cpu.add(x, x, np.empty(9, np.float32))
+    with pytest.raises(ValueError, match="1-D and C-contiguous"):
+        cpu.add(x.reshape(2, 5), x.reshape(2, 5), np.empty((2, 5), np.float32))
+    with pytest.raises(TypeError, match="b must be a numpy.ndarray, got builtins.list"):
+        cpu.add(x, [1.0] * 10, np.empty(10, np.float32))
+    with pytest.raises(ValueError, match="out is read-only"):
+        frozen = np.empty(10, np.float32)
+        frozen.flags.writeable = False
+        cpu.add(x, x, frozen)
+    buffer = np.arange(11, dtype=np.float32)
+    before = buffer.copy()
+    with pytest.raises(ValueError, match="out partly overlaps a"):
+        cpu.add(buffer[:10], x, buffer[1:])
+    with pytest.raises(ValueError, match="out partly overlaps b"):
+        cpu.subtract(x, buffer[1:], buffer[:10])
+    assert same_bits(buffer, before)  # rejected before any write
