@@ -20,6 +20,25 @@ from sparcomm.payload import Payload
 BITS = 2
 
 
+_BITS = {np.dtype(np.float32): np.dtype(np.uint32), np.dtype(np.float64): np.dtype(np.uint64)}
+_SIGNED = {np.dtype(np.float32): np.dtype(np.int32), np.dtype(np.float64): np.dtype(np.int64)}
+
+
+def _below(xp: ModuleType, scales: Any, local: Any) -> bool:
+    """Whether a shared scale is non-finite or below this rank's ``local`` scale anywhere.
+
+    Compared on the bit patterns (``local`` is a max of ``|x|``, so non-negative), which
+    is exact on both devices: CuPy's float comparisons would treat subnormals as zero.
+    """
+    if not bool(xp.isfinite(scales).all()):
+        return True
+    signed = _SIGNED[scales.dtype]
+    ints = xp.ascontiguousarray(scales).view(signed)
+    magnitude = ints & signed.type(np.iinfo(signed).max)
+    negative = (ints < 0) & (magnitude != 0)
+    return bool((negative | (magnitude < local.view(signed))).any())
+
+
 class TernGrad(Codec):
     """Unbiased ternary quantisation: ``g~ = s * sign(g) * Bernoulli(|g| / s)``.
 
@@ -56,15 +75,18 @@ class TernGrad(Codec):
     ) -> None:
         super().__init__()
         if bucket_size is not None:
-            bucket_size = check_int(bucket_size, "bucket_size", 1, math.inf,
-                                    "; None means one scale per tensor")
+            bucket_size = check_int(
+                bucket_size, "bucket_size", 1, math.inf, "; None means one scale per tensor"
+            )
         self.bucket_size = bucket_size
         if clip is not None:
             if isinstance(clip, bool) or not isinstance(clip, (int, float, np.floating)):
                 raise TypeError(f"clip must be a float or None, got {type(clip).__name__}")
             if not (clip > 0 and math.isfinite(clip)):
-                raise ValueError(f"clip must be a positive finite float, got {clip}; 2.5 is "
-                                 "the paper's choice, None disables clipping")
+                raise ValueError(
+                    f"clip must be a positive finite float, got {clip}; 2.5 is "
+                    "the paper's choice, None disables clipping"
+                )
             clip = float(clip)
         self.clip = clip
         self.seed = check_int(seed, "seed", 0, 2**64 - 1)
@@ -79,8 +101,10 @@ class TernGrad(Codec):
         return (self.bucket_for(n),)
 
     def _wire_arrays(self, n: int, dtype: np.dtype) -> list[tuple[np.dtype, int]]:
-        return [(dtype, n_buckets(n, self.bucket_for(n))),
-                (np.dtype(np.uint8), packed_nbytes(n, BITS))]
+        return [
+            (dtype, n_buckets(n, self.bucket_for(n))),
+            (np.dtype(np.uint8), packed_nbytes(n, BITS)),
+        ]
 
     def clip_threshold(self, flat: Any) -> float:
         """``clip * std(x)``, or inf without clipping."""
@@ -104,12 +128,22 @@ class TernGrad(Codec):
         if not bool(xp.isfinite(scales).all()):
             raise non_finite_error()
         if math.isfinite(clip):
-            xp.minimum(scales, flat.dtype.type(clip), out=scales)
+            # min(scale, clip) on the bit patterns: for non-negative floats the integer
+            # order is the float order, and integer ops cannot flush a subnormal to zero
+            # the way CuPy's float ufuncs do (-ftz=true), so both devices agree.
+            bits = scales.view(_BITS[flat.dtype])
+            limit = np.asarray(clip, dtype=flat.dtype).view(bits.dtype)[()]  # a NumPy scalar
+            xp.minimum(bits, limit, out=bits)
         return scales
 
     def _encode_flat(
-        self, xp: ModuleType, kernels: ModuleType, flat: Any, stream: int,
-        scale: Any = None, **options: Any
+        self,
+        xp: ModuleType,
+        kernels: ModuleType,
+        flat: Any,
+        stream: int,
+        scale: Any = None,
+        **options: Any,
     ) -> dict[str, Any]:
         if options:
             raise TypeError(f"unexpected options {sorted(options)}; TernGrad takes scale=")
@@ -123,10 +157,9 @@ class TernGrad(Codec):
                 scales = xp.full(local.size, scales[0], dtype=flat.dtype)
             if scales.size != local.size:
                 raise ValueError(
-                    f"scale must hold 1 or {local.size} values (one per bucket), got "
-                    f"{scales.size}"
+                    f"scale must hold 1 or {local.size} values (one per bucket), got {scales.size}"
                 )
-            if bool((scales < local).any()) or not bool(xp.isfinite(scales).all()):
+            if _below(xp, scales, local):
                 raise ValueError(
                     "a shared scale must be finite and at least this rank's max |x| per "
                     "bucket (take the max over ranks of local_scales(x)), or TernGrad is "
@@ -137,8 +170,7 @@ class TernGrad(Codec):
         kernels.terngrad_encode(flat, scales, self.bucket_for(flat.size), clip, stream, packed)
         return {"scales": scales, "packed": packed}
 
-    def _decode_flat(
-        self, xp: ModuleType, kernels: ModuleType, payload: Payload, out: Any
-    ) -> None:
-        kernels.terngrad_decode(payload.arrays["packed"], payload.arrays["scales"],
-                                self.bucket_for(payload.n), out)
+    def _decode_flat(self, xp: ModuleType, kernels: ModuleType, payload: Payload, out: Any) -> None:
+        kernels.terngrad_decode(
+            payload.arrays["packed"], payload.arrays["scales"], self.bucket_for(payload.n), out
+        )

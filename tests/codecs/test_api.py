@@ -51,11 +51,17 @@ def test_stochastic_streams_are_reproducible_and_independent(rng):
     x = rng.standard_normal(4096).astype(np.float32)
     for codec in (QSGD(bits=3, seed=7), TernGrad(seed=7)):
         same = codec.encode(x, key="a", step=5, rank=1).arrays["packed"]
-        again = type(codec)(**({"bits": 3} if isinstance(codec, QSGD) else {}), seed=7).encode(
-            x, key="a", step=5, rank=1).arrays["packed"]
+        again = (
+            type(codec)(**({"bits": 3} if isinstance(codec, QSGD) else {}), seed=7)
+            .encode(x, key="a", step=5, rank=1)
+            .arrays["packed"]
+        )
         np.testing.assert_array_equal(same, again)
-        for other in ({"key": "b", "step": 5, "rank": 1}, {"key": "a", "step": 6, "rank": 1},
-                      {"key": "a", "step": 5, "rank": 2}):
+        for other in (
+            {"key": "b", "step": 5, "rank": 1},
+            {"key": "a", "step": 6, "rank": 1},
+            {"key": "a", "step": 5, "rank": 2},
+        ):
             assert not np.array_equal(codec.encode(x, **other).arrays["packed"], same)
         # without a step, successive calls draw fresh numbers
         first = codec.encode(x, key="c").arrays["packed"]
@@ -63,6 +69,7 @@ def test_stochastic_streams_are_reproducible_and_independent(rng):
 
 
 # -- bad input --------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", [np.int32, np.int64, np.complex64, np.float16, bool])
 def test_wrong_dtype_raises_type_error(codec, dtype):
@@ -157,6 +164,31 @@ def test_terngrad_shared_scale_must_cover_the_local_max(rng):
         TernGrad().encode(x, scale=local * 0.5)
     with pytest.raises(ValueError, match="one per bucket"):
         TernGrad(bucket_size=8).encode(x, scale=np.ones(3, np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_terngrad_shared_scale_edges_compare_exactly(dtype):
+    # Compared on bit patterns, so subnormals count (a GPU float compare would flush them).
+    tiny = np.finfo(dtype).smallest_subnormal
+    x = np.array([tiny, 0.0, -tiny], dtype=dtype)
+    with pytest.raises(ValueError, match="at least this rank's max"):
+        TernGrad().encode(x, scale=np.zeros(1, dtype))
+    for bad in (-1.0, np.nan, np.inf):
+        with pytest.raises(ValueError, match="at least this rank's max"):
+            TernGrad().encode(np.ones(4, dtype), scale=np.array([bad], dtype))
+    zeros = np.zeros(4, dtype)
+    payload = TernGrad().encode(zeros, scale=np.array([-0.0], dtype))  # -0 covers 0
+    assert not TernGrad().decode(payload).any()
+    assert TernGrad().decode(TernGrad().encode(x, scale=np.array([2 * tiny], dtype))).dtype == dtype
+
+
+def test_terngrad_clip_keeps_subnormal_scales():
+    tiny = np.finfo(np.float32).smallest_subnormal  # float32: where a GPU would flush
+    x = np.array([100 * tiny] + [tiny, -tiny] * 25, dtype=np.float32)
+    codec = TernGrad(clip=2.5)
+    threshold = np.float32(codec.clip_threshold(x))
+    assert 0 < threshold < 100 * tiny  # the clip binds, at a subnormal value
+    assert codec.local_scales(x)[0] == threshold
 
 
 def test_wrapping_twice_or_wrapping_self_feeding_codecs_raises():
