@@ -437,6 +437,7 @@ def calibrate(comm: MPI.Comm | None = None, *, repeats: int = 5) -> CostModel:
         best = {name: min(times) for name, times in samples.items()}
         alpha = best["steps"] / 5
         alpha_pair = best["swap"] if paired else 0.0
+
         # A large transfer's time is mostly bandwidth.  alpha comes from other, tiny
         # probes; on a loaded machine it can exceed a large probe's time, and plain
         # subtraction would leave a zero (free) bandwidth term that makes auto pick

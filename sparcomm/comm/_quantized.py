@@ -44,6 +44,7 @@ from typing import Any, cast
 import numpy as np
 from mpi4py import MPI
 
+from sparcomm._backend import array_module, kernels_for
 from sparcomm.codecs import TernGrad
 from sparcomm.comm import _cost
 from sparcomm.comm._allreduce import (
@@ -381,7 +382,13 @@ def _compensated(problem: _Problem) -> np.ndarray:
             f"the residual for key {problem.key!r} holds {residual.size} x {residual.dtype}, "
             f"got {flat.size} x {flat.dtype}; give every tensor its own key"
         )
-    return flat + residual
+    xp = array_module(flat)
+    if array_module(residual) is not xp:  # ErrorFeedback.encode moves it the same way
+        residual = residual.get() if xp is np else xp.asarray(residual)
+    compensated = xp.empty_like(flat)
+    # The kernel layer's add, the one ErrorFeedback uses: same bits on both devices.
+    kernels_for(xp).add(flat, residual, compensated)
+    return compensated
 
 
 def shared_scale(problem: _Problem) -> None:
