@@ -25,6 +25,18 @@ in float64 (``x*x`` is ``float64(x)*float64(x)``), and a lane that takes only so
 bucket's positions (OneBit's two groups) skips the others.  CPU and GPU follow this order,
 so scales and means are bitwise identical on both.
 
+Deterministic standard deviation (``std(x) -> float``, TernGrad's ``clip * std(x)``):
+the population standard deviation in two passes over fixed blocks of ``B = 2**14``
+consecutive elements (the last one possibly short), whatever the device, thread count or
+grid.  Pass 1: ``s1_b = lane_sum(float64(x_i))`` over block b; ``mean = S1 / n`` where
+``S1 = ((0.0 + s1_0) + s1_1) + ...`` adds the block sums one after another in block
+order, in float64.  Pass 2: ``s2_b = lane_sum(d_i * d_i)`` with ``d_i = float64(x_i) -
+mean`` (one float64 subtraction and one float64 multiply, never fused); ``var = S2 / n``
+(``S2`` the sequential sum of the ``s2_b``); ``std = sqrt(var)``, IEEE float64, returned
+as a Python float.  ``n == 0`` raises ValueError (the standard deviation of nothing is
+undefined; the codecs refuse empty tensors first).  NaN or inf in ``x`` give NaN; finite
+values whose squares overflow give inf.  Float32 subnormals are kept (no flush to zero).
+
 Kernels
 ~~~~~~~
 stream_read(x) -> float

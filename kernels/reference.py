@@ -224,3 +224,33 @@ def subtract(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
     """``out[i] = a[i] - b[i]``, rounded to nearest in ``a.dtype``; ``out`` may be a or b."""
     with np.errstate(over="ignore", invalid="ignore"):
         np.subtract(a, b, out=out)
+
+
+STD_BLOCK = 1 << 14
+"""Elements per block of the contract's ``std`` (fixed: independent of device and threads)."""
+
+
+def _sequential_sum(values: np.ndarray) -> float:
+    """``((0.0 + v0) + v1) + ...``: float64 additions one after another, in order."""
+    total = 0.0
+    for value in values.tolist():  # Python floats are IEEE float64
+        total += value
+    return total
+
+
+def std(x: np.ndarray) -> float:
+    """Population standard deviation of ``x`` in the contract's order (two passes).
+
+    Block sums ``lane_sum`` over blocks of :data:`STD_BLOCK` elements, added in block
+    order; first of ``float64(x)`` (the mean), then of ``(float64(x) - mean)**2``.
+    Raises ValueError for an empty ``x``; NaN and inf in ``x`` give NaN.
+    """
+    n = x.size
+    if n == 0:
+        raise ValueError("std of an empty array is undefined (n = 0); pass at least one element")
+    x64 = x.astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN and inf propagate
+        mean = _sequential_sum(lane_sum(x64, STD_BLOCK)) / n
+        centered = x64 - mean
+        variance = _sequential_sum(lane_sum(centered * centered, STD_BLOCK)) / n
+        return float(np.sqrt(np.float64(variance)))  # IEEE sqrt, correctly rounded

@@ -12,6 +12,7 @@ from __future__ import annotations
 from . import _cache  # noqa: F401 - drops stale Numba caches before any kernel runs
 from ._random import uniform
 from .elementwise import add, subtract
+from .moments import std
 from .onebit import onebit_decode, onebit_encode
 from .packing import pack_bits, unpack_bits
 from .quantize import qsgd_decode, qsgd_encode, terngrad_decode, terngrad_encode
@@ -28,6 +29,7 @@ __all__ = [
     "qsgd_decode",
     "qsgd_encode",
     "scatter_add",
+    "std",
     "stream_read",
     "subtract",
     "terngrad_decode",

@@ -11,8 +11,9 @@ Functions (same names, signatures and bits as ``sparcomm.kernels.cpu``):
 ``stream_read``, ``uniform``, ``pack_bits``, ``unpack_bits``, ``topk``, ``scatter_add``,
 ``qsgd_encode``, ``qsgd_decode``, ``max_abs``, ``terngrad_encode``, ``terngrad_decode``,
 ``onebit_encode``, ``onebit_decode``, ``add``, ``subtract`` (elementwise, keeping the float32
-subnormals that ``cupy.add`` / ``-=`` flush), and ``merge_sum_two`` / ``merge_sum_streams`` (the
-sparse allreduce's merges of sorted streams, twins of ``kernels/cpu/merge.py``).
+subnormals that ``cupy.add`` / ``-=`` flush), ``merge_sum_two`` / ``merge_sum_streams`` (the
+sparse allreduce's merges of sorted streams, twins of ``kernels/cpu/merge.py``), and ``std``
+(TernGrad's clipping threshold, in the contract's fixed summation order).
 See ``docs/gpu.md``.
 
 Raises
@@ -74,6 +75,7 @@ onebit_encode = kernels.onebit_encode
 onebit_decode = kernels.onebit_decode
 add = kernels.add
 subtract = kernels.subtract
+std = kernels.std
 merge_sum_two = kernels.merge_sum_two
 merge_sum_streams = kernels.merge_sum_streams
 
