@@ -202,3 +202,83 @@ class EmulatedRuntime:
 
     def argsort_stable(self, indices: np.ndarray) -> np.ndarray:
         return np.argsort(indices, kind="stable")
+
+
+class HostCupyRuntime(EmulatedRuntime):
+    """:class:`EmulatedRuntime` on the arrays of the host CuPy double (``_host_cupy``).
+
+    Allocations are ``cupy.ndarray`` of the double; a launch unwraps them to their host
+    storage for the emulated kernel and refuses a NumPy array, as ``RawKernel`` does
+    (``Unsupported type``), so a host buffer that slipped into a GPU path fails here.
+    ``_modules`` mirrors ``CupyRuntime._modules`` (keyed by device, source, dtypes).
+    """
+
+    def __init__(self, cupy: ModuleType, block: int = 64, max_blocks: int = 3) -> None:
+        super().__init__(block=block, max_blocks=max_blocks)
+        self._cupy = cupy
+        self._modules: dict[tuple[int, str, str, str], ctypes.CDLL] = {}
+
+    def _library(self, source: str, real: np.dtype | None, index: np.dtype | None):
+        built = super()._library(source, real, index)
+        self._modules.setdefault((0, source, str(real), str(index)), built[0])
+        return built
+
+    def function(self, source: str, name: str, real: np.dtype | None, index: np.dtype | None):
+        launch = super().function(source, name, real, index)
+        cupy = self._cupy
+
+        def device_launch(grid: int, block: int, args: tuple[Any, ...]) -> None:
+            host = []
+            for value in args:
+                if isinstance(value, np.ndarray):
+                    raise TypeError(
+                        f"{name}: Unsupported type {type(value)} (a host array passed to a "
+                        "device kernel)"
+                    )
+                host.append(cupy._host_view(value) if isinstance(value, cupy.ndarray) else value)
+            launch(grid, block, tuple(host))
+
+        return device_launch
+
+    def is_device_array(self, x: Any) -> bool:
+        return isinstance(x, self._cupy.ndarray)
+
+    def empty(self, n: int, dtype: Any) -> Any:
+        return self._cupy.empty(n, dtype=dtype)  # 0xA5-filled, like EmulatedRuntime
+
+    def zeros(self, n: int, dtype: Any) -> Any:
+        return self._cupy.zeros(n, dtype=dtype)
+
+    def to_host(self, array: Any) -> np.ndarray:
+        return self._cupy.asnumpy(array)
+
+    def argsort_stable(self, indices: Any) -> Any:
+        return self._cupy.argsort(indices)
+
+
+def install_host_cupy() -> ModuleType:
+    """Bind ``sparcomm.kernels.gpu`` to :class:`HostCupyRuntime`; return the double.
+
+    Only for the child process of ``tests/gpu/test_host_cupy.py``, where the host CuPy
+    double (``tests/gpu/_host_cupy``) is first on ``sys.path``.  Rebinds ``runtime``,
+    ``kernels`` and every kernel function of the package (the codecs look them up at call
+    time through ``sparcomm._backend.kernels_for``), so production code needs no hook.
+    """
+    import cupy
+
+    if not getattr(cupy, "HOST_DOUBLE", False):
+        raise RuntimeError(
+            f"SPARCOMM_TEST_HOST_CUPY=1 needs the host CuPy double first on sys.path "
+            f"(tests/gpu/_host_cupy), but cupy comes from {cupy.__file__}"
+        )
+    import sparcomm.kernels.gpu as gpu
+    from sparcomm.kernels.gpu import _kernels
+
+    if not isinstance(gpu.runtime, HostCupyRuntime):
+        runtime = HostCupyRuntime(cupy)
+        kernels = _kernels.GpuKernels(runtime)
+        gpu.runtime = runtime
+        gpu.kernels = kernels
+        for name, function in _kernels.export(kernels).items():
+            setattr(gpu, name, function)
+    return cupy

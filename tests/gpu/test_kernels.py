@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _gpu_skip import require_gpu
+from _gpu_skip import emulated, require_gpu
 
 cupy = require_gpu()
+EMULATED = emulated()
 
 from _gpu_cases import (  # noqa: E402
     SIZES,
@@ -35,7 +36,17 @@ from _gpu_cases import (  # noqa: E402
 from sparcomm.kernels import gpu  # noqa: E402
 
 DTYPES = (np.float32, np.float64)
-BIG = (1 << 20) + 12345  # more elements than one pass of the capped grid covers
+
+
+def scaled(n: int) -> int:
+    """``n`` on a GPU; about n / 50 (still awkward) on the host CUDA emulator."""
+    return n // 50 + 3 if EMULATED else n
+
+
+# More elements than one pass of the capped grid covers (on the emulator: over two passes of
+# its small grid, a few thousand elements).
+PASS = gpu.runtime.max_blocks * gpu.runtime.block * 8
+BIG = 2 * PASS + 345 if EMULATED else (1 << 20) + 12345
 dev = Device(put=cupy.asarray, get=cupy.asnumpy, empty=lambda n, d: cupy.empty(n, dtype=d))
 
 
@@ -100,7 +111,7 @@ def test_qsgd(dtype, norm):
         (9, 4, 3),
         (BIG, 512, 7),
         (BIG, 333, 15),
-        (100_000, 100_000, 3),
+        (scaled(100_000), scaled(100_000), 3),
     ]:
         case_qsgd(gpu, dev, gradient_like(n, dtype, seed=n), levels, bucket, norm)
 
@@ -131,7 +142,7 @@ def test_stream_read(dtype):
 
 @pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
 def test_merge(index_dtype):
-    for na, nb in [(0, 5), (1, 1), (1001, 700), (BIG, 50_000), (300_000, 300_000)]:
+    for na, nb in [(0, 5), (1, 1), (1001, 700), (BIG, scaled(50_000)), (scaled(300_000),) * 2]:
         case_merge(gpu, dev, na, nb, index_dtype, np.float32)
     case_merge(gpu, dev, 6000, 6000, index_dtype, np.float64)
 
@@ -165,7 +176,8 @@ def test_all_subnormal_buckets(dtype):
 
 @pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
 def test_merge_streams(index_dtype):
-    for lengths in ([7], [5, 0, 9], [30_000, 20_000, 10_000, 5], [4000] * 8):
+    long = [scaled(30_000), scaled(20_000), scaled(10_000), 5]
+    for lengths in ([7], [5, 0, 9], long, [scaled(4000)] * 8):
         case_merge_streams(gpu, dev, lengths, index_dtype, np.float32)
 
 
