@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from sparcomm._backend import kernels_for
+from sparcomm._backend import array_module, kernels_for
 from sparcomm.codecs._base import Codec, check_array, check_int, non_finite_error
 from sparcomm.codecs.qsgd import n_buckets, packed_nbytes
 from sparcomm.payload import Payload
@@ -107,11 +107,16 @@ class TernGrad(Codec):
         ]
 
     def clip_threshold(self, flat: Any) -> float:
-        """``clip * std(x)``, or inf without clipping."""
+        """``clip * std(x)``, or inf without clipping.
+
+        ``std`` is the kernel contract's (``kernels_for(xp).std``: two passes in one fixed
+        summation order), so the threshold is the same float64 on CPU and GPU and a
+        clipped payload has the same bits on both.  NaN for non-finite ``x``, which the
+        scale check then refuses.
+        """
         if self.clip is None:
             return math.inf
-        with np.errstate(invalid="ignore", over="ignore"):  # non-finite x is refused later
-            return self.clip * float(flat.std(dtype=np.float64))
+        return self.clip * kernels_for(array_module(flat)).std(flat)
 
     def local_scales(self, x: Any) -> Any:
         """The scales this rank would use: ``max |clip(x)|`` per bucket.
