@@ -76,7 +76,7 @@ def test_topk_ties_and_non_finite(dtype):
     case_topk(gpu, dev, np.full(BIG, -2.5, dtype), BIG // 3, np.int64)
     x = gradient_like(BIG, dtype)
     x[[10, 500, BIG - 1]] = [np.inf, -np.inf, np.nan]
-    case_topk(gpu, dev, x, 5000, np.int32)
+    case_topk(gpu, dev, x, min(5000, BIG // 2), np.int32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
