@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -51,7 +52,8 @@ def _real_gpu() -> bool:
     return result.returncode == 0 and result.stdout.strip() not in ("", "0")
 
 
-def test_cupy_paths_on_the_host_double():
+def _double_env() -> dict[str, str]:
+    """The environment of a child on the double; skips where it cannot or need not run."""
     if shutil.which("g++") is None:
         pytest.skip("the CUDA emulation needs g++ (C++20)")
     if _real_gpu():
@@ -61,6 +63,11 @@ def test_cupy_paths_on_the_host_double():
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(HERE / "_host_cupy"), env.get("PYTHONPATH")) if p
     )
+    return env
+
+
+def test_cupy_paths_on_the_host_double():
+    env = _double_env()
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
     result = subprocess.run(
         command + [str(HERE / name) for name in FILES],
@@ -74,3 +81,31 @@ def test_cupy_paths_on_the_host_double():
     assert result.returncode == 0, f"child pytest failed (rc {result.returncode}):\n{output}"
     # Every file ran (nothing skipped as if no GPU were there).
     assert " skipped" not in output.splitlines()[-1], output
+
+
+@pytest.mark.mpi
+def test_collectives_with_cupy_inputs_on_three_ranks():
+    env = _double_env()
+    mpiexec = shutil.which("mpiexec")
+    if mpiexec is None:
+        pytest.skip("mpiexec not found; install the mpich wheel: pip install mpich")
+    env.update(NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1", MPIEXEC_TIMEOUT="300")
+    env.setdefault("MPIR_CVAR_ENABLE_HEAVY_YIELD", "1")  # 3 ranks may share 2 cores
+    # A session of its own: on a timeout the whole job is killed, nothing left spinning.
+    process = subprocess.Popen(
+        [mpiexec, "-n", "3", sys.executable, str(HERE / "_host_cupy_ranks.py")],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"mpiexec -n 3 timed out (a hang?)\n{stdout[-4000:]}\n{stderr[-4000:]}")
+    assert process.returncode == 0, f"rc {process.returncode}\n{stdout[-6000:]}\n{stderr[-6000:]}"
+    assert "mismatches: none" in stdout, stdout

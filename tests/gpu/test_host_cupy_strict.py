@@ -96,6 +96,16 @@ def test_scalars_stay_on_the_device():
         [0, 1, 2][x[1]]  # no __index__: a device scalar is not a Python index
 
 
+def test_views_and_identities_as_in_cupy():
+    x = cupy.empty(10, np.float32)
+    view = x[2:8].reshape(2, 3)
+    assert view.base is x and x.base is None
+    assert x.astype(np.float32, copy=False) is x
+    assert cupy.ascontiguousarray(x) is x
+    view[...] = 1.0
+    assert float(x[3]) == 1.0
+
+
 def test_no_device_code_and_stale_memory():
     with pytest.raises(NotImplementedError, match="runs no device code"):
         cupy.RawModule(code="")

@@ -40,6 +40,7 @@ cuRAND's.  Streams and events run synchronously; event times are host wall times
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -135,8 +136,14 @@ def _wrap(value: Any) -> Any:
     return value
 
 
-def _call(function: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-    """Call a NumPy function on unwrapped device arrays and wrap the result."""
+def _call(
+    function: Callable[..., Any], args: tuple, kwargs: dict, owner: ndarray | None = None
+) -> Any:
+    """Call a NumPy function on unwrapped device arrays and wrap the result.
+
+    A result that *is* one of the inputs (``astype(copy=False)``, ``out=``) comes back
+    as that input's wrapper, so identity checks behave as with CuPy.
+    """
     out = kwargs.get("out")
     if out is not None:
         outs = out if isinstance(out, tuple) else (out,)
@@ -144,14 +151,19 @@ def _call(function: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
             if not isinstance(o, ndarray):
                 raise TypeError(f"out must be a cupy.ndarray, got {type(o)}")
     result = function(*_unwrap(args), **{k: _unwrap(v) for k, v in kwargs.items()})
-    if out is not None and not isinstance(out, tuple) and result is out._a:
-        return out
+    if isinstance(result, _np.ndarray):
+        candidates = [owner, out, *args, *kwargs.values()]
+        for candidate in candidates:
+            if isinstance(candidate, ndarray) and candidate._a is result:
+                return candidate
     return _wrap(result)
 
 
-def _forwarding(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+def _forwarding(
+    name: str, function: Callable[..., Any], owner: ndarray | None = None
+) -> Callable[..., Any]:
     def forwarded(*args: Any, **kwargs: Any) -> Any:
-        return _call(function, args, kwargs)
+        return _call(function, args, kwargs, owner)
 
     forwarded.__name__ = forwarded.__qualname__ = name
     forwarded.__doc__ = f"cupy.{name} on the host double (NumPy's {name} on device arrays)."
@@ -174,6 +186,10 @@ def _index_key(key: Any) -> tuple[Any, bool]:
 
 
 # ----------------------------------------------------------------------------- ndarray
+
+
+_OWNERS: weakref.WeakValueDictionary[int, ndarray] = weakref.WeakValueDictionary()
+"""id of an owning NumPy array -> its wrapper (checked against ``_a`` on lookup)."""
 
 
 class ndarray:  # noqa: N801 - CuPy's name
@@ -201,11 +217,14 @@ class ndarray:  # noqa: N801 - CuPy's name
         if memptr is not None or strides is not None:
             raise NotImplementedError("the host double has no device memory pointers")
         self._a = _garbage(_np.empty(shape, dtype=dtype, order=order))
+        _OWNERS[id(self._a)] = self
 
     @classmethod
     def _wrap(cls, array: _np.ndarray) -> ndarray:
         obj = cls.__new__(cls)
         obj._a = array
+        if array.base is None:  # owns its memory: the ``base`` of its views
+            _OWNERS[id(array)] = obj
         return obj
 
     # -- attributes -------------------------------------------------------------------
@@ -222,8 +241,9 @@ class ndarray:  # noqa: N801 - CuPy's name
 
     @property
     def base(self) -> ndarray | None:
-        base = self._a.base
-        return ndarray._wrap(base) if isinstance(base, _np.ndarray) else None
+        """The array owning the memory of this view (the same object, as in CuPy)."""
+        owner = _OWNERS.get(id(self._a.base)) if self._a.base is not None else None
+        return owner if owner is not None and owner._a is self._a.base else None
 
     @property
     def data(self) -> cuda.MemoryPointer:
@@ -248,7 +268,7 @@ class ndarray:  # noqa: N801 - CuPy's name
             raise AttributeError(f"'cupy.ndarray' object has no attribute '{name}'")
         attribute = getattr(self._a, name)
         if callable(attribute):
-            return _forwarding(name, attribute)
+            return _forwarding(name, attribute, self)
         return _wrap(attribute)
 
     # -- host transfers ---------------------------------------------------------------
