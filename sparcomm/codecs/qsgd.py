@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from sparcomm._backend import is_cupy_array
 from sparcomm.codecs._base import Codec, check_int, non_finite_error
 from sparcomm.payload import Payload
 
@@ -124,7 +125,13 @@ class QSGD(Codec):
                             self.bits, self.bucket_size, out)
 
     def variance_bound(self, x: Any) -> float:
-        """Upper bound on ``E||decode(encode(x)) - x||^2`` (sum over buckets)."""
+        """Upper bound on ``E||decode(encode(x)) - x||^2`` (sum over buckets).
+
+        ``x`` may be a NumPy or CuPy array (a CuPy one is copied to the host once: the
+        bound is a float64 statistic computed with NumPy).
+        """
+        if is_cupy_array(x):
+            x = x.get()
         flat = np.asarray(x, dtype=np.float64).reshape(-1)
         total = 0.0
         for start in range(0, flat.size, self.bucket_size):

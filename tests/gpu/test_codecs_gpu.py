@@ -97,3 +97,9 @@ def test_non_finite_input_raises_on_gpu():
     x[7] = cupy.nan
     with pytest.raises(ValueError):
         TopK(k=5).encode(x)
+
+
+def test_variance_bound_accepts_device_arrays():
+    x = np.random.default_rng(4).standard_normal(3000).astype(np.float32)
+    for codec in (QSGD(bits=4), QSGD(bits=3, bucket_size=100, norm="max")):
+        assert codec.variance_bound(cupy.asarray(x)) == codec.variance_bound(x)
