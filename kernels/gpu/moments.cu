@@ -51,6 +51,8 @@ extern "C" __global__ void sc_std_block_sums(const real_t* x, i64 n, const doubl
             }
             __syncthreads();
             if (t < SC_LANES) {
+                // Unrolled so the shared-memory loads run ahead of the dependent adds.
+#pragma unroll 8
                 for (i64 k = t; k < count; k += SC_LANES) acc = acc + tile[k];
             }
             __syncthreads();  // the tile is overwritten next
