@@ -90,8 +90,12 @@ def _numpy_peer(codec: Any, x: np.ndarray) -> Callable[[], Any]:
 
 
 def bench_codecs(
-    sizes: list[int], dtype: str = "float32", repeats: int = 7, numpy_repeats: int = 3,
-    seed: int = 0, progress: bool = True,
+    sizes: list[int],
+    dtype: str = "float32",
+    repeats: int = 7,
+    numpy_repeats: int = 3,
+    seed: int = 0,
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Measure every codec at every size; one dict per (size, codec)."""
     from tqdm import tqdm
@@ -100,8 +104,9 @@ def bench_codecs(
 
     rows = []
     codecs = _codecs()
-    bar = tqdm(total=len(sizes) * len(codecs), disable=not progress, desc="bench codecs",
-               file=sys.stderr)
+    bar = tqdm(
+        total=len(sizes) * len(codecs), disable=not progress, desc="bench codecs", file=sys.stderr
+    )
     for log2n in sizes:
         n = 1 << log2n
         x = np.random.default_rng(seed).standard_normal(n, dtype=np.float64).astype(dtype)
@@ -113,30 +118,34 @@ def bench_codecs(
             encode = _median_seconds(partial(codec.encode, x, key="bench", step=0), repeats)
             decode = _median_seconds(partial(codec.decode, payload, out=out), repeats)
             peer = _median_seconds(_numpy_peer(codec, x), numpy_repeats)
-            rows.append({
-                "codec": label,
-                "n": n,
-                "log2n": log2n,
-                "dtype": dtype,
-                "encode_s": encode,
-                "decode_s": decode,
-                "read_s": read,
-                "numpy_encode_s": peer,
-                "encode_gbps": x.nbytes / encode / 1e9,
-                "decode_gbps": x.nbytes / decode / 1e9,
-                "payload_bytes": payload.nbytes,
-                "compression_ratio": x.nbytes / payload.nbytes,
-                "encode_over_read": encode / read,
-                "speedup_over_numpy": peer / encode,
-            })
+            rows.append(
+                {
+                    "codec": label,
+                    "n": n,
+                    "log2n": log2n,
+                    "dtype": dtype,
+                    "encode_s": encode,
+                    "decode_s": decode,
+                    "read_s": read,
+                    "numpy_encode_s": peer,
+                    "encode_gbps": x.nbytes / encode / 1e9,
+                    "decode_gbps": x.nbytes / decode / 1e9,
+                    "payload_bytes": payload.nbytes,
+                    "compression_ratio": x.nbytes / payload.nbytes,
+                    "encode_over_read": encode / read,
+                    "speedup_over_numpy": peer / encode,
+                }
+            )
             bar.update()
     bar.close()
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    header = (f"{'n':>6} {'codec':<20} {'encode ms':>10} {'decode ms':>10} {'enc GB/s':>9} "
-              f"{'ratio':>7} {'enc/read':>9} {'vs numpy':>9}")
+    header = (
+        f"{'n':>6} {'codec':<20} {'encode ms':>10} {'decode ms':>10} {'enc GB/s':>9} "
+        f"{'ratio':>7} {'enc/read':>9} {'vs numpy':>9}"
+    )
     lines = [header, "-" * len(header)]
     for row in rows:
         lines.append(
@@ -149,12 +158,19 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES),
-                        metavar="LOG2N", help="log2 of the element counts (default 20 24 26)")
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_SIZES),
+        metavar="LOG2N",
+        help="log2 of the element counts (default 20 24 26)",
+    )
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per figure")
-    parser.add_argument("--numpy-repeats", type=int, default=3,
-                        help="timed runs of the (slow) NumPy peers")
+    parser.add_argument(
+        "--numpy-repeats", type=int, default=3, help="timed runs of the (slow) NumPy peers"
+    )
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--output", metavar="FILE", help="also write the JSON rows to FILE")
@@ -179,7 +195,9 @@ def run(args: argparse.Namespace) -> int:
         json.dump(result, sys.stdout, indent=2)
         print()
     else:
-        print(f"device {args.device}, {result['threads']} numba threads, medians of "
-              f"{args.repeats} runs ({args.numpy_repeats} for NumPy peers)")
+        print(
+            f"device {args.device}, {result['threads']} numba threads, medians of "
+            f"{args.repeats} runs ({args.numpy_repeats} for NumPy peers)"
+        )
         print(format_table(rows) if args.device == "cpu" else json.dumps(rows, indent=2))
     return 0

@@ -218,8 +218,8 @@ class Payload:
                 "header: truncated or not a sparcomm payload"
             )
         head = bytes(_to_host(buffer[: _HEADER.size]))
-        magic, version, codec_id, dtype_code, ndim, n, nparams, narrays, _, crc = (
-            _HEADER.unpack(head)
+        magic, version, codec_id, dtype_code, ndim, n, nparams, narrays, _, crc = _HEADER.unpack(
+            head
         )
         if magic != MAGIC:
             raise ValueError(

@@ -109,9 +109,7 @@ class Codec:
     ) -> dict[str, Any]:
         raise NotImplementedError
 
-    def _decode_flat(
-        self, xp: ModuleType, kernels: ModuleType, payload: Payload, out: Any
-    ) -> None:
+    def _decode_flat(self, xp: ModuleType, kernels: ModuleType, payload: Payload, out: Any) -> None:
         raise NotImplementedError
 
     # -- public API ---------------------------------------------------------------------

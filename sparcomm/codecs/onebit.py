@@ -43,8 +43,9 @@ class OneBit(Codec):
 
     def __init__(self, bucket_size: int = 512, *, error_feedback: bool = True) -> None:
         super().__init__()
-        self.bucket_size = check_int(bucket_size, "bucket_size", 1, math.inf,
-                                     "; 512 is the default")
+        self.bucket_size = check_int(
+            bucket_size, "bucket_size", 1, math.inf, "; 512 is the default"
+        )
         self.error_feedback = bool(error_feedback)
         self._memory = None
         if self.error_feedback:
@@ -59,8 +60,10 @@ class OneBit(Codec):
         return (self.bucket_size,)
 
     def _wire_arrays(self, n: int, dtype: np.dtype) -> list[tuple[np.dtype, int]]:
-        return [(dtype, 2 * n_buckets(n, self.bucket_size)),
-                (np.dtype(np.uint8), packed_nbytes(n, 1))]
+        return [
+            (dtype, 2 * n_buckets(n, self.bucket_size)),
+            (np.dtype(np.uint8), packed_nbytes(n, 1)),
+        ]
 
     @property
     def feedback(self):
@@ -93,8 +96,7 @@ class OneBit(Codec):
             raise non_finite_error()
         return {"means": means, "packed": packed}
 
-    def _decode_flat(
-        self, xp: ModuleType, kernels: ModuleType, payload: Payload, out: Any
-    ) -> None:
-        kernels.onebit_decode(payload.arrays["packed"], payload.arrays["means"],
-                              self.bucket_size, out)
+    def _decode_flat(self, xp: ModuleType, kernels: ModuleType, payload: Payload, out: Any) -> None:
+        kernels.onebit_decode(
+            payload.arrays["packed"], payload.arrays["means"], self.bucket_size, out
+        )

@@ -84,45 +84,60 @@ class QSGD(Codec):
             levels = check_int(levels, "levels", 1, 2 ** (MAX_BITS - 1) - 1)
             bits = bits_for_levels(levels)
         else:
-            bits = check_int(4 if bits is None else bits, "bits", 2, MAX_BITS,
-                             "; 2 bits = sign + 1 level, 8 bits = sign + 127 levels")
+            bits = check_int(
+                4 if bits is None else bits,
+                "bits",
+                2,
+                MAX_BITS,
+                "; 2 bits = sign + 1 level, 8 bits = sign + 127 levels",
+            )
             levels = 2 ** (bits - 1) - 1
         self.bits = bits
         self.levels = levels
-        self.bucket_size = check_int(bucket_size, "bucket_size", 1, math.inf,
-                                     "; 512 is the default")
+        self.bucket_size = check_int(
+            bucket_size, "bucket_size", 1, math.inf, "; 512 is the default"
+        )
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {sorted(NORMS)}, got {norm!r}")
         self.norm = norm
         self.seed = check_int(seed, "seed", 0, 2**64 - 1)
 
     def _describe(self) -> str:
-        return f"bits={self.bits}, levels={self.levels}, bucket_size={self.bucket_size}, " \
-               f"norm={self.norm!r}"
+        return (
+            f"bits={self.bits}, levels={self.levels}, bucket_size={self.bucket_size}, "
+            f"norm={self.norm!r}"
+        )
 
     def _params(self, n: int) -> tuple[int, ...]:
         return (self.levels, self.bits, self.bucket_size, NORMS[self.norm])
 
     def _wire_arrays(self, n: int, dtype: np.dtype) -> list[tuple[np.dtype, int]]:
-        return [(dtype, n_buckets(n, self.bucket_size)),
-                (np.dtype(np.uint8), packed_nbytes(n, self.bits))]
+        return [
+            (dtype, n_buckets(n, self.bucket_size)),
+            (np.dtype(np.uint8), packed_nbytes(n, self.bits)),
+        ]
 
     def _encode_flat(
         self, xp: ModuleType, kernels: ModuleType, flat: Any, stream: int, **options: Any
     ) -> dict[str, Any]:
         scales = xp.empty(n_buckets(flat.size, self.bucket_size), dtype=flat.dtype)
         packed = xp.empty(packed_nbytes(flat.size, self.bits), dtype=np.uint8)
-        kernels.qsgd_encode(flat, self.levels, self.bits, self.bucket_size, NORMS[self.norm],
-                            stream, scales, packed)
+        kernels.qsgd_encode(
+            flat, self.levels, self.bits, self.bucket_size, NORMS[self.norm], stream, scales, packed
+        )
         if not bool(xp.isfinite(scales).all()):
             raise non_finite_error()
         return {"scales": scales, "packed": packed}
 
-    def _decode_flat(
-        self, xp: ModuleType, kernels: ModuleType, payload: Payload, out: Any
-    ) -> None:
-        kernels.qsgd_decode(payload.arrays["packed"], payload.arrays["scales"], self.levels,
-                            self.bits, self.bucket_size, out)
+    def _decode_flat(self, xp: ModuleType, kernels: ModuleType, payload: Payload, out: Any) -> None:
+        kernels.qsgd_decode(
+            payload.arrays["packed"],
+            payload.arrays["scales"],
+            self.levels,
+            self.bits,
+            self.bucket_size,
+            out,
+        )
 
     def variance_bound(self, x: Any) -> float:
         """Upper bound on ``E||decode(encode(x)) - x||^2`` (sum over buckets).

@@ -21,7 +21,10 @@ BITS = 2
 
 
 _BITS = {np.dtype(np.float32): np.dtype(np.uint32), np.dtype(np.float64): np.dtype(np.uint64)}
-_SIGNED = {np.dtype(np.float32): np.dtype(np.int32), np.dtype(np.float64): np.dtype(np.int64)}
+_SIGNED: dict[np.dtype, np.dtype] = {
+    np.dtype(np.float32): np.dtype(np.int32),
+    np.dtype(np.float64): np.dtype(np.int64),
+}
 
 
 def _below(xp: ModuleType, scales: Any, local: Any) -> bool:
@@ -34,7 +37,7 @@ def _below(xp: ModuleType, scales: Any, local: Any) -> bool:
         return True
     signed = _SIGNED[scales.dtype]
     ints = xp.ascontiguousarray(scales).view(signed)
-    magnitude = ints & signed.type(np.iinfo(signed).max)
+    magnitude = ints & signed.type(2 ** (8 * signed.itemsize - 1) - 1)  # all but the sign
     negative = (ints < 0) & (magnitude != 0)
     return bool((negative | (magnitude < local.view(signed))).any())
 

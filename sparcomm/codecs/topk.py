@@ -75,8 +75,7 @@ class TopK(Codec):
         if self.k is not None:
             if self.k > n:
                 raise ValueError(
-                    f"k={self.k} exceeds the number of elements n={n}; pass k <= n or "
-                    "use density="
+                    f"k={self.k} exceeds the number of elements n={n}; pass k <= n or use density="
                 )
             return self.k
         assert self.density is not None  # one of k and density is set (constructor)
@@ -100,9 +99,7 @@ class TopK(Codec):
             raise non_finite_error(int(bad))
         return {"indices": indices, "values": values}
 
-    def _decode_flat(
-        self, xp: ModuleType, kernels: ModuleType, payload: Payload, out: Any
-    ) -> None:
+    def _decode_flat(self, xp: ModuleType, kernels: ModuleType, payload: Payload, out: Any) -> None:
         out.fill(0)
         out[payload.arrays["indices"]] = payload.arrays["values"]
 

@@ -383,7 +383,7 @@ def sparse_allreduce(
     op: str = "sum",
     algorithm: str = "auto",
     dense_output: bool | None = True,
-    out: np.ndarray | None = None,
+    out: Any = None,
     stats: AllreduceStats | None = None,
 ):
     """Sum sparse vectors over all ranks (SparCML's sparse allreduce).
@@ -474,7 +474,7 @@ def _dense_allreduce(
     key: Any,
     step: int | None,
     stats: AllreduceStats | None,
-    out: np.ndarray | None,
+    out: Any,
 ) -> np.ndarray:
     """Dense path (no codec or ``NoCompression``): MPI's own ``Allreduce``."""
     comm = MPI.COMM_WORLD if comm is None else comm
@@ -580,7 +580,7 @@ def _sparse_codec_allreduce(
     key: Any,
     step: int | None,
     stats: AllreduceStats | None,
-    out: np.ndarray | None,
+    out: Any,
 ) -> np.ndarray:
     """Sparse family for sparse codecs (TopK, plain or under ErrorFeedback)."""
     holder: dict[str, Any] = {}
@@ -598,8 +598,9 @@ def _sparse_codec_allreduce(
     is_array = isinstance(x, np.ndarray) or device
     n = x.size if is_array else -1
     dtype = x.dtype if is_array and x.dtype in _DTYPES else None
-    contiguous = (isinstance(out, np.ndarray) or _device.is_device(out)) and out.flags.c_contiguous
-    flat_out = out.reshape(-1) if contiguous else out
+    flat_out: Any = out
+    if (isinstance(out, np.ndarray) or _device.is_device(out)) and out.flags.c_contiguous:
+        flat_out = out.reshape(-1)
     result = _run_sparse(
         prepare,
         n,
@@ -667,7 +668,7 @@ def allreduce(
     key: Any = None,
     step: int | None = None,
     stats: AllreduceStats | None = None,
-    out: np.ndarray | None = None,
+    out: Any = None,
     dense_phase: Any = None,
 ) -> np.ndarray:
     """Allreduce a dense buffer through a codec: the result is the same on every rank.

@@ -508,7 +508,7 @@ def quantized_allreduce(
     key: Any,
     step: int | None,
     stats: AllreduceStats | None,
-    out: np.ndarray | None,
+    out: Any,
 ) -> np.ndarray:
     """Allreduce ``x`` through a quantizing codec (``sparcomm.allreduce`` routes here).
 
@@ -581,9 +581,10 @@ def quantized_allreduce(
             )
     stats.algorithm = name
     stats.predicted_bytes = predict_quantized(name, bare, n, dtype, size).bytes(rank)
+    result: Any
     if device:  # the sum is formed on the host, then copied to the device once
-        result = None
         flat = state.staging.host_buffer(n, dtype, "result")
+        result = device_output(out, x.shape, dtype)
     else:
         result = np.empty(x.shape, dtype=dtype) if out is None else out
         flat = result.reshape(-1)
@@ -604,7 +605,7 @@ def quantized_allreduce(
         if op == "mean":
             flat /= dtype.type(size)
         if device:
-            return dense_to_device(flat, device_output(out, x.shape, dtype))
+            dense_to_device(flat, result)
     return result
 
 

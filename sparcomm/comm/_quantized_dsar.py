@@ -195,7 +195,7 @@ def qdsar_allreduce(
     key: Any,
     step: int | None,
     stats: AllreduceStats | None,
-    out: np.ndarray | None,
+    out: Any,
 ) -> np.ndarray:
     """``allreduce(x, codec=TopK(...), dense_phase=QSGD(...))``: Q-DSAR.
 
