@@ -220,7 +220,8 @@ class HostCupyRuntime(EmulatedRuntime):
 
     def _library(self, source: str, real: np.dtype | None, index: np.dtype | None):
         built = super()._library(source, real, index)
-        self._modules.setdefault((0, source, str(real), str(index)), built[0])
+        device = self._cupy.cuda.Device().id
+        self._modules.setdefault((device, source, str(real), str(index)), built[0])
         return built
 
     def function(self, source: str, name: str, real: np.dtype | None, index: np.dtype | None):

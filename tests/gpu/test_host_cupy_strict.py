@@ -145,3 +145,27 @@ def test_bench_codecs_gpu_cli_runs(capsys):
     assert all(row["encode_s"] > 0 and row["decode_s"] > 0 for row in rows)
     topk = [row for row in rows if row["codec"].startswith("TopK")]
     assert topk and topk[0]["cupy_topk_s"] > 0
+
+
+def test_devices_are_per_thread_and_kernels_stay_on_theirs(monkeypatch):
+    import threading
+
+    from sparcomm import TopK
+
+    monkeypatch.setenv("SPARCOMM_HOST_CUPY_DEVICES", "2")
+    with cupy.cuda.Device(1):
+        x = cupy.arange(1000, dtype=np.float32)
+        payload = TopK(density=0.1).encode(x)  # the codec runs on the current device
+        assert all(a.device.id == 1 for a in payload.arrays.values())
+        seen = []
+        thread = threading.Thread(target=lambda: seen.append(cupy.cuda.Device().id))
+        thread.start()
+        thread.join()
+        assert seen == [0]  # a new host thread starts on device 0, as in CUDA
+    assert x.device.id == 1 and x[10:20].device.id == 1
+    with pytest.raises(ValueError, match="array device = 1 while current = 0"):
+        x + 1
+    with pytest.raises(ValueError, match="array device = 1 while current = 0"):
+        TopK(density=0.1).encode(x)  # the emulated kernels check their arrays too
+    assert cupy.asnumpy(x)[999] == 999  # copies to the host work from any device
+    assert x.copy().device.id == 0  # CuPy copies onto the current device

@@ -21,7 +21,13 @@ they fail on a GPU instead of silently working on host memory:
 - only names CuPy 14.2 has exist (:mod:`._names`); ``RawModule``, ``RawKernel``,
   ``ElementwiseKernel`` and ``ReductionKernel`` raise (no device code runs here);
 - ``empty`` returns memory filled with a 0xA5 byte pattern, as a pool would return
-  stale memory, so code that relies on zeroed memory shows up.
+  stale memory, so code that relies on zeroed memory shows up;
+- devices: ``SPARCOMM_HOST_CUPY_DEVICES=N`` pretends N devices (default 1).  The current
+  device and stream are per host thread, as in CUDA; an array lives on the device that
+  was current when it was allocated, and a kernel (ufunc, copy, sort, fill, gather or
+  scatter, or an emulated sparcomm kernel) on an array of another device raises CuPy's
+  "Array device must be same as the current device" ValueError.  (CuPy proceeds with a
+  warning where peer access can be enabled; the double models a node without it.)
 
 Deliberately stricter than CuPy: an integer-array assignment ``x[idx] = values`` with
 repeated indices raises (CuPy stores an undefined one of the values), and out-of-range
@@ -137,12 +143,17 @@ def _wrap(value: Any) -> Any:
 
 
 def _call(
-    function: Callable[..., Any], args: tuple, kwargs: dict, owner: ndarray | None = None
+    function: Callable[..., Any],
+    args: tuple,
+    kwargs: dict,
+    owner: ndarray | None = None,
+    check_device: bool = True,
 ) -> Any:
     """Call a NumPy function on unwrapped device arrays and wrap the result.
 
     A result that *is* one of the inputs (``astype(copy=False)``, ``out=``) comes back
-    as that input's wrapper, so identity checks behave as with CuPy.
+    as that input's wrapper, so identity checks behave as with CuPy.  Every device array
+    taking part must be on the current device (``check_device``; views need not).
     """
     out = kwargs.get("out")
     if out is not None:
@@ -150,6 +161,8 @@ def _call(
         for o in outs:
             if not isinstance(o, ndarray):
                 raise TypeError(f"out must be a cupy.ndarray, got {type(o)}")
+    if check_device:
+        _check_device(owner, args, kwargs)
     result = function(*_unwrap(args), **{k: _unwrap(v) for k, v in kwargs.items()})
     if isinstance(result, _np.ndarray):
         candidates = [owner, out, *args, *kwargs.values()]
@@ -162,12 +175,38 @@ def _call(
 def _forwarding(
     name: str, function: Callable[..., Any], owner: ndarray | None = None
 ) -> Callable[..., Any]:
+    check_device = name not in _VIEWS
+
     def forwarded(*args: Any, **kwargs: Any) -> Any:
-        return _call(function, args, kwargs, owner)
+        return _call(function, args, kwargs, owner, check_device)
 
     forwarded.__name__ = forwarded.__qualname__ = name
     forwarded.__doc__ = f"cupy.{name} on the host double (NumPy's {name} on device arrays)."
     return forwarded
+
+
+_VIEWS = frozenset(
+    ("reshape", "ravel", "squeeze", "swapaxes", "transpose", "diagonal", "real", "imag")
+)
+"""Methods that only make views: no kernel runs, so the array may live on any device."""
+
+
+def _check_device(*things: Any) -> None:
+    """CuPy runs kernels on the current device only (no peer access modelled)."""
+    current = cuda.runtime.getDevice()
+    stack = list(things)
+    while stack:
+        item = stack.pop()
+        if isinstance(item, ndarray):
+            if item._device != current:
+                raise ValueError(
+                    "Array device must be same as the current device: array device = "
+                    f"{item._device} while current = {current}"
+                )
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
 
 
 def _garbage(array: _np.ndarray) -> _np.ndarray:
@@ -202,7 +241,7 @@ class ndarray:  # noqa: N801 - CuPy's name
         the memory is uninitialised (a 0xA5 byte pattern).
     """
 
-    __slots__ = ("_a", "__weakref__")
+    __slots__ = ("_a", "_device", "__weakref__")
     __array_priority__ = 100.0
     __hash__ = None  # type: ignore[assignment]
 
@@ -217,6 +256,7 @@ class ndarray:  # noqa: N801 - CuPy's name
         if memptr is not None or strides is not None:
             raise NotImplementedError("the host double has no device memory pointers")
         self._a = _garbage(_np.empty(shape, dtype=dtype, order=order))
+        self._device = cuda.runtime.getDevice()
         _OWNERS[id(self._a)] = self
 
     @classmethod
@@ -225,6 +265,11 @@ class ndarray:  # noqa: N801 - CuPy's name
         obj._a = array
         if array.base is None:  # owns its memory: the ``base`` of its views
             _OWNERS[id(array)] = obj
+            obj._device = cuda.runtime.getDevice()  # new memory: on the current device
+        else:
+            owner = _OWNERS.get(id(array.base))
+            known = owner is not None and owner._a is array.base
+            obj._device = owner._device if known else cuda.runtime.getDevice()
         return obj
 
     # -- attributes -------------------------------------------------------------------
@@ -237,7 +282,7 @@ class ndarray:  # noqa: N801 - CuPy's name
     strides = property(lambda self: self._a.strides)
     T = property(lambda self: ndarray._wrap(self._a.T))
     flags = property(lambda self: _Flags(self._a))
-    device = property(lambda self: cuda.Device(0))
+    device = property(lambda self: cuda.Device(self._device))
 
     @property
     def base(self) -> ndarray | None:
@@ -248,7 +293,9 @@ class ndarray:  # noqa: N801 - CuPy's name
     @property
     def data(self) -> cuda.MemoryPointer:
         """The device pointer: not host-addressable (see the module docstring)."""
-        return cuda.MemoryPointer(self._a.ctypes.data + DEVICE_ADDRESS_OFFSET, device_id=0)
+        return cuda.MemoryPointer(
+            self._a.ctypes.data + DEVICE_ADDRESS_OFFSET, device_id=self._device
+        )
 
     @property
     def __cuda_array_interface__(self) -> dict[str, Any]:
@@ -311,6 +358,7 @@ class ndarray:  # noqa: N801 - CuPy's name
 
     # -- methods with CuPy-specific rules -------------------------------------------
     def fill(self, value: Any) -> None:
+        _check_device(self, value)
         if isinstance(value, (_np.ndarray, ndarray)):
             if value.shape != ():
                 kind = "numpy" if isinstance(value, _np.ndarray) else "cupy"
@@ -329,14 +377,17 @@ class ndarray:  # noqa: N801 - CuPy's name
         # CuPy's sort is always stable and accepts no other kind.
         if kind not in (None, "stable"):
             raise NotImplementedError(f"kind={kind!r} is not supported by cupy.argsort")
+        _check_device(self)
         return ndarray._wrap(_np.argsort(self._a, axis=axis, kind="stable"))
 
     def sort(self, axis: int = -1, kind: str | None = None) -> None:
         if kind not in (None, "stable"):
             raise NotImplementedError(f"kind={kind!r} is not supported by cupy.ndarray.sort")
+        _check_device(self)
         self._a.sort(axis=axis, kind="stable")
 
     def copy(self, order: str = "C") -> ndarray:
+        """A copy on the *current* device (CuPy copies across devices here)."""
         return ndarray._wrap(self._a.copy(order=order))
 
     def __copy__(self) -> ndarray:
@@ -350,11 +401,14 @@ class ndarray:  # noqa: N801 - CuPy's name
 
     # -- indexing ---------------------------------------------------------------------
     def __getitem__(self, key: Any) -> ndarray:
-        numpy_key, _ = _index_key(key)
+        numpy_key, advanced = _index_key(key)
+        if advanced:  # a gather kernel; basic indexing only makes a view
+            _check_device(self, key)
         return _wrap(self._a[numpy_key])
 
     def __setitem__(self, key: Any, value: Any) -> None:
         numpy_key, advanced = _index_key(key)
+        _check_device(self, key, value)
         if isinstance(value, ndarray):
             value = value._a
         elif isinstance(value, _np.ndarray) or isinstance(value, (list, tuple)):
@@ -565,6 +619,8 @@ def _device_only(name: str, a: Any) -> ndarray:
 
 def ascontiguousarray(a: Any, dtype: Any = None) -> ndarray:
     a = _device_only("ascontiguousarray", a)
+    if not a._a.flags.c_contiguous:
+        _check_device(a)
     result = _np.ascontiguousarray(a._a, dtype=dtype)
     return a if result is a._a else ndarray._wrap(result)
 
@@ -592,6 +648,7 @@ def full(shape: Any, fill_value: Any, dtype: Any = None, order: str = "C") -> nd
 
 def copyto(dst: Any, src: Any, casting: str = "same_kind", where: Any = None) -> None:
     dst = _device_only("copyto", dst)
+    _check_device(dst, src, where)
     if isinstance(src, _np.ndarray):
         if src.size != 1:
             raise ValueError("non-scalar numpy.ndarray cannot be used for copyto")
@@ -610,7 +667,9 @@ def argsort(a: Any, axis: int = -1, kind: str | None = None) -> ndarray:
 def sort(a: Any, axis: int = -1, kind: str | None = None) -> ndarray:
     if kind not in (None, "stable"):
         raise NotImplementedError(f"kind={kind!r} is not supported by cupy.sort")
-    return ndarray._wrap(_np.sort(_device_only("sort", a)._a, axis=axis, kind="stable"))
+    a = _device_only("sort", a)
+    _check_device(a)
+    return ndarray._wrap(_np.sort(a._a, axis=axis, kind="stable"))
 
 
 def get_array_module(*args: Any) -> Any:
@@ -653,9 +712,14 @@ _EXPLICIT = frozenset(
 
 
 def _host_view(x: ndarray) -> _np.ndarray:
-    """The NumPy storage of a device array: for the CUDA emulator's launches only."""
+    """The NumPy storage of a device array: for the CUDA emulator's launches only.
+
+    The array must be on the current device, where the kernel runs (a kernel reading
+    another device's memory faults unless peer access is enabled).
+    """
     if not isinstance(x, ndarray):
         raise _unsupported(x)
+    _check_device(x)
     return x._a
 
 

@@ -1,4 +1,4 @@
-"""``cupy.cuda`` of the host test double: one pretend device, synchronous streams.
+"""``cupy.cuda`` of the host test double: pretend devices, synchronous streams.
 
 Nothing here touches a GPU.  Device properties describe the double itself (its name
 says so); streams and events are synchronous, event times are host wall-clock times;
@@ -9,6 +9,7 @@ pinned memory is ordinary host memory with the buffer protocol, as
 from __future__ import annotations
 
 import ctypes
+import threading
 import time
 from typing import Any
 
@@ -36,7 +37,7 @@ def is_available() -> bool:
 
 
 class Device:
-    """The current CUDA device (the double has exactly one, id 0)."""
+    """A CUDA device (``runtime.getDeviceCount()`` of them; the current one by default)."""
 
     def __init__(self, device: int | None = None) -> None:
         device = runtime.getDevice() if device is None else int(device)
@@ -58,15 +59,16 @@ class Device:
         """Nothing is ever in flight: every call of the double completes before returning."""
 
     def use(self) -> None:
-        if self.id != 0:
-            raise CUDARuntimeError("cudaErrorInvalidDevice: invalid device ordinal")
+        """Make this device current for the calling thread (CUDA: per host thread)."""
+        runtime.setDevice(self.id)
 
     def __enter__(self) -> Device:
+        _thread_stack("devices").append(runtime.getDevice())
         self.use()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        return None
+        runtime.setDevice(_thread_stack("devices").pop())
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Device) and other.id == self.id
@@ -113,15 +115,16 @@ class Stream:
         return True
 
     def use(self) -> Stream:
-        _current[0] = self
+        """Make this stream current for the calling thread (thread-local, as in CuPy)."""
+        _thread.stream = self
         return self
 
     def __enter__(self) -> Stream:
-        _stack.append(_current[0])
+        _thread_stack("streams").append(get_current_stream())
         return self.use()
 
     def __exit__(self, *exc: Any) -> None:
-        _current[0] = _stack.pop()
+        _thread.stream = _thread_stack("streams").pop()
 
     def record(self, event: Event | None = None) -> Event:
         event = Event() if event is None else event
@@ -130,12 +133,17 @@ class Stream:
 
 
 Stream.null = Stream(null=True)
-_current: list[Stream] = [Stream.null]
-_stack: list[Stream] = []
+_thread = threading.local()
+
+
+def _thread_stack(name: str) -> list[Any]:
+    if not hasattr(_thread, name):
+        setattr(_thread, name, [])
+    return getattr(_thread, name)
 
 
 def get_current_stream(device_id: int = -1) -> Stream:
-    return _current[0]
+    return getattr(_thread, "stream", Stream.null)
 
 
 class Event:
