@@ -53,6 +53,11 @@ class PinnedStaging:
 
     def to_device(self, host: np.ndarray, out: cupy.ndarray) -> cupy.ndarray:
         """Copy ``host`` into the device array ``out`` (same size and dtype); returns ``out``."""
+        if not isinstance(out, cupy.ndarray):
+            raise TypeError(
+                f"out must be a cupy.ndarray, got {type(out).__qualname__}; allocate it with "
+                "cupy.empty()"
+            )
         if out.dtype != host.dtype or out.size != host.size or not out.flags.c_contiguous:
             raise ValueError(
                 f"out must be a C-contiguous {host.dtype} array of {host.size} elements, got "

@@ -44,3 +44,5 @@ def test_to_device_checks_the_output():
         staging.to_device(np.ones(4, np.float32), cupy.empty(5, np.float32))
     with pytest.raises(TypeError, match="cupy.ndarray"):
         staging.to_host(np.ones(3))
+    with pytest.raises(TypeError, match="out must be a cupy.ndarray, got ndarray"):
+        staging.to_device(np.ones(4, np.float32), np.empty(4, np.float32))
