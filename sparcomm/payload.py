@@ -176,6 +176,12 @@ class Payload:
         total = self.nbytes
         if out is None:
             out = xp.empty(total, dtype=np.uint8)
+        elif array_module(out) is not xp:
+            raise TypeError(
+                f"out must live on the same device as the payload's arrays (a {xp.__name__} "
+                f"array), got {type(out).__module__}.{type(out).__qualname__}; allocate it "
+                f"with {xp.__name__}.empty({total}, dtype=numpy.uint8)"
+            )
         elif out.dtype != np.uint8 or out.ndim != 1 or out.size < total:
             raise ValueError(
                 f"out must be a 1-D uint8 buffer of at least {total} bytes, got "

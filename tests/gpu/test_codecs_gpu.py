@@ -103,3 +103,14 @@ def test_variance_bound_accepts_device_arrays():
     x = np.random.default_rng(4).standard_normal(3000).astype(np.float32)
     for codec in (QSGD(bits=4), QSGD(bits=3, bucket_size=100, norm="max")):
         assert codec.variance_bound(cupy.asarray(x)) == codec.variance_bound(x)
+
+
+def test_to_bytes_out_must_match_the_payload_device():
+    x = np.random.default_rng(2).standard_normal(100).astype(np.float32)
+    host, device = TopK(k=5).encode(x), TopK(k=5).encode(cupy.asarray(x))
+    with pytest.raises(TypeError, match=r"same device as the payload's arrays \(a cupy array\)"):
+        device.to_bytes(out=np.empty(device.nbytes, np.uint8))
+    with pytest.raises(TypeError, match=r"same device as the payload's arrays \(a numpy array\)"):
+        host.to_bytes(out=cupy.empty(host.nbytes, np.uint8))
+    out = cupy.zeros(device.nbytes + 8, np.uint8)
+    assert cupy.asnumpy(device.to_bytes(out=out)).tobytes() == host.to_bytes().tobytes()
