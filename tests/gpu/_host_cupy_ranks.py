@@ -6,6 +6,10 @@ called twice on every rank, on NumPy and on device arrays of the same data; the 
 result must be a ``cupy.ndarray`` bitwise equal to the NumPy one on every rank (device
 data is staged through pinned host buffers: the ``mpich`` wheel is not CUDA-aware).  Any
 failure aborts the whole job, so no rank waits forever in a collective.
+
+With ``--cuda-aware`` (and ``SPARCOMM_HOST_CUPY_MPI_READS_DEVICE=1``, which makes the
+double's device pointers readable by MPI) sparcomm is told that MPI is CUDA-aware, and
+the dense collectives hand device buffers to MPI directly: that path runs too.
 """
 
 from __future__ import annotations
@@ -42,17 +46,38 @@ CASES = [
 ]
 
 
+def _cuda_aware_cases() -> list:
+    """Only the dense path changes with a CUDA-aware MPI; in place and into ``out`` too."""
+    from sparcomm.comm import _device
+
+    if cupy.DEVICE_ADDRESS_OFFSET != 0:
+        raise RuntimeError("--cuda-aware needs SPARCOMM_HOST_CUPY_MPI_READS_DEVICE=1")
+    _device._CUDA_AWARE = True  # what cuda_aware_mpi() reports for a CUDA-aware MPI
+    return [
+        ("dense", lambda: None, {}),
+        ("dense out", lambda: None, {"out": "new"}),
+        ("dense in place", lambda: None, {"out": "x"}),
+    ]
+
+
 def main() -> None:
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
+    cases = _cuda_aware_cases() if "--cuda-aware" in sys.argv else CASES
     x = np.random.default_rng(100 + rank).standard_normal((23, 87)).astype(np.float32)
+    # Subnormal sums and means: a flush-to-zero division on the device would show.
+    x[0, :4] = np.float32(3e-39) * (rank + 1)
     failures = []
-    for name, make, options in CASES:
+    for name, make, options in cases:
         for op in ("sum", "mean"):
-            expected = sparcomm.allreduce(x, codec=make(), comm=comm, op=op, key="w", **options)
-            got = sparcomm.allreduce(
-                cupy.asarray(x), codec=make(), comm=comm, op=op, key="w", **options
-            )
+            x_host, x_device = x.copy(), cupy.asarray(x)
+            host, device = dict(options), dict(options)
+            if options.get("out") == "new":
+                host["out"], device["out"] = np.empty_like(x), cupy.empty(x.shape, x.dtype)
+            elif options.get("out") == "x":
+                host["out"], device["out"] = x_host, x_device
+            expected = sparcomm.allreduce(x_host, codec=make(), comm=comm, op=op, key="w", **host)
+            got = sparcomm.allreduce(x_device, codec=make(), comm=comm, op=op, key="w", **device)
             ok = (
                 isinstance(got, cupy.ndarray)
                 and got.shape == x.shape

@@ -83,17 +83,17 @@ def test_cupy_paths_on_the_host_double():
     assert " skipped" not in output.splitlines()[-1], output
 
 
-@pytest.mark.mpi
-def test_collectives_with_cupy_inputs_on_three_ranks():
-    env = _double_env()
+def _run_ranks(env: dict[str, str], ranks: int, *args: str) -> str:
+    """``mpiexec -n ranks python _host_cupy_ranks.py *args``; its stdout, or a failure."""
     mpiexec = shutil.which("mpiexec")
     if mpiexec is None:
         pytest.skip("mpiexec not found; install the mpich wheel: pip install mpich")
     env.update(NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1", MPIEXEC_TIMEOUT="300")
-    env.setdefault("MPIR_CVAR_ENABLE_HEAVY_YIELD", "1")  # 3 ranks may share 2 cores
+    env.setdefault("MPIR_CVAR_ENABLE_HEAVY_YIELD", "1")  # more ranks than cores
+    command = [mpiexec, "-n", str(ranks), sys.executable, str(HERE / "_host_cupy_ranks.py")]
     # A session of its own: on a timeout the whole job is killed, nothing left spinning.
     process = subprocess.Popen(
-        [mpiexec, "-n", "3", sys.executable, str(HERE / "_host_cupy_ranks.py")],
+        command + list(args),
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -106,6 +106,32 @@ def test_collectives_with_cupy_inputs_on_three_ranks():
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
-        pytest.fail(f"mpiexec -n 3 timed out (a hang?)\n{stdout[-4000:]}\n{stderr[-4000:]}")
+        pytest.fail(f"mpiexec -n {ranks} timed out (a hang?)\n{stdout[-4000:]}\n{stderr[-4000:]}")
     assert process.returncode == 0, f"rc {process.returncode}\n{stdout[-6000:]}\n{stderr[-6000:]}"
     assert "mismatches: none" in stdout, stdout
+    return stdout
+
+
+@pytest.mark.mpi
+def test_collectives_with_cupy_inputs_on_three_ranks():
+    _run_ranks(_double_env(), 3)
+
+
+def _has_divide_scalar() -> bool:
+    from _gpu_emulator import load_kernels_module
+
+    module = load_kernels_module()
+    return "divide_scalar" in module.CONTRACT + module.EXTRA
+
+
+@pytest.mark.mpi
+@pytest.mark.xfail(
+    not _has_divide_scalar(),
+    reason="sparcomm/comm/_device.py divide() calls kernels.gpu.divide_scalar, which "
+    "kernels/gpu/_kernels.py does not provide yet (op='mean' with a CUDA-aware MPI)",
+    strict=True,
+)
+def test_dense_allreduce_through_a_cuda_aware_mpi():
+    env = _double_env()
+    env["SPARCOMM_HOST_CUPY_MPI_READS_DEVICE"] = "1"  # device pointers readable by MPI
+    _run_ranks(env, 2, "--cuda-aware")

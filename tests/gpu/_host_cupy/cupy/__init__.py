@@ -35,8 +35,9 @@ integer-array indices raise IndexError as in NumPy (CuPy wraps them around silen
 Device addresses (``__cuda_array_interface__["data"][0]`` and ``.data.ptr``) are the host
 address plus 2**62: address arithmetic (overlap checks) works as on a GPU, but host code
 that dereferences a device pointer -- an MPI library that is not CUDA-aware, given a
-device array -- faults as it would on a GPU, instead of reading host memory.  There is no
-``__dlpack__``.
+device array -- faults as it would on a GPU, instead of reading host memory
+(``SPARCOMM_HOST_CUPY_MPI_READS_DEVICE=1`` turns this off to simulate a CUDA-aware MPI:
+see :data:`DEVICE_ADDRESS_OFFSET`).  There is no ``__dlpack__``.
 
 Not modelled: device arithmetic.  CuPy compiles its elementwise kernels with
 ``-ftz=true`` (float32 subnormals flushed); here NumPy computes them, so subnormal
@@ -46,6 +47,7 @@ cuRAND's.  Streams and events run synchronously; event times are host wall times
 
 from __future__ import annotations
 
+import os as _os
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -60,8 +62,14 @@ HOST_DOUBLE = True
 """Marks this package as the host test double (checked before binding the emulator)."""
 
 _GARBAGE = 0xA5
-DEVICE_ADDRESS_OFFSET = 1 << 62
-"""Added to host addresses to make device pointers: non-canonical on x86-64, so they fault."""
+DEVICE_ADDRESS_OFFSET = (
+    0 if _os.environ.get("SPARCOMM_HOST_CUPY_MPI_READS_DEVICE") == "1" else 1 << 62
+)
+"""Added to host addresses to make device pointers: non-canonical on x86-64, so they fault.
+
+``SPARCOMM_HOST_CUPY_MPI_READS_DEVICE=1`` makes it 0: device pointers are then host
+addresses that MPI can read, which simulates a CUDA-aware MPI library (for testing the
+code path that hands device buffers to MPI directly)."""
 _UNSUPPORTED_NOT_FORWARDED = frozenset(
     # Host/device semantics differ (CuPy copies host data in; NumPy returns views of it,
     # or reads files into host memory): implement explicitly before anything uses them.
