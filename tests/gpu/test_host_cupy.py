@@ -34,6 +34,7 @@ FILES = [
     "test_kernels.py",
     "test_collectives_gpu.py",
     "test_gpu_import.py",
+    "test_multi_device.py",
 ]
 
 
