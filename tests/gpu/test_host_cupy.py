@@ -15,6 +15,7 @@ installed: there the GPU test files run for real instead.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import shutil
@@ -38,6 +39,7 @@ FILES = [
 ]
 
 
+@functools.cache
 def _real_gpu() -> bool:
     """Whether a real CuPy sees a CUDA device (probed in a child: importing CuPy here
     would put ``cupy`` into this process's ``sys.modules``)."""
