@@ -9,6 +9,10 @@ makes ``_gpu_skip.require_gpu`` bind ``sparcomm.kernels.gpu`` to the host CUDA e
 cannot check is device arithmetic and speed (``_host_cupy/cupy/__init__.py`` says what
 the double does not model).
 
+The collectives also run with CuPy inputs on 3 ranks under ``mpiexec``
+(``_host_cupy_ranks.py``: staged through pinned memory, as with the ``mpich`` wheel),
+and the dense path once more on 2 ranks through a simulated CUDA-aware MPI.
+
 Skipped where g++ is missing (no emulator), and where a real CuPy with a device is
 installed: there the GPU test files run for real instead.
 """
@@ -52,7 +56,8 @@ def _real_gpu() -> bool:
         )
     except subprocess.TimeoutExpired:
         return False
-    return result.returncode == 0 and result.stdout.strip() not in ("", "0")
+    lines = result.stdout.split()
+    return result.returncode == 0 and bool(lines) and lines[-1] != "0"
 
 
 def _double_env() -> dict[str, str]:
