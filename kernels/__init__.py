@@ -83,4 +83,8 @@ add(a, b, out) / subtract(a, b, out)
     ``b`` (in place) but must not partly overlap either (ValueError).  NaN and inf
     propagate; subnormal results are kept, not flushed to zero (CuPy's own ufuncs flush
     float32 ones).  Error feedback's ``x + residual`` and ``compensated - decoded``.
+divide_scalar(x, divisor, out)
+    ``out[i] = x[i] / d`` with ``d = x.dtype(divisor)`` (a finite, non-zero number),
+    one IEEE division rounded to nearest-even in ``x.dtype``, subnormals kept; ``out``
+    may be ``x``.  The ``op="mean"`` of a sum that stays on the GPU (NumPy's ``x / P``).
 """

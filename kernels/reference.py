@@ -254,3 +254,9 @@ def std(x: np.ndarray) -> float:
         centered = x64 - mean
         variance = _sequential_sum(lane_sum(centered * centered, STD_BLOCK)) / n
         return float(np.sqrt(np.float64(variance)))  # IEEE sqrt, correctly rounded
+
+
+def divide_scalar(x: np.ndarray, divisor: float, out: np.ndarray) -> None:
+    """``out[i] = x[i] / x.dtype(divisor)``, one rounding in ``x.dtype``; ``out`` may be x."""
+    with np.errstate(over="ignore", invalid="ignore", under="ignore"):
+        np.divide(x, x.dtype.type(divisor), out=out)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from . import _cache  # noqa: F401 - drops stale Numba caches before any kernel runs
 from ._random import uniform
-from .elementwise import add, subtract
+from .elementwise import add, divide_scalar, subtract
 from .moments import std
 from .onebit import onebit_decode, onebit_encode
 from .packing import pack_bits, unpack_bits
@@ -22,6 +22,7 @@ from .topk import topk
 
 __all__ = [
     "add",
+    "divide_scalar",
     "max_abs",
     "onebit_decode",
     "onebit_encode",

@@ -147,3 +147,41 @@ def subtract(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
         _run(_REVERSE_SUBTRACT, a, out, out)
     else:
         _run(_SUBTRACT, a, b, out)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _divide_parallel(x, d, out):
+    n = out.size
+    for c in prange(n_chunks(n, _CHUNK)):
+        lo, hi = c * _CHUNK, min(n, (c + 1) * _CHUNK)
+        xs, zs = x[lo:hi], out[lo:hi]
+        for t in range(zs.size):
+            zs[t] = xs[t] / d
+
+
+def check_divisor(divisor: Any) -> float:
+    """``divisor`` as a float: a finite, non-zero real number (shared with the GPU)."""
+    if isinstance(divisor, bool) or not isinstance(divisor, (int, float, np.integer, np.floating)):
+        raise TypeError(f"divisor must be a real number, got {type(divisor).__qualname__}")
+    if not (np.isfinite(divisor) and divisor != 0):
+        raise ValueError(f"divisor must be finite and non-zero, got {divisor}")
+    return float(divisor)
+
+
+def divide_scalar(x: np.ndarray, divisor: float, out: np.ndarray) -> None:
+    """``out[i] = x[i] / x.dtype(divisor)``, one IEEE division, subnormals kept.
+
+    Parameters
+    ----------
+    x, out : numpy.ndarray
+        1-D C-contiguous float32 or float64 of one dtype and size; ``out`` may be ``x``.
+    divisor : int or float
+        Finite and non-zero; converted to ``x.dtype`` first (as NumPy's ``x / P``).
+    """
+    _check(x, x, out)
+    d = x.dtype.type(check_divisor(divisor))
+    if out.size <= _CHUNK:
+        with np.errstate(over="ignore", invalid="ignore", under="ignore"):
+            np.divide(x, d, out=out)  # one thread: Numba's launch costs more than it saves
+    else:
+        _divide_parallel(x, d, out)

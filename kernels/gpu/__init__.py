@@ -10,9 +10,10 @@ The launch sequences live in :mod:`._kernels`, which does not import CuPy, so
 Functions (same names, signatures and bits as ``sparcomm.kernels.cpu``):
 ``stream_read``, ``uniform``, ``pack_bits``, ``unpack_bits``, ``topk``, ``scatter_add``,
 ``qsgd_encode``, ``qsgd_decode``, ``max_abs``, ``terngrad_encode``, ``terngrad_decode``,
-``onebit_encode``, ``onebit_decode``, ``add``, ``subtract`` (elementwise, keeping the float32
-subnormals that ``cupy.add`` / ``-=`` flush), ``merge_sum_two`` / ``merge_sum_streams`` (the
-sparse allreduce's merges of sorted streams, twins of ``kernels/cpu/merge.py``), and ``std``
+``onebit_encode``, ``onebit_decode``, ``add``, ``subtract``, ``divide_scalar`` (keeping
+the float32 subnormals that ``cupy.add`` / ``-=`` / ``/=`` flush), ``merge_sum_two`` /
+``merge_sum_streams`` (the sparse allreduce's merges of sorted streams, twins of
+``kernels/cpu/merge.py``), and ``std``
 (TernGrad's clipping threshold, in the contract's fixed summation order).
 See ``docs/gpu.md``.
 
@@ -75,6 +76,7 @@ onebit_encode = kernels.onebit_encode
 onebit_decode = kernels.onebit_decode
 add = kernels.add
 subtract = kernels.subtract
+divide_scalar = kernels.divide_scalar
 std = kernels.std
 merge_sum_two = kernels.merge_sum_two
 merge_sum_streams = kernels.merge_sum_streams

@@ -729,6 +729,33 @@ class GpuKernels:
         """
         self._elementwise("sc_subtract", a, b, out)
 
+    def divide_scalar(self, x: Any, divisor: float, out: Any) -> None:
+        """``out[i] = x[i] / x.dtype(divisor)``, one IEEE division, subnormals kept.
+
+        ``out`` has ``x``'s dtype and size and may be ``x``.  Use this rather than
+        ``cupy`` ``/=``, whose build flushes float32 subnormals.
+        """
+        self._array("x", x, _REALS, None)
+        self._array("out", out, (x.dtype,), x.size)
+        if _partly_overlap(out, x):
+            raise ValueError(
+                "out partly overlaps x: out may be x itself (in place) or a separate "
+                "buffer, not a shifted view of it; pass a copy"
+            )
+        if isinstance(divisor, bool) or not isinstance(
+            divisor, (int, float, np.integer, np.floating)
+        ):
+            raise TypeError(f"divisor must be a real number, got {type(divisor).__qualname__}")
+        if not (np.isfinite(divisor) and divisor != 0):
+            raise ValueError(f"divisor must be finite and non-zero, got {divisor}")
+        if x.size == 0:
+            return
+        self._fn("elementwise", "sc_divide_scalar", x.dtype)(
+            self._grid(x.size),
+            self.runtime.block,
+            (x, x.dtype.type(divisor), out, np.int64(x.size)),
+        )
+
     def _elementwise(self, name: str, a: Any, b: Any, out: Any) -> None:
         self._array("a", a, _REALS, None)
         self._array("b", b, (a.dtype,), a.size)
@@ -782,6 +809,7 @@ CONTRACT = (
     "onebit_decode",
     "add",
     "subtract",
+    "divide_scalar",
     "std",
 )
 """The contract's kernel names (``kernels/__init__.py``), all methods of GpuKernels."""

@@ -68,3 +68,12 @@ extern "C" __global__ void sc_add(const real_t* a, const real_t* b, real_t* out,
 extern "C" __global__ void sc_subtract(const real_t* a, const real_t* b, real_t* out, i64 n) {
     sc_elementwise<true>(a, b, out, n);
 }
+
+// out[i] = x[i] / d (contract ``divide_scalar``): the op="mean" of a sum kept on the GPU.
+// One IEEE division (-prec-div=true, -ftz=false in _nvrtc.py), so a subnormal quotient
+// is kept where cupy's `/=` would flush it.  `out` may be `x` (each element is read,
+// then written, by one thread).
+extern "C" __global__ void sc_divide_scalar(const real_t* x, real_t d, real_t* out, i64 n) {
+    const i64 stride = sc_grid_threads();
+    for (i64 i = sc_thread_id(); i < n; i += stride) out[i] = x[i] / d;
+}

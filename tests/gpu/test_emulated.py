@@ -366,3 +366,36 @@ def test_elementwise_rejects_bad_operands(kernels):
     with pytest.raises(ValueError, match="out partly overlaps b"):
         kernels.subtract(x, buffer[1:], buffer[:10])
     assert bitwise_equal(buffer, before)  # rejected before any write
+
+
+# ------------------------------------------------------------------ divide_scalar
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("divisor", [3, 4, 0.1])
+def test_divide_scalar(kernels, dtype, divisor):
+    for n in (0, 1, 7, 1001, 3001):  # 3001: more than one pass of the capped grid
+        x, _ = elementwise_operands(n, dtype, seed=n)
+        expected = np.empty_like(x)
+        reference.divide_scalar(x, divisor, expected)
+        out = np.empty_like(x)
+        kernels.divide_scalar(x, divisor, out)
+        assert values_equal(out, expected)
+        kernels.divide_scalar(x, divisor, x)  # in place
+        assert values_equal(x, expected)
+
+
+def test_divide_scalar_keeps_subnormals_and_checks_arguments(kernels):
+    # cupy's `/=` flushes these float32 quotients to zero; the kernel keeps them.
+    tiny = np.finfo(np.float32).smallest_subnormal
+    x = np.full(1001, 12 * tiny, np.float32)
+    kernels.divide_scalar(x, 4, x)
+    assert np.array_equal(x, np.full(1001, 3 * tiny, np.float32))
+    with pytest.raises(ValueError, match="finite and non-zero, got 0"):
+        kernels.divide_scalar(x, 0, x)
+    with pytest.raises(TypeError, match="divisor must be a real number"):
+        kernels.divide_scalar(x, "4", x)
+    with pytest.raises(TypeError, match="out must have dtype float32, got float64"):
+        kernels.divide_scalar(x, 4, np.empty(1001))
+    with pytest.raises(ValueError, match="partly overlaps"):
+        kernels.divide_scalar(x[:1000], 4, x[1:])

@@ -32,8 +32,9 @@ from _gpu_cases import (  # noqa: E402
     case_uniform,
     elementwise_operands,
     gradient_like,
+    values_equal,
 )
-from sparcomm.kernels import gpu  # noqa: E402
+from sparcomm.kernels import gpu, reference  # noqa: E402
 
 DTYPES = (np.float32, np.float64)
 
@@ -208,3 +209,27 @@ def test_elementwise_rejects_partial_overlap():
     buffer = cupy.arange(11, dtype=cupy.float32)
     with pytest.raises(ValueError, match="out partly overlaps a"):
         gpu.add(buffer[:10], cupy.ones(10, cupy.float32), buffer[1:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("divisor", [3, 4, 0.1])
+def test_divide_scalar(dtype, divisor):
+    for n in (0, 1, 7, BIG):
+        x = elementwise_operands(n, dtype, seed=n)[0]
+        expected = np.empty_like(x)
+        reference.divide_scalar(x, divisor, expected)
+        device_x = cupy.asarray(x)
+        out = cupy.empty_like(device_x)
+        gpu.divide_scalar(device_x, divisor, out)
+        assert values_equal(cupy.asnumpy(out), expected)
+        gpu.divide_scalar(device_x, divisor, device_x)  # in place
+        assert values_equal(cupy.asnumpy(device_x), expected)
+
+
+def test_divide_scalar_keeps_what_cupy_flushes():
+    tiny = np.finfo(np.float32).smallest_subnormal
+    x = cupy.asarray(np.full(3000, 12 * tiny, np.float32))
+    gpu.divide_scalar(x, 4, x)
+    assert np.array_equal(cupy.asnumpy(x), np.full(3000, 3 * tiny, np.float32))
+    with pytest.raises(ValueError, match="finite and non-zero"):
+        gpu.divide_scalar(x, 0, x)

@@ -284,6 +284,7 @@ def test_cpu_module_exports_the_contract() -> None:
         "onebit_decode",
         "add",
         "subtract",
+        "divide_scalar",
     }
     assert contract <= set(cpu.__all__)
     assert all(callable(getattr(ref, name)) for name in contract)
@@ -383,3 +384,67 @@ def test_elementwise_rejects_bad_operands() -> None:
     with pytest.raises(ValueError, match="out partly overlaps b"):
         cpu.subtract(x, buffer[1:], buffer[:10])
     assert same_bits(buffer, before)  # rejected before any write
+
+
+# --------------------------------------------------------------------- divide_scalar
+
+
+def divide_operands(n: int, dtype: type) -> np.ndarray:
+    """Values whose quotients by 3 or 4 include subnormals, zeros, inf and NaN."""
+    info = np.finfo(dtype)
+    special = np.array(
+        [
+            info.tiny,
+            -info.tiny * 3,
+            info.smallest_subnormal * 7,
+            -0.0,
+            0.0,
+            info.max,
+            np.inf,
+            -np.inf,
+            np.nan,
+            1.0,
+        ],
+        dtype=dtype,
+    )
+    values = np.random.default_rng(n).standard_normal(n).astype(dtype)
+    values[::7] = np.resize(special, values[::7].size)
+    return values
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [0, 1, 7, 1000, (1 << 16) + 3, 3 * (1 << 16) + 1])
+@pytest.mark.parametrize("divisor", [3, 4, 0.1])
+def test_divide_scalar_matches_reference(dtype: type, n: int, divisor: float) -> None:
+    x = divide_operands(n, dtype)
+    expected = np.empty_like(x)
+    ref.divide_scalar(x, divisor, expected)
+    out = np.empty_like(x)
+    cpu.divide_scalar(x, divisor, out)
+    assert out.tobytes() == expected.tobytes()
+    cpu.divide_scalar(x, divisor, x)  # in place
+    assert x.tobytes() == expected.tobytes()
+
+
+def test_divide_scalar_keeps_subnormal_quotients() -> None:
+    tiny = np.finfo(np.float32).smallest_subnormal
+    x = np.full((1 << 16) + 5, 12 * tiny, np.float32)  # the parallel path
+    cpu.divide_scalar(x, 4, x)
+    assert np.all(x == 3 * tiny)
+
+
+def test_divide_scalar_rejects_bad_arguments() -> None:
+    x = np.ones(10, np.float32)
+    with pytest.raises(ValueError, match="finite and non-zero, got 0"):
+        cpu.divide_scalar(x, 0, x)
+    with pytest.raises(ValueError, match="finite and non-zero, got nan"):
+        cpu.divide_scalar(x, float("nan"), x)
+    with pytest.raises(TypeError, match="divisor must be a real number, got str"):
+        cpu.divide_scalar(x, "4", x)
+    with pytest.raises(TypeError, match="share one dtype"):
+        cpu.divide_scalar(x, 4, np.empty(10))
+    with pytest.raises(ValueError, match="same size"):
+        cpu.divide_scalar(x, 4, np.empty(9, np.float32))
+    buffer = np.ones(11, np.float32)
+    with pytest.raises(ValueError, match="partly overlaps"):
+        cpu.divide_scalar(buffer[:10], 4, buffer[1:])
