@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import Hashable, Iterable, Mapping, Sequence
@@ -41,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from sparcomm._backend import array_module
+from sparcomm._backend import array_module, is_cupy_array
 
 logger = logging.getLogger(__name__)
 
@@ -220,6 +221,8 @@ class _StepRun:
         self.cancelled = False
         self.error: BaseException | None = None
         self.stats = ReductionStats(step=step)
+        self.device: Any = None  # the cupy.cuda.Device of CuPy gradients, else None
+        self.ready: dict[Hashable, Any] = {}  # name -> CUDA event: the gradient is written
 
 
 class GradientReducer:
@@ -449,7 +452,10 @@ class GradientReducer:
                 f"gradient {name!r} has dtype {grad.dtype}, registered as "
                 f"{run.plan.buckets[bucket_index].dtype}"
             )
+        ready = self._device_ready(run, name, grad) if is_cupy_array(grad) else None
         with run.condition:
+            if ready is not None:
+                run.ready[name] = ready
             if name in run.inputs:
                 raise ValueError(
                     f"gradient {name!r} submitted twice in step {run.step}; call wait() "
@@ -555,7 +561,40 @@ class GradientReducer:
         finally:
             run.done.set()
 
+    def _device_ready(self, run: _StepRun, name: Hashable, grad: Any) -> Any:
+        """Note a CuPy gradient's device; return an event recorded after its producer.
+
+        The progress thread has its own current device and stream (both are per thread
+        in CUDA): it reduces on the gradients' device, after the event, so it neither
+        runs kernels on another GPU nor reads a gradient still being written.
+        """
+        device = grad.device
+        if run.device is None:
+            run.device = device
+        elif run.device != device:
+            raise ValueError(
+                f"gradient {name!r} is on GPU {device.id}, this step's other gradients on "
+                f"GPU {run.device.id}; keep each rank's gradients on one GPU"
+            )
+        event = sys.modules["cupy"].cuda.Event(block=False, disable_timing=True)
+        event.record()  # on the caller's current stream, after the gradient's producer
+        return event
+
     def _reduce_bucket(self, run: _StepRun, bucket: _Bucket) -> None:
+        if run.device is None:
+            self._reduce_bucket_here(run, bucket)
+            return
+        with run.device:
+            stream = sys.modules["cupy"].cuda.get_current_stream()
+            for slot in bucket.slots:
+                event = run.ready.get(slot.name)
+                if event is not None:
+                    stream.wait_event(event)
+            self._reduce_bucket_here(run, bucket)
+            # The caller reads the outputs on its own stream after wait().
+            stream.synchronize()
+
+    def _reduce_bucket_here(self, run: _StepRun, bucket: _Bucket) -> None:
         codec = self.codec if bucket.compressed else self._dense_codec
         if len(bucket.slots) == 1:
             slot = bucket.slots[0]

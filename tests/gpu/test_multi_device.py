@@ -45,12 +45,9 @@ def test_codecs_and_collectives_on_device_1(make_codec):
     assert cupy.asnumpy(got).tobytes() == np.asarray(expected).tobytes()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="GradientReducer's progress thread runs on device 0 whatever device the caller "
-    "uses (sparcomm/reducer.py: no `with <device>` around _reduce_bucket)",
-)
 def test_gradient_reducer_keeps_the_callers_device():
+    # The progress thread has its own current device (per thread in CUDA): the reducer
+    # must switch to the gradients' device there.
     x = _x()
     reducer = GradientReducer(ErrorFeedback(TopK(density=0.01)), MPI.COMM_SELF)
     expected = reducer.reduce({"w": x})["w"]
@@ -63,3 +60,16 @@ def test_gradient_reducer_keeps_the_callers_device():
             reducer.close()
     assert got.device.id == 1
     assert cupy.asnumpy(got).tobytes() == np.asarray(expected).tobytes()
+
+
+def test_gradient_reducer_refuses_gradients_on_two_devices():
+    reducer = GradientReducer(TopK(density=0.01), MPI.COMM_SELF, overlap=False)
+    try:
+        reducer.setup([("a", (100,), np.float32), ("b", (100,), np.float32)])
+        reducer.submit("a", cupy.ones(100, np.float32))
+        with cupy.cuda.Device(1):
+            b = cupy.ones(100, np.float32)
+        with pytest.raises(ValueError, match="is on GPU 1, this step's other gradients on GPU 0"):
+            reducer.submit("b", b)
+    finally:
+        reducer.close()

@@ -131,6 +131,13 @@ class Stream:
         event.record(self)
         return event
 
+    def wait_event(self, event: Event) -> None:
+        """Make later work on this stream wait for ``event`` (already complete here)."""
+        if not isinstance(event, Event):
+            raise TypeError(
+                f"Argument 'event' has incorrect type (expected Event, got {type(event).__name__})"
+            )
+
 
 Stream.null = Stream(null=True)
 _thread = threading.local()
