@@ -100,6 +100,9 @@ def device_output(out: Any, shape: tuple[int, ...], dtype: np.dtype) -> Any:
 def dense_to_device(host: np.ndarray, out: Any) -> Any:
     """Copy the host result into the device array ``out`` (same size); returns ``out``."""
     out.reshape(-1).set(np.ascontiguousarray(host).reshape(-1))
+    # The host buffer is a pinned slot the next collective reuses: the copy must be done
+    # (CuPy may run it asynchronously on a non-default current stream).
+    synchronize()
     return out
 
 
@@ -111,6 +114,7 @@ def sparse_to_device(indices: np.ndarray, values: np.ndarray, out: Any) -> Any:
     flat.fill(0)
     if indices.size:
         flat[cupy.asarray(indices)] = cupy.asarray(values)
+    synchronize()  # as in dense_to_device: the host arrays may be reused buffers
     return out
 
 
