@@ -18,13 +18,23 @@ def test_info_reports_the_stack(capsys):
 
 
 def test_bench_codecs_measures_every_codec(capsys):
-    assert main(["bench", "codecs", "--sizes", "12", "--repeats", "1", "--numpy-repeats", "1",
-                 "--json"]) == 0
+    assert (
+        main(
+            ["bench", "codecs", "--sizes", "12", "--repeats", "1", "--numpy-repeats", "1", "--json"]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     rows = result["rows"]
     codecs = {row["codec"] for row in rows}
-    assert {"NoCompression", "FP16", "TopK(density=0.01)", "QSGD(bits=4)", "TernGrad",
-            "OneBit"} <= codecs
+    assert {
+        "NoCompression",
+        "FP16",
+        "TopK(density=0.01)",
+        "QSGD(bits=4)",
+        "TernGrad",
+        "OneBit",
+    } <= codecs
     for row in rows:
         assert row["n"] == 4096
         assert row["encode_s"] > 0 and row["read_s"] > 0 and row["numpy_encode_s"] > 0

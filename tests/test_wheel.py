@@ -29,9 +29,20 @@ print('wheel round trip ok')
 def test_wheel_installs_into_a_fresh_venv_and_round_trips(tmp_path):
     dist = tmp_path / "dist"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(dist), str(ROOT)],
-        check=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(dist),
+            str(ROOT),
+        ],
+        check=True,
+        timeout=300,
     )
     (wheel,) = dist.glob("sparcomm-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -45,12 +56,22 @@ def test_wheel_installs_into_a_fresh_venv_and_round_trips(tmp_path):
     python = venv / "bin" / "python"
     # numpy and numba come from the package index (or pip's cache); MPI is not needed
     # for a codec round trip, so the wheel goes in without its other dependencies.
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "numpy", "numba"],
-                   check=True, timeout=600)
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel)],
-                   check=True, timeout=300)
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "numpy", "numba"], check=True, timeout=600
+    )
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel)],
+        check=True,
+        timeout=300,
+    )
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    result = subprocess.run([str(python), "-c", ROUND_TRIP], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [str(python), "-c", ROUND_TRIP],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "wheel round trip ok" in result.stdout

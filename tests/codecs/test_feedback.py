@@ -31,10 +31,17 @@ def test_topk_conservation_is_bit_exact(steps, k):
 
 
 @settings(max_examples=30, deadline=None)
-@given(steps=st.lists(arrays(np.float64, 50, elements=st.floats(-100, 100)), min_size=1,
-                      max_size=4))
-@pytest.mark.parametrize("make", [lambda: QSGD(bits=3, bucket_size=8), lambda: TernGrad(),
-                                  lambda: OneBit(bucket_size=6, error_feedback=False)])
+@given(
+    steps=st.lists(arrays(np.float64, 50, elements=st.floats(-100, 100)), min_size=1, max_size=4)
+)
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: QSGD(bits=3, bucket_size=8),
+        lambda: TernGrad(),
+        lambda: OneBit(bucket_size=6, error_feedback=False),
+    ],
+)
 def test_quantizer_conservation_within_rounding(make, steps):
     ef = ErrorFeedback(make())
     sent = np.zeros(50)
@@ -44,8 +51,9 @@ def test_quantizer_conservation_within_rounding(make, steps):
         sent += ef.decode(ef.encode(x, key="w", step=step))
     # applied + kept == everything that came in, up to one rounding per step
     scale = max(1.0, float(np.abs(total).max()))
-    np.testing.assert_allclose(sent + ef.residual("w"), total, rtol=0,
-                               atol=1e-12 * scale * len(steps) * 8)
+    np.testing.assert_allclose(
+        sent + ef.residual("w"), total, rtol=0, atol=1e-12 * scale * len(steps) * 8
+    )
 
 
 def test_onebit_keeps_error_feedback_by_default(rng):

@@ -18,7 +18,12 @@ def test_round_trip_is_exact_and_nbytes_is_the_buffer_length(codec, rng, dtype):
     assert payload.nbytes == codec.encoded_nbytes(x.size, dtype, ndim=2)
     back = Payload.from_bytes(buffer)
     assert (back.codec_id, back.n, back.dtype, back.shape, back.params) == (
-        payload.codec_id, payload.n, payload.dtype, payload.shape, payload.params)
+        payload.codec_id,
+        payload.n,
+        payload.dtype,
+        payload.shape,
+        payload.params,
+    )
     for name in payload.arrays:
         np.testing.assert_array_equal(back.arrays[name], payload.arrays[name])
     np.testing.assert_array_equal(codec.decode(back), codec.decode(payload))

@@ -47,8 +47,15 @@ def _qsgd_exact_variance(codec, x):
     return variance
 
 
-@pytest.mark.parametrize("codec", [QSGD(bits=2, bucket_size=32), QSGD(bits=4, bucket_size=512),
-                                   QSGD(levels=5, bucket_size=7, norm="max")], ids=repr)
+@pytest.mark.parametrize(
+    "codec",
+    [
+        QSGD(bits=2, bucket_size=32),
+        QSGD(bits=4, bucket_size=512),
+        QSGD(levels=5, bucket_size=7, norm="max"),
+    ],
+    ids=repr,
+)
 def test_qsgd_is_unbiased_and_within_its_variance_bound(codec):
     x = np.random.default_rng(3).standard_normal(N)
     decodes = _decodes(codec, x)
@@ -90,8 +97,9 @@ def test_terngrad_shared_scale_values_sum_as_integers():
     xs = [rng.standard_normal(200).astype(np.float32) for _ in range(3)]
     codec = TernGrad()
     shared = np.max([codec.local_scales(x) for x in xs], axis=0)
-    decodes = [codec.decode(codec.encode(x, scale=shared, rank=r, step=0))
-               for r, x in enumerate(xs)]
+    decodes = [
+        codec.decode(codec.encode(x, scale=shared, rank=r, step=0)) for r, x in enumerate(xs)
+    ]
     units = [d / shared[0] for d in decodes]
     for u in units:
         np.testing.assert_array_equal(u, np.rint(u))
