@@ -150,13 +150,18 @@ def subtract(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _divide_parallel(x, d, out):
+def _divide_parallel(x, d, out, in_place):
     n = out.size
     for c in prange(n_chunks(n, _CHUNK)):
         lo, hi = c * _CHUNK, min(n, (c + 1) * _CHUNK)
-        xs, zs = x[lo:hi], out[lo:hi]
-        for t in range(zs.size):
-            zs[t] = xs[t] / d
+        zs = out[lo:hi]
+        if in_place:  # one array: the loop vectorises (two aliased ones fail LLVM's check)
+            for t in range(zs.size):
+                zs[t] /= d
+        else:
+            xs = x[lo:hi]
+            for t in range(zs.size):
+                zs[t] = xs[t] / d
 
 
 def check_divisor(divisor: Any) -> float:
@@ -178,10 +183,10 @@ def divide_scalar(x: np.ndarray, divisor: float, out: np.ndarray) -> None:
     divisor : int or float
         Finite and non-zero; converted to ``x.dtype`` first (as NumPy's ``x / P``).
     """
-    _check(x, x, out)
+    in_place, _ = _check(x, x, out)
     d = x.dtype.type(check_divisor(divisor))
     if out.size <= _CHUNK:
         with np.errstate(over="ignore", invalid="ignore", under="ignore"):
             np.divide(x, d, out=out)  # one thread: Numba's launch costs more than it saves
     else:
-        _divide_parallel(x, d, out)
+        _divide_parallel(x, d, out, in_place)
