@@ -24,6 +24,7 @@ both cases, because their reductions run on the host.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Any
 
@@ -88,6 +89,39 @@ class DeviceStaging:
         """An uninitialised pinned host array of ``size`` elements."""
         dtype = np.dtype(dtype)
         return self.pinned.buffer(slot, size * dtype.itemsize).view(dtype)
+
+
+def payloads_to_device(payloads: list[Payload], buffer: np.ndarray) -> list[Payload]:
+    """The payloads, whose arrays are host views into ``buffer``, as the same views into
+    one device copy of ``buffer`` (a single host-to-device copy for all of them).
+
+    Payload arrays are 8-byte aligned within their payload and every block of a gathered
+    buffer is a multiple of 8 bytes, so the device views are aligned for their dtype.
+    """
+    device = sys.modules["cupy"].asarray(buffer)
+    base = buffer.ctypes.data
+    moved = []
+    for payload in payloads:
+        arrays = {}
+        for name, array in payload.arrays.items():
+            offset = array.ctypes.data - base
+            arrays[name] = device[offset : offset + array.nbytes].view(array.dtype)
+        moved.append(dataclasses.replace(payload, arrays=arrays))
+    return moved
+
+
+def decode_sum(codec: Any, payloads: list[Payload], out: Any) -> None:
+    """``out = sum of decode(p)`` on the device, in list order: the bits of the host
+    ``_decode_sum`` (the same decodes, the same IEEE additions in the same order)."""
+    from sparcomm._backend import kernels_for
+
+    kernels = kernels_for(sys.modules["cupy"])
+    codec.decode(payloads[0], out=out)
+    if len(payloads) > 1:
+        work = sys.modules["cupy"].empty_like(out)
+        for payload in payloads[1:]:
+            codec.decode(payload, out=work)
+            kernels.add(out, work, out)
 
 
 def device_output(out: Any, shape: tuple[int, ...], dtype: np.dtype) -> Any:

@@ -66,8 +66,11 @@ from sparcomm.comm._device import (
     DeviceStaging,
     dense_to_device,
     device_output,
+    divide,
     is_device,
+    payloads_to_device,
 )
+from sparcomm.comm._device import decode_sum as device_decode_sum
 from sparcomm.comm._quantized_cost import (
     QUANTIZED_ALGORITHMS,
     SHARED_SCALE_ALIGNMENT,
@@ -193,6 +196,8 @@ class _Problem:
     out: np.ndarray  # flat result buffer, n elements (host memory, also for CuPy inputs)
     scratch: _Scratch
     staging: DeviceStaging | None = None  # set for CuPy inputs: device payloads go through it
+    device_out: Any = None  # CuPy inputs: the flat device result, where the decodes can go
+    result_on_device: bool = False  # set by an algorithm that decoded into device_out
 
     @property
     def n(self) -> int:
@@ -293,6 +298,11 @@ def allgather(problem: _Problem) -> None:
             Payload.from_bytes(recv[offsets[r] + STATUS_BYTES : offsets[r + 1]])
             for r in range(size)
         ]
+        if problem.device_out is not None:
+            # CuPy input: the compressed payloads go to the device, not the dense sum.
+            device_decode_sum(codec, payloads_to_device(payloads, recv), problem.device_out)
+            problem.result_on_device = True
+            return
         work = problem.scratch.get("work", problem.n, problem.dtype)
         _decode_sum(codec, payloads, problem.out, work)
 
@@ -362,10 +372,19 @@ def reduce_scatter_allgather(problem: _Problem) -> None:
         gathered, offsets = _allgatherv(problem, mine, blocks)
     _raise_failure(error, *_first_failure(gathered, offsets))
     with stats._phase("decode"):
-        for j in range(size):
-            if lengths[j]:
-                chunk = Payload.from_bytes(gathered[offsets[j] + STATUS_BYTES : offsets[j + 1]])
-                codec.decode(chunk, out=problem.out[bounds[j] : bounds[j + 1]])
+        chunks = [
+            Payload.from_bytes(gathered[offsets[j] + STATUS_BYTES : offsets[j + 1]])
+            for j in range(size)
+            if lengths[j]
+        ]
+        target = problem.out
+        if problem.device_out is not None:  # CuPy input: decode the chunks on the device
+            chunks = payloads_to_device(chunks, gathered)
+            target = problem.device_out
+            problem.result_on_device = True
+        owners = [j for j in range(size) if lengths[j]]
+        for j, chunk in zip(owners, chunks, strict=True):
+            codec.decode(chunk, out=target[bounds[j] : bounds[j + 1]])
 
 
 # ------------------------------------------------------------------ shared scale
@@ -582,7 +601,7 @@ def quantized_allreduce(
     stats.algorithm = name
     stats.predicted_bytes = predict_quantized(name, bare, n, dtype, size).bytes(rank)
     result: Any
-    if device:  # the sum is formed on the host, then copied to the device once
+    if device:  # payloads are decoded on the device, or the sum copied there once
         flat = state.staging.host_buffer(n, dtype, "result")
         result = device_output(out, x.shape, dtype)
     else:
@@ -599,13 +618,18 @@ def quantized_allreduce(
         flat,
         _scratch(state.comm),
         state.staging if device else None,
+        result.reshape(-1) if device else None,
     )
     ALGORITHMS[name](problem)
     with stats._phase("output"):
-        if op == "mean":
-            flat /= dtype.type(size)
-        if device:
-            dense_to_device(flat, result)
+        if problem.result_on_device:
+            if op == "mean":
+                divide(problem.device_out, size)
+        else:
+            if op == "mean":
+                flat /= dtype.type(size)
+            if device:
+                dense_to_device(flat, result)
     return result
 
 

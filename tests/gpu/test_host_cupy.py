@@ -40,6 +40,7 @@ FILES = [
     "test_collectives_gpu.py",
     "test_gpu_import.py",
     "test_multi_device.py",
+    "test_std_gpu.py",
 ]
 
 
