@@ -1,4 +1,4 @@
-"""CuPy inputs to the collectives: encode on the device, reduce on the host.
+"""CuPy inputs to the collectives: encode and decode on the device, merge on the host.
 
 Every collective of :mod:`sparcomm.comm` accepts a ``cupy.ndarray`` for ``x`` (and
 ``out``) and returns a ``cupy.ndarray``, bitwise equal to what the same call returns for
@@ -8,18 +8,25 @@ the NumPy copy of the input.  The work is split where it is cheapest:
   residuals kept on the device.  Only the payload -- ``k`` entries for TopK, ``n/8`` bytes
   for 4-bit QSGD -- crosses to the host, in one copy into a reusable page-locked buffer
   (:class:`~sparcomm.kernels.gpu.staging.PinnedStaging`, one set per communicator).
-* **Reduction runs on the host**, in the same code as for NumPy inputs: the merges of
-  the sparse algorithms and the decode-and-sum of the quantized ones.  That is why the
-  results are the NumPy results bit for bit: the GPU encoders produce the CPU bits
-  (``kernels/gpu``), and everything after them is the CPU path.
-* **The result goes back once**: a sparse sum is scattered into a zeroed device array
-  (only its nonzeros cross), a dense one is copied from pinned memory.
+* **Exchanges and merges run on the host**, in the same code as for NumPy inputs: the
+  sparse algorithms' merges, the owner sums of ``reduce_scatter_allgather``, TernGrad's
+  integer sums.  MPI needs host buffers unless it is CUDA-aware, and this data is small.
+* **Decoding runs on the device** where the result is a sum of decoded payloads (the
+  quantized ``allgather`` and ``reduce_scatter_allgather``): the gathered payloads cross
+  back in one copy (:func:`payloads_to_device`) and :func:`decode_sum` adds them in rank
+  order with the kernel layer's ``add``.  Other results go back once: a sparse sum is
+  scattered into a zeroed device array (only its nonzeros cross), a dense one is copied
+  from pinned memory.
+
+The bits are the NumPy path's because the GPU kernels produce the CPU kernels' bits
+(``kernels/gpu``), the device sums add in the host's order with the same IEEE additions,
+and everything else is the CPU code.
 
 The dense path (no codec, ``NoCompression``) has no encoding to do on the device.  When
 the MPI library is CUDA-aware (:func:`sparcomm._gpu_info.cuda_aware_mpi`, asked once per
 process) it hands the device buffers straight to ``MPI_Allreduce``; otherwise it stages
 them through pinned memory.  The sparse and quantized paths stage their payloads in
-both cases, because their reductions run on the host.
+both cases, because their merges run on the host.
 """
 
 from __future__ import annotations
