@@ -42,6 +42,7 @@ from sparcomm.comm._quantized_layout import (
     MAX_INT16_RANKS,
     STATUS_BYTES,
     TERNARY_BITS,
+    apply_scales,
     chunk_alignment,
     chunk_bounds,
     chunk_nbytes,
@@ -81,7 +82,8 @@ class CodecCosts:
         ``out += scratch`` (summing decoded payloads).
     accumulate, pack, expand : float
         TernGrad's shared-scale path: add 2-bit codes into integer sums, pack the sums,
-        unpack them and multiply by the scale (0 for other codecs).
+        unpack them and multiply by the scale (``expand`` times both of these last
+        passes, as the ``output`` phase runs them; 0 for other codecs).
     """
 
     encode: float
@@ -290,7 +292,13 @@ def _measure(codec: Any, dtype: np.dtype, repeats: int) -> CodecCosts:
         accumulate = _median_time(lambda: ternary_accumulate(packed, acc, codes, ones), repeats)
         acc[:] = 0
         pack = _median_time(lambda: pack_sums(acc, 2, codes, wire), repeats)
-        expand = _median_time(lambda: expand_sums(wire, 2, codes, out), repeats)
+        scales, bucket = payload.arrays["scales"], codec.bucket_for(m)
+
+        def output() -> None:  # the "output" phase of shared_scale: both passes
+            expand_sums(wire, 2, codes, out)
+            apply_scales(out, scales, bucket)
+
+        expand = _median_time(output, repeats)
     return CodecCosts(*(value / m for value in (encode, decode, add, accumulate, pack, expand)))
 
 
