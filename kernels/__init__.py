@@ -60,23 +60,36 @@ qsgd_encode(x, levels, bits, bucket, norm, stream, out_scales, out_packed)
     t - l)``, clamped to ``levels`` (NaN clamps to ``levels`` too); field
     ``(level << 1) | (x_i < 0)``, ``bits`` wide.
     ``out_scales`` x.dtype, length nb; ``out_packed`` uint8, ``ceil(n*bits/8)``.
-qsgd_decode(packed, scales, levels, bits, bucket, out)
-    ``out_i = ±(level * (scale / levels))``, ``scale / levels`` computed once per bucket
-    in out.dtype; sign from the low bit.
+qsgd_decode(packed, scales, levels, bits, bucket, out, accumulate=0)
+    ``d_i = ±(level * (scale / levels))``, ``scale / levels`` computed once per bucket
+    in out.dtype; sign from the low bit.  ``d_i`` goes to ``out`` by ``accumulate``
+    (below).
 max_abs(x, bucket, out)
     ``out[b] = max |x_i|`` over bucket b (x.dtype, length nb).
 terngrad_encode(x, scales, bucket, clip, stream, out_packed)
     ``a = min(|x_i|, clip)``; ``p = a / s_b`` (x.dtype); code = 0 unless
     ``u(stream, i) < p``, then 1 for ``x_i > 0`` and 2 for ``x_i < 0``; 2-bit fields.
     ``s_b == 0`` gives code 0.  ``clip`` = inf disables clipping.
-terngrad_decode(packed, scales, bucket, out)
-    code 1 -> ``+s_b``, 2 -> ``-s_b``, 0 -> 0 (3 never produced; decodes as 0).
+terngrad_decode(packed, scales, bucket, out, accumulate=0)
+    ``d_i``: code 1 -> ``+s_b``, 2 -> ``-s_b``, 0 -> 0 (3 never produced; decodes as
+    0).  ``d_i`` goes to ``out`` by ``accumulate`` (below).
 onebit_encode(x, bucket, out_packed, out_means)
     bit = ``x_i < 0``; ``out_means[2b]`` = mean of bucket b's entries with bit 0,
     ``out_means[2b+1]`` = mean of those with bit 1 (0 where none); means are
     ``lane_sum(x over the group) / count`` in float64, cast to x.dtype.
-onebit_decode(packed, means, bucket, out)
-    ``out_i = means[2b + bit_i]``.
+onebit_decode(packed, means, bucket, out, accumulate=0)
+    ``d_i = means[2b + bit_i]``, to ``out`` by ``accumulate`` (below).
+``accumulate`` of the three decodes (``d_i`` the decoded value above)
+    ``0``: ``out_i = d_i``; ``1``: ``out_i = out_i + d_i``; ``-1``: ``out_i = out_i -
+    d_i``; each one IEEE operation rounded to nearest-even in out.dtype, subnormals
+    kept (no flush to zero, no fused multiply-add with the product that formed
+    ``d_i``), NaN and inf propagated.  So a fused decode is bit for bit decoding into a
+    separate buffer ``d`` and then ``add(out, d, out)`` / ``subtract(out, d, out)``
+    (NaN results may differ only in sign and payload, as ``add``/``subtract``'s do).
+    It saves that second pass over n elements in error feedback (``compensated -=
+    decoded``) and in the quantized collectives (``sum += decoded``).  Any other value
+    (a bool or float included) raises ValueError naming the allowed ones, also when
+    ``n == 0``.
 add(a, b, out) / subtract(a, b, out)
     ``out[i] = a[i] + b[i]`` / ``a[i] - b[i]``, each rounded once to nearest-even in
     ``a.dtype``; ``b`` and ``out`` have ``a``'s dtype and size.  ``out`` may be ``a`` or

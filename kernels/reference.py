@@ -151,15 +151,53 @@ def qsgd_encode(
     pack_bits(fields, bits, out_packed)
 
 
+ACCUMULATE = (0, 1, -1)
+"""Allowed ``accumulate`` of the decode kernels: store, add to ``out``, subtract from it."""
+
+
+def check_accumulate(accumulate: object) -> int:
+    """``accumulate`` as an int if it is 0, 1 or -1 (not a bool); ValueError otherwise."""
+    if (
+        isinstance(accumulate, (int, np.integer))
+        and not isinstance(accumulate, (bool, np.bool_))
+        and int(accumulate) in ACCUMULATE
+    ):
+        return int(accumulate)
+    raise ValueError(
+        "accumulate must be 0 (out = decoded), 1 (out += decoded) or -1 (out -= decoded), "
+        f"got {accumulate!r} ({type(accumulate).__qualname__}); pass one of these ints"
+    )
+
+
+def _store(decoded: np.ndarray, out: np.ndarray, accumulate: int) -> None:
+    """``out = decoded``, ``out += decoded`` or ``out -= decoded``: the contract's
+    ``add`` / ``subtract`` with ``out`` in place, so fused decodes are held to them."""
+    if accumulate == 0:
+        out[:] = decoded
+    elif accumulate == 1:
+        add(out, decoded, out)
+    else:
+        subtract(out, decoded, out)
+
+
 def qsgd_decode(
-    packed: np.ndarray, scales: np.ndarray, levels: int, bits: int, bucket: int, out: np.ndarray
+    packed: np.ndarray,
+    scales: np.ndarray,
+    levels: int,
+    bits: int,
+    bucket: int,
+    out: np.ndarray,
+    accumulate: int = 0,
 ) -> None:
-    """``out_i = ±(level_i * (scale_b / levels))`` from the packed QSGD fields."""
+    """``d_i = ±(level_i * (scale_b / levels))`` from the packed QSGD fields, stored into
+    ``out`` (``accumulate`` 0), added to it (1) or subtracted from it (-1)."""
+    accumulate = check_accumulate(accumulate)
     fields = np.empty(out.size, dtype=np.uint8)
     unpack_bits(packed, bits, fields)
     step = scales.astype(out.dtype) / out.dtype.type(levels)
-    magnitude = (fields >> np.uint8(1)).astype(out.dtype) * step[_bucket_of(out.size, bucket)]
-    out[:] = np.where(fields & np.uint8(1), -magnitude, magnitude)
+    with np.errstate(invalid="ignore"):  # 0 * inf (an inf scale) is NaN: a result here
+        magnitude = (fields >> np.uint8(1)).astype(out.dtype) * step[_bucket_of(out.size, bucket)]
+    _store(np.where(fields & np.uint8(1), -magnitude, magnitude), out, accumulate)
 
 
 def terngrad_encode(
@@ -181,12 +219,16 @@ def terngrad_encode(
     pack_bits(codes, 2, out_packed)
 
 
-def terngrad_decode(packed: np.ndarray, scales: np.ndarray, bucket: int, out: np.ndarray) -> None:
-    """Code 1 -> ``+s_b``, 2 -> ``-s_b``, 0 and 3 -> 0."""
+def terngrad_decode(
+    packed: np.ndarray, scales: np.ndarray, bucket: int, out: np.ndarray, accumulate: int = 0
+) -> None:
+    """Code 1 -> ``+s_b``, 2 -> ``-s_b``, 0 and 3 -> 0; ``accumulate`` as in qsgd_decode."""
+    accumulate = check_accumulate(accumulate)
     codes = np.empty(out.size, dtype=np.uint8)
     unpack_bits(packed, 2, codes)
     s = scales.astype(out.dtype)[_bucket_of(out.size, bucket)]
-    out[:] = np.where(codes == 1, s, np.where(codes == 2, -s, out.dtype.type(0)))
+    decoded = np.where(codes == 1, s, np.where(codes == 2, -s, out.dtype.type(0)))
+    _store(decoded, out, accumulate)
 
 
 def onebit_encode(
@@ -207,11 +249,14 @@ def onebit_encode(
     out_means[:] = means.reshape(-1).astype(x.dtype)
 
 
-def onebit_decode(packed: np.ndarray, means: np.ndarray, bucket: int, out: np.ndarray) -> None:
-    """``out_i = means[2b + bit_i]``."""
+def onebit_decode(
+    packed: np.ndarray, means: np.ndarray, bucket: int, out: np.ndarray, accumulate: int = 0
+) -> None:
+    """``d_i = means[2b + bit_i]``; ``accumulate`` as in :func:`qsgd_decode`."""
+    accumulate = check_accumulate(accumulate)
     bit = np.empty(out.size, dtype=np.uint8)
     unpack_bits(packed, 1, bit)
-    out[:] = means.astype(out.dtype)[2 * _bucket_of(out.size, bucket) + bit]
+    _store(means.astype(out.dtype)[2 * _bucket_of(out.size, bucket) + bit], out, accumulate)
 
 
 def add(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:

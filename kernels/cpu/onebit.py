@@ -16,7 +16,15 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ._common import CHUNK, LANES, as_dtype, combine_lanes, lane_rows_by_sign, n_chunks
+from ._common import (
+    CHUNK,
+    LANES,
+    as_dtype,
+    check_accumulate,
+    combine_lanes,
+    lane_rows_by_sign,
+    n_chunks,
+)
 from .packing import pack_groups, pack_tail, unpack_groups
 
 
@@ -135,7 +143,7 @@ def onebit_encode(x, bucket, out_packed, out_means):
 
 
 @njit(cache=True, nogil=True)
-def _decode_task(packed, means, bucket, a, b, out):
+def _decode_task(packed, means, bucket, accumulate, a, b, out):
     scratch = np.empty((b - a + 7) // 8, dtype=np.uint64)
     unpack_groups(packed, 1, a // 8, scratch.size, scratch)
     lanes = scratch.view(np.uint8)
@@ -146,13 +154,33 @@ def _decode_task(packed, means, bucket, a, b, out):
         negative = as_dtype(means[2 * bk + 1], out)
         fs = lanes[s - a : e - a]
         os = out[s:e]
-        for t in range(fs.size):
-            os[t] = negative if fs[t] else positive
+        # One loop per mode, the test outside: each loop stays branch-free.
+        if accumulate == 0:
+            for t in range(fs.size):
+                os[t] = negative if fs[t] else positive
+        elif accumulate == 1:
+            for t in range(fs.size):
+                os[t] = os[t] + (negative if fs[t] else positive)
+        else:
+            for t in range(fs.size):
+                os[t] = os[t] - (negative if fs[t] else positive)
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def onebit_decode(packed, means, bucket, out):
-    """``out_i = means[2b + bit_i]``."""
+def _onebit_decode(packed, means, bucket, accumulate, out):
     n = out.size
     for c in prange(n_chunks(n, CHUNK)):
-        _decode_task(packed, means, bucket, c * CHUNK, min(n, (c + 1) * CHUNK), out)
+        _decode_task(packed, means, bucket, accumulate, c * CHUNK, min(n, (c + 1) * CHUNK), out)
+
+
+def onebit_decode(
+    packed: np.ndarray, means: np.ndarray, bucket: int, out: np.ndarray, accumulate: int = 0
+) -> None:
+    """``d_i = means[2b + bit_i]``, into ``out`` by ``accumulate``.
+
+    ``accumulate`` 0 / 1 / -1: ``out = d`` / ``out += d`` / ``out -= d`` in one pass, bit
+    for bit the decode into a separate buffer followed by the contract's ``add`` /
+    ``subtract`` (``kernels/__init__.py``); any other value raises ValueError.
+    """
+    accumulate = check_accumulate(accumulate)
+    _onebit_decode(packed, means, int(bucket), accumulate, out)

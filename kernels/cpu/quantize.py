@@ -19,7 +19,15 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ._common import CHUNK, abs_bits, abs_mask, as_dtype, lane_sum_squares, n_chunks
+from ._common import (
+    CHUNK,
+    abs_bits,
+    abs_mask,
+    as_dtype,
+    check_accumulate,
+    lane_sum_squares,
+    n_chunks,
+)
 from ._random import (
     GOLDEN32,
     as_stream,
@@ -191,7 +199,14 @@ def qsgd_encode(
 
 
 @njit(cache=True, nogil=True)
-def _qsgd_decode_task(packed, scales, levels, bits, bucket, a, b, out):
+def _qsgd_value(f, step, out):
+    """``±(level * step)`` of one field in out.dtype: the decoded ``d_i`` of the contract."""
+    magnitude = as_dtype(f >> np.uint8(1), out) * step
+    return -magnitude if f & np.uint8(1) else magnitude
+
+
+@njit(cache=True, nogil=True)
+def _qsgd_decode_task(packed, scales, levels, bits, bucket, accumulate, a, b, out):
     scratch = np.empty((b - a + 7) // 8, dtype=np.uint64)
     unpack_groups(packed, bits, a // 8, scratch.size, scratch)
     lanes = scratch.view(np.uint8)
@@ -201,26 +216,53 @@ def _qsgd_decode_task(packed, scales, levels, bits, bucket, a, b, out):
         step = as_dtype(scales[bk], out) / as_dtype(levels, out)
         fs = lanes[s - a : e - a]
         os = out[s:e]
-        for t in range(fs.size):
-            f = fs[t]
-            magnitude = as_dtype(f >> np.uint8(1), out) * step
-            os[t] = -magnitude if f & np.uint8(1) else magnitude
+        # One loop per mode, the test outside: each loop stays branch-free and vectorises.
+        if accumulate == 0:
+            for t in range(fs.size):
+                os[t] = _qsgd_value(fs[t], step, out)
+        elif accumulate == 1:
+            for t in range(fs.size):
+                os[t] = os[t] + _qsgd_value(fs[t], step, out)
+        else:
+            for t in range(fs.size):
+                os[t] = os[t] - _qsgd_value(fs[t], step, out)
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _qsgd_decode(packed, scales, levels, bits, bucket, out):
+def _qsgd_decode(packed, scales, levels, bits, bucket, accumulate, out):
     n = out.size
     for c in prange(n_chunks(n, CHUNK)):
         _qsgd_decode_task(
-            packed, scales, levels, bits, bucket, c * CHUNK, min(n, (c + 1) * CHUNK), out
+            packed,
+            scales,
+            levels,
+            bits,
+            bucket,
+            accumulate,
+            c * CHUNK,
+            min(n, (c + 1) * CHUNK),
+            out,
         )
 
 
 def qsgd_decode(
-    packed: np.ndarray, scales: np.ndarray, levels: int, bits: int, bucket: int, out: np.ndarray
+    packed: np.ndarray,
+    scales: np.ndarray,
+    levels: int,
+    bits: int,
+    bucket: int,
+    out: np.ndarray,
+    accumulate: int = 0,
 ) -> None:
-    """``out_i = ±(level_i * (scale_b / levels))`` from packed QSGD fields."""
-    _qsgd_decode(packed, scales, int(levels), int(bits), int(bucket), out)
+    """``d_i = ±(level_i * (scale_b / levels))`` from packed QSGD fields, into ``out``.
+
+    ``accumulate`` 0 stores ``d`` (``out = d``), 1 adds it (``out += d``), -1 subtracts
+    it (``out -= d``), fused into the one decoding pass: bit for bit decoding into a
+    separate buffer and then the contract's ``add`` / ``subtract`` (``kernels/__init__``).
+    Any other ``accumulate`` raises ValueError.
+    """
+    accumulate = check_accumulate(accumulate)
+    _qsgd_decode(packed, scales, int(levels), int(bits), int(bucket), accumulate, out)
 
 
 @njit(cache=True, nogil=True)
@@ -287,7 +329,12 @@ def terngrad_encode(
 
 
 @njit(cache=True, nogil=True)
-def _terngrad_decode_task(packed, scales, bucket, a, b, out):
+def _terngrad_value(code, scale, zero):
+    return scale if code == 1 else (-scale if code == 2 else zero)
+
+
+@njit(cache=True, nogil=True)
+def _terngrad_decode_task(packed, scales, bucket, accumulate, a, b, out):
     scratch = np.empty((b - a + 7) // 8, dtype=np.uint64)
     unpack_groups(packed, 2, a // 8, scratch.size, scratch)
     lanes = scratch.view(np.uint8)
@@ -298,18 +345,35 @@ def _terngrad_decode_task(packed, scales, bucket, a, b, out):
         scale = as_dtype(scales[bk], out)
         fs = lanes[s - a : e - a]
         os = out[s:e]
-        for t in range(fs.size):
-            code = fs[t]
-            os[t] = scale if code == 1 else (-scale if code == 2 else zero)
+        # A code-0 entry adds +0.0 (or subtracts it), as add/subtract with d_i = +0.0
+        # would: -0.0 + 0.0 is +0.0, so the sum is not skipped for zero codes.
+        if accumulate == 0:
+            for t in range(fs.size):
+                os[t] = _terngrad_value(fs[t], scale, zero)
+        elif accumulate == 1:
+            for t in range(fs.size):
+                os[t] = os[t] + _terngrad_value(fs[t], scale, zero)
+        else:
+            for t in range(fs.size):
+                os[t] = os[t] - _terngrad_value(fs[t], scale, zero)
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _terngrad_decode(packed, scales, bucket, out):
+def _terngrad_decode(packed, scales, bucket, accumulate, out):
     n = out.size
     for c in prange(n_chunks(n, CHUNK)):
-        _terngrad_decode_task(packed, scales, bucket, c * CHUNK, min(n, (c + 1) * CHUNK), out)
+        _terngrad_decode_task(
+            packed, scales, bucket, accumulate, c * CHUNK, min(n, (c + 1) * CHUNK), out
+        )
 
 
-def terngrad_decode(packed: np.ndarray, scales: np.ndarray, bucket: int, out: np.ndarray) -> None:
-    """Code 1 -> ``+s_b``, 2 -> ``-s_b``, 0 and 3 -> 0."""
-    _terngrad_decode(packed, scales, int(bucket), out)
+def terngrad_decode(
+    packed: np.ndarray, scales: np.ndarray, bucket: int, out: np.ndarray, accumulate: int = 0
+) -> None:
+    """``d_i``: code 1 -> ``+s_b``, 2 -> ``-s_b``, 0 and 3 -> 0, into ``out``.
+
+    ``accumulate`` 0 / 1 / -1: ``out = d`` / ``out += d`` / ``out -= d`` in one pass, as
+    :func:`qsgd_decode`; any other value raises ValueError.
+    """
+    accumulate = check_accumulate(accumulate)
+    _terngrad_decode(packed, scales, int(bucket), accumulate, out)

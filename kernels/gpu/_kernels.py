@@ -108,6 +108,28 @@ def _nbytes_packed(n: int, bits: int) -> int:
     return (n * bits + 7) // 8
 
 
+ACCUMULATE = (0, 1, -1)
+"""``accumulate`` of the decode kernels: ``out = d``, ``out += d``, ``out -= d``."""
+
+
+def _check_accumulate(accumulate: object) -> int:
+    """``accumulate`` as an int if it is 0, 1 or -1 (not a bool); ValueError otherwise.
+
+    Checked on the host: the kernels read any positive ``int`` as 1 and any negative one
+    as -1, so a 2 would silently add (and a float would be packed wrongly by CuPy).
+    """
+    if (
+        isinstance(accumulate, (int, np.integer))
+        and not isinstance(accumulate, (bool, np.bool_))
+        and int(accumulate) in ACCUMULATE
+    ):
+        return int(accumulate)
+    raise ValueError(
+        "accumulate must be 0 (out = decoded), 1 (out += decoded) or -1 (out -= decoded), "
+        f"got {accumulate!r} ({type(accumulate).__qualname__}); pass one of these ints"
+    )
+
+
 class GpuKernels:
     """The kernel contract on a :class:`Runtime` (see ``kernels/__init__.py``).
 
@@ -572,9 +594,22 @@ class GpuKernels:
         )
 
     def qsgd_decode(
-        self, packed: Any, scales: Any, levels: int, bits: int, bucket: int, out: Any
+        self,
+        packed: Any,
+        scales: Any,
+        levels: int,
+        bits: int,
+        bucket: int,
+        out: Any,
+        accumulate: int = 0,
     ) -> None:
-        """``out_i = ±(level_i * (scale_b / levels))``."""
+        """``d_i = ±(level_i * (scale_b / levels))`` into ``out`` by ``accumulate``.
+
+        ``accumulate`` 0 / 1 / -1: ``out = d`` / ``out += d`` / ``out -= d`` in the one
+        decoding pass, bit for bit a separate decode followed by :meth:`add` /
+        :meth:`subtract`; any other value raises ValueError.
+        """
+        accumulate = _check_accumulate(accumulate)
         self._array("out", out, _REALS, None)
         bits = self._positive("bits", bits, 1, 8)
         levels = self._positive("levels", levels, 1, (1 << (bits - 1)) - 1)
@@ -595,6 +630,7 @@ class GpuKernels:
                 np.int32(bits),
                 np.int64(bucket),
                 np.int64(packed.size),
+                np.int32(accumulate),
                 out,
             ),
         )
@@ -627,8 +663,12 @@ class GpuKernels:
             ),
         )
 
-    def terngrad_decode(self, packed: Any, scales: Any, bucket: int, out: Any) -> None:
-        """Code 1 -> ``+s_b``, 2 -> ``-s_b``, 0 and 3 -> 0."""
+    def terngrad_decode(
+        self, packed: Any, scales: Any, bucket: int, out: Any, accumulate: int = 0
+    ) -> None:
+        """``d_i``: code 1 -> ``+s_b``, 2 -> ``-s_b``, 0 and 3 -> 0; ``accumulate`` as in
+        :meth:`qsgd_decode`."""
+        accumulate = _check_accumulate(accumulate)
         self._array("out", out, _REALS, None)
         bucket = self._positive("bucket", bucket)
         n = out.size
@@ -637,7 +677,9 @@ class GpuKernels:
         if n == 0:
             return
         self._fn("quantize", "sc_terngrad_decode", out.dtype)(
-            self._grid(n), self.runtime.block, (packed, scales, np.int64(n), np.int64(bucket), out)
+            self._grid(n),
+            self.runtime.block,
+            (packed, scales, np.int64(n), np.int64(bucket), np.int32(accumulate), out),
         )
 
     def onebit_encode(self, x: Any, bucket: int, out_packed: Any, out_means: Any) -> None:
@@ -661,8 +703,11 @@ class GpuKernels:
             (x, np.int64(n), np.int64(bucket), np.int64(nb), out_means),
         )
 
-    def onebit_decode(self, packed: Any, means: Any, bucket: int, out: Any) -> None:
-        """``out_i = means[2b + bit_i]``."""
+    def onebit_decode(
+        self, packed: Any, means: Any, bucket: int, out: Any, accumulate: int = 0
+    ) -> None:
+        """``d_i = means[2b + bit_i]``; ``accumulate`` as in :meth:`qsgd_decode`."""
+        accumulate = _check_accumulate(accumulate)
         self._array("out", out, _REALS, None)
         bucket = self._positive("bucket", bucket)
         n = out.size
@@ -671,7 +716,9 @@ class GpuKernels:
         if n == 0:
             return
         self._fn("quantize", "sc_onebit_decode", out.dtype)(
-            self._grid(n), self.runtime.block, (packed, means, np.int64(n), np.int64(bucket), out)
+            self._grid(n),
+            self.runtime.block,
+            (packed, means, np.int64(n), np.int64(bucket), np.int32(accumulate), out),
         )
 
     # ------------------------------------------------------------------ moments

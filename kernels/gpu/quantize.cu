@@ -6,6 +6,10 @@
 // Ternary Gradients to Reduce Communication in Distributed Deep Learning",
 // NeurIPS 2017.  1-bit SGD: Seide et al., Interspeech 2014.
 //
+// The decoders take `accumulate` (0: out = d, 1: out = out + d, -1: out = out - d),
+// so error feedback's `compensated -= decoded` and the quantized collectives'
+// `sum += decoded` need no second pass over n elements.
+//
 // Encoders run one thread per group of 8 elements: 8 fields of `bits` bits are
 // exactly `bits` whole bytes, so every thread owns its output bytes (no atomics,
 // no read-modify-write) whatever the field width.
@@ -21,6 +25,23 @@ __device__ __forceinline__ u64 sc_load_bytes(const u8* in, i64 first, i64 count)
     u64 word = 0;
     for (i64 j = 0; j < count; ++j) word |= (u64)in[first + j] << (8 * j);
     return word;
+}
+
+// Store the decoded d into out[i] by `accumulate` (0: d, 1: out[i] + d, -1:
+// out[i] - d): one IEEE operation rounded to nearest in real_t, bit for bit
+// sc_add / sc_subtract (elementwise.cu) of a separately decoded buffer.  The build
+// has -fmad=false, so QSGD's level * step is never fused into this add, and
+// -ftz=false, so subnormal sums are kept.  `accumulate` is a kernel argument, the
+// same for every thread: the branch never diverges, and out is read only when
+// accumulating.
+__device__ __forceinline__ void sc_store_decoded(real_t* out, i64 i, real_t d, int accumulate) {
+    if (accumulate == 0) {
+        out[i] = d;
+    } else if (accumulate > 0) {
+        out[i] = out[i] + d;
+    } else {
+        out[i] = out[i] - d;
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -108,10 +129,11 @@ extern "C" __global__ void sc_qsgd_encode(const real_t* x, i64 n, int levels, in
     }
 }
 
-// QSGD decode: out = ±(level * (scale / levels)), the step once per bucket.
+// QSGD decode: d = ±(level * (scale / levels)), the step once per bucket; stored
+// into out by `accumulate` (sc_store_decoded).
 extern "C" __global__ void sc_qsgd_decode(const u8* packed, const real_t* scales, i64 n,
                                           int levels, int bits, i64 bucket, i64 nbytes,
-                                          real_t* out) {
+                                          int accumulate, real_t* out) {
     const i64 ngroups = (n + 7) / 8;
     const u64 mask = (1ull << bits) - 1ull;
     const real_t levels_r = (real_t)levels;
@@ -131,7 +153,7 @@ extern "C" __global__ void sc_qsgd_decode(const u8* packed, const real_t* scales
             }
             const u64 field = (word >> (e * bits)) & mask;
             const real_t value = (real_t)(u32)(field >> 1) * step;
-            out[i] = (field & 1ull) ? -value : value;
+            sc_store_decoded(out, i, (field & 1ull) ? -value : value, accumulate);
         }
     }
 }
@@ -161,13 +183,14 @@ extern "C" __global__ void sc_terngrad_encode(const real_t* x, i64 n, const real
     }
 }
 
-// TernGrad decode, one thread per element: 1 -> +s_b, 2 -> -s_b, else 0.
+// TernGrad decode, one thread per element: d = +s_b for code 1, -s_b for 2, else
+// +0 (added or subtracted too: -0 + +0 is +0, as sc_add gives); by `accumulate`.
 extern "C" __global__ void sc_terngrad_decode(const u8* packed, const real_t* scales, i64 n,
-                                              i64 bucket, real_t* out) {
+                                              i64 bucket, int accumulate, real_t* out) {
     for (i64 i = sc_thread_id(); i < n; i += sc_grid_threads()) {
         const u32 code = (packed[i >> 2] >> (2 * (i & 3))) & 3u;
         const real_t s = scales[i / bucket];
-        out[i] = code == 1u ? s : (code == 2u ? -s : (real_t)0);
+        sc_store_decoded(out, i, code == 1u ? s : (code == 2u ? -s : (real_t)0), accumulate);
     }
 }
 
@@ -222,11 +245,11 @@ extern "C" __global__ void sc_onebit_means(const real_t* x, i64 n, i64 bucket, i
     }
 }
 
-// OneBit decode, one thread per element: out = means[2b + bit].
+// OneBit decode, one thread per element: d = means[2b + bit], by `accumulate`.
 extern "C" __global__ void sc_onebit_decode(const u8* packed, const real_t* means, i64 n,
-                                            i64 bucket, real_t* out) {
+                                            i64 bucket, int accumulate, real_t* out) {
     for (i64 i = sc_thread_id(); i < n; i += sc_grid_threads()) {
         const u32 bit = (packed[i >> 3] >> (i & 7)) & 1u;
-        out[i] = means[2 * (i / bucket) + bit];
+        sc_store_decoded(out, i, means[2 * (i / bucket) + bit], accumulate);
     }
 }

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pytest
 from sparcomm.kernels import reference
 
 SIZES = (1, 7, 9, 100, 1001, 3001)
@@ -320,3 +321,100 @@ def case_elementwise(
         assert bitwise_equal(dev.get(a_dev), a)
     if out_is != "b":
         assert bitwise_equal(dev.get(b_dev), b)
+
+
+# ------------------------------------------------------------------ fused decode + add
+
+DECODERS = ("qsgd", "terngrad", "onebit")
+"""Codecs whose decode kernel takes ``accumulate``."""
+
+
+def decode_inputs(codec: str, x: np.ndarray, bucket: int) -> tuple[Any, ...]:
+    """The reference encoding of ``x``: the arguments of ``{codec}_decode`` before ``out``.
+
+    QSGD: 7 levels in 4 bits, L2 norm; TernGrad: max-abs scales, no clipping.
+    """
+    n, nb = x.size, -(-x.size // bucket)
+    if codec == "qsgd":
+        scales, packed = np.empty(nb, x.dtype), np.empty((n * 4 + 7) // 8, np.uint8)
+        reference.qsgd_encode(x, 7, 4, bucket, 0, STREAM, scales, packed)
+        return packed, scales, 7, 4, bucket
+    if codec == "terngrad":
+        scales, packed = np.empty(nb, x.dtype), np.empty((n * 2 + 7) // 8, np.uint8)
+        reference.max_abs(x, bucket, scales)
+        reference.terngrad_encode(x, scales, bucket, np.inf, STREAM, packed)
+        return packed, scales, bucket
+    packed, means = np.empty((n + 7) // 8, np.uint8), np.empty(2 * nb, x.dtype)
+    reference.onebit_encode(x, bucket, packed, means)
+    return packed, means, bucket
+
+
+def accumulate_base(decoded: np.ndarray, seed: int) -> np.ndarray:
+    """An ``out`` to decode into: gradient values with specials where the sum is delicate.
+
+    Every fourth entry is a subnormal, a signed zero, an infinity or a NaN (subnormal
+    and zero results, ``-0 + +0``, ``inf - inf``); entries ``i = 1 mod 7`` equal the
+    decoded value and ``i = 2 mod 7`` its negation, so ``out - d`` and ``out + d`` are
+    exact zeros there (+0.0, whatever the sign of d).
+    """
+    dtype = decoded.dtype
+    info = np.finfo(dtype)
+    tiny, normal = info.smallest_subnormal, info.tiny
+    specials = np.array(
+        [3 * tiny, -5 * tiny, 0.0, -0.0, np.inf, -np.inf, np.nan, 1.5 * normal, -normal],
+        dtype=dtype,
+    )
+    base = gradient_like(decoded.size, dtype, seed=seed)
+    slots = np.arange(0, decoded.size, 4)
+    base[slots] = specials[np.arange(slots.size) % specials.size]
+    base[1::7] = decoded[1::7]
+    base[2::7] = -decoded[2::7]
+    return base
+
+
+def case_decode_accumulate(
+    kernels: Any, dev: Device, codec: str, x: np.ndarray, bucket: int, accumulate: int
+) -> None:
+    """``{codec}_decode(..., out, accumulate)`` is bit for bit the decode into a separate
+    buffer followed by ``add(out, d, out)`` / ``subtract(out, d, out)`` (NaN positions
+    compared, not their payloads): against the reference's two steps, the reference's
+    own fused call, and the kernels' own two steps on the device."""
+    name = f"{codec}_decode"
+    args = decode_inputs(codec, x, bucket)
+    n = x.size
+    decoded = np.empty(n, x.dtype)
+    getattr(reference, name)(*args, decoded)
+    base = accumulate_base(decoded, seed=n)
+    op = "add" if accumulate > 0 else "subtract"
+    if accumulate == 0:
+        want = decoded.copy()
+    else:
+        want = base.copy()
+        getattr(reference, op)(want, decoded, want)
+    fused_reference = base.copy()
+    getattr(reference, name)(*args, fused_reference, accumulate)
+    assert values_equal(fused_reference, want)
+    device_args = tuple(dev.put(a) if isinstance(a, np.ndarray) else a for a in args)
+    out = dev.put(base)
+    getattr(kernels, name)(*device_args, out, accumulate)
+    got = dev.get(out)
+    assert values_equal(got, want), f"{name} accumulate={accumulate} n={n} bucket={bucket}"
+    if accumulate != 0:
+        separate = dev.empty(n, x.dtype)
+        getattr(kernels, name)(*device_args, separate)
+        two_steps = dev.put(base)
+        getattr(kernels, op)(two_steps, separate, two_steps)
+        assert values_equal(got, dev.get(two_steps))
+
+
+def case_decode_rejects_accumulate(kernels: Any, dev: Device, codec: str, n: int) -> None:
+    """Every value but 0, 1 and -1 (ints) is a ValueError naming them; ``out`` untouched."""
+    x = gradient_like(n, np.float32, seed=1)
+    args = tuple(dev.put(a) if isinstance(a, np.ndarray) else a for a in decode_inputs(codec, x, 7))
+    base = np.arange(n, dtype=np.float32)
+    out = dev.put(base)
+    for bad in (2, -2, 0.5, 1.0, True, "1", None, np.int64(3)):
+        with pytest.raises(ValueError, match=r"accumulate must be 0 .*, 1 .* or -1 .*, got"):
+            getattr(kernels, f"{codec}_decode")(*args, out, bad)
+    assert bitwise_equal(dev.get(out), base)
+    getattr(kernels, f"{codec}_decode")(*args, out, np.int64(-1))  # a NumPy int is fine

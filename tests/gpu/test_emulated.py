@@ -19,9 +19,12 @@ if shutil.which("g++") is None:
     pytest.skip("the CUDA emulation needs g++ (C++20)", allow_module_level=True)
 
 from _gpu_cases import (  # noqa: E402
+    DECODERS,
     SIZES,
     Device,
     bitwise_equal,
+    case_decode_accumulate,
+    case_decode_rejects_accumulate,
     case_elementwise,
     case_max_abs,
     case_merge,
@@ -304,6 +307,41 @@ def test_other_block_sizes(block):
     indices = np.random.default_rng(2).integers(0, 300, 4000).astype(np.int32)
     case_scatter_add(kernels, dev, indices, np.float32)
     case_pack(kernels, dev, 5, 4001)
+
+
+# ------------------------------------------------------------------ decode + accumulate
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("codec", DECODERS)
+def test_decode_accumulate(kernels, dev, dtype, codec):
+    # 511 / 513: a bucket +- 1; 3001 with bucket 7: more groups than the capped grid
+    # (3 blocks of 64 threads) covers in one trip, and a short last bucket.
+    cases = [(0, 512), (1, 512), (7, 512), (511, 512), (513, 512), (3001, 7)]
+    for accumulate in (0, 1, -1):
+        for n, bucket in cases:
+            x = gradient_like(n, dtype, seed=n)
+            case_decode_accumulate(kernels, dev, codec, x, bucket, accumulate)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("codec", DECODERS)
+def test_decode_accumulate_special_payloads(kernels, dev, dtype, codec):
+    # Subnormal decoded values (subnormal scales / means), and a non-finite input that
+    # makes a bucket's scale inf, so d is inf or NaN (0 * inf) there.
+    tiny = np.finfo(dtype).smallest_subnormal
+    subnormal = (np.arange(1, 200) % 13 - 6).astype(dtype) * tiny
+    non_finite = gradient_like(200, dtype, seed=9)
+    non_finite[[3, 150]] = [np.inf, -np.inf]
+    for accumulate in (1, -1):
+        case_decode_accumulate(kernels, dev, codec, subnormal, 16, accumulate)
+        case_decode_accumulate(kernels, dev, codec, non_finite, 16, accumulate)
+
+
+@pytest.mark.parametrize("codec", DECODERS)
+def test_decode_rejects_bad_accumulate(kernels, dev, codec):
+    for n in (0, 9):
+        case_decode_rejects_accumulate(kernels, dev, codec, n)
 
 
 # ------------------------------------------------------------------ add / subtract
