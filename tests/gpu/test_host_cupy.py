@@ -23,11 +23,11 @@ import functools
 import importlib.util
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import _mpiexec  # tests/_mpiexec.py (tests/ is on sys.path through tests/conftest.py)
 import pytest
 
 HERE = Path(__file__).resolve().parent
@@ -94,29 +94,10 @@ def test_cupy_paths_on_the_host_double():
 
 def _run_ranks(env: dict[str, str], ranks: int, *args: str) -> str:
     """``mpiexec -n ranks python _host_cupy_ranks.py *args``; its stdout, or a failure."""
-    mpiexec = shutil.which("mpiexec")
-    if mpiexec is None:
-        pytest.skip("mpiexec not found; install the mpich wheel: pip install mpich")
-    env.update(NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1", MPIEXEC_TIMEOUT="300")
+    env.update(NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1")
     env.setdefault("MPIR_CVAR_ENABLE_HEAVY_YIELD", "1")  # more ranks than cores
-    command = [mpiexec, "-n", str(ranks), sys.executable, str(HERE / "_host_cupy_ranks.py")]
-    # A session of its own: on a timeout the whole job is killed, nothing left spinning.
-    process = subprocess.Popen(
-        command + list(args),
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"mpiexec -n {ranks} timed out (a hang?)\n{stdout[-4000:]}\n{stderr[-4000:]}")
-    assert process.returncode == 0, f"rc {process.returncode}\n{stdout[-6000:]}\n{stderr[-6000:]}"
+    command = [sys.executable, str(HERE / "_host_cupy_ranks.py"), *args]
+    stdout = _mpiexec.run(ranks, command, env=env, cwd=ROOT, timeout=300)
     assert "mismatches: none" in stdout, stdout
     return stdout
 
