@@ -16,8 +16,11 @@ cupy = require_gpu()
 EMULATED = emulated()
 
 from _gpu_cases import (  # noqa: E402
+    DECODERS,
     SIZES,
     Device,
+    case_decode_accumulate,
+    case_decode_rejects_accumulate,
     case_elementwise,
     case_max_abs,
     case_merge,
@@ -180,6 +183,32 @@ def test_merge_streams(index_dtype):
     long = [scaled(30_000), scaled(20_000), scaled(10_000), 5]
     for lengths in ([7], [5, 0, 9], long, [scaled(4000)] * 8):
         case_merge_streams(gpu, dev, lengths, index_dtype, np.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("codec", DECODERS)
+def test_decode_accumulate(dtype, codec):
+    # Device arithmetic: the fused add / subtract must be unfused from QSGD's level * step
+    # (-fmad=false) and keep subnormal sums (-ftz=false), bit for bit the two-step result.
+    cases = [(0, 512), (1, 512), (7, 512), (511, 512), (513, 512), (BIG, 512), (BIG, 7)]
+    for accumulate in (0, 1, -1):
+        for n, bucket in cases:
+            case_decode_accumulate(
+                gpu, dev, codec, gradient_like(n, dtype, seed=n), bucket, accumulate
+            )
+    tiny = np.finfo(dtype).smallest_subnormal
+    subnormal = (np.arange(1, 200) % 13 - 6).astype(dtype) * tiny
+    non_finite = gradient_like(1001, dtype, seed=9)
+    non_finite[[3, 700]] = [np.inf, -np.inf]
+    for accumulate in (1, -1):
+        case_decode_accumulate(gpu, dev, codec, subnormal, 16, accumulate)
+        case_decode_accumulate(gpu, dev, codec, non_finite, 16, accumulate)
+
+
+@pytest.mark.parametrize("codec", DECODERS)
+def test_decode_rejects_bad_accumulate(codec):
+    for n in (0, 9):
+        case_decode_rejects_accumulate(gpu, dev, codec, n)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
