@@ -303,6 +303,8 @@ def test_other_block_sizes(block):
         a, b = elementwise_operands(5003, dtype, seed=4)
         case_elementwise(kernels, dev, "subtract", a, b, "a", (1, 1, 1))
         case_elementwise(kernels, dev, "add", a, b, "new", (0, 0, 0))
+        for codec, accumulate in zip(DECODERS, (1, -1, 1), strict=True):
+            case_decode_accumulate(kernels, dev, codec, x, 500, accumulate)
     case_merge(kernels, dev, 5000, 3000, np.int64, np.float32)
     indices = np.random.default_rng(2).integers(0, 300, 4000).astype(np.int32)
     case_scatter_add(kernels, dev, indices, np.float32)

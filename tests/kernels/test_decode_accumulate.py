@@ -138,3 +138,15 @@ def test_decode_rejects_bad_accumulate(module: Any, codec: str) -> None:
                 getattr(module, f"{codec}_decode")(*args, out, bad)
         assert same_bits(out, np.arange(n, dtype=np.float32))  # rejected before any write
         getattr(module, f"{codec}_decode")(*args, out, np.int64(-1))  # a NumPy int is fine
+
+
+@pytest.mark.parametrize("module", [cpu, ref], ids=["cpu", "reference"])
+def test_terngrad_accumulate_by_hand(module: Any) -> None:
+    packed = np.array([0b11100100], dtype=np.uint8)  # codes 0, 1, 2, 3: d = 0, 2, -2, 0
+    scales = np.array([2.0], dtype=np.float32)
+    added = np.array([-0.0, 1.0, 1.0, 5.0], dtype=np.float32)
+    module.terngrad_decode(packed, scales, 4, added, 1)
+    assert same_bits(added, np.array([0.0, 3.0, -1.0, 5.0], dtype=np.float32))  # -0 + 0 = +0
+    subtracted = np.array([-0.0, 1.0, 1.0, 5.0], dtype=np.float32)
+    module.terngrad_decode(packed, scales, 4, subtracted, -1)
+    assert same_bits(subtracted, np.array([-0.0, -1.0, 3.0, 5.0], dtype=np.float32))
