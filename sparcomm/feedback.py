@@ -75,8 +75,8 @@ class ErrorFeedback:
     def check_payload(self, payload: Payload) -> None:
         self.codec.check_payload(payload)
 
-    def decode(self, payload: Payload, out: Any = None) -> Any:
-        return self.codec.decode(payload, out=out)
+    def decode(self, payload: Payload, out: Any = None, *, accumulate: int = 0) -> Any:
+        return self.codec.decode(payload, out=out, accumulate=accumulate)
 
     def residual(self, key: Hashable = None) -> Any:
         """The residual kept for ``key`` (None before its first encode)."""
@@ -128,6 +128,10 @@ class ErrorFeedback:
         residual_into = getattr(self.codec, "residual_into", None)
         if residual_into is not None:
             residual_into(compensated, payload)
+        elif self.codec.fused_accumulate:
+            # compensated -= decode(payload) in the decode pass itself (same bits as
+            # decoding into a buffer and subtracting: one IEEE subtraction per element).
+            self.codec.decode(payload, out=compensated, accumulate=-1)
         else:
             # The old residual is consumed: decode into it rather than into a fresh
             # array (a fresh n-element array per call costs its page faults every step).

@@ -109,7 +109,10 @@ class Codec:
     ) -> dict[str, Any]:
         raise NotImplementedError
 
-    def _decode_flat(self, xp: ModuleType, kernels: ModuleType, payload: Payload, out: Any) -> None:
+    def _decode_flat(
+        self, xp: ModuleType, kernels: ModuleType, payload: Payload, out: Any, accumulate: int
+    ) -> None:
+        """Decode into ``out``; ``accumulate`` is ±1 only where ``fused_accumulate``."""
         raise NotImplementedError
 
     # -- public API ---------------------------------------------------------------------
@@ -158,7 +161,11 @@ class Codec:
             self.codec_id, flat.size, flat.dtype, tuple(x.shape), self._params(flat.size), arrays
         )
 
-    def decode(self, payload: Payload, out: Any = None) -> Any:
+    #: Whether the decode kernels add into or subtract from ``out`` in the same pass
+    #: (``accumulate=±1``); other codecs decode into a temporary first.
+    fused_accumulate = False
+
+    def decode(self, payload: Payload, out: Any = None, *, accumulate: int = 0) -> Any:
         """Decompress a payload made by this codec (same class and parameters).
 
         Parameters
@@ -167,16 +174,30 @@ class Codec:
         out : array, optional
             Destination with the payload's shape and dtype (NumPy or CuPy like the
             payload); a new array is returned when omitted.
+        accumulate : {0, 1, -1}
+            ``0`` writes the decoded array into ``out``; ``1`` adds it (``out += d``),
+            ``-1`` subtracts it (``out -= d``), each one IEEE operation per element: the
+            bits of decoding into a separate buffer and then adding or subtracting
+            (``out`` is required).  Error feedback (``-1``) and the quantized
+            collectives' sums (``1``) use it; QSGD, TernGrad and OneBit do it in the
+            decode pass itself (``fused_accumulate``).
 
         Raises
         ------
         ValueError
             If the payload comes from another codec, other parameters, or has arrays of
-            the wrong length.
+            the wrong length; for another ``accumulate``, or ``accumulate`` without ``out``.
         """
         self.check_payload(payload)
+        if isinstance(accumulate, bool) or accumulate not in (0, 1, -1):
+            raise ValueError(
+                f"accumulate must be 0 (out = decoded), 1 (out += decoded) or -1 "
+                f"(out -= decoded), got {accumulate!r}"
+            )
         xp = array_module(*payload.arrays.values())
         if out is None:
+            if accumulate:
+                raise ValueError("accumulate=±1 adds into out: pass the buffer as out=")
             out = xp.empty(payload.shape, dtype=payload.dtype)
         else:
             if array_module(out) is not xp:
@@ -188,7 +209,14 @@ class Codec:
                 )
             if not out.flags.c_contiguous:
                 raise ValueError("out must be C-contiguous; pass numpy.empty_like(...) instead")
-        self._decode_flat(xp, kernels_for(xp), payload, out.reshape(-1))
+        kernels = kernels_for(xp)
+        flat = out.reshape(-1)
+        if accumulate == 0 or self.fused_accumulate:
+            self._decode_flat(xp, kernels, payload, flat, accumulate)
+        else:
+            decoded = xp.empty_like(flat)
+            self._decode_flat(xp, kernels, payload, decoded, 0)
+            (kernels.add if accumulate == 1 else kernels.subtract)(flat, decoded, flat)
         return out
 
     def check_payload(self, payload: Payload) -> None:

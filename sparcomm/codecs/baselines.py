@@ -36,7 +36,9 @@ class NoCompression(Codec):
             raise non_finite_error()
         return {"values": flat.copy()}
 
-    def _decode_flat(self, xp: ModuleType, kernels: ModuleType, payload: Payload, out: Any) -> None:
+    def _decode_flat(
+        self, xp: ModuleType, kernels: ModuleType, payload: Payload, out: Any, accumulate: int
+    ) -> None:
         out[...] = payload.arrays["values"]
 
 
@@ -64,5 +66,7 @@ class FP16(Codec):
             raise non_finite_error()
         return {"values": half}
 
-    def _decode_flat(self, xp: ModuleType, kernels: ModuleType, payload: Payload, out: Any) -> None:
+    def _decode_flat(
+        self, xp: ModuleType, kernels: ModuleType, payload: Payload, out: Any, accumulate: int
+    ) -> None:
         out[...] = payload.arrays["values"]

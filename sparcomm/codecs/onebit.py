@@ -96,7 +96,11 @@ class OneBit(Codec):
             raise non_finite_error()
         return {"means": means, "packed": packed}
 
-    def _decode_flat(self, xp: ModuleType, kernels: ModuleType, payload: Payload, out: Any) -> None:
+    fused_accumulate = True
+
+    def _decode_flat(
+        self, xp: ModuleType, kernels: ModuleType, payload: Payload, out: Any, accumulate: int
+    ) -> None:
         kernels.onebit_decode(
-            payload.arrays["packed"], payload.arrays["means"], self.bucket_size, out
+            payload.arrays["packed"], payload.arrays["means"], self.bucket_size, out, accumulate
         )

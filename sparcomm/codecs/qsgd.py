@@ -129,7 +129,11 @@ class QSGD(Codec):
             raise non_finite_error()
         return {"scales": scales, "packed": packed}
 
-    def _decode_flat(self, xp: ModuleType, kernels: ModuleType, payload: Payload, out: Any) -> None:
+    fused_accumulate = True
+
+    def _decode_flat(
+        self, xp: ModuleType, kernels: ModuleType, payload: Payload, out: Any, accumulate: int
+    ) -> None:
         kernels.qsgd_decode(
             payload.arrays["packed"],
             payload.arrays["scales"],
@@ -137,6 +141,7 @@ class QSGD(Codec):
             self.bits,
             self.bucket_size,
             out,
+            accumulate,
         )
 
     def variance_bound(self, x: Any) -> float:

@@ -178,7 +178,15 @@ class TernGrad(Codec):
         kernels.terngrad_encode(flat, scales, self.bucket_for(flat.size), clip, stream, packed)
         return {"scales": scales, "packed": packed}
 
-    def _decode_flat(self, xp: ModuleType, kernels: ModuleType, payload: Payload, out: Any) -> None:
+    fused_accumulate = True
+
+    def _decode_flat(
+        self, xp: ModuleType, kernels: ModuleType, payload: Payload, out: Any, accumulate: int
+    ) -> None:
         kernels.terngrad_decode(
-            payload.arrays["packed"], payload.arrays["scales"], self.bucket_for(payload.n), out
+            payload.arrays["packed"],
+            payload.arrays["scales"],
+            self.bucket_for(payload.n),
+            out,
+            accumulate,
         )

@@ -99,7 +99,9 @@ class TopK(Codec):
             raise non_finite_error(int(bad))
         return {"indices": indices, "values": values}
 
-    def _decode_flat(self, xp: ModuleType, kernels: ModuleType, payload: Payload, out: Any) -> None:
+    def _decode_flat(
+        self, xp: ModuleType, kernels: ModuleType, payload: Payload, out: Any, accumulate: int
+    ) -> None:
         out.fill(0)
         out[payload.arrays["indices"]] = payload.arrays["values"]
 

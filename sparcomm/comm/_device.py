@@ -120,15 +120,10 @@ def payloads_to_device(payloads: list[Payload], buffer: np.ndarray) -> list[Payl
 def decode_sum(codec: Any, payloads: list[Payload], out: Any) -> None:
     """``out = sum of decode(p)`` on the device, in list order: the bits of the host
     ``_decode_sum`` (the same decodes, the same IEEE additions in the same order)."""
-    from sparcomm._backend import kernels_for
 
-    kernels = kernels_for(sys.modules["cupy"])
     codec.decode(payloads[0], out=out)
-    if len(payloads) > 1:
-        work = sys.modules["cupy"].empty_like(out)
-        for payload in payloads[1:]:
-            codec.decode(payload, out=work)
-            kernels.add(out, work, out)
+    for payload in payloads[1:]:
+        codec.decode(payload, out=out, accumulate=1)  # fused where the codec can
 
 
 def device_output(out: Any, shape: tuple[int, ...], dtype: np.dtype) -> Any:

@@ -246,8 +246,11 @@ def _decode_sum(codec: Any, payloads: list[Payload], out: np.ndarray, scratch: n
             )
             codec.decode(parts[0], out=target)
             for part in parts[1:]:
-                codec.decode(part, out=work)
-                target += work
+                if codec.fused_accumulate:  # target += decode(part), in one pass
+                    codec.decode(part, out=target, accumulate=1)
+                else:
+                    codec.decode(part, out=work)
+                    target += work
 
 
 def _allgatherv(problem: _Problem, send: np.ndarray, counts: np.ndarray):

@@ -228,3 +228,29 @@ def test_parameters_of_the_wrong_type_raise(make, error, message):
 def test_terngrad_refuses_unknown_options():
     with pytest.raises(TypeError, match="unexpected options"):
         TernGrad().encode(np.ones(8, np.float32), scales=1.0)
+
+
+@pytest.mark.parametrize("accumulate", [1, -1])
+def test_decode_accumulate_equals_decode_then_add_or_subtract(codec, rng, accumulate):
+    # Fused in the decode pass (QSGD, TernGrad, OneBit) or through a temporary (the
+    # others): the same bits either way, signed zeros and subnormals included.
+    x = rng.standard_normal((37, 11)).astype(np.float32)
+    payload = codec.encode(x, key="w", step=0)
+    tiny = np.finfo(np.float32).smallest_subnormal
+    start = rng.standard_normal(x.shape).astype(np.float32)
+    start.flat[::5] = -0.0
+    start.flat[1::5] = tiny
+    expected = start + codec.decode(payload) if accumulate == 1 else start - codec.decode(payload)
+    out = start.copy()
+    assert codec.decode(payload, out=out, accumulate=accumulate) is out
+    assert out.tobytes() == expected.tobytes()
+
+
+def test_decode_accumulate_rejects_bad_arguments(rng):
+    codec = QSGD(bits=4)
+    payload = codec.encode(rng.standard_normal(100).astype(np.float32), key=0, step=0)
+    for bad in (2, True, 0.5, "1"):
+        with pytest.raises(ValueError, match=r"accumulate must be 0 \(out = decoded\)"):
+            codec.decode(payload, out=np.zeros(100, np.float32), accumulate=bad)
+    with pytest.raises(ValueError, match="pass the buffer as out="):
+        codec.decode(payload, accumulate=1)
