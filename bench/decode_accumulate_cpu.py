@@ -17,15 +17,13 @@ its operands cached by the one before.  Thread count: ``NUMBA_NUM_THREADS``.
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 from collections.abc import Callable
 from typing import Any
 
 import numba
 import numpy as np
-from kernels_cpu import median_ms
+from kernels_cpu import median_ms, sizes_main
 from sparcomm.kernels import cpu
 
 BUCKET = 512
@@ -85,18 +83,7 @@ def run(log2n: int, repeats: int, seed: int) -> dict[str, object]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[24, 26], metavar="LOG2N")
-    parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", help="also write the results to this file")
-    args = parser.parse_args()
-    results = [run(log2n, args.repeats, args.seed) for log2n in args.sizes]
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as handle:
-            handle.write(text + "\n")
+    sizes_main(__doc__ or "", run)
 
 
 if __name__ == "__main__":

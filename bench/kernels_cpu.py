@@ -24,6 +24,27 @@ import numpy as np
 from sparcomm.kernels import cpu
 
 
+def print_json(result: object, path: str | None) -> None:
+    """Print ``result`` as JSON, and write it to ``path`` too when one is given."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if path:
+        with open(path, "w") as handle:
+            handle.write(text + "\n")
+
+
+def sizes_main(doc: str, run: Callable[[int, int, int], dict[str, object]]) -> None:
+    """Command line of the per-size kernel benchmarks: ``run(log2n, repeats, seed)`` for
+    each of ``--sizes``, the list printed (and written with ``--json``)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[24, 26], metavar="LOG2N")
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+    print_json([run(log2n, args.repeats, args.seed) for log2n in args.sizes], args.json)
+
+
 def median_ms(cases: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Median wall time of each case in ms, the cases interleaved round-robin.
 

@@ -13,12 +13,11 @@ of ``--repeats`` calls after a warm-up, the cases interleaved round-robin
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 
 import numba
 import numpy as np
-from kernels_cpu import median_ms
+from kernels_cpu import median_ms, print_json
 from sparcomm.kernels import cpu
 
 
@@ -54,12 +53,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the result to this file")
     args = parser.parse_args()
-    result = run(args.log2n, args.repeats, args.seed)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as handle:
-            handle.write(text + "\n")
+    print_json(run(args.log2n, args.repeats, args.seed), args.json)
 
 
 if __name__ == "__main__":
