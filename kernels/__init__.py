@@ -79,7 +79,7 @@ onebit_encode(x, bucket, out_packed, out_means)
     ``lane_sum(x over the group) / count`` in float64, cast to x.dtype.
 onebit_decode(packed, means, bucket, out, accumulate=0)
     ``d_i = means[2b + bit_i]``, to ``out`` by ``accumulate`` (below).
-``accumulate`` of the three decodes (``d_i`` the decoded value above)
+``accumulate`` of the decodes (``d_i`` the decoded value above)
     ``0``: ``out_i = d_i``; ``1``: ``out_i = out_i + d_i``; ``-1``: ``out_i = out_i -
     d_i``; each one IEEE operation rounded to nearest-even in out.dtype, subnormals
     kept (no flush to zero, no fused multiply-add with the product that formed
@@ -100,4 +100,19 @@ divide_scalar(x, divisor, out)
     ``out[i] = x[i] / d`` with ``d = x.dtype(divisor)`` (a finite, non-zero number),
     one IEEE division rounded to nearest-even in ``x.dtype``, subnormals kept; ``out``
     may be ``x``.  The ``op="mean"`` of a sum that stays on the GPU (NumPy's ``x / P``).
+fp16_encode(x, out) -> int
+    ``out[i] = float16(x[i])`` (``out`` float16, ``x``'s size): IEEE round to nearest
+    even, bit for bit NumPy's ``x.astype(numpy.float16)`` for float32 and float64
+    ``x`` (float64 converted directly, not through float32): subnormal halves kept,
+    signed zeros, ``|x| >= 65520`` overflows to ±inf, NaN -> NaN keeping the sign and
+    the top ten payload bits (at least one set).  Returns the number of non-finite
+    *outputs* (NaN or inf; the FP16 codec raises when it is not zero).  Integer bit
+    manipulation on every implementation (no float16 arithmetic type needed).
+fp16_decode(half, out, accumulate=0)
+    ``d_i = out.dtype(half[i])`` (exact; NaN payloads kept when stored), to ``out``
+    by ``accumulate`` as the quantizers' decodes (same values, same ValueError).
+copy_finite(x, out) -> int
+    ``out[i] = x[i]`` (same dtype and size); returns the number of non-finite entries
+    of ``x`` (NoCompression's encode and its check in one pass).
+    For these three, ``out`` must not overlap the input (ValueError).
 """

@@ -305,3 +305,30 @@ def divide_scalar(x: np.ndarray, divisor: float, out: np.ndarray) -> None:
     """``out[i] = x[i] / x.dtype(divisor)``, one rounding in ``x.dtype``; ``out`` may be x."""
     with np.errstate(over="ignore", invalid="ignore", under="ignore"):
         np.divide(x, x.dtype.type(divisor), out=out)
+
+
+def _count_non_finite_half(half: np.ndarray) -> int:
+    """Entries of a float16 array whose exponent field is all ones (inf or NaN)."""
+    return int(np.count_nonzero((half.view(np.uint16) & np.uint16(0x7C00)) == 0x7C00))
+
+
+def fp16_encode(x: np.ndarray, out: np.ndarray) -> int:
+    """``out[i] = float16(x[i])``, IEEE round to nearest even: NumPy's ``astype``.
+
+    Returns the number of non-finite outputs (NaN, inf, or an overflow beyond ±65504).
+    """
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is counted instead
+        out[:] = x.astype(np.float16)
+    return _count_non_finite_half(out)
+
+
+def fp16_decode(half: np.ndarray, out: np.ndarray, accumulate: int = 0) -> None:
+    """``d_i = out.dtype(half[i])`` (exact), stored, added or subtracted by ``accumulate``."""
+    accumulate = check_accumulate(accumulate)
+    _store(half.astype(out.dtype), out, accumulate)
+
+
+def copy_finite(x: np.ndarray, out: np.ndarray) -> int:
+    """``out[i] = x[i]``; returns the number of non-finite entries of ``x``."""
+    out[:] = x
+    return int(np.count_nonzero(_abs_bits(x) >= _inf_bits(x)))

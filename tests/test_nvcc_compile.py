@@ -53,7 +53,16 @@ def _nvcc_command(source: Path, output: Path, defines: list[str]) -> list[str]:
 
 
 def test_sources_found():
-    expected = {"topk", "quantize", "packing", "sparse", "reduce", "random", "elementwise"}
+    expected = {
+        "topk",
+        "quantize",
+        "packing",
+        "sparse",
+        "reduce",
+        "random",
+        "elementwise",
+        "convert",
+    }
     assert expected <= set(SOURCES)
 
 

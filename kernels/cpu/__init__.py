@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from . import _cache  # noqa: F401 - drops stale Numba caches before any kernel runs
 from ._random import uniform
+from .convert import copy_finite, fp16_decode, fp16_encode
 from .elementwise import add, divide_scalar, subtract
 from .moments import std
 from .onebit import onebit_decode, onebit_encode
@@ -22,7 +23,10 @@ from .topk import topk
 
 __all__ = [
     "add",
+    "copy_finite",
     "divide_scalar",
+    "fp16_decode",
+    "fp16_encode",
     "max_abs",
     "onebit_decode",
     "onebit_encode",

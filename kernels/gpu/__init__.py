@@ -11,7 +11,9 @@ Functions (same names, signatures and bits as ``sparcomm.kernels.cpu``):
 ``stream_read``, ``uniform``, ``pack_bits``, ``unpack_bits``, ``topk``, ``scatter_add``,
 ``qsgd_encode``, ``qsgd_decode``, ``max_abs``, ``terngrad_encode``, ``terngrad_decode``,
 ``onebit_encode``, ``onebit_decode``, ``add``, ``subtract``, ``divide_scalar`` (keeping
-the float32 subnormals that ``cupy.add`` / ``-=`` / ``/=`` flush), ``merge_sum_two`` /
+the float32 subnormals that ``cupy.add`` / ``-=`` / ``/=`` flush), ``fp16_encode``,
+``fp16_decode``, ``copy_finite`` (the FP16 and NoCompression baselines, one pass each),
+``merge_sum_two`` /
 ``merge_sum_streams`` (the sparse allreduce's merges of sorted streams, twins of
 ``kernels/cpu/merge.py``), and ``std``
 (TernGrad's clipping threshold, in the contract's fixed summation order).
@@ -78,6 +80,9 @@ add = kernels.add
 subtract = kernels.subtract
 divide_scalar = kernels.divide_scalar
 std = kernels.std
+fp16_encode = kernels.fp16_encode
+fp16_decode = kernels.fp16_decode
+copy_finite = kernels.copy_finite
 merge_sum_two = kernels.merge_sum_two
 merge_sum_streams = kernels.merge_sum_streams
 

@@ -102,6 +102,7 @@ class Runtime(Protocol):
 
 _REALS = (np.dtype(np.float32), np.dtype(np.float64))
 _INDICES = (np.dtype(np.int32), np.dtype(np.int64))
+_HALF = np.dtype(np.float16)
 
 
 def _nbytes_packed(n: int, bits: int) -> int:
@@ -822,6 +823,71 @@ class GpuKernels:
             self._grid(-(-n // vector)), self.runtime.block, (a, b, out, np.int64(n))
         )
 
+    # ------------------------------------------------------------------ conversions
+
+    def _no_overlap(self, out: Any, source_name: str, source: Any) -> None:
+        if out.size and source.size and _ranges_meet(out, source):
+            raise ValueError(
+                f"out overlaps {source_name}: the conversion reads and writes different "
+                "element widths, so out must be a separate buffer; pass a new array"
+            )
+
+    def fp16_encode(self, x: Any, out: Any) -> int:
+        """``out[i] = float16(x[i])``, round to nearest even, bit for bit NumPy's ``astype``.
+
+        Integer operations on the bit patterns (convert.cu), one pass over ``x``; returns
+        the number of non-finite outputs (NaN, inf or an overflow beyond ±65504) from a
+        device counter read once (one synchronisation).  ``out`` is float16 of
+        ``x.size`` elements and must not overlap ``x``.
+        """
+        self._array("x", x, _REALS, None)
+        self._array("out", out, (_HALF,), x.size)
+        self._no_overlap(out, "x", x)
+        if x.size == 0:
+            return 0
+        counter = self.runtime.zeros(1, np.uint64)
+        self._fn("convert", "sc_fp16_encode", x.dtype)(
+            self._grid(x.size),
+            self.runtime.block,
+            (x, np.int64(x.size), out.view(np.uint8), counter),
+        )
+        return int(self.runtime.to_host(counter)[0])
+
+    def fp16_decode(self, half: Any, out: Any, accumulate: int = 0) -> None:
+        """``d_i = out.dtype(half[i])`` (exact) into ``out`` by ``accumulate``, as in
+        :meth:`qsgd_decode`; ``half`` (float16) must not overlap ``out``."""
+        accumulate = _check_accumulate(accumulate)
+        self._array("out", out, _REALS, None)
+        self._array("half", half, (_HALF,), out.size)
+        self._no_overlap(out, "half", half)
+        if out.size == 0:
+            return
+        self._fn("convert", "sc_fp16_decode", out.dtype)(
+            self._grid(out.size),
+            self.runtime.block,
+            (half.view(np.uint8), np.int64(out.size), np.int32(accumulate), out),
+        )
+
+    def copy_finite(self, x: Any, out: Any) -> int:
+        """``out[i] = x[i]``; returns the number of non-finite entries of ``x`` (one pass,
+        one device counter read once).  ``out`` has ``x``'s dtype and size, no overlap."""
+        self._array("x", x, _REALS, None)
+        self._array("out", out, (x.dtype,), x.size)
+        self._no_overlap(out, "x", x)
+        if x.size == 0:
+            return 0
+        counter = self.runtime.zeros(1, np.uint64)
+        self._fn("convert", "sc_copy_finite", x.dtype)(
+            self._grid(x.size), self.runtime.block, (x, np.int64(x.size), out, counter)
+        )
+        return int(self.runtime.to_host(counter)[0])
+
+
+def _ranges_meet(a: Any, b: Any) -> bool:
+    """Whether contiguous ``a`` and ``b`` share any byte (also when they are one buffer)."""
+    a_range, b_range = _address_range(a), _address_range(b)
+    return a_range[0] < b_range[1] and b_range[0] < a_range[1]
+
 
 def _address_range(a: Any) -> tuple[int, int]:
     """``[first byte, end byte)`` of a contiguous array (CuPy, or NumPy on the emulator)."""
@@ -858,6 +924,9 @@ CONTRACT = (
     "subtract",
     "divide_scalar",
     "std",
+    "fp16_encode",
+    "fp16_decode",
+    "copy_finite",
 )
 """The contract's kernel names (``kernels/__init__.py``), all methods of GpuKernels."""
 

@@ -285,6 +285,9 @@ def test_cpu_module_exports_the_contract() -> None:
         "add",
         "subtract",
         "divide_scalar",
+        "fp16_encode",
+        "fp16_decode",
+        "copy_finite",
     }
     assert contract <= set(cpu.__all__)
     assert all(callable(getattr(ref, name)) for name in contract)
