@@ -32,9 +32,11 @@ class NoCompression(Codec):
     def _encode_flat(
         self, xp: ModuleType, kernels: ModuleType, flat: Any, stream: int, **options: Any
     ) -> dict[str, Any]:
-        if not bool(xp.isfinite(flat).all()):
-            raise non_finite_error()
-        return {"values": flat.copy()}
+        values = xp.empty_like(flat)
+        bad = kernels.copy_finite(flat, values)  # the copy and the check in one pass
+        if bad:
+            raise non_finite_error(bad)
+        return {"values": values}
 
     def _decode_flat(
         self, xp: ModuleType, kernels: ModuleType, payload: Payload, out: Any, accumulate: int
@@ -46,7 +48,9 @@ class FP16(Codec):
     """Round to IEEE half precision (round to nearest even): 2 bytes per element.
 
     Values beyond the float16 range (|x| > 65504) would become Inf and are refused with
-    the non-finite error; scale the loss (or use a float32 codec) instead.
+    the non-finite error; scale the loss (or use a float32 codec) instead.  Encode and
+    decode are the ``fp16_encode`` / ``fp16_decode`` kernels (one pass each, bit for bit
+    NumPy's ``astype``); the decode adds or subtracts in place (``fused_accumulate``).
     """
 
     codec_id = 2
@@ -57,16 +61,20 @@ class FP16(Codec):
     def _wire_arrays(self, n: int, dtype: np.dtype) -> list[tuple[np.dtype, int]]:
         return [(np.dtype(np.float16), n)]
 
+    #: ``kernels.fp16_decode`` adds or subtracts in its decoding pass.
+    fused_accumulate = True
+
     def _encode_flat(
         self, xp: ModuleType, kernels: ModuleType, flat: Any, stream: int, **options: Any
     ) -> dict[str, Any]:
-        with np.errstate(over="ignore"):  # overflow is reported below as non-finite
-            half = flat.astype(np.float16)
-        if not bool(xp.isfinite(half).all()):
-            raise non_finite_error()
+        half = xp.empty(flat.size, dtype=np.float16)
+        # Rounded and checked in one pass; an overflow (|x| >= 65520) counts as inf.
+        bad = kernels.fp16_encode(flat, half)
+        if bad:
+            raise non_finite_error(bad)
         return {"values": half}
 
     def _decode_flat(
         self, xp: ModuleType, kernels: ModuleType, payload: Payload, out: Any, accumulate: int
     ) -> None:
-        out[...] = payload.arrays["values"]
+        kernels.fp16_decode(payload.arrays["values"], out, accumulate)
