@@ -41,6 +41,7 @@ FILES = [
     "test_gpu_import.py",
     "test_multi_device.py",
     "test_std_gpu.py",
+    "test_convert_gpu.py",
 ]
 
 
