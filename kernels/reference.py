@@ -18,6 +18,7 @@ speech DNNs", Interspeech 2014.
 from __future__ import annotations
 
 import numpy as np
+from sparcomm.kernels._checks import check_accumulate, check_divisor
 
 from sparcomm._random import uniform_reference
 
@@ -149,24 +150,6 @@ def qsgd_encode(
         level = np.where(level <= levels, level, dtype(levels))
     fields = (level.astype(np.uint8) << np.uint8(1)) | (x < 0)
     pack_bits(fields, bits, out_packed)
-
-
-ACCUMULATE = (0, 1, -1)
-"""Allowed ``accumulate`` of the decode kernels: store, add to ``out``, subtract from it."""
-
-
-def check_accumulate(accumulate: object) -> int:
-    """``accumulate`` as an int if it is 0, 1 or -1 (not a bool); ValueError otherwise."""
-    if (
-        isinstance(accumulate, (int, np.integer))
-        and not isinstance(accumulate, (bool, np.bool_))
-        and int(accumulate) in ACCUMULATE
-    ):
-        return int(accumulate)
-    raise ValueError(
-        "accumulate must be 0 (out = decoded), 1 (out += decoded) or -1 (out -= decoded), "
-        f"got {accumulate!r} ({type(accumulate).__qualname__}); pass one of these ints"
-    )
 
 
 def _store(decoded: np.ndarray, out: np.ndarray, accumulate: int) -> None:
@@ -304,7 +287,7 @@ def std(x: np.ndarray) -> float:
 def divide_scalar(x: np.ndarray, divisor: float, out: np.ndarray) -> None:
     """``out[i] = x[i] / x.dtype(divisor)``, one rounding in ``x.dtype``; ``out`` may be x."""
     with np.errstate(over="ignore", invalid="ignore", under="ignore"):
-        np.divide(x, x.dtype.type(divisor), out=out)
+        np.divide(x, x.dtype.type(check_divisor(divisor)), out=out)
 
 
 def _count_non_finite_half(half: np.ndarray) -> int:

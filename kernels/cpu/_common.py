@@ -12,6 +12,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
+from sparcomm.kernels._checks import check_accumulate  # noqa: F401 - the CPU kernels' import
 
 CHUNK = 1 << 14
 """Elements per parallel task: a multiple of 64, small enough to stay in L1/L2."""
@@ -78,28 +79,6 @@ def _as_key_overload(value, keys):
     if keys.dtype == types.uint32:
         return lambda value, keys: np.uint32(value)
     return lambda value, keys: np.uint64(value)
-
-
-ACCUMULATE = (0, 1, -1)
-"""``accumulate`` of the decode kernels: ``out = d``, ``out += d``, ``out -= d``."""
-
-
-def check_accumulate(accumulate: object) -> int:
-    """``accumulate`` as an int if it is 0, 1 or -1 (not a bool); ValueError otherwise.
-
-    Checked in Python before the compiled call: Numba would otherwise compile a float or
-    bool specialisation and take the ``-1`` branch for anything that is not 0 or 1.
-    """
-    if (
-        isinstance(accumulate, (int, np.integer))
-        and not isinstance(accumulate, (bool, np.bool_))
-        and int(accumulate) in ACCUMULATE
-    ):
-        return int(accumulate)
-    raise ValueError(
-        "accumulate must be 0 (out = decoded), 1 (out += decoded) or -1 (out -= decoded), "
-        f"got {accumulate!r} ({type(accumulate).__qualname__}); pass one of these ints"
-    )
 
 
 @njit(cache=True, nogil=True)

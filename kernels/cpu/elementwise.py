@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 from numba import njit, prange
+from sparcomm.kernels._checks import check_divisor
 
 from ._common import n_chunks
 
@@ -162,15 +163,6 @@ def _divide_parallel(x, d, out, in_place):
             xs = x[lo:hi]
             for t in range(zs.size):
                 zs[t] = xs[t] / d
-
-
-def check_divisor(divisor: Any) -> float:
-    """``divisor`` as a float: a finite, non-zero real number (shared with the GPU)."""
-    if isinstance(divisor, bool) or not isinstance(divisor, (int, float, np.integer, np.floating)):
-        raise TypeError(f"divisor must be a real number, got {type(divisor).__qualname__}")
-    if not (np.isfinite(divisor) and divisor != 0):
-        raise ValueError(f"divisor must be finite and non-zero, got {divisor}")
-    return float(divisor)
 
 
 def divide_scalar(x: np.ndarray, divisor: float, out: np.ndarray) -> None:

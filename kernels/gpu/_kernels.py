@@ -6,8 +6,8 @@ package ``__init__`` binds it to CuPy (:mod:`._runtime`); ``tests/gpu`` binds th
 class to a host emulation of the CUDA sources, so the launch sequences, grid shapes and
 kernels are tested bit for bit against the NumPy reference even where no GPU exists.
 
-This module imports only NumPy and the standard library, on purpose: the tests load it
-by path without importing CuPy.
+This module imports only NumPy, the standard library and ``sparcomm.kernels._checks``, on
+purpose: the tests load it by path without importing CuPy.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from sparcomm.kernels._checks import CONTRACT, check_accumulate, check_divisor
 
 SOURCE_DIR = Path(__file__).resolve().parent
 """Directory of the ``*.cu`` sources and ``common.cuh``."""
@@ -107,28 +108,6 @@ _HALF = np.dtype(np.float16)
 
 def _nbytes_packed(n: int, bits: int) -> int:
     return (n * bits + 7) // 8
-
-
-ACCUMULATE = (0, 1, -1)
-"""``accumulate`` of the decode kernels: ``out = d``, ``out += d``, ``out -= d``."""
-
-
-def _check_accumulate(accumulate: object) -> int:
-    """``accumulate`` as an int if it is 0, 1 or -1 (not a bool); ValueError otherwise.
-
-    Checked on the host: the kernels read any positive ``int`` as 1 and any negative one
-    as -1, so a 2 would silently add (and a float would be packed wrongly by CuPy).
-    """
-    if (
-        isinstance(accumulate, (int, np.integer))
-        and not isinstance(accumulate, (bool, np.bool_))
-        and int(accumulate) in ACCUMULATE
-    ):
-        return int(accumulate)
-    raise ValueError(
-        "accumulate must be 0 (out = decoded), 1 (out += decoded) or -1 (out -= decoded), "
-        f"got {accumulate!r} ({type(accumulate).__qualname__}); pass one of these ints"
-    )
 
 
 class GpuKernels:
@@ -610,7 +589,7 @@ class GpuKernels:
         decoding pass, bit for bit a separate decode followed by :meth:`add` /
         :meth:`subtract`; any other value raises ValueError.
         """
-        accumulate = _check_accumulate(accumulate)
+        accumulate = check_accumulate(accumulate)
         self._array("out", out, _REALS, None)
         bits = self._positive("bits", bits, 1, 8)
         levels = self._positive("levels", levels, 1, (1 << (bits - 1)) - 1)
@@ -669,7 +648,7 @@ class GpuKernels:
     ) -> None:
         """``d_i``: code 1 -> ``+s_b``, 2 -> ``-s_b``, 0 and 3 -> 0; ``accumulate`` as in
         :meth:`qsgd_decode`."""
-        accumulate = _check_accumulate(accumulate)
+        accumulate = check_accumulate(accumulate)
         self._array("out", out, _REALS, None)
         bucket = self._positive("bucket", bucket)
         n = out.size
@@ -708,7 +687,7 @@ class GpuKernels:
         self, packed: Any, means: Any, bucket: int, out: Any, accumulate: int = 0
     ) -> None:
         """``d_i = means[2b + bit_i]``; ``accumulate`` as in :meth:`qsgd_decode`."""
-        accumulate = _check_accumulate(accumulate)
+        accumulate = check_accumulate(accumulate)
         self._array("out", out, _REALS, None)
         bucket = self._positive("bucket", bucket)
         n = out.size
@@ -790,12 +769,7 @@ class GpuKernels:
                 "out partly overlaps x: out may be x itself (in place) or a separate "
                 "buffer, not a shifted view of it; pass a copy"
             )
-        if isinstance(divisor, bool) or not isinstance(
-            divisor, (int, float, np.integer, np.floating)
-        ):
-            raise TypeError(f"divisor must be a real number, got {type(divisor).__qualname__}")
-        if not (np.isfinite(divisor) and divisor != 0):
-            raise ValueError(f"divisor must be finite and non-zero, got {divisor}")
+        divisor = check_divisor(divisor)
         if x.size == 0:
             return
         self._fn("elementwise", "sc_divide_scalar", x.dtype)(
@@ -856,7 +830,7 @@ class GpuKernels:
     def fp16_decode(self, half: Any, out: Any, accumulate: int = 0) -> None:
         """``d_i = out.dtype(half[i])`` (exact) into ``out`` by ``accumulate``, as in
         :meth:`qsgd_decode`; ``half`` (float16) must not overlap ``out``."""
-        accumulate = _check_accumulate(accumulate)
+        accumulate = check_accumulate(accumulate)
         self._array("out", out, _REALS, None)
         self._array("half", half, (_HALF,), out.size)
         self._no_overlap(out, "half", half)
@@ -905,30 +879,6 @@ def _partly_overlap(a: Any, b: Any) -> bool:
     a_range, b_range = _address_range(a), _address_range(b)
     return a_range != b_range and a_range[0] < b_range[1] and b_range[0] < a_range[1]
 
-
-CONTRACT = (
-    "stream_read",
-    "uniform",
-    "pack_bits",
-    "unpack_bits",
-    "topk",
-    "scatter_add",
-    "qsgd_encode",
-    "qsgd_decode",
-    "max_abs",
-    "terngrad_encode",
-    "terngrad_decode",
-    "onebit_encode",
-    "onebit_decode",
-    "add",
-    "subtract",
-    "divide_scalar",
-    "std",
-    "fp16_encode",
-    "fp16_decode",
-    "copy_finite",
-)
-"""The contract's kernel names (``kernels/__init__.py``), all methods of GpuKernels."""
 
 EXTRA = ("merge_sum_two", "merge_sum_streams")
 """Kernels beyond the contract, named as their twins in ``kernels/cpu``."""

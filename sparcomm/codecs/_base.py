@@ -17,6 +17,7 @@ import numpy as np
 
 from sparcomm._backend import array_module, kernels_for
 from sparcomm._random import stream_key
+from sparcomm.kernels._checks import check_accumulate
 from sparcomm.payload import CODEC_IDS, Payload, wire_nbytes
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -189,11 +190,7 @@ class Codec:
             the wrong length; for another ``accumulate``, or ``accumulate`` without ``out``.
         """
         self.check_payload(payload)
-        if isinstance(accumulate, bool) or accumulate not in (0, 1, -1):
-            raise ValueError(
-                f"accumulate must be 0 (out = decoded), 1 (out += decoded) or -1 "
-                f"(out -= decoded), got {accumulate!r}"
-            )
+        accumulate = check_accumulate(accumulate)  # the kernels' own check and message
         xp = array_module(*payload.arrays.values())
         if out is None:
             if accumulate:

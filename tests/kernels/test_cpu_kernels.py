@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import sparcomm.kernels
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sparcomm.kernels import cpu
 from sparcomm.kernels import reference as ref
+from sparcomm.kernels._checks import CONTRACT
 from sparcomm.kernels.cpu._common import CHUNK
 
 DTYPES = [np.float32, np.float64]
@@ -268,29 +270,11 @@ def test_scatter_add_matches_reference(dtype: type, index_dtype: type) -> None:
 
 
 def test_cpu_module_exports_the_contract() -> None:
-    contract = {
-        "stream_read",
-        "uniform",
-        "pack_bits",
-        "unpack_bits",
-        "topk",
-        "scatter_add",
-        "qsgd_encode",
-        "qsgd_decode",
-        "max_abs",
-        "terngrad_encode",
-        "terngrad_decode",
-        "onebit_encode",
-        "onebit_decode",
-        "add",
-        "subtract",
-        "divide_scalar",
-        "fp16_encode",
-        "fp16_decode",
-        "copy_finite",
-    }
-    assert contract <= set(cpu.__all__)
-    assert all(callable(getattr(ref, name)) for name in contract)
+    # One list of names (kernels/_checks.py) for the spec, the CPU, the GPU and the reference.
+    assert set(CONTRACT) <= set(cpu.__all__)
+    assert all(callable(getattr(ref, name)) for name in CONTRACT)
+    spec = sparcomm.kernels.__doc__ or ""
+    assert [name for name in CONTRACT if f"{name}(" not in spec] == []
 
 
 # --------------------------------------------------------------------- add / subtract
