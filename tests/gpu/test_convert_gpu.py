@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _fp16_cases import UINT, all_halves, gradient, near_halves, same_bits, values_equal
 from _gpu_skip import emulated, require_gpu
 
 cupy = require_gpu()
@@ -20,42 +21,8 @@ from sparcomm.kernels import cpu, gpu, reference  # noqa: E402
 from sparcomm import FP16, ErrorFeedback, NoCompression  # noqa: E402
 
 DTYPES = (np.float32, np.float64)
-UINT = {np.float32: np.uint32, np.float64: np.uint64}
 LARGE = 20_011 if EMULATED else (1 << 24) + 12_345
 SIZES = (1, 7, 4099, LARGE)
-
-
-def all_halves() -> np.ndarray:
-    return np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
-
-
-def near_halves(dtype) -> np.ndarray:
-    """Every half, the midpoints between consecutive halves, and one ulp either side."""
-    uint = UINT[dtype]
-    wide = all_halves().astype(dtype)
-    magnitudes = np.unique(np.abs(wide[np.isfinite(wide)]))
-    midpoints = (magnitudes[:-1] + (magnitudes[1:] - magnitudes[:-1]) / 2).astype(dtype)
-    core = np.concatenate([wide, midpoints, -midpoints, np.array([65520, -65520], dtype)])
-    bits = core.view(uint)
-    with np.errstate(over="ignore"):
-        return np.concatenate([bits, bits + uint(1), bits - uint(1)]).view(dtype)
-
-
-def gradient(n: int, dtype, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    x = (rng.standard_normal(n) * np.exp(rng.uniform(-20, 8, n))).astype(dtype)
-    x[::11] = 0.0
-    x[5::13] = -0.0
-    return x
-
-
-def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
-
-
-def values_equal(got: np.ndarray, want: np.ndarray) -> bool:
-    nan = np.isnan(want)
-    return np.array_equal(np.isnan(got), nan) and same_bits(got[~nan], want[~nan])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -47,21 +47,6 @@ from sparcomm.kernels import reference  # noqa: E402
 DTYPES = (np.float32, np.float64)
 
 
-@pytest.fixture(scope="module")
-def runtime():
-    return EmulatedRuntime(block=64, max_blocks=3)
-
-
-@pytest.fixture(scope="module")
-def kernels(runtime):
-    return load_kernels_module().GpuKernels(runtime)
-
-
-@pytest.fixture(scope="module")
-def dev(runtime):
-    return Device(put=np.array, get=np.array, empty=runtime.empty)
-
-
 def test_every_contract_name_is_a_method():
     module = load_kernels_module()
     assert set(module.CONTRACT) <= set(dir(module.GpuKernels))

@@ -24,16 +24,6 @@ BLOCK = reference.STD_BLOCK
 DTYPES = (np.float32, np.float64)
 
 
-@pytest.fixture(scope="module")
-def runtime():
-    return EmulatedRuntime(block=64, max_blocks=3)
-
-
-@pytest.fixture(scope="module")
-def kernels(runtime):
-    return load_kernels_module().GpuKernels(runtime)
-
-
 def same_float(a: float, b: float) -> bool:
     """Equal bits, or both NaN (NaN payloads are not part of the contract)."""
     if math.isnan(a) or math.isnan(b):

@@ -14,39 +14,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _fp16_cases import UINT, all_halves, gradient, near_halves, same_bits, values_equal
 from sparcomm.kernels import cpu
 from sparcomm.kernels import reference as ref
 from sparcomm.kernels.cpu.convert import _CHUNK
 
 DTYPES = [np.float32, np.float64]
-UINT = {np.float32: np.uint32, np.float64: np.uint64}
 SIZES = [0, 1, 7, _CHUNK - 1, 3 * _CHUNK + 5]
 ACCUMULATE_MESSAGE = (
     r"accumulate must be 0 \(out = decoded\), 1 \(out \+= decoded\) or -1 \(out -= decoded\), "
     r"got {got} \({kind}\); pass one of these ints"
 )
-
-
-def all_halves() -> np.ndarray:
-    return np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
-
-
-def near_halves(dtype) -> np.ndarray:
-    """Every half in ``dtype``, one ulp either side, and the midpoints (and their
-    neighbours) between consecutive halves of one sign; NaN and inf included."""
-    uint = UINT[dtype]
-    wide = all_halves().astype(dtype)
-    finite = wide[np.isfinite(wide)]
-    magnitudes = np.unique(np.abs(finite))  # 0 .. 65504 ascending
-    midpoints = (magnitudes[:-1] + (magnitudes[1:] - magnitudes[:-1]) / 2).astype(dtype)
-    # The midpoint above 65504 (65520) rounds to inf; it is not a half itself.
-    midpoints = np.append(midpoints, dtype(65520))
-    core = np.concatenate([wide, midpoints, -midpoints])
-    bits = core.view(uint)
-    one = uint(1)
-    with np.errstate(over="ignore"):
-        neighbours = np.concatenate([bits, bits + one, bits - one]).view(dtype)
-    return neighbours
 
 
 def random_patterns(dtype, n: int, seed: int) -> np.ndarray:
@@ -60,24 +38,6 @@ def random_patterns(dtype, n: int, seed: int) -> np.ndarray:
     ).astype(np.uint64)
     mantissa = rng.integers(0, 1 << 52, n, dtype=np.uint64)
     return (sign | (exponent << np.uint64(52)) | mantissa).view(np.float64)
-
-
-def gradient(n: int, dtype, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    x = (rng.standard_normal(n) * np.exp(rng.uniform(-20, 8, n))).astype(dtype)
-    x[::11] = 0.0
-    x[5::13] = -0.0
-    return x
-
-
-def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
-
-
-def values_equal(got: np.ndarray, want: np.ndarray) -> bool:
-    """Bit for bit, except that a NaN matches any NaN (accumulated NaN payloads are open)."""
-    nan = np.isnan(want)
-    return np.array_equal(np.isnan(got), nan) and same_bits(got[~nan], want[~nan])
 
 
 def encode_both(x: np.ndarray) -> tuple[np.ndarray, int, np.ndarray, int]:
