@@ -82,6 +82,33 @@ class ErrorFeedback:
         """The residual kept for ``key`` (None before its first encode)."""
         return self._residuals.get(key)
 
+    def residual_for(self, key: Hashable, flat: Any) -> Any:
+        """The residual of ``key`` for the 1-D array ``flat``: None before the first encode,
+        else on ``flat``'s device (moved there once if it is on the other one).
+
+        The residual follows the data (host after :meth:`load_state_dict`, device after a
+        model moved to the GPU): one copy, at the first use on the new device.
+
+        Raises
+        ------
+        ValueError
+            If the residual does not have ``flat``'s size and dtype.
+        """
+        residual = self._residuals.get(key)
+        if residual is None:
+            return None
+        if residual.size != flat.size or residual.dtype != flat.dtype:
+            raise ValueError(
+                f"the residual for key {key!r} holds {residual.size} x {residual.dtype}, got "
+                f"{flat.size} x {flat.dtype}; give every tensor its own key"
+            )
+        xp = array_module(flat)
+        if array_module(residual) is not xp:
+            residual = xp.asarray(residual) if xp is not np else residual.get()
+            self._residuals[key] = residual
+            self._scratch.pop(key, None)
+        return residual
+
     def keys(self) -> list[Hashable]:
         return list(self._residuals)
 
@@ -97,18 +124,7 @@ class ErrorFeedback:
         """Encode ``x + residual[key]`` and keep what the payload does not carry."""
         xp, flat = check_array(x)
         kernels = kernels_for(xp)
-        residual = self._residuals.get(key)
-        if residual is not None and (residual.size != flat.size or residual.dtype != flat.dtype):
-            raise ValueError(
-                f"the residual for key {key!r} holds {residual.size} x {residual.dtype}, got "
-                f"{flat.size} x {flat.dtype}; give every tensor its own key"
-            )
-        if residual is not None and array_module(residual) is not xp:
-            # The residual follows the data (host after load_state_dict, device after a
-            # model moved to the GPU): one copy, at the first encode on the new device.
-            residual = xp.asarray(residual) if xp is not np else residual.get()
-            self._residuals[key] = residual
-            self._scratch.pop(key, None)
+        residual = self.residual_for(key, flat)
         compensated = self._scratch.pop(key, None)
         if compensated is None:
             compensated = xp.empty_like(flat)

@@ -393,20 +393,13 @@ def reduce_scatter_allgather(problem: _Problem) -> None:
 # ------------------------------------------------------------------ shared scale
 
 
-def _compensated(problem: _Problem) -> np.ndarray:
+def _compensated(problem: _Problem) -> Any:
     """``x + residual`` as error feedback will encode it (the scale must cover it)."""
     flat = problem.x.reshape(-1)
-    residual = None if problem.memory is None else problem.memory.residual(problem.key)
+    residual = None if problem.memory is None else problem.memory.residual_for(problem.key, flat)
     if residual is None:
         return flat
-    if residual.size != flat.size or residual.dtype != flat.dtype:
-        raise ValueError(
-            f"the residual for key {problem.key!r} holds {residual.size} x {residual.dtype}, "
-            f"got {flat.size} x {flat.dtype}; give every tensor its own key"
-        )
     xp = array_module(flat)
-    if array_module(residual) is not xp:  # ErrorFeedback.encode moves it the same way
-        residual = residual.get() if xp is np else xp.asarray(residual)
     compensated = xp.empty_like(flat)
     # The kernel layer's add, the one ErrorFeedback uses: same bits on both devices.
     kernels_for(xp).add(flat, residual, compensated)

@@ -114,3 +114,27 @@ def test_to_bytes_out_must_match_the_payload_device():
         host.to_bytes(out=cupy.empty(host.nbytes, np.uint8))
     out = cupy.zeros(device.nbytes + 8, np.uint8)
     assert cupy.asnumpy(device.to_bytes(out=out)).tobytes() == host.to_bytes().tobytes()
+
+
+def test_residuals_follow_the_data_between_host_and_device():
+    # A checkpoint loads residuals onto the host; the next encode of a CuPy array moves
+    # them to the device once, and the run continues with the CPU run's bits.
+    rng = np.random.default_rng(21)
+    steps = [rng.standard_normal(3000).astype(np.float32) for _ in range(4)]
+    cpu = ErrorFeedback(QSGD(bits=2, bucket_size=64))
+    for step in range(2):
+        cpu.encode(steps[step], key="w", step=step)
+    gpu = ErrorFeedback(QSGD(bits=2, bucket_size=64))
+    gpu.load_state_dict(cpu.state_dict())
+    assert isinstance(gpu.residual("w"), np.ndarray)
+    for step in (2, 3):
+        want = cpu.encode(steps[step], key="w", step=step)
+        got = gpu.encode(cupy.asarray(steps[step]), key="w", step=step)
+        assert isinstance(gpu.residual("w"), cupy.ndarray)
+        assert cupy.asnumpy(got.to_bytes()).tobytes() == want.to_bytes().tobytes()
+    assert cupy.asnumpy(gpu.residual("w")).tobytes() == cpu.residual("w").tobytes()
+    # And back: a host array after device encodes moves the residual to the host.
+    want = cpu.encode(steps[0], key="w", step=4)
+    got = gpu.encode(steps[0], key="w", step=4)
+    assert got.to_bytes().tobytes() == want.to_bytes().tobytes()
+    assert isinstance(gpu.residual("w"), np.ndarray)
