@@ -176,6 +176,21 @@ def _signature_row(
     return row
 
 
+# ------------------------------------------------------------------ call set-up
+
+
+def begin_call(
+    comm: MPI.Comm | None, stats: AllreduceStats | None
+) -> tuple[MPI.Comm, Any, AllreduceStats, Channel]:
+    """What every collective starts with: the communicator (``COMM_WORLD`` by default),
+    its cached state, the (reset) stats to fill and a channel on the private duplicate."""
+    comm = MPI.COMM_WORLD if comm is None else comm
+    state = comm_state(comm)
+    stats = AllreduceStats() if stats is None else stats
+    stats.reset()
+    return comm, state, stats, Channel(state.comm, stats)
+
+
 # ------------------------------------------------------------------ validation
 
 
@@ -295,11 +310,7 @@ def _run_sparse(
     ``staging``).  With ``device=True`` the input came from CuPy: ``out`` is a device
     array or None, and the result is returned on the device (see :mod:`._device`).
     """
-    comm = MPI.COMM_WORLD if comm is None else comm
-    state = comm_state(comm)
-    stats = AllreduceStats() if stats is None else stats
-    stats.reset()
-    channel = Channel(state.comm, stats)
+    comm, state, stats, channel = begin_call(comm, stats)
     error: BaseException | None = None
     indices = values = None
     index_dtype = _index_dtype(n) if isinstance(n, (int, np.integer)) and n >= 0 else None
@@ -477,11 +488,7 @@ def _dense_allreduce(
     out: Any,
 ) -> np.ndarray:
     """Dense path (no codec or ``NoCompression``): MPI's own ``Allreduce``."""
-    comm = MPI.COMM_WORLD if comm is None else comm
-    state = comm_state(comm)
-    stats = AllreduceStats() if stats is None else stats
-    stats.reset()
-    channel = Channel(state.comm, stats)
+    comm, state, stats, channel = begin_call(comm, stats)
     codec_text = describe_codec(codec)
     error: BaseException | None = None
     n, dtype = -1, None
@@ -649,8 +656,7 @@ def _lookup(codec: Any) -> Callable[..., np.ndarray]:
 
     def refuse(x, codec, *, comm, op, algorithm, key, step, stats, out):
         # Tell the other ranks before raising, so that none waits for us.
-        comm = MPI.COMM_WORLD if comm is None else comm
-        channel = Channel(comm_state(comm).comm, AllreduceStats() if stats is None else stats)
+        channel = begin_call(comm, stats)[3]
         row = _signature_row(-1, None, 0, describe_codec(codec), algorithm, op, 0, 0)
         _check_signature(channel, row, error, describe_codec(codec), "allreduce")
         raise error  # pragma: no cover - _check_signature raised already

@@ -58,10 +58,11 @@ from sparcomm.comm._allreduce import (
     _check_values,
     _error_code,
     _signature_row,
+    begin_call,
     describe_codec,
     register_collective,
 )
-from sparcomm.comm._context import Channel, comm_state, ring_allreduce_bytes
+from sparcomm.comm._context import Channel, ring_allreduce_bytes
 from sparcomm.comm._device import (
     DeviceStaging,
     dense_to_device,
@@ -555,11 +556,7 @@ def quantized_allreduce(
     numpy.ndarray
         The reduced array shaped like ``x``, bitwise identical on every rank.
     """
-    comm = MPI.COMM_WORLD if comm is None else comm
-    state = comm_state(comm)
-    stats = AllreduceStats() if stats is None else stats
-    stats.reset()
-    channel = Channel(state.comm, stats)
+    comm, state, stats, channel = begin_call(comm, stats)
     codec_text = describe_codec(codec)
     bare, memory = unwrap(codec)
     error: BaseException | None = None

@@ -37,9 +37,9 @@ from sparcomm.comm._allreduce import (
     _index_dtype,
     _prepare_stream,
     _signature_row,
+    begin_call,
     describe_codec,
 )
-from sparcomm.comm._context import Channel, comm_state
 from sparcomm.comm._device import device_output, is_device, result_to_device
 from sparcomm.comm._quantized import _first_failure, _raise_failure, _write_status
 from sparcomm.comm._quantized_layout import STATUS_BYTES, chunk_nbytes
@@ -210,11 +210,7 @@ def qdsar_allreduce(
         The sum (or mean), shaped like ``x``, bitwise identical on every rank; an
         unbiased estimate of the DSAR sum when the dense phase is QSGD or TernGrad.
     """
-    comm = MPI.COMM_WORLD if comm is None else comm
-    state = comm_state(comm)
-    stats = AllreduceStats() if stats is None else stats
-    stats.reset()
-    channel = Channel(state.comm, stats)
+    comm, state, stats, channel = begin_call(comm, stats)
     codec_text = f"{describe_codec(codec)} with dense_phase {describe_codec(dense_phase)}"
     error: BaseException | None = None
     indices = values = None
