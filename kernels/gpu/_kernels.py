@@ -764,11 +764,7 @@ class GpuKernels:
         """
         self._array("x", x, _REALS, None)
         self._array("out", out, (x.dtype,), x.size)
-        if _partly_overlap(out, x):
-            raise ValueError(
-                "out partly overlaps x: out may be x itself (in place) or a separate "
-                "buffer, not a shifted view of it; pass a copy"
-            )
+        self._in_place_or_apart(out, "x", x)
         divisor = check_divisor(divisor)
         if x.size == 0:
             return
@@ -778,16 +774,21 @@ class GpuKernels:
             (x, x.dtype.type(divisor), out, np.int64(x.size)),
         )
 
+    @staticmethod
+    def _in_place_or_apart(out: Any, name: str, other: Any) -> None:
+        """``out`` may be ``other`` itself (in place) or a separate buffer, not a part of it."""
+        if _partly_overlap(out, other):
+            raise ValueError(
+                f"out partly overlaps {name}: out may be {name} itself (in place) or a "
+                "separate buffer, not a shifted view of it; pass a copy"
+            )
+
     def _elementwise(self, name: str, a: Any, b: Any, out: Any) -> None:
         self._array("a", a, _REALS, None)
         self._array("b", b, (a.dtype,), a.size)
         self._array("out", out, (a.dtype,), a.size)
-        for other_name, other in (("a", a), ("b", b)):
-            if _partly_overlap(out, other):
-                raise ValueError(
-                    f"out partly overlaps {other_name}: out may be {other_name} itself (in "
-                    "place) or a separate buffer, not a shifted view of it; pass a copy"
-                )
+        self._in_place_or_apart(out, "a", a)
+        self._in_place_or_apart(out, "b", b)
         n = a.size
         if n == 0:
             return
@@ -876,8 +877,7 @@ def _partly_overlap(a: Any, b: Any) -> bool:
     """Whether contiguous ``a`` and ``b`` share memory without being the same buffer."""
     if a is b or a.size == 0 or b.size == 0:
         return False
-    a_range, b_range = _address_range(a), _address_range(b)
-    return a_range != b_range and a_range[0] < b_range[1] and b_range[0] < a_range[1]
+    return _address_range(a) != _address_range(b) and _ranges_meet(a, b)
 
 
 EXTRA = ("merge_sum_two", "merge_sum_streams")
