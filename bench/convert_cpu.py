@@ -18,22 +18,11 @@ the decodes into one kept ``out``.  Thread count: ``NUMBA_NUM_THREADS``.
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable
 
 import numba
 import numpy as np
-from kernels_cpu import median_ms, sizes_main
+from kernels_cpu import median_ms_cold, sizes_main
 from sparcomm.kernels import cpu
-
-_EVICT = np.zeros(1 << 24)  # 128 MiB: more than the last-level cache of this class of CPU
-
-
-def _cold(call: Callable[[], object]) -> Callable[[], object]:
-    def run() -> object:
-        _EVICT[:] = 1.0  # not timed separately: the same cost is added to every case
-        return call()
-
-    return run
 
 
 def _numpy_fp16_encode(x: np.ndarray) -> tuple[np.ndarray, bool]:
@@ -62,11 +51,8 @@ def run(log2n: int, repeats: int, seed: int) -> dict[str, object]:
         "kernels.cpu.fp16_decode(half, out, -1)": lambda: cpu.fp16_decode(half, out, -1),
         "x.copy() + isfinite": lambda: _numpy_copy_finite(x),
         "kernels.cpu.copy_finite(x, out)": lambda: cpu.copy_finite(x, np.empty_like(x)),
-        "evict only": lambda: None,
     }
-    ms = median_ms({name: _cold(call) for name, call in cases.items()}, repeats)
-    base = ms.pop("evict only")
-    net = {name: value - base for name, value in ms.items()}
+    net, base = median_ms_cold(cases, repeats)
     return {
         "n": x.size,
         "dtype": "float32",

@@ -14,22 +14,11 @@ buffer is written before every call).  Thread count: ``NUMBA_NUM_THREADS``.
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable
 
 import numba
 import numpy as np
-from kernels_cpu import median_ms, sizes_main
+from kernels_cpu import median_ms_cold, sizes_main
 from sparcomm.kernels import cpu
-
-_EVICT = np.zeros(1 << 24)  # 128 MiB: more than the last-level cache of this class of CPU
-
-
-def _cold(call: Callable[[], object]) -> Callable[[], object]:
-    def run() -> object:
-        _EVICT[:] = 1.0  # not timed separately: the same cost is added to every case
-        return call()
-
-    return run
 
 
 def run(log2n: int, repeats: int, seed: int) -> dict[str, object]:
@@ -44,11 +33,8 @@ def run(log2n: int, repeats: int, seed: int) -> dict[str, object]:
         "kernels.cpu.subtract(out, b, out)": lambda: cpu.subtract(out, b, out),
         "np.divide(out, 4, out)": lambda: np.divide(out, np.float32(4), out=out),
         "kernels.cpu.divide_scalar(out, 4, out)": lambda: cpu.divide_scalar(out, 4, out),
-        "evict only": lambda: None,
     }
-    ms = median_ms({name: _cold(call) for name, call in cases.items()}, repeats)
-    base = ms.pop("evict only")
-    net = {name: value - base for name, value in ms.items()}
+    net, base = median_ms_cold(cases, repeats)
     return {
         "n": a.size,
         "dtype": "float32",

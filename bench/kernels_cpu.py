@@ -62,6 +62,32 @@ def median_ms(cases: dict[str, Callable[[], object]], repeats: int) -> dict[str,
     return {name: statistics.median(values) * 1e3 for name, values in times.items()}
 
 
+_EVICT = np.zeros(1 << 24)  # 128 MiB: more than the last-level cache of this class of CPU
+
+
+def median_ms_cold(
+    cases: dict[str, Callable[[], object]], repeats: int
+) -> tuple[dict[str, float], float]:
+    """:func:`median_ms` of each case on operands that are no longer in cache (a 128 MiB
+    buffer is written before every call), minus the median cost of that write alone.
+
+    Returns the net medians and the write's own median (ms).
+    """
+
+    def cold(call: Callable[[], object]) -> Callable[[], object]:
+        def run() -> object:
+            _EVICT[:] = 1.0
+            return call()
+
+        return run
+
+    timed = {name: cold(call) for name, call in cases.items()}
+    timed["evict only"] = cold(lambda: None)
+    ms = median_ms(timed, repeats)
+    base = ms.pop("evict only")
+    return {name: value - base for name, value in ms.items()}, base
+
+
 def run(log2n: int, density: float, repeats: int, seed: int) -> dict[str, object]:
     n = 1 << log2n
     x = np.random.default_rng(seed).standard_normal(n).astype(np.float32)
