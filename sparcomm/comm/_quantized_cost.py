@@ -79,7 +79,10 @@ class CodecCosts:
     encode, decode : float
         ``codec.encode`` / ``codec.decode`` (into a given buffer).
     add : float
-        ``out += scratch`` (summing decoded payloads).
+        ``out += scratch``: one pass over a float buffer.
+    decode_add : float
+        ``out += decode(payload)`` as the sums run it: ``decode(..., accumulate=1)``, one
+        pass for codecs that fuse it, a decode and an add for the others.
     accumulate, pack, expand : float
         TernGrad's shared-scale path: add 2-bit codes into integer sums, pack the sums,
         unpack them and multiply by the scale (``expand`` times both of these last
@@ -89,13 +92,22 @@ class CodecCosts:
     encode: float
     decode: float
     add: float
+    decode_add: float
     accumulate: float = 0.0
     pack: float = 0.0
     expand: float = 0.0
 
     def as_array(self) -> np.ndarray:
         return np.array(
-            [self.encode, self.decode, self.add, self.accumulate, self.pack, self.expand]
+            [
+                self.encode,
+                self.decode,
+                self.add,
+                self.decode_add,
+                self.accumulate,
+                self.pack,
+                self.expand,
+            ]
         )
 
 
@@ -189,7 +201,7 @@ def predict_quantized(
         payload = STATUS_BYTES + chunk_nbytes(codec, n, dtype)
         add(QuantizedPhase("encode", 0, zeros, zeros, {"encode": n}))
         add(QuantizedPhase("allgather", size - 1, *_gather(np.full(size, payload))))
-        add(QuantizedPhase("decode", 0, zeros, zeros, {"decode": size * n, "add": (size - 1) * n}))
+        add(QuantizedPhase("decode", 0, zeros, zeros, {"decode": n, "decode_add": (size - 1) * n}))
         return prediction
     if algorithm == "reduce_scatter_allgather":
         bounds = chunk_bounds(n, size, chunk_alignment(codec))
@@ -206,7 +218,7 @@ def predict_quantized(
                 0,
                 zeros,
                 zeros,
-                {"decode": size * busiest, "add": (size - 1) * busiest, "encode": busiest},
+                {"decode": busiest, "decode_add": (size - 1) * busiest, "encode": busiest},
             )
         )
         add(QuantizedPhase("allgather", size - 1, *_gather(chunk)))
@@ -282,6 +294,10 @@ def _measure(codec: Any, dtype: np.dtype, repeats: int) -> CodecCosts:
     encode = _median_time(lambda: codec.encode(x, key="sparcomm.calibration", step=0), repeats)
     decode = _median_time(lambda: codec.decode(payload, out=out), repeats)
     add = _median_time(lambda: np.add(out, scratch, out=out), repeats)
+    if codec.fused_accumulate:
+        decode_add = _median_time(lambda: codec.decode(payload, out=out, accumulate=1), repeats)
+    else:
+        decode_add = decode + add
     accumulate = pack = expand = 0.0
     if isinstance(codec, TernGrad):
         packed = payload.arrays["packed"]
@@ -299,7 +315,8 @@ def _measure(codec: Any, dtype: np.dtype, repeats: int) -> CodecCosts:
             apply_scales(out, scales, bucket)
 
         expand = _median_time(output, repeats)
-    return CodecCosts(*(value / m for value in (encode, decode, add, accumulate, pack, expand)))
+    values = (encode, decode, add, decode_add, accumulate, pack, expand)
+    return CodecCosts(*(value / m for value in values))
 
 
 def codec_costs(

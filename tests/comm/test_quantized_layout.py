@@ -130,7 +130,9 @@ def test_apply_scales_multiplies_each_bucket_by_its_scale():
 # ------------------------------------------------------------------ cost model
 
 MODEL = CostModel(alpha=2e-6, beta=1e-10, beta_allreduce=2e-10, merge=1e-9, dense=3e-10)
-COSTS = CodecCosts(encode=3e-9, decode=2e-9, add=5e-10, accumulate=2e-9, pack=1e-9, expand=2e-9)
+COSTS = CodecCosts(
+    encode=3e-9, decode=2e-9, add=5e-10, decode_add=2.2e-9, accumulate=2e-9, pack=1e-9, expand=2e-9
+)
 
 
 @pytest.mark.parametrize("size", [2, 4, 16])
