@@ -13,10 +13,10 @@ the NumPy copy of the input.  The work is split where it is cheapest:
   integer sums.  MPI needs host buffers unless it is CUDA-aware, and this data is small.
 * **Decoding runs on the device** where the result is a sum of decoded payloads (the
   quantized ``allgather`` and ``reduce_scatter_allgather``): the gathered payloads cross
-  back in one copy (:func:`payloads_to_device`) and :func:`decode_sum` adds them in rank
-  order with the kernel layer's ``add``.  Other results go back once: a sparse sum is
-  scattered into a zeroed device array (only its nonzeros cross), a dense one is copied
-  from pinned memory.
+  back in one copy (:func:`payloads_to_device`) and are decoded and added in rank
+  order, each in one pass (``decode(..., accumulate=1)``).  Other results go back once:
+  a sparse sum is scattered into a zeroed device array (only its nonzeros cross), a
+  dense one is copied from pinned memory.
 
 The bits are the NumPy path's because the GPU kernels produce the CPU kernels' bits
 (``kernels/gpu``), the device sums add in the host's order with the same IEEE additions,
@@ -115,15 +115,6 @@ def payloads_to_device(payloads: list[Payload], buffer: np.ndarray) -> list[Payl
             arrays[name] = device[offset : offset + array.nbytes].view(array.dtype)
         moved.append(dataclasses.replace(payload, arrays=arrays))
     return moved
-
-
-def decode_sum(codec: Any, payloads: list[Payload], out: Any) -> None:
-    """``out = sum of decode(p)`` on the device, in list order: the bits of the host
-    ``_decode_sum`` (the same decodes, the same IEEE additions in the same order)."""
-
-    codec.decode(payloads[0], out=out)
-    for payload in payloads[1:]:
-        codec.decode(payload, out=out, accumulate=1)  # fused where the codec can
 
 
 def device_output(out: Any, shape: tuple[int, ...], dtype: np.dtype) -> Any:

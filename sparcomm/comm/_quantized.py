@@ -71,7 +71,6 @@ from sparcomm.comm._device import (
     is_device,
     payloads_to_device,
 )
-from sparcomm.comm._device import decode_sum as device_decode_sum
 from sparcomm.comm._quantized_cost import (
     QUANTIZED_ALGORITHMS,
     SHARED_SCALE_ALIGNMENT,
@@ -218,28 +217,30 @@ class _Problem:
         return payload
 
 
-#: Elements per block of :func:`_decode_sum`: the work buffer (1 MiB of float32) stays in
-#: cache while each payload's block is decoded into it and added, instead of streaming
-#: a chunk-sized buffer through memory once per rank.
+#: Elements per block of :func:`_decode_sum` on the host: the block of the sum (1 MiB of
+#: float32) stays in cache while every payload's block is added to it, instead of
+#: streaming a chunk-sized buffer through memory once per rank.
 _SUM_BLOCK = 1 << 18
 
 
-def _decode_sum(codec: Any, payloads: list[Payload], out: np.ndarray, scratch: np.ndarray) -> None:
-    """``out = sum of decode(p)`` in list order (rank order: the same on every rank);
-    ``scratch`` is a work buffer like ``out``.
+def _decode_sum(codec: Any, payloads: list[Payload], out: Any, blocked: bool = True) -> None:
+    """``out = sum of decode(p)`` in list order (rank order: the same on every rank), each
+    payload added in its decode pass (``decode(..., accumulate=1)``).
 
-    Works block by block (blocks of whole buckets, see :func:`slice_payload`): every
-    element is still the same rank-order sum, so the result does not depend on the block.
+    ``blocked`` (host arrays) works block by block (blocks of whole buckets, see
+    :func:`slice_payload`) so that the block of ``out`` stays in cache while every payload
+    is added to it; every element is still the same rank-order sum, so the result does not
+    depend on the block.  On the device one launch per payload covers all of ``out``.
     """
     n = out.size
     align = chunk_alignment(codec)
-    block = max(align, _SUM_BLOCK // align * align)
+    block = max(align, _SUM_BLOCK // align * align) if blocked else n
     # An overflowing sum becomes inf, as in MPI's own Allreduce; an owner then refuses
     # to re-encode it, and every rank raises (see reduce_scatter_allgather).
     with np.errstate(over="ignore"):
         for start in range(0, n, block):
             stop = min(n, start + block)
-            target, work = out[start:stop], scratch[: stop - start]
+            target = out[start:stop]
             parts = (
                 payloads
                 if stop - start == n
@@ -247,11 +248,7 @@ def _decode_sum(codec: Any, payloads: list[Payload], out: np.ndarray, scratch: n
             )
             codec.decode(parts[0], out=target)
             for part in parts[1:]:
-                if codec.fused_accumulate:  # target += decode(part), in one pass
-                    codec.decode(part, out=target, accumulate=1)
-                else:
-                    codec.decode(part, out=work)
-                    target += work
+                codec.decode(part, out=target, accumulate=1)
 
 
 def _allgatherv(problem: _Problem, send: np.ndarray, counts: np.ndarray):
@@ -304,11 +301,12 @@ def allgather(problem: _Problem) -> None:
         ]
         if problem.device_out is not None:
             # CuPy input: the compressed payloads go to the device, not the dense sum.
-            device_decode_sum(codec, payloads_to_device(payloads, recv), problem.device_out)
+            _decode_sum(
+                codec, payloads_to_device(payloads, recv), problem.device_out, blocked=False
+            )
             problem.result_on_device = True
             return
-        work = problem.scratch.get("work", problem.n, problem.dtype)
-        _decode_sum(codec, payloads, problem.out, work)
+        _decode_sum(codec, payloads, problem.out)
 
 
 # ----------------------------------------------------- reduce-scatter + allgather
@@ -364,8 +362,7 @@ def reduce_scatter_allgather(problem: _Problem) -> None:
                     for r in range(size)
                 ]
                 total = problem.scratch.get("total", int(lengths[rank]), problem.dtype)
-                work = problem.scratch.get("work", int(lengths[rank]), problem.dtype)
-                _decode_sum(codec, received, total, work)
+                _decode_sum(codec, received, total)
                 reencoded = problem.encode(total, owner_key(problem.key))
                 reencoded.to_bytes(out=mine[STATUS_BYTES:])
             except Exception as caught:
