@@ -30,6 +30,11 @@ __all__ = [
     "TopK",
     "AllreduceStats",
     "allreduce",
+    "init",
+    "local_rank",
+    "local_size",
+    "rank",
+    "size",
     "sparse_allreduce",
 ]
 
@@ -38,6 +43,11 @@ _LAZY = {
     "sparse_allreduce": "sparcomm.comm",
     "AllreduceStats": "sparcomm.comm",
     "GradientReducer": "sparcomm.reducer",
+    "init": "sparcomm._runtime",
+    "rank": "sparcomm._runtime",
+    "size": "sparcomm._runtime",
+    "local_rank": "sparcomm._runtime",
+    "local_size": "sparcomm._runtime",
 }
 
 

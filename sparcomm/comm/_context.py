@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from mpi4py import MPI
 
+from sparcomm._threads import adopt_rank_threads, set_rank_threads
 from sparcomm.comm._device import DeviceStaging
 from sparcomm.comm._stats import AllreduceStats
 
@@ -83,6 +84,8 @@ def comm_state(comm: MPI.Comm) -> _CommState:
     if not isinstance(state, _CommState):
         state = _CommState(comm=comm.Dup())
         comm.Set_attr(_KEYVAL, state)
+        set_rank_threads(state.comm)  # collective like the Dup: each rank's kernel threads
+    adopt_rank_threads()  # Numba's thread count is per thread: the same in this one
     return state
 
 

@@ -1,0 +1,238 @@
+"""Threads per rank: each rank's share of its node's cores for the Numba kernels.
+
+N ranks on one node each start a Numba thread pool as large as the node; their threads
+then spin against each other (the quantized allreduce at 2^24 on 2 cores ran at
+0.1-0.3x of MPI's Allreduce with 4 ranks and Numba's default, 0.8-0.9x with one thread
+per rank).  As ``torchrun`` sets ``OMP_NUM_THREADS``, sparcomm gives each rank
+
+    threads = max(1, usable cores // ranks sharing the node)
+
+where the usable cores are the rank's CPU affinity mask (a cgroup cpuset or an MPI
+binding narrows it) and the ranks sharing the node are counted where the rank runs.
+This module is the one source of that number:
+
+* ``sparcomm run`` starts Python ranks through :mod:`sparcomm._launch_child`, which
+  calls :func:`set_thread_environment` before the program starts: the launcher's
+  environment (``MPI_LOCALNRANKS`` from hydra, ``OMPI_COMM_WORLD_LOCAL_SIZE`` from
+  Open MPI, ...) says how many ranks share the node, so ``NUMBA_NUM_THREADS`` sizes the
+  pool itself, on every host by its own core count.
+* Under any launcher, the first collective of a process (:func:`set_rank_threads`,
+  called where sparcomm first duplicates a communicator, a collective step already)
+  counts the ranks sharing the node with a shared-memory split of the communicator and
+  calls ``numba.set_num_threads``.  Numba's setting belongs to the calling thread, so
+  :func:`adopt_rank_threads` repeats it in another thread that runs collectives (the
+  reducer's progress thread).
+
+The user's own choice always wins: ``NUMBA_NUM_THREADS`` in the environment, a call of
+``numba.set_num_threads`` before the first collective, or (for Numba, which otherwise
+ignores it) ``OMP_NUM_THREADS``.  The decision is logged once per process on the
+``sparcomm.threads`` logger.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Mapping, MutableMapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mpi4py import MPI
+
+logger = logging.getLogger("sparcomm.threads")
+
+#: Environment variables that launchers set to the number of this job's ranks on the
+#: node, in order of preference (hydra: MPICH, Intel MPI, MVAPICH; Open MPI; MVAPICH2;
+#: HPE/Cray PALS).  Slurm's ``srun`` is read separately (:func:`_slurm_local_size`).
+LOCAL_SIZE_VARIABLES = (
+    "MPI_LOCALNRANKS",
+    "OMPI_COMM_WORLD_LOCAL_SIZE",
+    "MV2_COMM_WORLD_LOCAL_SIZE",
+    "PALS_LOCAL_SIZE",
+)
+
+_decision: int | None = None  # the count chosen for this process, once decided
+_decided = False
+_applied = threading.local()  # .done: this thread has adopted the decision
+_lock = threading.Lock()
+
+
+def usable_cpus() -> int:
+    """The number of cores this process may run on (its affinity mask)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_rank(ranks_on_node: int, cpus: int | None = None) -> int:
+    """Kernel threads for one of ``ranks_on_node`` ranks sharing ``cpus`` cores.
+
+    ``max(1, cpus // ranks_on_node)``; ``cpus`` defaults to :func:`usable_cpus`.
+    """
+    if isinstance(ranks_on_node, bool) or not isinstance(ranks_on_node, int):
+        raise TypeError(f"ranks_on_node must be an int, got {type(ranks_on_node).__name__}")
+    if ranks_on_node < 1:
+        raise ValueError(f"ranks_on_node must be >= 1, got {ranks_on_node}")
+    return max(1, (usable_cpus() if cpus is None else cpus) // ranks_on_node)
+
+
+def _positive_int(text: str | None) -> int | None:
+    try:
+        value = int(text) if text is not None else None
+    except ValueError:
+        return None
+    return value if value is not None and value > 0 else None
+
+
+def _slurm_local_size(environ: Mapping[str, str]) -> int | None:
+    """Tasks of this ``srun`` step on this node: ``SLURM_STEP_TASKS_PER_NODE`` ("4(x2),3")
+    indexed by ``SLURM_NODEID``."""
+    spec = environ.get("SLURM_STEP_TASKS_PER_NODE")
+    node = _positive_int(environ.get("SLURM_NODEID", "0")) or 0
+    if not spec or "SLURM_STEP_ID" not in environ:
+        return None
+    counts: list[int] = []
+    for item in spec.split(","):
+        count, _, repeat = item.partition("(x")
+        value = _positive_int(count)
+        times = _positive_int(repeat.rstrip(")")) if repeat else 1
+        if value is None or times is None:
+            return None
+        counts.extend([value] * times)
+    return counts[node] if node < len(counts) else None
+
+
+def local_size_from_environment(environ: Mapping[str, str] | None = None) -> int | None:
+    """The number of this job's ranks on this node, as the launcher's environment tells
+    it, or None where no known launcher variable is set."""
+    environ = os.environ if environ is None else environ
+    for variable in LOCAL_SIZE_VARIABLES:
+        value = _positive_int(environ.get(variable))
+        if value is not None:
+            return value
+    return _slurm_local_size(environ)
+
+
+def user_threads(environ: Mapping[str, str] | None = None) -> tuple[int, str] | None:
+    """The user's own per-process thread count and where it comes from:
+    ``NUMBA_NUM_THREADS``, else ``OMP_NUM_THREADS``; None where neither is set."""
+    environ = os.environ if environ is None else environ
+    for variable in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS"):
+        text = environ.get(variable)
+        if text is not None and text.strip():
+            value = _positive_int(text.strip())
+            if value is None:
+                raise ValueError(
+                    f"{variable} must be a positive integer, got {text!r}; "
+                    f"unset it or set it to the threads per rank, e.g. {variable}=1"
+                )
+            return value, variable
+    return None
+
+
+def set_thread_environment(environ: MutableMapping[str, str] | None = None) -> int | None:
+    """Before a rank's program starts (``sparcomm run``): set ``NUMBA_NUM_THREADS`` and
+    ``OMP_NUM_THREADS`` to the rank's share of this node's cores, from the launcher's
+    count of ranks on the node.
+
+    A variable already set is kept (``OMP_NUM_THREADS`` alone also sizes Numba's pool,
+    as :func:`set_rank_threads` does at run time).  Returns the count set, or None where
+    the user's setting stands or the launcher gives no local rank count.
+    """
+    environ = os.environ if environ is None else environ
+    chosen = user_threads(environ)
+    if chosen is not None:
+        if chosen[1] == "OMP_NUM_THREADS":
+            environ["NUMBA_NUM_THREADS"] = str(chosen[0])
+        return None
+    ranks = local_size_from_environment(environ)
+    if ranks is None:
+        return None
+    threads = threads_per_rank(ranks)
+    environ["NUMBA_NUM_THREADS"] = str(threads)
+    environ["OMP_NUM_THREADS"] = str(threads)
+    return threads
+
+
+def _shared_size(comm: MPI.Comm) -> int:
+    """Ranks of ``comm`` on this node (collective on ``comm``)."""
+    from mpi4py import MPI
+
+    if comm.Get_size() == 1:
+        return 1
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        return local.Get_size()
+    finally:
+        local.Free()
+
+
+def set_rank_threads(comm: MPI.Comm) -> None:
+    """Collective on ``comm``: at a process's first collective, set its Numba kernel
+    threads to its share of the node's cores (see the module docstring).
+
+    Called wherever sparcomm creates a communicator's state, which is collective on
+    ``comm`` anyway (``MPI_Comm_dup``); every call does the same collective steps, so
+    ranks that have decided already still take part.
+    """
+    global _decision, _decided
+    on_node = _shared_size(comm)
+    with _lock:
+        if _decided:
+            adopt_rank_threads()
+            return
+        _decided = True
+        import numba
+
+        pool = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
+        user = user_threads()
+        if user is not None and user[1] == "NUMBA_NUM_THREADS":
+            logger.info("Numba kernels keep %d threads per rank (NUMBA_NUM_THREADS is set)", pool)
+            return
+        current = numba.get_num_threads()
+        if current != pool:
+            logger.info(
+                "Numba kernels keep %d threads per rank (numba.set_num_threads was called)",
+                current,
+            )
+            return
+        if user is not None:  # OMP_NUM_THREADS: Numba's pool ignores it otherwise
+            _decision = min(user[0], pool)
+            logger.info(
+                "Numba kernels use %d threads per rank, from OMP_NUM_THREADS=%d",
+                _decision,
+                user[0],
+            )
+        else:
+            ranks = max(on_node, local_size_from_environment() or 1)
+            cpus = usable_cpus()
+            _decision = min(threads_per_rank(ranks, cpus), pool)
+            logger.info(
+                "Numba kernels use %d threads per rank: %d usable cores / %d ranks on this "
+                "node (set NUMBA_NUM_THREADS to choose)",
+                _decision,
+                cpus,
+                ranks,
+            )
+        adopt_rank_threads()
+
+
+def adopt_rank_threads() -> None:
+    """Apply this process's decision to the calling thread (Numba's thread count is
+    per thread); cheap after the first call in a thread."""
+    if getattr(_applied, "done", False) or not _decided:
+        return
+    _applied.done = True
+    if _decision is not None:
+        import numba
+
+        numba.set_num_threads(_decision)
+
+
+def _reset_for_tests() -> None:
+    """Forget the decision (tests only; the calling thread's Numba setting stays)."""
+    global _decision, _decided
+    _decision, _decided = None, False
+    _applied.done = False
