@@ -11,7 +11,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from sparcomm.codecs import FP16, QSGD, Codec, NoCompression, OneBit, TernGrad, TopK
+from sparcomm.codecs import (
+    FP16,
+    QSGD,
+    Codec,
+    NoCompression,
+    OneBit,
+    PowerSGD,
+    TernGrad,
+    TopK,
+)
 from sparcomm.feedback import ErrorFeedback
 from sparcomm.payload import Payload
 
@@ -26,6 +35,7 @@ __all__ = [
     "NoCompression",
     "OneBit",
     "Payload",
+    "PowerSGD",
     "TernGrad",
     "TopK",
     "AllreduceStats",

@@ -55,6 +55,7 @@ CODEC_IDS: dict[int, tuple[str, tuple[str, ...]]] = {
     4: ("QSGD", ("scales", "packed")),
     5: ("TernGrad", ("scales", "packed")),
     6: ("OneBit", ("means", "packed")),
+    7: ("PowerSGD", ("p", "q")),
 }
 
 #: dtype code <-> numpy dtype, for the decoded array and for each wire array.

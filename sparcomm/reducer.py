@@ -188,6 +188,11 @@ def _is_dense_codec(codec: Any) -> bool:
     return isinstance(unwrap(codec)[0], NoCompression)
 
 
+def _is_low_rank(codec: Any) -> bool:
+    """Whether ``codec`` is of the low-rank family (PowerSGD), reduced per bucket."""
+    return getattr(codec, "family", None) == "low-rank"
+
+
 def _default_comm(comm: Any) -> Any:
     if comm is not None:
         return comm
@@ -375,7 +380,9 @@ class GradientReducer:
                 compress=compressing and not _is_dense_codec(self.codec),
                 fusion_threshold_bytes=self.fusion_threshold_bytes,
                 dense_below=self.dense_below,
-                compression=self.compression,
+                # A low-rank codec compresses each tensor as its own matrix and sums a
+                # whole bucket's factors in one call: fuse its tensors into buckets.
+                compression="bucket" if _is_low_rank(self.codec) else self.compression,
             )
 
     def _signature(self, specs: Sequence[tuple[Hashable, tuple[int, ...], np.dtype]]) -> str:
@@ -596,6 +603,9 @@ class GradientReducer:
 
     def _reduce_bucket_here(self, run: _StepRun, bucket: _Bucket) -> None:
         codec = self.codec if bucket.compressed else self._dense_codec
+        if bucket.compressed and _is_low_rank(codec):
+            self._reduce_low_rank(run, bucket, codec)
+            return
         if len(bucket.slots) == 1:
             slot = bucket.slots[0]
             result = self._allreduce(run, bucket, codec, run.inputs[slot.name])
@@ -623,6 +633,26 @@ class GradientReducer:
                 slot.shape
             )
 
+    def _reduce_low_rank(self, run: _StepRun, bucket: _Bucket, codec: Any) -> None:
+        """PowerSGD: the bucket's tensors, each its own matrix keyed by its name, share
+        one allreduce of their P factors and one of their Q factors."""
+        from sparcomm.comm import AllreduceStats
+        from sparcomm.comm._lowrank import powersgd_allreduce
+
+        info = AllreduceStats()
+        start = time.perf_counter()
+        results = powersgd_allreduce(
+            [run.inputs[slot.name] for slot in bucket.slots],
+            codec,
+            [slot.name for slot in bucket.slots],
+            self._comm,
+            op=self.op,
+            stats=info,
+        )
+        for slot, result in zip(bucket.slots, results, strict=True):
+            run.outputs[slot.name] = result
+        self._record(run, bucket, info, time.perf_counter() - start)
+
     def _allreduce(self, run: _StepRun, bucket: _Bucket, codec: Any, x: Any) -> Any:
         from sparcomm.comm import AllreduceStats, allreduce
 
@@ -637,15 +667,18 @@ class GradientReducer:
             step=run.step,
             stats=info,
         )
+        self._record(run, bucket, info, time.perf_counter() - start)
+        return result
+
+    def _record(self, run: _StepRun, bucket: _Bucket, info: Any, seconds: float) -> None:
         stats = run.stats
-        stats.seconds += time.perf_counter() - start
+        stats.seconds += seconds
         stats.buckets += 1
         stats.compressed_buckets += int(bucket.compressed)
-        stats.elements += int(x.size)
+        stats.elements += int(bucket.size)
         stats.bytes_sent += info.bytes_sent
         stats.bytes_received += info.bytes_received
         stats.algorithms.append(info.algorithm)
-        return result
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from sparcomm.codecs._base import Codec
 from sparcomm.codecs.baselines import FP16, NoCompression
 from sparcomm.codecs.onebit import OneBit
+from sparcomm.codecs.powersgd import PowerSGD
 from sparcomm.codecs.qsgd import QSGD
 from sparcomm.codecs.terngrad import TernGrad
 from sparcomm.codecs.topk import TopK
 
-__all__ = ["Codec", "FP16", "NoCompression", "OneBit", "QSGD", "TernGrad", "TopK"]
+__all__ = ["Codec", "FP16", "NoCompression", "OneBit", "PowerSGD", "QSGD", "TernGrad", "TopK"]

@@ -638,6 +638,10 @@ def _load_builtins() -> None:
     _COLLECTIVES.setdefault(NoCompression, _dense_allreduce)
     # QSGD, TernGrad, OneBit and FP16 register on import (issue 4, sparcomm.comm._quantized)
     import sparcomm.comm._quantized  # noqa: F401
+    from sparcomm.codecs.powersgd import PowerSGD  # the low-rank family (issue 13)
+    from sparcomm.comm._lowrank import lowrank_allreduce
+
+    _COLLECTIVES.setdefault(PowerSGD, lowrank_allreduce)
 
 
 def _lookup(codec: Any) -> Callable[..., np.ndarray]:
