@@ -194,6 +194,52 @@ class ErrorFeedback:
         self._residuals = restored
         self._scratch = {}
 
+    def snapshot(self) -> tuple[bool, dict[Hashable, Any]]:
+        """A handle on the residuals as they are now, for :meth:`restore`.
+
+        A step that is then abandoned (a skipped mixed-precision step) undoes its
+        encodes with it.  Each key's previous residual survives its next encode in the
+        spare buffer when the codec has TopK's ``residual_into`` or a fused decode, so
+        the handle holds references (no copy); other codecs decode into the old
+        residual, so their residuals are copied here.
+        """
+        if self._keeps_old_residual():
+            return False, dict(self._residuals)
+        return True, {key: value.copy() for key, value in self._residuals.items()}
+
+    def restore(self, snapshot: tuple[bool, dict[Hashable, Any]]) -> None:
+        """Put back the residuals of :meth:`snapshot`: encodes since then leave no trace.
+
+        Raises
+        ------
+        RuntimeError
+            If a key was encoded more than once since a by-reference snapshot (its old
+            residual was overwritten): restore undoes one step.
+        """
+        copied, residuals = snapshot
+        for key, old in residuals.items():
+            new = self._residuals.get(key)
+            if new is old:
+                continue
+            if not copied and self._scratch.get(key) is not old:
+                raise RuntimeError(
+                    f"residual of key {key!r} was encoded more than once since the "
+                    "snapshot; restore() undoes one step only"
+                )
+            self._residuals[key] = old
+            if new is not None and not copied:
+                self._scratch[key] = new  # the spare buffer again, as after any encode
+            elif copied:
+                self._scratch.pop(key, None)
+        for key in [key for key in self._residuals if key not in residuals]:
+            # First encoded after the snapshot: it had no residual then.
+            del self._residuals[key]
+
+    def _keeps_old_residual(self) -> bool:
+        return getattr(self.codec, "residual_into", None) is not None or bool(
+            self.codec.fused_accumulate
+        )
+
     def to_device(self, xp: Any) -> None:
         """Move every residual to the array module ``xp`` (``numpy`` or ``cupy``) now.
 
