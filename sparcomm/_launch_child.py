@@ -1,10 +1,12 @@
 """Rank bootstrap used by ``sparcomm run``: ``python -m sparcomm._launch_child script.py args``.
 
-Runs the script (or ``-m module`` / ``-c code``) as ``__main__``.  If it raises, or
-exits with a non-zero status, the traceback is printed with the rank's number and the
-whole job is aborted with ``MPI_Abort``: the other ranks, possibly blocked in a
-collective, are killed within seconds instead of hanging (what ``python -m mpi4py``
-does, plus the rank prefix).
+Sets ``NUMBA_NUM_THREADS`` and ``OMP_NUM_THREADS`` to this host's usable cores divided
+by the ranks the launcher placed on it, unless they are set
+(:func:`sparcomm._threads.set_thread_environment`).  Then runs the script (or
+``-m module`` / ``-c code``) as ``__main__``.  If it raises, or exits with a non-zero
+status, the traceback is printed with the rank's number and the whole job is aborted
+with ``MPI_Abort``: the other ranks, possibly blocked in a collective, are killed within
+seconds instead of hanging (what ``python -m mpi4py`` does, plus the rank prefix).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import runpy
 import sys
 import time
 import traceback
+
+from sparcomm._threads import set_thread_environment
 
 _FORWARD_SECONDS = 0.5
 
@@ -47,6 +51,9 @@ def main(argv: list[str]) -> None:
             file=sys.stderr,
         )
         raise SystemExit(2)
+    # Before the program imports Numba (its pool size is read once, at import) or an
+    # OpenMP runtime: this host's cores divided among this host's ranks.
+    set_thread_environment()
     try:
         if argv[0] == "-m" and len(argv) > 1:
             sys.argv = [argv[1], *argv[2:]]

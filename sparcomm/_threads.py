@@ -132,14 +132,17 @@ def user_threads(environ: Mapping[str, str] | None = None) -> tuple[int, str] | 
     return None
 
 
-def set_thread_environment(environ: MutableMapping[str, str] | None = None) -> int | None:
+def set_thread_environment(
+    environ: MutableMapping[str, str] | None = None, ranks_on_node: int | None = None
+) -> int | None:
     """Before a rank's program starts (``sparcomm run``): set ``NUMBA_NUM_THREADS`` and
-    ``OMP_NUM_THREADS`` to the rank's share of this node's cores, from the launcher's
-    count of ranks on the node.
+    ``OMP_NUM_THREADS`` to the rank's share of this node's cores.
 
-    A variable already set is kept (``OMP_NUM_THREADS`` alone also sizes Numba's pool,
-    as :func:`set_rank_threads` does at run time).  Returns the count set, or None where
-    the user's setting stands or the launcher gives no local rank count.
+    ``ranks_on_node`` defaults to the launcher's count in ``environ``
+    (:func:`local_size_from_environment`).  A variable already set is kept
+    (``OMP_NUM_THREADS`` alone also sizes Numba's pool, as :func:`set_rank_threads`
+    does at run time).  Returns the count set, or None where the user's setting stands
+    or the number of ranks on the node is unknown.
     """
     environ = os.environ if environ is None else environ
     chosen = user_threads(environ)
@@ -147,7 +150,7 @@ def set_thread_environment(environ: MutableMapping[str, str] | None = None) -> i
         if chosen[1] == "OMP_NUM_THREADS":
             environ["NUMBA_NUM_THREADS"] = str(chosen[0])
         return None
-    ranks = local_size_from_environment(environ)
+    ranks = local_size_from_environment(environ) if ranks_on_node is None else ranks_on_node
     if ranks is None:
         return None
     threads = threads_per_rank(ranks)
