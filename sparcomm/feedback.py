@@ -161,37 +161,72 @@ class ErrorFeedback:
         return payload
 
     def state_dict(self) -> dict[str, Any]:
-        """Copies of the residuals (host NumPy arrays) keyed by tensor key."""
+        """Copies of the residuals (host NumPy arrays) keyed by tensor key, and their
+        dtypes (so a state stored as lists, in JSON for instance, loads back exactly)."""
         residuals = {}
         for key, value in self._residuals.items():
             residuals[key] = value.copy() if isinstance(value, np.ndarray) else value.get()
-        return {"codec": repr(self.codec), "residuals": residuals}
+        dtypes = {key: np.dtype(value.dtype).name for key, value in residuals.items()}
+        return {"codec": repr(self.codec), "residuals": residuals, "dtypes": dtypes}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore residuals saved by :meth:`state_dict` (onto the host; a residual moves
         to the GPU at its key's first encode of a CuPy array).
 
+        Atomic: every residual is checked before any is replaced.
+
         Raises
         ------
+        TypeError
+            If ``state`` or its residuals have the wrong type, or a residual given as a
+            list has no saved dtype.
         ValueError
-            If the state was saved from a different codec.
+            If the state was saved from a different codec, or a residual is not a 1-D
+            float32/float64 array matching its saved dtype.
         """
-        if not isinstance(state, dict) or "residuals" not in state:
+        self._install(self.checked_residuals(state))
+
+    def checked_residuals(self, state: dict[str, Any]) -> dict[Hashable, np.ndarray]:
+        """The residuals :meth:`load_state_dict` would install, checked and converted,
+        without installing them (to validate a whole checkpoint before loading any of it).
+
+        A residual given as a list (a state stored as JSON, say) takes its dtype from the
+        state's ``"dtypes"``: NumPy would make it float64, and every later encode of a
+        float32 tensor would then fail.
+
+        Raises
+        ------
+        TypeError, ValueError
+            As :meth:`load_state_dict`.
+        """
+        if not isinstance(state, dict):
+            raise TypeError(
+                f"state must be a dict from ErrorFeedback.state_dict(), got {type(state).__name__}"
+            )
+        if "residuals" not in state:
             raise ValueError(
-                "state must be a dict from ErrorFeedback.state_dict(), with a 'residuals' key"
+                "state must be a dict from ErrorFeedback.state_dict(), with a 'residuals' "
+                f"key, got keys {sorted(map(str, state))}"
             )
         if state.get("codec") != repr(self.codec):
             raise ValueError(
                 f"state was saved from {state.get('codec')}, this ErrorFeedback wraps "
                 f"{self.codec!r}; load it into a matching codec"
             )
+        residuals, dtypes = state["residuals"], state.get("dtypes") or {}
+        for name, value in (("residuals", residuals), ("dtypes", dtypes)):
+            if not isinstance(value, dict):
+                raise TypeError(
+                    f"state[{name!r}] must be a dict keyed by tensor key, got "
+                    f"{type(value).__name__}; pass what ErrorFeedback.state_dict() returned"
+                )
         restored = {}
-        for key, value in state["residuals"].items():
-            array = np.array(value, copy=True)
-            if array.dtype not in (np.float32, np.float64) or array.ndim != 1:
-                raise ValueError(f"residual for key {key!r} must be a 1-D float array")
-            restored[key] = array
-        self._residuals = restored
+        for key, value in residuals.items():
+            restored[key] = _checked_residual(key, value, dtypes.get(key))
+        return restored
+
+    def _install(self, residuals: dict[Hashable, np.ndarray]) -> None:
+        self._residuals = residuals
         self._scratch = {}
 
     def snapshot(self) -> tuple[bool, dict[Hashable, Any]]:
@@ -235,6 +270,27 @@ class ErrorFeedback:
             # First encoded after the snapshot: it had no residual then.
             del self._residuals[key]
 
+    def set_residual(self, key: Hashable, value: Any) -> None:
+        """Replace the residual of ``key`` by the 1-D float array ``value`` (None removes
+        it); for callers whose keys change layout (DDP's bucket rebuild).
+
+        Raises
+        ------
+        TypeError
+            If ``value`` is not a 1-D float32/float64 array.
+        """
+        if value is not None:
+            array_module(value)
+            if value.dtype not in (np.float32, np.float64) or value.ndim != 1:
+                raise TypeError(
+                    f"residual for key {key!r} must be a 1-D float32 or float64 array, got "
+                    f"{value.ndim}-D {value.dtype}"
+                )
+            self._residuals[key] = value
+        else:
+            self._residuals.pop(key, None)
+        self._scratch.pop(key, None)
+
     def _keeps_old_residual(self) -> bool:
         return getattr(self.codec, "residual_into", None) is not None or bool(
             self.codec.fused_accumulate
@@ -251,6 +307,55 @@ class ErrorFeedback:
             moved[key] = value if same else (value.get() if xp is np else xp.asarray(value))
         self._residuals = moved
         self._scratch = {}
+
+
+_RESIDUAL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _checked_residual(key: Hashable, value: Any, saved: Any) -> np.ndarray:
+    """One saved residual as a fresh 1-D float32/float64 host array, or a clear error."""
+    if saved is not None:
+        try:
+            saved = np.dtype(saved)
+        except TypeError:
+            saved = None  # reported below with the expected values
+        if saved not in _RESIDUAL_DTYPES:
+            raise ValueError(
+                f"the saved dtype of the residual for key {key!r} must be float32 or "
+                f"float64, got {saved!r}; pass the 'dtypes' of ErrorFeedback.state_dict()"
+            )
+    if isinstance(value, np.ndarray):
+        array = value.copy()
+    elif isinstance(value, (list, tuple)):
+        if saved is None:
+            raise TypeError(
+                f"the residual for key {key!r} is a {type(value).__name__} and the state "
+                "has no dtype for it (state['dtypes'][key]); numpy would guess float64 and "
+                "every later encode of a float32 tensor would fail: save the residuals as "
+                "numpy arrays (as state_dict() returns them) or keep its 'dtypes' entry"
+            )
+        try:
+            array = np.array(value, dtype=saved)
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"the residual for key {key!r} is not a list of numbers ({error})"
+            ) from None
+    else:
+        raise TypeError(
+            f"the residual for key {key!r} must be a numpy.ndarray (or a list with a saved "
+            f"dtype), got {type(value).__module__}.{type(value).__qualname__}"
+        )
+    if array.dtype not in _RESIDUAL_DTYPES or array.ndim != 1:
+        raise ValueError(
+            f"the residual for key {key!r} must be a 1-D float array (float32 or float64), "
+            f"got {array.ndim}-D {array.dtype}"
+        )
+    if saved is not None and array.dtype != saved:
+        raise ValueError(
+            f"the residual for key {key!r} is {array.dtype}, saved as {saved}; pass the "
+            "residuals and dtypes of one ErrorFeedback.state_dict()"
+        )
+    return array
 
 
 def unwrap(codec: Any) -> tuple[Codec, ErrorFeedback | None]:

@@ -36,6 +36,7 @@ import queue
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -194,11 +195,17 @@ def _is_low_rank(codec: Any) -> bool:
 
 
 def _default_comm(comm: Any) -> Any:
-    if comm is not None:
-        return comm
+    """``comm``, or ``MPI.COMM_WORLD`` for None; a TypeError for anything else."""
     from mpi4py import MPI
 
-    return MPI.COMM_WORLD
+    if comm is None:
+        return MPI.COMM_WORLD
+    if not isinstance(comm, MPI.Comm):
+        raise TypeError(
+            f"comm must be an mpi4py.MPI.Comm, got {type(comm).__name__} {comm!r}; pass "
+            "MPI.COMM_WORLD (the default) or a communicator made from it"
+        )
+    return comm
 
 
 def thread_support_ok() -> bool:
@@ -228,6 +235,279 @@ class _StepRun:
         self.stats = ReductionStats(step=step)
         self.device: Any = None  # the cupy.cuda.Device of CuPy gradients, else None
         self.ready: dict[Hashable, Any] = {}  # name -> CUDA event: the gradient is written
+
+    def cancel(self) -> None:
+        with self.condition:
+            self.cancelled = True
+            self.condition.notify_all()
+
+
+# -- communicators ----------------------------------------------------------------------------
+_DUPLICATES_KEYVAL: int | None = None
+
+
+class _Duplicates:
+    """The reducers' duplicates of one parent communicator, and the dropped ones to free.
+
+    ``MPI_Comm_free`` is collective, and a dropped reducer is collected whenever each
+    rank's garbage collector gets to it, not at the same point of the program on every
+    rank.  So a dropped reducer's duplicate is not freed by its finalizer: once the
+    reducer's thread has stopped using it, it is *parked* here under its number (the
+    same on every rank: the duplicates of one parent are made by collective calls, in
+    one order), and the next :class:`GradientReducer` built on the same parent, a
+    collective point, frees the duplicates that every rank has parked.  Kept as an MPI
+    attribute of the parent, so it lives as long as the parent does.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.made = 0  # duplicates made so far: the next one's number
+        self.open = 0  # reducers built and neither closed nor dropped
+        self.parked: dict[int, Any] = {}  # number -> duplicate of a dropped reducer
+
+    @staticmethod
+    def of(parent: Any) -> _Duplicates:
+        global _DUPLICATES_KEYVAL
+        from mpi4py import MPI
+
+        if _DUPLICATES_KEYVAL is None:
+            _DUPLICATES_KEYVAL = MPI.Comm.Create_keyval()
+        found = parent.Get_attr(_DUPLICATES_KEYVAL)
+        if not isinstance(found, _Duplicates):
+            found = _Duplicates()
+            parent.Set_attr(_DUPLICATES_KEYVAL, found)
+        return found
+
+    def free_parked(self, parent: Any) -> int:
+        """Free the duplicates parked on every rank (collective on ``parent``); returns
+        how many were freed."""
+        with self.lock:
+            mine = sorted(self.parked)
+        everyone = parent.allgather(mine)
+        agreed = sorted(set(everyone[0]).intersection(*everyone[1:]))
+        for number in agreed:
+            with self.lock:
+                comm = self.parked.pop(number)
+            comm.Free()
+        return len(agreed)
+
+    def duplicate(self, parent: Any) -> tuple[Any, int]:
+        """A new duplicate of ``parent`` and its number (collective on ``parent``).
+
+        Raises
+        ------
+        RuntimeError
+            If MPI has no communicator left to give, with how many reducers hold one.
+        """
+        from mpi4py import MPI
+
+        self.free_parked(parent)
+        try:
+            comm = parent.Dup()
+        except MPI.Exception as error:
+            with self.lock:
+                parked = len(self.parked)
+            reason = str(error).strip().splitlines()[-1].strip()
+            raise RuntimeError(
+                f"MPI could not create a communicator for a new GradientReducer ({reason}): "
+                f"{self.open} GradientReducer(s) on this communicator are open and "
+                f"{parked} dropped one(s) wait to be freed; each holds two communicators "
+                "(its duplicate and the collectives' private one). Call close() on the "
+                "reducers (and DistributedOptimizers) you no longer use, or build them in "
+                "a with-block: with GradientReducer(...) as reducer: ..."
+            ) from error
+        with self.lock:
+            number = self.made
+            self.made += 1
+            self.open += 1
+        return comm, number
+
+    def park(self, number: int, comm: Any) -> None:
+        with self.lock:
+            self.parked[number] = comm
+            self.open -= 1
+
+    def closed(self) -> None:
+        with self.lock:
+            self.open -= 1
+
+
+# -- the work ---------------------------------------------------------------------------------
+class _Engine:
+    """What the progress thread works with: codec, communicator, fusion buffers, queue.
+
+    Nothing here refers back to the :class:`GradientReducer`, so the thread does not keep
+    a dropped reducer alive; the reducer's finalizer (:func:`_abandon`) stops the thread,
+    which then parks the communicator for a collective free (see :class:`_Duplicates`).
+    """
+
+    def __init__(
+        self, codec: Any, op: str, comm: Any, duplicates: _Duplicates, number: int
+    ) -> None:
+        from sparcomm.codecs import NoCompression
+
+        self.codec = codec
+        self.dense_codec = NoCompression()
+        self.op = op
+        self.comm = comm
+        self.duplicates = duplicates
+        self.number = number
+        self.fusion_buffers: dict[tuple[int, int], Any] = {}
+        self.run: _StepRun | None = None
+        self.queue: queue.Queue[_StepRun | None] = queue.Queue()
+        self.thread: threading.Thread | None = None
+        self.abandoned = False
+
+    def start_thread(self) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(
+                target=self._progress_loop, name="sparcomm-reducer", daemon=True
+            )
+            self.thread.start()
+
+    def stop_thread(self) -> None:
+        """End the thread after the work it has; wait for it (unless called from it)."""
+        thread = self.thread
+        if thread is None:
+            return
+        self.queue.put(None)
+        if thread is not threading.current_thread():
+            thread.join()
+        self.thread = None
+
+    def park(self) -> None:
+        self.duplicates.park(self.number, self.comm)
+
+    def _progress_loop(self) -> None:
+        while True:
+            run = self.queue.get()
+            if run is None:
+                break
+            self.reduce_all(run)
+        if self.abandoned:
+            self.park()  # the communicator is no longer in use: free it collectively later
+
+    def reduce_all(self, run: _StepRun) -> None:
+        try:
+            for bucket in run.plan.buckets:
+                with run.condition:
+                    while run.pending[bucket.index] > 0 and not run.cancelled:
+                        run.condition.wait()
+                    if run.cancelled:
+                        return
+                self._reduce_bucket(run, bucket)
+        except BaseException as error:  # handed to wait() on the caller's thread
+            run.error = error
+        finally:
+            run.done.set()
+
+    def _reduce_bucket(self, run: _StepRun, bucket: _Bucket) -> None:
+        if run.device is None:
+            self._reduce_bucket_here(run, bucket)
+            return
+        with run.device:
+            stream = sys.modules["cupy"].cuda.get_current_stream()
+            for slot in bucket.slots:
+                event = run.ready.get(slot.name)
+                if event is not None:
+                    stream.wait_event(event)
+            self._reduce_bucket_here(run, bucket)
+            # The caller reads the outputs on its own stream after wait().
+            stream.synchronize()
+
+    def _reduce_bucket_here(self, run: _StepRun, bucket: _Bucket) -> None:
+        codec = self.codec if bucket.compressed else self.dense_codec
+        if bucket.compressed and _is_low_rank(codec):
+            self._reduce_low_rank(run, bucket, codec)
+            return
+        if len(bucket.slots) == 1:
+            slot = bucket.slots[0]
+            result = self._allreduce(run, bucket, codec, run.inputs[slot.name])
+            run.outputs[slot.name] = result.reshape(slot.shape)
+            return
+        first = run.inputs[bucket.slots[0].name]
+        xp = array_module(first)
+        # One buffer per bucket of each plan (warm-up and compressed plans differ).
+        buffer_key = (id(run.plan), bucket.index)
+        fused = self.fusion_buffers.get(buffer_key)
+        if fused is None or array_module(fused) is not xp:
+            fused = xp.empty(bucket.size, dtype=bucket.dtype)
+            self.fusion_buffers[buffer_key] = fused
+        for slot in bucket.slots:
+            fused[slot.offset : slot.offset + slot.size].reshape(slot.shape)[...] = run.inputs[
+                slot.name
+            ]
+        result = self._allreduce(run, bucket, codec, fused)
+        if result is fused or getattr(result, "base", None) is fused:
+            # The collective answered in place: hand this buffer to the caller and use a
+            # fresh one next step, so returned views are never overwritten.
+            del self.fusion_buffers[buffer_key]
+        for slot in bucket.slots:
+            run.outputs[slot.name] = result[slot.offset : slot.offset + slot.size].reshape(
+                slot.shape
+            )
+
+    def _reduce_low_rank(self, run: _StepRun, bucket: _Bucket, codec: Any) -> None:
+        """PowerSGD: the bucket's tensors, each its own matrix keyed by its name, share
+        one allreduce of their P factors and one of their Q factors."""
+        from sparcomm.comm import AllreduceStats
+        from sparcomm.comm._lowrank import powersgd_allreduce
+
+        info = AllreduceStats()
+        start = time.perf_counter()
+        names = [slot.name for slot in bucket.slots]
+        results = powersgd_allreduce(
+            [run.inputs[name] for name in names], codec, names, self.comm, op=self.op, stats=info
+        )
+        run.outputs.update(zip(names, results, strict=True))
+        stats = run.stats
+        stats.seconds += time.perf_counter() - start
+        stats.buckets += 1
+        stats.compressed_buckets += 1
+        stats.elements += bucket.size
+        stats.bytes_sent += info.bytes_sent
+        stats.bytes_received += info.bytes_received
+        stats.algorithms.append(info.algorithm)
+
+    def _allreduce(self, run: _StepRun, bucket: _Bucket, codec: Any, x: Any) -> Any:
+        from sparcomm.comm import AllreduceStats, allreduce
+
+        info = AllreduceStats()
+        start = time.perf_counter()
+        result = allreduce(
+            x,
+            codec=codec,
+            comm=self.comm,
+            op=self.op,
+            key=bucket.key,
+            step=run.step,
+            stats=info,
+        )
+        stats = run.stats
+        stats.seconds += time.perf_counter() - start
+        stats.buckets += 1
+        stats.compressed_buckets += int(bucket.compressed)
+        stats.elements += int(x.size)
+        stats.bytes_sent += info.bytes_sent
+        stats.bytes_received += info.bytes_received
+        stats.algorithms.append(info.algorithm)
+        return result
+
+
+def _abandon(engine: _Engine) -> None:
+    """Finalizer of a reducer that was dropped (or left a with-block by an exception)
+    without :meth:`GradientReducer.close`: cancel its step, end its thread, and park
+    its communicator for the next collective free.  Never blocks and never calls MPI, as
+    it may run at any point of the program, on any thread."""
+    run = engine.run
+    if run is not None:
+        run.cancel()
+    engine.abandoned = True
+    thread = engine.thread
+    if thread is not None and thread.is_alive():
+        engine.queue.put(None)  # the thread parks the communicator when it ends
+    else:
+        engine.park()
 
 
 class GradientReducer:
@@ -260,15 +540,27 @@ class GradientReducer:
         ``MPI_THREAD_MULTIPLE``; without it the reducer logs a warning and reduces in
         :meth:`wait`, on the caller's thread).  ``False`` always reduces in :meth:`wait`.
 
+    Raises
+    ------
+    RuntimeError
+        If MPI has no communicator left for the reducer's duplicate (too many reducers
+        left open): the message says how many are open.
+
     Notes
     -----
     Usage from a NumPy loop::
 
-        reducer = GradientReducer(codec=ErrorFeedback(TopK(density=0.01)))
-        grads = reducer.reduce({"w1": g1, "b1": gb1})    # dict in, dict out
+        with GradientReducer(codec=ErrorFeedback(TopK(density=0.01))) as reducer:
+            grads = reducer.reduce({"w1": g1, "b1": gb1})    # dict in, dict out
 
     or, to overlap with computation, ``reducer.setup(specs)`` once, then per step
     ``reducer.submit(name, grad)`` as each gradient is ready and ``reducer.wait()``.
+
+    :meth:`close` (collective) stops the progress thread and frees the duplicated
+    communicator.  A reducer that is dropped without it is not leaked: its thread holds
+    no reference to it, and once collected its thread ends and its communicator is
+    freed at the next construction of a reducer on the same communicator (a collective
+    point; ``MPI_Comm_free`` is collective) or at ``MPI_Finalize``.
     """
 
     def __init__(
@@ -283,9 +575,11 @@ class GradientReducer:
         compression: str = "layer",
         overlap: bool = True,
     ) -> None:
+        from sparcomm._abort import install_abort_hook
         from sparcomm.codecs import Codec, NoCompression
         from sparcomm.feedback import ErrorFeedback
 
+        self._closed = True  # until the communicator exists: close() has nothing to do
         if codec is None:
             codec = NoCompression()
         if not isinstance(codec, (Codec, ErrorFeedback)):
@@ -306,14 +600,17 @@ class GradientReducer:
                 raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
-        self.codec: Any = codec
-        self.op = op
         self.fusion_threshold_bytes = int(fusion_threshold_bytes)
         self.dense_below = int(dense_below)
         self.warmup_steps = int(warmup_steps)
         self.compression = compression
-        self._dense_codec = NoCompression()
-        self._comm = _default_comm(comm).Dup()
+        parent = _default_comm(comm)
+        install_abort_hook()  # from here on a rank that dies must not leave others hanging
+        duplicates = _Duplicates.of(parent)
+        duplicate, number = duplicates.duplicate(parent)
+        self._engine = _Engine(codec, op, duplicate, duplicates, number)
+        self._closed = False
+        self._finalizer = weakref.finalize(self, _abandon, self._engine)
         self.overlap = bool(overlap)
         if self.overlap and not thread_support_ok():
             from mpi4py import MPI
@@ -331,25 +628,60 @@ class GradientReducer:
         self.last_stats: ReductionStats | None = None
         self._specs: list[tuple[Hashable, tuple[int, ...], np.dtype]] | None = None
         self._plans: dict[bool, _Plan] = {}
-        self._run: _StepRun | None = None
-        self._fusion_buffers: dict[tuple[int, int], Any] = {}
-        self._queue: queue.Queue[_StepRun | None] = queue.Queue()
-        self._thread: threading.Thread | None = None
 
     # -- set-up ---------------------------------------------------------------------------
     @property
     def comm(self) -> Any:
         """The reducer's private duplicate of the communicator."""
-        return self._comm
+        return self._engine.comm
+
+    @property
+    def codec(self) -> Any:
+        """The codec compressed tensors go through."""
+        return self._engine.codec
+
+    @property
+    def op(self) -> str:
+        """The reduction across ranks, ``"mean"`` or ``"sum"``."""
+        return self._engine.op
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`."""
+        return self._closed
+
+    @property
+    def _run(self) -> _StepRun | None:
+        return self._engine.run
+
+    def _check_open(self, method: str) -> None:
+        if self._closed:
+            raise ValueError(
+                f"{method}() called on a closed GradientReducer; build a new one (close() "
+                "ends its thread and frees its communicator for good)"
+            )
 
     def setup(self, specs: Iterable[tuple[Hashable, Sequence[int], Any]]) -> None:
         """Register the gradients, as ``(name, shape, dtype)`` in expected ready order.
 
         Collective: every rank must call it with the same list; a mismatch raises
         ValueError on every rank.  :meth:`reduce` calls it on first use.
+
+        Raises
+        ------
+        TypeError
+            For a name that is not str or int, or a dtype other than float32/float64.
+        ValueError
+            For a repeated name, an empty shape, no gradients, a second call, or
+            gradients or options that differ between ranks.
         """
+        self._check_open("setup")
         if self._specs is not None:
-            raise RuntimeError("setup() was already called; build a new GradientReducer")
+            raise ValueError(
+                f"setup() was already called (with {len(self._specs)} gradients); the "
+                "bucket plan is built once per reducer: build a new GradientReducer for "
+                "another set of gradients"
+            )
         cleaned: list[tuple[Hashable, tuple[int, ...], np.dtype]] = []
         seen: set[Hashable] = set()
         for name, shape, dtype in specs:
@@ -400,7 +732,7 @@ class GradientReducer:
         return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
     def _check_same_on_all_ranks(self, specs: Sequence[Any]) -> None:
-        signatures = self._comm.allgather(self._signature(specs))
+        signatures = self.comm.allgather(self._signature(specs))
         if len(set(signatures)) > 1:
             odd = [rank for rank, s in enumerate(signatures) if s != signatures[0]]
             raise ValueError(
@@ -416,17 +748,11 @@ class GradientReducer:
         return self.step >= self.warmup_steps
 
     def _begin(self) -> _StepRun:
-        if self._specs is None:
-            raise RuntimeError("call setup(specs) (or reduce(grads)) before submit()")
-        run = _StepRun(self._plans[self.compressing], self.step)
-        self._run = run
+        run = _StepRun(self._next_plan(), self.step)
+        self._engine.run = run
         if self.overlap:
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._progress_loop, name="sparcomm-reducer", daemon=True
-                )
-                self._thread.start()
-            self._queue.put(run)
+            self._engine.start_thread()
+            self._engine.queue.put(run)
         return run
 
     @property
@@ -443,22 +769,30 @@ class GradientReducer:
 
         The array must not be modified until :meth:`wait` returns (it is read in place,
         without a copy, when it forms a bucket of its own).
+
+        Raises
+        ------
+        TypeError
+            If ``grad`` is not a NumPy/CuPy array or has another dtype than registered.
+        ValueError
+            If no gradients were registered, ``name`` was not registered, the shape
+            differs from the registered one, or ``name`` was already submitted this step.
         """
+        self._check_open("submit")
         array_module(grad)  # a clear TypeError for tensors, lists and mixed devices
-        run = self._run or self._begin()
-        found = run.plan.lookup.get(name)
-        if found is None:
-            raise KeyError(f"gradient {name!r} was not registered in setup()")
-        bucket_index, slot = found
+        # Everything is checked before a step begins: a refused gradient starts nothing.
+        plan = self._run.plan if self._run is not None else self._next_plan()
+        bucket_index, slot = self._check_name(name, plan)
         if tuple(grad.shape) != slot.shape:
             raise ValueError(
                 f"gradient {name!r} has shape {tuple(grad.shape)}, registered as {slot.shape}"
             )
-        if grad.dtype != run.plan.buckets[bucket_index].dtype:
+        if grad.dtype != plan.buckets[bucket_index].dtype:
             raise TypeError(
                 f"gradient {name!r} has dtype {grad.dtype}, registered as "
-                f"{run.plan.buckets[bucket_index].dtype}"
+                f"{plan.buckets[bucket_index].dtype}"
             )
+        run = self._run or self._begin()
         ready = self._device_ready(run, name, grad) if is_cupy_array(grad) else None
         with run.condition:
             if ready is not None:
@@ -473,20 +807,51 @@ class GradientReducer:
             if run.pending[bucket_index] == 0:
                 run.condition.notify_all()
 
+    def _next_plan(self) -> _Plan:
+        if self._specs is None:
+            raise ValueError(
+                "submit() called before the gradients were registered: call "
+                "setup([(name, shape, dtype), ...]) once first (reduce(grads) does it on "
+                "its first call)"
+            )
+        return self._plans[self.compressing]
+
+    @staticmethod
+    def _check_name(name: Hashable, plan: _Plan) -> tuple[int, _Slot]:
+        try:
+            return plan.lookup[name]
+        except (KeyError, TypeError):
+            registered = list(plan.lookup)
+            raise ValueError(
+                f"gradient {name!r} was not registered in setup(); the registered names are "
+                f"{registered[:5]}{' ...' if len(registered) > 5 else ''} ({len(registered)}): "
+                "submit one of them, or register every gradient in setup()"
+            ) from None
+
     def wait(self) -> dict[Hashable, Any]:
         """Finish the step: block until every bucket is reduced; return ``{name: array}``.
 
         Every registered gradient must have been submitted.  The returned arrays are
         fresh (views into the reduced fused buffers), safe to keep.
+
+        Raises
+        ------
+        ValueError
+            If no step is in flight, or a registered gradient was not submitted (the
+            step is cancelled).
         """
+        self._check_open("wait")
         run = self._run
         if run is None:
-            raise RuntimeError("wait() called with no step in flight: submit() gradients first")
+            raise ValueError(
+                "wait() called with no step in flight: submit() the step's gradients "
+                "first (or call reduce(grads), which does both)"
+            )
         missing = [name for name in run.plan.lookup if name not in run.inputs]
         if missing:
-            self._cancel(run)
-            self._run = None
-            raise RuntimeError(
+            run.cancel()
+            self._engine.run = None
+            raise ValueError(
                 f"wait() called before all gradients were submitted; missing {missing[:5]}"
                 f"{' ...' if len(missing) > 5 else ''} ({len(missing)} of "
                 f"{len(run.plan.lookup)}); submit every registered gradient each step"
@@ -494,8 +859,8 @@ class GradientReducer:
         if self.overlap:
             run.done.wait()
         else:
-            self._reduce_all(run)
-        self._run = None
+            self._engine.reduce_all(run)
+        self._engine.run = None
         if run.error is not None:
             # The collective's own exception (same type, traceback from the thread that
             # raised it): the collectives raise on every rank alike, so all ranks see it.
@@ -510,6 +875,7 @@ class GradientReducer:
         On first use the dict's keys (or the list positions) and the arrays' shapes and
         dtypes are registered, in the given order.
         """
+        self._check_open("reduce")
         if isinstance(grads, Mapping):
             items = list(grads.items())
         elif isinstance(grads, Sequence) and not isinstance(grads, (str, bytes)):
@@ -529,44 +895,37 @@ class GradientReducer:
         return tuple(reduced) if isinstance(grads, tuple) else reduced
 
     def close(self) -> None:
-        """Stop the progress thread and free the duplicated communicator."""
-        if self._run is not None:
-            self._cancel(self._run)
-            self._run = None
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
-        if self._comm is not None:
-            self._comm.Free()
-            self._comm = None
+        """Stop the progress thread and free the duplicated communicator.
 
-    def _cancel(self, run: _StepRun) -> None:
-        with run.condition:
-            run.cancelled = True
-            run.condition.notify_all()
+        Collective (``MPI_Comm_free``): call it on every rank.  A second call does
+        nothing.  A step in flight is cancelled.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._finalizer.detach()
+        engine = self._engine
+        if engine.run is not None:
+            engine.run.cancel()
+            engine.run = None
+        engine.stop_thread()
+        engine.comm.Free()
+        engine.duplicates.closed()
 
-    # -- the work -----------------------------------------------------------------------------
-    def _progress_loop(self) -> None:
-        while True:
-            run = self._queue.get()
-            if run is None:
-                return
-            self._reduce_all(run)
+    def __enter__(self) -> GradientReducer:
+        return self
 
-    def _reduce_all(self, run: _StepRun) -> None:
-        try:
-            for bucket in run.plan.buckets:
-                with run.condition:
-                    while run.pending[bucket.index] > 0 and not run.cancelled:
-                        run.condition.wait()
-                    if run.cancelled:
-                        return
-                self._reduce_bucket(run, bucket)
-        except BaseException as error:  # handed to wait() on the caller's thread
-            run.error = error
-        finally:
-            run.done.set()
+    def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
+        if kind is None:
+            self.close()
+            return
+        # An exception on this rank: the other ranks may not be leaving their block at
+        # the same point, so neither wait for the thread (it may be in a collective they
+        # will never join) nor free the communicator now (collective): abandon the
+        # reducer, as if it were dropped.
+        if not self._closed:
+            self._closed = True
+            self._finalizer()
 
     def _device_ready(self, run: _StepRun, name: Hashable, grad: Any) -> Any:
         """Note a CuPy gradient's device; return an event recorded after its producer.
@@ -587,138 +946,98 @@ class GradientReducer:
         event.record()  # on the caller's current stream, after the gradient's producer
         return event
 
-    def _reduce_bucket(self, run: _StepRun, bucket: _Bucket) -> None:
-        if run.device is None:
-            self._reduce_bucket_here(run, bucket)
-            return
-        with run.device:
-            stream = sys.modules["cupy"].cuda.get_current_stream()
-            for slot in bucket.slots:
-                event = run.ready.get(slot.name)
-                if event is not None:
-                    stream.wait_event(event)
-            self._reduce_bucket_here(run, bucket)
-            # The caller reads the outputs on its own stream after wait().
-            stream.synchronize()
-
-    def _reduce_bucket_here(self, run: _StepRun, bucket: _Bucket) -> None:
-        codec = self.codec if bucket.compressed else self._dense_codec
-        if bucket.compressed and _is_low_rank(codec):
-            self._reduce_low_rank(run, bucket, codec)
-            return
-        if len(bucket.slots) == 1:
-            slot = bucket.slots[0]
-            result = self._allreduce(run, bucket, codec, run.inputs[slot.name])
-            run.outputs[slot.name] = result.reshape(slot.shape)
-            return
-        first = run.inputs[bucket.slots[0].name]
-        xp = array_module(first)
-        # One buffer per bucket of each plan (warm-up and compressed plans differ).
-        buffer_key = (id(run.plan), bucket.index)
-        fused = self._fusion_buffers.get(buffer_key)
-        if fused is None or array_module(fused) is not xp:
-            fused = xp.empty(bucket.size, dtype=bucket.dtype)
-            self._fusion_buffers[buffer_key] = fused
-        for slot in bucket.slots:
-            fused[slot.offset : slot.offset + slot.size].reshape(slot.shape)[...] = run.inputs[
-                slot.name
-            ]
-        result = self._allreduce(run, bucket, codec, fused)
-        if result is fused or getattr(result, "base", None) is fused:
-            # The collective answered in place: hand this buffer to the caller and use a
-            # fresh one next step, so returned views are never overwritten.
-            del self._fusion_buffers[buffer_key]
-        for slot in bucket.slots:
-            run.outputs[slot.name] = result[slot.offset : slot.offset + slot.size].reshape(
-                slot.shape
-            )
-
-    def _reduce_low_rank(self, run: _StepRun, bucket: _Bucket, codec: Any) -> None:
-        """PowerSGD: the bucket's tensors, each its own matrix keyed by its name, share
-        one allreduce of their P factors and one of their Q factors."""
-        from sparcomm.comm import AllreduceStats
-        from sparcomm.comm._lowrank import powersgd_allreduce
-
-        info = AllreduceStats()
-        start = time.perf_counter()
-        results = powersgd_allreduce(
-            [run.inputs[slot.name] for slot in bucket.slots],
-            codec,
-            [slot.name for slot in bucket.slots],
-            self._comm,
-            op=self.op,
-            stats=info,
-        )
-        for slot, result in zip(bucket.slots, results, strict=True):
-            run.outputs[slot.name] = result
-        self._record(run, bucket, info, time.perf_counter() - start)
-
-    def _allreduce(self, run: _StepRun, bucket: _Bucket, codec: Any, x: Any) -> Any:
-        from sparcomm.comm import AllreduceStats, allreduce
-
-        info = AllreduceStats()
-        start = time.perf_counter()
-        result = allreduce(
-            x,
-            codec=codec,
-            comm=self._comm,
-            op=self.op,
-            key=bucket.key,
-            step=run.step,
-            stats=info,
-        )
-        self._record(run, bucket, info, time.perf_counter() - start)
-        return result
-
-    def _record(self, run: _StepRun, bucket: _Bucket, info: Any, seconds: float) -> None:
-        stats = run.stats
-        stats.seconds += seconds
-        stats.buckets += 1
-        stats.compressed_buckets += int(bucket.compressed)
-        stats.elements += int(bucket.size)
-        stats.bytes_sent += info.bytes_sent
-        stats.bytes_received += info.bytes_received
-        stats.algorithms.append(info.algorithm)
-
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The reducer's state: step counter and the codec's (error-feedback) state.
 
         Residuals differ between ranks: save one state per rank.
+
+        Raises
+        ------
+        ValueError
+            If a step is in flight (call :meth:`wait` first) or the reducer is closed.
         """
+        self._check_open("state_dict")
         if self._run is not None:
-            raise RuntimeError("state_dict() called with a step in flight; call wait() first")
+            raise ValueError("state_dict() called with a step in flight; call wait() first")
         codec_state = self.codec.state_dict() if hasattr(self.codec, "state_dict") else None
         return {
             "format": _STATE_FORMAT,
             "step": self.step,
             "codec": repr(self.codec),
             "codec_state": codec_state,
-            "rank": self._comm.Get_rank(),
-            "size": self._comm.Get_size(),
+            "rank": self.comm.Get_rank(),
+            "size": self.comm.Get_size(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` output (from the same rank of the same job size)."""
+        """Restore :meth:`state_dict` output (from the same rank of the same job size).
+
+        Atomic: the whole state is checked before anything is changed.
+
+        Raises
+        ------
+        TypeError
+            If ``state`` is not a mapping, or a field has the wrong type.
+        ValueError
+            If it is not a reducer state, was saved with another codec, by another rank
+            or job size, or a step is in flight.
+        """
+        self._prepare_load(state)()
+
+    def _prepare_load(self, state: Mapping[str, Any]) -> Any:
+        """Check ``state`` completely; return the function that loads it (cannot fail)."""
+        from sparcomm.feedback import unwrap
+
+        self._check_open("load_state_dict")
         if self._run is not None:
-            raise RuntimeError("load_state_dict() called with a step in flight; call wait() first")
-        if not isinstance(state, Mapping) or state.get("format") != _STATE_FORMAT:
+            raise ValueError("load_state_dict() called with a step in flight; call wait() first")
+        if not isinstance(state, Mapping):
+            raise TypeError(
+                f"state must be a dict from GradientReducer.state_dict(), got "
+                f"{type(state).__name__}"
+            )
+        if state.get("format") != _STATE_FORMAT:
             raise ValueError(
                 f"not a GradientReducer state (format {_STATE_FORMAT} expected, got "
-                f"{state.get('format') if isinstance(state, Mapping) else type(state).__name__})"
+                f"{state.get('format')!r}); pass what GradientReducer.state_dict() returned"
+            )
+        missing = [k for k in ("step", "codec", "codec_state", "rank", "size") if k not in state]
+        if missing:
+            raise ValueError(
+                f"GradientReducer state lacks {missing}; pass what state_dict() returned, unchanged"
             )
         if state["codec"] != repr(self.codec):
             raise ValueError(
                 f"state was saved with codec {state['codec']}, this reducer uses "
                 f"{self.codec!r}; load it into a reducer with the same codec"
             )
-        here = (self._comm.Get_rank(), self._comm.Get_size())
+        here = (self.comm.Get_rank(), self.comm.Get_size())
         if (state["rank"], state["size"]) != here:
             raise ValueError(
                 f"state was saved by rank {state['rank']} of {state['size']}, loading on "
                 f"rank {here[0]} of {here[1]}: error-feedback residuals are per rank; load "
                 "each rank's own state"
             )
-        if state["codec_state"] is not None:
-            self.codec.load_state_dict(state["codec_state"])
-        self.step = int(state["step"])
+        step = state["step"]
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+            raise TypeError(f"state['step'] must be an int, got {type(step).__name__} {step!r}")
+        if step < 0:
+            raise ValueError(f"state['step'] must be >= 0, got {step}")
+        codec_state = state["codec_state"]
+        memory = unwrap(self.codec)[1]
+        residuals = None
+        if memory is not None and codec_state is not None:
+            residuals = memory.checked_residuals(codec_state)
+        elif codec_state:
+            raise ValueError(
+                f"state holds error-feedback state, but {self.codec!r} keeps none; load it "
+                "into a reducer with the codec that saved it"
+            )
+
+        def load() -> None:
+            if memory is not None and residuals is not None:
+                memory._install(residuals)
+            self.step = int(step)
+
+        return load

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from mpi4py import MPI
 
+from sparcomm._abort import install_abort_hook
 from sparcomm._threads import adopt_rank_threads, set_rank_threads
 from sparcomm.comm._device import DeviceStaging
 from sparcomm.comm._stats import AllreduceStats
@@ -75,13 +76,20 @@ class _CommState:
         return array[:size]
 
 
+def _free_duplicate(comm: MPI.Comm, keyval: int, state: Any) -> None:
+    """Freeing a communicator frees its private duplicate too (else each leaked one)."""
+    if isinstance(state, _CommState) and not MPI.Is_finalized():
+        state.comm.Free()
+
+
 def comm_state(comm: MPI.Comm) -> _CommState:
     """The cached state of ``comm`` (collective on the first call: duplicates ``comm``)."""
     global _KEYVAL
     if _KEYVAL is None:
-        _KEYVAL = MPI.Comm.Create_keyval()
+        _KEYVAL = MPI.Comm.Create_keyval(delete_fn=_free_duplicate)
     state = comm.Get_attr(_KEYVAL)
     if not isinstance(state, _CommState):
+        install_abort_hook()  # sparcomm._abort: from now on a rank that raises ends the job
         state = _CommState(comm=comm.Dup())
         comm.Set_attr(_KEYVAL, state)
         set_rank_threads(state.comm)  # collective like the Dup: each rank's kernel threads
