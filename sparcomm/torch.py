@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, cast
 
@@ -103,23 +104,33 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         reducer.setup([(self._names[p], tuple(p.shape), _numpy_dtype(p)) for p in self._ordered])
         for p in ordered:
             self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook()))
+        # The hooks hold the optimizer weakly, so a dropped optimizer is collected (and
+        # its reducer's thread ended); this then takes the hooks off the parameters.
+        self._remove_hooks = weakref.finalize(self, _remove_hooks, self._hooks)
 
     # -- hooks -----------------------------------------------------------------------------
     def _make_hook(self) -> Any:
+        # A strong reference would let the model's parameters keep a dropped optimizer
+        # alive, with its reducer's thread and communicator.
+        owner = weakref.ref(self)
+
         def hook(p: torch.Tensor) -> None:
-            count = self._counts.get(p, 0) + 1
-            if count > self._passes:
+            optimizer = owner()
+            if optimizer is None:
+                return
+            count = optimizer._counts.get(p, 0) + 1
+            if count > optimizer._passes:
                 raise RuntimeError(
-                    f"gradient of {self._names[p]!r} was computed {count} times before "
-                    f"step(), but backward_passes_per_step={self._passes}; call step() (or "
-                    "synchronize()) every backward_passes_per_step backward passes, or "
+                    f"gradient of {optimizer._names[p]!r} was computed {count} times before "
+                    f"step(), but backward_passes_per_step={optimizer._passes}; call step() "
+                    "(or synchronize()) every backward_passes_per_step backward passes, or "
                     "raise backward_passes_per_step"
                 )
-            self._counts[p] = count
-            if count == self._passes:
-                self._synchronized = False
+            optimizer._counts[p] = count
+            if count == optimizer._passes:
+                optimizer._synchronized = False
                 grad = cast(torch.Tensor, p.grad)  # set: the hook runs after accumulation
-                self._sparcomm_reducer.submit(self._names[p], _as_array(grad))
+                optimizer._sparcomm_reducer.submit(optimizer._names[p], _as_array(grad))
 
         return hook
 
@@ -201,9 +212,14 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         """Restore :meth:`state_dict` output; a plain optimizer state dict is accepted too."""
         state = dict(state_dict)
         reducer_state = state.pop(_STATE_KEY, None)
+        # sparcomm's part is checked before torch loads its own and applied after (it
+        # cannot fail then): a refused checkpoint changes nothing.
+        load_reducer_state = (
+            None if reducer_state is None else self._sparcomm_reducer._prepare_load(reducer_state)
+        )
         super().load_state_dict(state)
-        if reducer_state is not None:
-            self._sparcomm_reducer.load_state_dict(reducer_state)
+        if load_reducer_state is not None:
+            load_reducer_state()
 
     @property
     def reducer(self) -> GradientReducer:
@@ -216,11 +232,29 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         return self._sparcomm_reducer.last_stats
 
     def close(self) -> None:
-        """Remove the hooks and stop the reducer's thread."""
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
+        """Remove the hooks, stop the reducer's thread and free its communicator.
+
+        Collective (``MPI_Comm_free``): call it on every rank; a second call does
+        nothing.  A dropped optimizer is not leaked either (see
+        :class:`~sparcomm.reducer.GradientReducer`).
+        """
+        self._remove_hooks()
         self._sparcomm_reducer.close()
+
+    def __enter__(self) -> _DistributedOptimizer:
+        return self
+
+    def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
+        """:meth:`close`, or after an exception the non-blocking release of
+        :meth:`GradientReducer.__exit__ <sparcomm.reducer.GradientReducer.__exit__>`."""
+        self._remove_hooks()
+        self._sparcomm_reducer.__exit__(kind, error, traceback)
+
+
+def _remove_hooks(handles: list[Any]) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
 
 
 def _numpy_dtype(p: torch.Tensor) -> Any:
