@@ -14,6 +14,8 @@ _COMMAND_MODULES = [
     "sparcomm._cli_info",
     "sparcomm._cli_bench_codecs",
     "sparcomm._cli_bench_allreduce",
+    "sparcomm._cli_bench_train",
+    "sparcomm.predict",
     "sparcomm._launch",
     "sparcomm.demo",
 ]

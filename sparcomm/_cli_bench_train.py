@@ -1,0 +1,884 @@
+"""``sparcomm bench train``: data-parallel training of every contender, side by side.
+
+Every contender trains its own copy of the same model (same initialisation, same
+batches, same optimizer: SGD with momentum) on N ranks in ONE job, interleaved in
+round-robin blocks of ``--block`` steps, so that machine drift and other users' load hit
+all of them alike.  Contenders (``--contenders`` filters them by id, globs allowed):
+
+- ``local``: no communication at all, each rank trains alone (the compute floor of a
+  step; its accuracy is the mean of the ranks' local models, each trained on a quarter
+  of the data, and is not comparable);
+- ``sparcomm-<codec>``: :func:`sparcomm.torch.DistributedOptimizer` with each codec of
+  :mod:`sparcomm.codecs` (:func:`contender_specs` is the one place that lists them;
+  TopK runs under ErrorFeedback, OneBit with its built-in error feedback);
+- ``ddp``, ``ddp-fp16``, ``ddp-powersgd1``, ``ddp-powersgd4``: PyTorch
+  ``DistributedDataParallel`` over gloo, plain, with ``fp16_compress_hook``, and with the
+  PowerSGD hook at rank 1 and 4 (one DDP bucket: torch's PowerSGD hook hung on CPU gloo
+  with several buckets).
+
+Per contender it reports the median step time of the slowest rank and its split
+(forward+backward, waiting in ``synchronize``, optimizer update; for sparcomm also the
+collectives' own phases, run in the reducer's thread), bytes sent per rank per step
+(sparcomm's payload count, and under ``--emulate`` the bytes the rank's interface
+sent), test accuracy against steps and against wall time, the time to a target
+accuracy and the accuracy at a fixed time budget, and the step time the predictor
+(:mod:`sparcomm.predict`) expects.
+
+``--emulate RATE`` runs the ranks in an emulated cluster (:mod:`sparcomm._emulate`, root
+only); without it the ranks use whatever network ``mpiexec`` gives them.
+
+``python -m sparcomm._cli_bench_train --rank-main ...`` is the per-rank entry point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import functools
+import json
+import math
+import os
+import platform
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sparcomm.cli import arguments, command
+
+# -- the contenders ----------
+
+#: Settings for codecs whose defaults are not what a user would train with.  A codec of
+#: ``sparcomm.codecs`` missing here runs with its default constructor.
+_CODEC_SETTINGS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "TopK": ("TopK(density=0.01)+EF", lambda cls: _error_feedback(cls(density=0.01))),
+    "QSGD": ("QSGD(bits=4)", lambda cls: cls(bits=4)),
+    "OneBit": ("OneBit (EF built in)", lambda cls: cls()),
+    "PowerSGD": ("PowerSGD(rank=1)", lambda cls: cls(rank=1)),
+}
+
+#: DDP's bucket for the PowerSGD hook: one bucket for the whole model (see module doc).
+POWERSGD_BUCKET_MB = 4096
+
+
+def _default_codec(cls: Any) -> Any:
+    return cls()
+
+
+def _error_feedback(codec: Any) -> Any:
+    from sparcomm import ErrorFeedback
+
+    return ErrorFeedback(codec)
+
+
+@dataclass(frozen=True)
+class ContenderSpec:
+    """One way of training: ``kind`` is ``"local"``, ``"sparcomm"`` or ``"ddp"``."""
+
+    id: str
+    label: str
+    kind: str
+    codec: Callable[[], Any] | None = None
+    hook: str | None = None
+    powersgd_rank: int = 0
+    codec_name: str = ""
+
+
+def _codec_classes() -> list[tuple[str, type]]:
+    """Every concrete codec class of :mod:`sparcomm.codecs`, in ``__all__`` order.
+
+    The one place where the benchmark discovers codecs (a registry will replace it).
+    """
+    import sparcomm.codecs as codecs
+
+    found = []
+    for name in codecs.__all__:
+        obj = getattr(codecs, name)
+        if isinstance(obj, type) and issubclass(obj, codecs.Codec) and obj is not codecs.Codec:
+            found.append((name, obj))
+    return found
+
+
+def contender_specs() -> list[ContenderSpec]:
+    """All contenders, in the order they run in a round."""
+    specs = [ContenderSpec("local", "no communication (floor)", "local")]
+    for name, cls in _codec_classes():
+        label, make = _CODEC_SETTINGS.get(name, (name, _default_codec))
+        specs.append(
+            ContenderSpec(
+                f"sparcomm-{name.lower()}",
+                f"sparcomm {label}",
+                "sparcomm",
+                codec=functools.partial(make, cls),
+                codec_name=name,
+            )
+        )
+    specs += [
+        ContenderSpec("ddp", "DDP (gloo)", "ddp"),
+        ContenderSpec("ddp-fp16", "DDP + fp16_compress_hook", "ddp", hook="fp16"),
+        ContenderSpec(
+            "ddp-powersgd1", "DDP + PowerSGD rank 1", "ddp", hook="powersgd", powersgd_rank=1
+        ),
+        ContenderSpec(
+            "ddp-powersgd4", "DDP + PowerSGD rank 4", "ddp", hook="powersgd", powersgd_rank=4
+        ),
+    ]
+    return specs
+
+
+def select_contenders(patterns: list[str] | None) -> list[ContenderSpec]:
+    """The contenders whose id matches any of ``patterns`` (globs); all when None.
+
+    Raises
+    ------
+    ValueError
+        If a pattern matches no contender (naming the ids there are).
+    """
+    specs = contender_specs()
+    if not patterns:
+        return specs
+    chosen = []
+    for pattern in patterns:
+        matched = [s for s in specs if fnmatch.fnmatchcase(s.id, pattern)]
+        if not matched:
+            raise ValueError(
+                f"--contenders {pattern!r} matches no contender; the ids are "
+                f"{', '.join(s.id for s in specs)}"
+            )
+        chosen += [s for s in matched if s not in chosen]
+    return [s for s in specs if s in chosen]
+
+
+# -- phases of sparcomm's collectives ----------
+
+#: AllreduceStats phase name -> the category of the benchmark's split.
+PHASE_CATEGORY = {
+    "prepare": "encode",
+    "encode": "encode",
+    "quantize": "encode",
+    "scale": "encode",
+    "stage": "encode",
+    "densify_input": "encode",
+    "check": "check",
+    "choose": "check",
+    "allgather": "exchange",
+    "reduce_scatter": "exchange",
+    "exchange": "exchange",
+    "allreduce": "exchange",
+    "scale_allreduce": "exchange",
+    "merge": "merge",
+    "decode": "merge",
+    "owner_sum": "merge",
+    "integer_sum": "merge",
+    "output": "merge",
+    "densify": "merge",
+}
+CATEGORIES = ("encode", "check", "exchange", "merge", "other")
+
+
+class _PhaseRecorder:
+    """Sums the per-call phases of sparcomm's collectives over a step.
+
+    ``GradientReducer``'s stats carry the total time in collectives but not the phases
+    of each call; until they do, the benchmark wraps ``sparcomm.comm.allreduce`` (which
+    the reducer looks up on every call) to read each call's ``AllreduceStats.phases``.
+    If the reducer's stats gain a ``phases`` field, that is used instead.
+    """
+
+    def __init__(self) -> None:
+        self.current: dict[str, float] = {}
+        self.calls = 0
+        import sparcomm.comm as comm_module
+
+        original = comm_module.allreduce
+        if getattr(original, "_sparcomm_bench_wrapped", False):
+            original = original.__wrapped__  # type: ignore[attr-defined]
+
+        def allreduce(*args: Any, **kwargs: Any) -> Any:
+            result = original(*args, **kwargs)
+            stats = kwargs.get("stats")
+            if stats is not None:
+                self.calls += 1
+                for name, seconds in stats.phases.items():
+                    self.current[name] = self.current.get(name, 0.0) + seconds
+            return result
+
+        allreduce._sparcomm_bench_wrapped = True  # type: ignore[attr-defined]
+        allreduce.__wrapped__ = original  # type: ignore[attr-defined]
+        comm_module.allreduce = allreduce
+
+    def take(self, reducer_stats: Any) -> dict[str, float]:
+        phases = getattr(reducer_stats, "phases", None) or self.current
+        split = dict.fromkeys(CATEGORIES, 0.0)
+        for name, seconds in phases.items():
+            split[PHASE_CATEGORY.get(name, "other")] += seconds
+        self.current = {}
+        return split
+
+
+# -- one rank ----------
+
+
+def _wire_counter() -> Callable[[], int] | None:
+    """Reads this rank's interface tx byte counter (the emulated cluster's ``sc0``)."""
+    iface = os.environ.get("SPARCOMM_IFACE")
+    if not iface:
+        return None
+    path = Path(f"/sys/class/net/{iface}/statistics/tx_bytes")
+    if not path.exists():
+        return None
+    return lambda: int(path.read_text())
+
+
+class _Runner:
+    """One contender on this rank: its model, optimizer and step."""
+
+    def __init__(self, spec: ContenderSpec, task: Any, args: argparse.Namespace, comm: Any):
+        import torch
+
+        self.spec = spec
+        self.torch = torch
+        model = task.model()
+        self.module = model
+        self.loss = torch.nn.CrossEntropyLoss()
+        make_sgd = lambda params: torch.optim.SGD(  # noqa: E731
+            params, lr=args.lr, momentum=args.momentum
+        )
+        self.ddp: Any = None
+        self.optimizer: Any
+        if spec.kind == "local":
+            self.forward = model
+            self.optimizer = make_sgd(model.parameters())
+        elif spec.kind == "sparcomm":
+            from sparcomm.torch import DistributedOptimizer
+
+            assert spec.codec is not None
+            self.forward = model
+            self.optimizer = DistributedOptimizer(
+                make_sgd(model.parameters()),
+                named_parameters=model.named_parameters(),
+                codec=spec.codec(),
+                comm=comm,
+            )
+        else:
+            from torch.nn.parallel import DistributedDataParallel
+
+            bucket = POWERSGD_BUCKET_MB if spec.hook == "powersgd" else args.ddp_bucket_mb
+            self.ddp = DistributedDataParallel(model, bucket_cap_mb=bucket)
+            if spec.hook == "fp16":
+                from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+                self.ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+            elif spec.hook == "powersgd":
+                from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
+
+                state = powerSGD_hook.PowerSGDState(
+                    process_group=None,
+                    matrix_approximation_rank=spec.powersgd_rank,
+                    # torch's default (1000 dense steps first) would hide the method in
+                    # a short run; 2 is the smallest that error feedback allows.
+                    start_powerSGD_iter=2,
+                    warm_start=True,
+                    use_error_feedback=True,
+                )
+                self.ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+            self.forward = self.ddp
+            self.optimizer = make_sgd(self.ddp.parameters())
+
+    def step(self, x: Any, y: Any, wire: Callable[[], int] | None, phases: Any) -> dict:
+        perf = time.perf_counter
+        sent = wire() if wire else 0
+        t0 = perf()
+        self.optimizer.zero_grad()
+        self.loss(self.forward(x), y).backward()
+        t1 = perf()
+        if self.spec.kind == "sparcomm":
+            self.optimizer.synchronize()
+            t2 = perf()
+            with self.optimizer.skip_synchronize():
+                self.optimizer.step()
+        else:
+            t2 = perf()
+            self.optimizer.step()
+        t3 = perf()
+        record: dict[str, Any] = {
+            "total": t3 - t0,
+            "forward_backward": t1 - t0,
+            "wait": t2 - t1,
+            "update": t3 - t2,
+            "wire_bytes": (wire() - sent) if wire else None,
+        }
+        if self.spec.kind == "sparcomm":
+            stats = self.optimizer.last_stats
+            record["payload_bytes"] = stats.bytes_sent
+            record["collective_seconds"] = stats.seconds
+            record["collectives"] = stats.buckets
+            record["algorithms"] = list(stats.algorithms)
+            record["phases"] = phases.take(stats)
+        return record
+
+    def evaluate(self, x: Any, y: Any) -> int:
+        with self.torch.no_grad():
+            correct = 0
+            for start in range(0, len(y), 512):
+                logits = self.module(x[start : start + 512])
+                correct += int((logits.argmax(dim=1) == y[start : start + 512]).sum())
+        return correct
+
+    def checksum(self) -> float:
+        with self.torch.no_grad():
+            return float(sum(p.double().abs().sum() for p in self.module.parameters()))
+
+    def close(self) -> None:
+        if self.spec.kind == "sparcomm":
+            self.optimizer.close()
+
+
+def _init_gloo(comm: Any) -> None:
+    import socket
+
+    import torch.distributed as dist
+
+    if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
+        address, port = os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
+    else:
+        port_value = None
+        if comm.Get_rank() == 0:
+            with socket.socket() as probe:
+                probe.bind(("", 0))
+                port_value = probe.getsockname()[1]
+        port = str(comm.bcast(port_value, root=0))
+        address = os.environ.get("MASTER_ADDR") or comm.bcast(
+            socket.gethostbyname(socket.gethostname()) if comm.Get_rank() == 0 else None, root=0
+        )
+        if comm.Get_size() > 1 and address.startswith("127.") and "MASTER_ADDR" not in os.environ:
+            address = "127.0.0.1"
+    os.environ.update(MASTER_ADDR=address, MASTER_PORT=port)
+    dist.init_process_group(
+        "gloo", rank=comm.Get_rank(), world_size=comm.Get_size(), init_method="env://"
+    )
+
+
+def _latency(comm: Any, repeats: int = 30) -> float:
+    """Median seconds of an 8-byte Allreduce: the α of this network, as MPI sees it."""
+    import numpy as np
+    from mpi4py import MPI
+
+    x = np.zeros(1)
+    times = []
+    for _ in range(repeats):
+        comm.Barrier()
+        start = time.perf_counter()
+        comm.Allreduce(MPI.IN_PLACE, x)
+        times.append(time.perf_counter() - start)
+    return comm.allreduce(statistics.median(times), op=MPI.MAX)
+
+
+def run_ranks(args: argparse.Namespace) -> int:
+    """The per-rank body: train every contender, interleaved; rank 0 writes the results."""
+    import torch
+    import torch.distributed as dist
+    from mpi4py import MPI
+
+    from sparcomm._train_tasks import make_task
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    torch.set_num_threads(args.threads_per_rank)
+    specs = select_contenders(args.contenders)
+    task = make_task(
+        args.task, inputs=args.inputs, width=args.width, depth=args.depth, seed=args.seed
+    )
+    _init_gloo(comm)
+    latency = _latency(comm)
+    phases = _PhaseRecorder()
+    wire = _wire_counter()
+    x_test, y_test = task.test_set(args.test_samples)
+    x_test, y_test = x_test[rank::size], y_test[rank::size]
+    runners = [_Runner(spec, task, args, comm) for spec in specs]
+    records: dict[str, list[list[dict]]] = {s.id: [] for s in specs}  # per step: per rank
+    curves: dict[str, list[tuple[int, float]]] = {s.id: [] for s in specs}  # (step, accuracy)
+    loads: list[float] = []
+    bar = None
+    if rank == 0 and not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=args.steps * len(specs), desc="bench train", unit="step", file=sys.stderr)
+
+    def evaluate(runner: _Runner, step: int) -> None:
+        correct = comm.allreduce(runner.evaluate(x_test, y_test), op=MPI.SUM)
+        curves[runner.spec.id].append((step, 100.0 * correct / args.test_samples))
+
+    for runner in runners:
+        evaluate(runner, 0)
+    done = 0
+    order = list(range(len(runners)))
+    while done < args.steps:
+        block = min(args.block, args.steps - done)
+        for runner in (runners[i] for i in order):
+            mine = []
+            for step in range(done, done + block):
+                x, y = task.batch(rank, step, args.batch)
+                comm.Barrier()  # every step starts together: its time is its own
+                mine.append(runner.step(x, y, wire, phases))
+                finished = step + 1
+                if finished % args.eval_every == 0 or finished == args.steps:
+                    evaluate(runner, finished)
+            gathered = comm.gather(mine, root=0)
+            if rank == 0:
+                assert gathered is not None
+                for i in range(block):
+                    records[runner.spec.id].append([per_rank[i] for per_rank in gathered])
+                if bar is not None:
+                    bar.set_postfix_str(runner.spec.id)
+                    bar.update(block)
+        if rank == 0:
+            loads.append(os.getloadavg()[0])
+        done += block
+        order = order[1:] + order[:1]  # rotate: no contender always follows the same one
+    if bar is not None:
+        bar.close()
+    checksums = {r.spec.id: comm.allgather(r.checksum()) for r in runners}
+    for runner in runners:
+        runner.close()
+    dist.destroy_process_group()
+    if rank == 0:
+        result = {
+            "ranks": size,
+            "threads_per_rank": args.threads_per_rank,
+            "latency_s": latency,
+            "loads_during": loads,
+            "contenders": {},
+        }
+        for spec in specs:
+            sums = checksums[spec.id]
+            result["contenders"][spec.id] = {
+                "label": spec.label,
+                "kind": spec.kind,
+                "steps": records[spec.id],
+                "accuracy": curves[spec.id],
+                "ranks_agree": spec.kind == "local" or len(set(sums)) == 1,
+            }
+        Path(args.result).write_text(json.dumps(result))
+    return 0
+
+
+# -- summary ----------
+
+
+def _median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def summarise(raw: dict[str, Any], warmup: int, target: float | None, budget: float | None) -> dict:
+    """From the ranks' per-step records: medians, splits, curves and time-to-accuracy.
+
+    A step's time is its slowest rank's; its split is that rank's.  The first ``warmup``
+    steps (compilation, calibration, first allocation) are left out of the medians, and
+    count at the median on the wall-time axis (their one-off excess is reported as
+    ``first_steps_extra_s``).  ``target`` defaults to the final accuracy of ``ddp`` (or of
+    the first synchronous contender), ``budget`` to the shortest wall time of the
+    synchronous contenders.
+    """
+    summary: dict[str, Any] = {}
+    for cid, data in raw["contenders"].items():
+        slowest = [max(per_rank, key=lambda r: r["total"]) for per_rank in data["steps"]]
+        timed = slowest[warmup:] or slowest
+        median_total = _median([r["total"] for r in timed])
+        split = {
+            key: _median([r[key] for r in timed]) for key in ("forward_backward", "wait", "update")
+        }
+        entry: dict[str, Any] = {
+            "label": data["label"],
+            "kind": data["kind"],
+            "steps": len(slowest),
+            "step_s": median_total,
+            "step_iqr_s": _iqr([r["total"] for r in timed]),
+            "split_s": split,
+            "first_steps_extra_s": sum(r["total"] for r in slowest[:warmup])
+            - median_total * min(warmup, len(slowest)),
+            "ranks_agree": data["ranks_agree"],
+        }
+        wires = [max(r["wire_bytes"] for r in per_rank) for per_rank in data["steps"][warmup:]]
+        if wires and wires[0] is not None:
+            entry["wire_bytes"] = _median([float(w) for w in wires])
+        if data["kind"] == "sparcomm":
+            entry["payload_bytes"] = _median(
+                [float(max(r["payload_bytes"] for r in p)) for p in data["steps"][warmup:]]
+            )
+            entry["collective_s"] = _median([r["collective_seconds"] for r in timed])
+            entry["collectives"] = timed[-1]["collectives"]
+            entry["algorithms"] = timed[-1]["algorithms"]
+            entry["phases_s"] = {
+                c: _median([r["phases"].get(c, 0.0) for r in timed]) for c in CATEGORIES
+            }
+        step_times = [median_total if i < warmup else r["total"] for i, r in enumerate(slowest)]
+        elapsed = [0.0]
+        for seconds in step_times:
+            elapsed.append(elapsed[-1] + seconds)
+        entry["curve"] = [
+            {"step": step, "time_s": elapsed[step], "accuracy": acc}
+            for step, acc in data["accuracy"]
+        ]
+        entry["final_accuracy"] = data["accuracy"][-1][1]
+        summary[cid] = entry
+    synchronous = [c for c, e in summary.items() if e["kind"] != "local"]
+    if target is None and synchronous:
+        reference = "ddp" if "ddp" in summary else synchronous[0]
+        target = summary[reference]["final_accuracy"]
+    if budget is None and synchronous:
+        budget = min(summary[c]["curve"][-1]["time_s"] for c in synchronous)
+    for entry in summary.values():
+        reached = [p for p in entry["curve"] if target is not None and p["accuracy"] >= target]
+        entry["time_to_target_s"] = reached[0]["time_s"] if reached else None
+        entry["steps_to_target"] = reached[0]["step"] if reached else None
+        within = [
+            p for p in entry["curve"] if budget is not None and p["time_s"] <= budget * 1.0001
+        ]
+        entry["accuracy_at_budget"] = within[-1]["accuracy"] if within else None
+    return {"target_accuracy": target, "budget_s": budget, "contenders": summary}
+
+
+def _iqr(values: list[float]) -> float:
+    if len(values) < 4:
+        return float("nan")
+    q = statistics.quantiles(values, n=4)
+    return float(q[2] - q[0])
+
+
+def attach_predictions(
+    summary: dict[str, Any],
+    *,
+    rate_bps: float | None,
+    latency_s: float,
+    ranks: int,
+    task: Any,
+    batch: int,
+) -> None:
+    """Add ``predicted_step_s`` to every contender (see :func:`sparcomm.predict.from_benchmark`)."""
+    from sparcomm.predict import from_benchmark
+
+    if rate_bps is None or "local" not in summary["contenders"]:
+        return
+    predictions = from_benchmark(
+        summary["contenders"],
+        rate_bps=rate_bps,
+        latency_s=latency_s,
+        ranks=ranks,
+        shapes=task.parameter_shapes(),
+        batch=batch,
+    )
+    for cid, prediction in predictions.items():
+        entry = summary["contenders"][cid]
+        entry["predicted_step_s"] = prediction.total
+        entry["predicted_split_s"] = prediction.as_dict()
+
+
+# -- output ----------
+
+
+def _fmt(value: float | None, scale: float = 1.0, spec: str = ".0f") -> str:
+    if value is None or value != value:  # None or NaN
+        return "-"
+    return format(value * scale, spec)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The terminal table of a report."""
+    summary = report["summary"]
+    contenders = summary["contenders"]
+    floor = contenders.get("local", {}).get("step_s")
+    lines = [
+        f"sparcomm bench train: {report['model']} ({report['parameters'] / 1e6:.2f} M parameters), "
+        f"{report['ranks']} ranks, batch {report['batch']} per rank, {report['steps']} steps",
+        f"link: {report['link']}; measured {report['measured_rate']}; MPI latency "
+        f"{report['latency_s'] * 1e6:.0f} us; load {report['load_text']}",
+        f"target accuracy {_fmt(summary['target_accuracy'], 1, '.1f')} %, budget "
+        f"{_fmt(summary['budget_s'], 1, '.1f')} s of steps",
+    ]
+    header = (
+        f"{'contender':<32} {'step ms':>8} {'x floor':>7} {'pred ms':>8} {'fwd+bwd':>8} "
+        f"{'wait':>7} {'update':>7} {'enc':>6} {'check':>6} {'exch':>6} {'merge':>6} "
+        f"{'MB sent':>8} {'acc %':>6} {'@budget':>7} {'t→target s':>10}"
+    )
+    lines += [header, "-" * len(header)]
+    for entry in contenders.values():
+        split = entry["split_s"]
+        phases = entry.get("phases_s", {})
+        sent = entry.get("wire_bytes", entry.get("payload_bytes"))
+        ratio = entry["step_s"] / floor if floor else None
+        lines.append(
+            f"{entry['label']:<32.32} {_fmt(entry['step_s'], 1e3):>8} {_fmt(ratio, 1, '.2f'):>7} "
+            f"{_fmt(entry.get('predicted_step_s'), 1e3):>8} "
+            f"{_fmt(split['forward_backward'], 1e3):>8} {_fmt(split['wait'], 1e3):>7} "
+            f"{_fmt(split['update'], 1e3):>7} "
+            + " ".join(
+                f"{_fmt(phases.get(c), 1e3):>{6}}" for c in ("encode", "check", "exchange", "merge")
+            )
+            + f" {_fmt(sent, 1e-6, '.2f'):>8} {_fmt(entry['final_accuracy'], 1, '.1f'):>6} "
+            f"{_fmt(entry['accuracy_at_budget'], 1, '.1f'):>7} "
+            f"{_fmt(entry['time_to_target_s'], 1, '.1f'):>10}"
+        )
+    lines.append(
+        "step ms: median of the slowest rank; enc/check/exch/merge: sparcomm's collectives "
+        "(reducer thread, overlapping fwd+bwd); MB sent: per rank per step"
+        + (" on the wire (TCP/IP included)" if report.get("wire_counted") else " (payload)")
+    )
+    bad = [e["label"] for e in contenders.values() if not e["ranks_agree"]]
+    if bad:
+        lines.append(f"WARNING: ranks ended with different models in: {', '.join(bad)}")
+    return "\n".join(lines)
+
+
+def plot_report(report: dict[str, Any], path: str) -> None:
+    """Accuracy against wall time and against steps, and step bars split by phase."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    contenders = report["summary"]["contenders"]
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
+    for entry in contenders.values():
+        style = "--" if entry["kind"] == "ddp" else (":" if entry["kind"] == "local" else "-")
+        times = [p["time_s"] for p in entry["curve"]]
+        steps = [p["step"] for p in entry["curve"]]
+        accuracy = [p["accuracy"] for p in entry["curve"]]
+        axes[0].plot(times, accuracy, style, marker=".", label=entry["label"])
+        axes[1].plot(steps, accuracy, style, marker=".", label=entry["label"])
+    target = report["summary"]["target_accuracy"]
+    for ax, xlabel in ((axes[0], "wall time of steps (s)"), (axes[1], "step")):
+        if target is not None:
+            ax.axhline(target, color="grey", lw=0.8)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    labels = list(contenders)
+    bottoms = [0.0] * len(labels)
+    parts = [
+        ("forward+backward", lambda e: e["split_s"]["forward_backward"]),
+        ("wait (synchronize)", lambda e: e["split_s"]["wait"]),
+        ("update", lambda e: e["split_s"]["update"]),
+    ]
+    for name, get in parts:
+        heights = [1e3 * get(contenders[c]) for c in labels]
+        axes[2].barh(labels, heights, left=bottoms, label=name)
+        bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
+    medians = [1e3 * contenders[c]["step_s"] for c in labels]
+    axes[2].scatter(medians, labels, marker="|", color="k", s=200, label="median step")
+    predicted = [1e3 * contenders[c].get("predicted_step_s", float("nan")) for c in labels]
+    axes[2].scatter(predicted, labels, marker="x", color="red", label="predicted")
+    axes[2].set_xlabel("ms per step (slowest rank; DDP's communication waits inside backward)")
+    axes[2].legend(fontsize=7)
+    axes[2].invert_yaxis()
+    fig.suptitle(
+        f"{report['model']}, {report['ranks']} ranks, batch {report['batch']}/rank; link "
+        f"{report['link']} (measured {report['measured_rate']}); load {report['load_text']}",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- the command ----------
+
+
+def _configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-np", "-n", dest="nprocs", type=int, default=4, metavar="N")
+    parser.add_argument(
+        "--emulate",
+        metavar="RATE[,DELAY]",
+        default=None,
+        help="run in an emulated cluster (root): e.g. 1gbit, 100mbit, unshaped",
+    )
+    parser.add_argument("--task", choices=["mlp", "convnet"], default="mlp")
+    parser.add_argument("--inputs", type=int, default=1024, help="MLP input features")
+    parser.add_argument(
+        "--width", type=int, default=None, help="MLP width (2048) or convnet channels (64)"
+    )
+    parser.add_argument("--depth", type=int, default=3, help="MLP hidden layers")
+    parser.add_argument("--batch", type=int, default=32, help="per rank")
+    parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=200, help="steps per contender")
+    parser.add_argument("--block", type=int, default=10, help="steps per round-robin block")
+    parser.add_argument("--warmup", type=int, default=3, help="first steps left out of medians")
+    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--test-samples", type=int, default=2048)
+    parser.add_argument(
+        "--contenders", nargs="+", metavar="ID", help="ids or globs (e.g. ddp* sparcomm-topk)"
+    )
+    parser.add_argument("--target", type=float, default=None, help="target accuracy, percent")
+    parser.add_argument("--budget", type=float, default=None, help="time budget, seconds")
+    parser.add_argument("--ddp-bucket-mb", type=float, default=25.0)
+    parser.add_argument("--threads-per-rank", type=int, default=1)
+    parser.add_argument("--json", default=None, metavar="PATH", help="write the report here")
+    parser.add_argument("--plot", default=None, metavar="PNG", help="write the figure here")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds for the job")
+    parser.add_argument(
+        "--mpiexec-arg", action="append", default=[], metavar="ARG", help="(repeatable)"
+    )
+
+
+def _validate(args: argparse.Namespace) -> None:
+    for name in ("nprocs", "steps", "block", "eval_every", "test_samples", "batch"):
+        value = getattr(args, name)
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.warmup < 0 or args.warmup >= args.steps:
+        raise ValueError(f"--warmup must be in [0, --steps), got {args.warmup}")
+    if args.test_samples < args.nprocs:
+        raise ValueError("--test-samples must be at least the number of ranks")
+    select_contenders(args.contenders)
+
+
+def _rank_argv(args: argparse.Namespace, result: str) -> list[str]:
+    argv = [sys.executable, "-m", "sparcomm._cli_bench_train", "--rank-main", "--result", result]
+    for name in ("task", "inputs", "depth", "batch", "lr", "momentum", "seed", "steps", "block"):
+        argv += [f"--{name}", str(getattr(args, name))]
+    argv += ["--eval-every", str(args.eval_every), "--test-samples", str(args.test_samples)]
+    argv += ["--threads-per-rank", str(args.threads_per_rank)]
+    argv += ["--ddp-bucket-mb", str(args.ddp_bucket_mb)]
+    if args.no_progress:
+        argv.append("--no-progress")
+    if args.width is not None:
+        argv += ["--width", str(args.width)]
+    if args.contenders:
+        argv += ["--contenders", *args.contenders]
+    return argv
+
+
+def _run_job(command_line: list[str], env: dict[str, str], timeout: float) -> int:
+    process = subprocess.Popen(command_line, env=env, start_new_session=True)
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"sparcomm bench train: job exceeded {timeout:g} s; killed", file=sys.stderr)
+        return 124
+    except BaseException:
+        raise
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """Launch the job (in an emulated cluster with ``--emulate``); return the report."""
+    from sparcomm._emulate import EmulatedCluster, format_rate, parse_link
+    from sparcomm._launch import find_mpiexec
+    from sparcomm._train_tasks import make_task
+
+    _validate(args)
+    task = make_task(
+        args.task, inputs=args.inputs, width=args.width, depth=args.depth, seed=args.seed
+    )
+    load_before = os.getloadavg()
+    env = dict(os.environ)
+    for variable in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[variable] = str(args.threads_per_rank)
+    # gloo warns once per connection that a namespace's peer has no hostname: noise.
+    env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    with tempfile.TemporaryDirectory(prefix="sparcomm-bench-train-") as scratch:
+        os.chmod(scratch, 0o777)
+        result_path = os.path.join(scratch, "result.json")
+        rank_command = _rank_argv(args, result_path)
+        mpiexec = [find_mpiexec(), "-n", str(args.nprocs), *args.mpiexec_arg]
+        rate: float | None = None
+        if args.emulate is not None:
+            link = parse_link(args.emulate)
+            with EmulatedCluster(args.nprocs, link) as cluster:
+                rate = cluster.measure_rate() if args.nprocs > 1 else None
+                env.update(cluster.env())
+                code = _run_job([*mpiexec, *cluster.wrap(rank_command)], env, args.timeout)
+            link_text = str(link)
+        else:
+            code = _run_job([*mpiexec, *rank_command], env, args.timeout)
+            link_text = "the ranks' own network (not emulated)"
+        if code != 0 or not os.path.exists(result_path):
+            raise RuntimeError(
+                f"the benchmark job failed (exit status {code}); see its output above"
+            )
+        raw = json.loads(Path(result_path).read_text())
+    load_after = os.getloadavg()
+    summary = summarise(raw, args.warmup, args.target, args.budget)
+    attach_predictions(
+        summary,
+        rate_bps=rate,
+        latency_s=raw["latency_s"],
+        ranks=args.nprocs,
+        task=task,
+        batch=args.batch,
+    )
+    loads = raw["loads_during"]
+    report = {
+        "command": "sparcomm " + shlex.join(sys.argv[1:]),
+        "model": task.describe(),
+        "task": args.task,
+        "parameters": sum(math.prod(shape) for shape in task.parameter_shapes()),
+        "ranks": args.nprocs,
+        "batch": args.batch,
+        "steps": args.steps,
+        "lr": args.lr,
+        "momentum": args.momentum,
+        "threads_per_rank": args.threads_per_rank,
+        "link": link_text,
+        "rate_bps": rate,
+        "measured_rate": format_rate(rate) if rate else "not measured",
+        "latency_s": raw["latency_s"],
+        "wire_counted": args.emulate is not None,
+        "load_before": load_before,
+        "load_after": load_after,
+        "load_during": loads,
+        "load_text": (
+            f"{min(loads):.1f}-{max(loads):.1f} (1-min avg) on {os.cpu_count()} cores"
+            if loads
+            else "n/a"
+        ),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "summary": summary,
+    }
+    return report
+
+
+@command("bench", "train", help="train every contender side by side: step time, bytes, accuracy")
+@arguments(_configure)
+def bench_train(args: argparse.Namespace) -> int:
+    try:
+        report = run_benchmark(args)
+    except (ValueError, TypeError, PermissionError, FileNotFoundError, NotImplementedError) as e:
+        print(f"sparcomm bench train: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:
+        print(f"sparcomm bench train: {error}", file=sys.stderr)
+        return 1
+    print(format_table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    if args.plot:
+        plot_report(report, args.plot)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Per-rank entry point: ``python -m sparcomm._cli_bench_train --rank-main ...``."""
+    parser = argparse.ArgumentParser(prog="python -m sparcomm._cli_bench_train")
+    _configure(parser)
+    parser.add_argument("--rank-main", action="store_true", required=True)
+    parser.add_argument("--result", required=True)
+    return run_ranks(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
