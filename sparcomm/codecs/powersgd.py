@@ -29,7 +29,7 @@ collective run the same code; the collective only inserts the two allreduces.
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, ClassVar
@@ -428,13 +428,18 @@ class PowerSGD(Codec):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output (onto the host; arrays move to the GPU at
-        their key's first CuPy step).
+        their key's first CuPy step).  Atomic: nothing changes unless all of it is valid.
 
         Raises
         ------
         ValueError
             If the state comes from a codec with other parameters, or is malformed.
         """
+        self.prepare_load_state(state)()
+
+    def prepare_load_state(self, state: dict[str, Any]) -> Callable[[], None]:
+        """Check ``state`` completely and return the function that installs it (which
+        cannot fail): lets a caller check several states before changing any."""
         names = ("codec", "residuals", "q", "calls", "shapes")
         if not isinstance(state, dict) or any(name not in state for name in names):
             raise ValueError(
@@ -458,9 +463,14 @@ class PowerSGD(Codec):
             if key not in shapes or array.ndim != 2 or array.shape[1] != shapes[key][1]:
                 raise ValueError(f"warm-start Q of key {key!r} does not match its matrix shape")
             q[key] = array
-        self._residuals, self._q, self._shapes = residuals, q, shapes
-        self._calls = {k: int(v) for k, v in state["calls"].items()}
-        self._scratch = {}
+        calls = {k: int(v) for k, v in state["calls"].items()}
+
+        def install() -> None:
+            self._residuals, self._q, self._shapes = residuals, q, shapes
+            self._calls = calls
+            self._scratch = {}
+
+        return install
 
 
 def initial_q(
@@ -478,20 +488,26 @@ def initial_q(
 
 
 def orthogonalize(rows: Any) -> None:
-    """Orthonormalise the rows of ``rows`` (``r x n``, C-contiguous) in place by modified
-    Gram-Schmidt (PyTorch's ``_orthogonalize_gram_schmidt`` on the transpose).
+    """Orthonormalise the rows of ``rows`` (``r x n``, C-contiguous) in place: Gram-Schmidt
+    with one re-orthogonalisation pass ("twice is enough", Giraud et al., Numer. Math.
+    2005).
 
-    Element-wise operations and contiguous sums only, so the result depends on the
-    input bits alone (not on BLAS threading): every rank gets the same factors.  An
-    all-zero row stays zero.
+    PyTorch's hook runs one Gram-Schmidt pass for ``r <= 2`` and QR above.  One pass
+    loses orthogonality when ``P`` is (nearly) rank-deficient, as the gradient of a layer
+    is when its rank is below ``r``: the next row is then rounding noise with an O(1)
+    component along the previous ones, and ``P P^T M`` would no longer reproduce ``M``.
+    The second pass removes it, so the result is orthonormal to working precision
+    whatever the rank.  Element-wise operations and sums only (no BLAS reduction whose
+    order could depend on threads), so the result depends on the input bits alone and
+    every rank computes the same factors.  An all-zero row stays zero.
     """
     xp = array_module(rows)
-    count = rows.shape[0]
-    for i in range(count):
+    for i in range(rows.shape[0]):
         row = rows[i]
+        if i:
+            done = rows[:i]
+            for _ in range(2):
+                row -= xp.sum(xp.sum(done * row, axis=1, keepdims=True) * done, axis=0)
         norm = xp.sqrt(xp.sum(row * row))
         if float(norm) > 0.0:
             row /= norm
-        if i + 1 < count:
-            rest = rows[i + 1 :]
-            rest -= xp.sum(rest * row, axis=1, keepdims=True) * row
