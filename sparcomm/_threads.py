@@ -5,23 +5,27 @@ then spin against each other (the quantized allreduce at 2^24 on 2 cores ran at
 0.1-0.3x of MPI's Allreduce with 4 ranks and Numba's default, 0.8-0.9x with one thread
 per rank).  As ``torchrun`` sets ``OMP_NUM_THREADS``, sparcomm gives each rank
 
-    threads = max(1, usable cores // ranks sharing the node)
+    threads = max(1, usable cores // ranks sharing those cores)
 
-where the usable cores are the rank's CPU affinity mask (a cgroup cpuset or an MPI
-binding narrows it) and the ranks sharing the node are counted where the rank runs.
-This module is the one source of that number:
+where the usable cores are the rank's CPU affinity mask.  When every rank may run on
+every core of the node (no binding, no cpuset), the ranks sharing them are all the
+ranks on the node; when a launcher binds each rank to its own cores (Slurm's
+``--cpus-per-task``, Open MPI's binding) or a container's cpuset holds several ranks,
+they are the ranks whose masks overlap this one.  :func:`threads_per_rank` is the one
+formula; two places feed it:
 
 * ``sparcomm run`` starts Python ranks through :mod:`sparcomm._launch_child`, which
-  calls :func:`set_thread_environment` before the program starts: the launcher's
-  environment (``MPI_LOCALNRANKS`` from hydra, ``OMPI_COMM_WORLD_LOCAL_SIZE`` from
-  Open MPI, ...) says how many ranks share the node, so ``NUMBA_NUM_THREADS`` sizes the
-  pool itself, on every host by its own core count.
-* Under any launcher, the first collective of a process (:func:`set_rank_threads`,
-  called where sparcomm first duplicates a communicator, a collective step already)
-  counts the ranks sharing the node with a shared-memory split of the communicator and
-  calls ``numba.set_num_threads``.  Numba's setting belongs to the calling thread, so
-  :func:`adopt_rank_threads` repeats it in another thread that runs collectives (the
-  reducer's progress thread).
+  calls :func:`set_thread_environment` before the program starts.  Where the rank may
+  use every core of its host, the launcher's count of ranks on the host
+  (``MPI_LOCALNRANKS`` from hydra, ``OMPI_COMM_WORLD_LOCAL_SIZE`` from Open MPI, ...)
+  is the divisor, and ``NUMBA_NUM_THREADS`` / ``OMP_NUM_THREADS`` size the pools
+  themselves, on every host by its own core count.  A narrower mask is left to:
+* the first collective of a process under any launcher (:func:`set_rank_threads`,
+  called where sparcomm first duplicates a communicator, a collective step already):
+  a shared-memory split of the communicator and an allgather of the ranks' affinity
+  masks give the ranks sharing this rank's cores exactly; then ``numba.set_num_threads``.
+  Numba's setting belongs to the calling thread, so :func:`adopt_rank_threads` repeats
+  it in another thread that runs collectives (the reducer's progress thread).
 
 The user's own choice always wins: ``NUMBA_NUM_THREADS`` in the environment, a call of
 ``numba.set_num_threads`` before the first collective, or (for Numba, which otherwise
@@ -58,18 +62,35 @@ _applied = threading.local()  # .done: this thread has adopted the decision
 _lock = threading.Lock()
 
 
+def _affinity() -> set[int]:
+    """The cores this process may run on (every core where affinity is not available)."""
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return set(range(os.cpu_count() or 1))
+
+
 def usable_cpus() -> int:
     """The number of cores this process may run on (its affinity mask)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
+    return len(_affinity())
+
+
+def _whole_node() -> bool:
+    """Whether this process may run on every core of its machine (no binding or cpuset)."""
+    return usable_cpus() >= (os.cpu_count() or 1)
+
+
+def ranks_sharing(masks: list[set[int]], mine: int) -> int:
+    """How many of the ranks with affinity ``masks`` compete for rank ``mine``'s cores:
+    the most ranks whose masks hold any one of its cores."""
+    return max((sum(core in mask for mask in masks) for core in masks[mine]), default=1)
 
 
 def threads_per_rank(ranks_on_node: int, cpus: int | None = None) -> int:
     """Kernel threads for one of ``ranks_on_node`` ranks sharing ``cpus`` cores.
 
-    ``max(1, cpus // ranks_on_node)``; ``cpus`` defaults to :func:`usable_cpus`.
+    ``max(1, cpus // ranks_on_node)``; ``cpus`` defaults to :func:`usable_cpus`.  The
+    one formula behind ``sparcomm run`` and the collectives' own setting.
     """
     if isinstance(ranks_on_node, bool) or not isinstance(ranks_on_node, int):
         raise TypeError(f"ranks_on_node must be an int, got {type(ranks_on_node).__name__}")
@@ -138,11 +159,14 @@ def set_thread_environment(
     """Before a rank's program starts (``sparcomm run``): set ``NUMBA_NUM_THREADS`` and
     ``OMP_NUM_THREADS`` to the rank's share of this node's cores.
 
-    ``ranks_on_node`` defaults to the launcher's count in ``environ``
-    (:func:`local_size_from_environment`).  A variable already set is kept
-    (``OMP_NUM_THREADS`` alone also sizes Numba's pool, as :func:`set_rank_threads`
-    does at run time).  Returns the count set, or None where the user's setting stands
-    or the number of ranks on the node is unknown.
+    ``ranks_on_node`` (the ranks sharing this process's cores) defaults to the
+    launcher's count of ranks on the node in ``environ``
+    (:func:`local_size_from_environment`), and is used only where this process may run
+    on every core of the node: a narrower mask (a binding, a cpuset) may or may not be
+    shared, which the first collective finds out (:func:`set_rank_threads`).  A
+    variable already set is kept (``OMP_NUM_THREADS`` alone also sizes Numba's pool).
+    Returns the count set, or None where the user's setting stands or the share is left
+    to the first collective.
     """
     environ = os.environ if environ is None else environ
     chosen = user_threads(environ)
@@ -150,24 +174,26 @@ def set_thread_environment(
         if chosen[1] == "OMP_NUM_THREADS":
             environ["NUMBA_NUM_THREADS"] = str(chosen[0])
         return None
-    ranks = local_size_from_environment(environ) if ranks_on_node is None else ranks_on_node
-    if ranks is None:
+    if ranks_on_node is None:
+        ranks_on_node = local_size_from_environment(environ) if _whole_node() else None
+    if ranks_on_node is None:
         return None
-    threads = threads_per_rank(ranks)
+    threads = threads_per_rank(ranks_on_node)
     environ["NUMBA_NUM_THREADS"] = str(threads)
     environ["OMP_NUM_THREADS"] = str(threads)
     return threads
 
 
-def _shared_size(comm: MPI.Comm) -> int:
-    """Ranks of ``comm`` on this node (collective on ``comm``)."""
+def _sharing(comm: MPI.Comm) -> int:
+    """Ranks of ``comm`` on this node whose cores overlap this rank's (collective)."""
     from mpi4py import MPI
 
     if comm.Get_size() == 1:
         return 1
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)
     try:
-        return local.Get_size()
+        masks = local.allgather(_affinity())
+        return ranks_sharing(masks, local.Get_rank())
     finally:
         local.Free()
 
@@ -181,7 +207,7 @@ def set_rank_threads(comm: MPI.Comm) -> None:
     ranks that have decided already still take part.
     """
     global _decision, _decided
-    on_node = _shared_size(comm)
+    sharing = _sharing(comm)
     with _lock:
         if _decided:
             adopt_rank_threads()
@@ -209,12 +235,14 @@ def set_rank_threads(comm: MPI.Comm) -> None:
                 user[0],
             )
         else:
-            ranks = max(on_node, local_size_from_environment() or 1)
+            ranks = sharing
+            if _whole_node():  # ranks of the job outside ``comm`` share these cores too
+                ranks = max(ranks, local_size_from_environment() or 1)
             cpus = usable_cpus()
             _decision = min(threads_per_rank(ranks, cpus), pool)
             logger.info(
-                "Numba kernels use %d threads per rank: %d usable cores / %d ranks on this "
-                "node (set NUMBA_NUM_THREADS to choose)",
+                "Numba kernels use %d threads per rank: %d usable cores shared by %d ranks "
+                "(set NUMBA_NUM_THREADS to choose)",
                 _decision,
                 cpus,
                 ranks,

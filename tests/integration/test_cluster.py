@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from sparcomm._launch import HYDRA, select_launcher
-from sparcomm._threads import threads_per_rank
+from sparcomm._threads import _whole_node, threads_per_rank
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "sparcomm-t"
@@ -52,7 +52,7 @@ z = sparcomm.allreduce(x, codec=sparcomm.TopK(density=0.01), comm=comm, op="sum"
 netns = os.stat("/proc/self/ns/net").st_ino
 sys.stdout.write(
     f"<rank {comm.Get_rank()} size {comm.Get_size()} local {sparcomm.local_rank()} "
-    f"of {sparcomm.local_size()} netns {netns} threads {os.environ['NUMBA_NUM_THREADS']} "
+    f"of {sparcomm.local_size()} netns {netns} threads {os.environ.get('NUMBA_NUM_THREADS')} "
     f"sum {y[0]:g} {float(z.sum()):g}>\\n"
 )
 """
@@ -195,7 +195,7 @@ def test_two_hosts_two_ranks_each_through_a_hostfile(two_hosts, tmp_path):
     received = [_rx_bytes(a) - received_before[0], _rx_bytes(b) - received_before[1]]
 
     rows = re.findall(
-        r"<rank (\d+) size (\d+) local (\d+) of (\d+) netns (\d+) threads (\d+) "
+        r"<rank (\d+) size (\d+) local (\d+) of (\d+) netns (\d+) threads (\w+) "
         r"sum (\S+) (\S+)>",
         out,
     )
@@ -203,7 +203,9 @@ def test_two_hosts_two_ranks_each_through_a_hostfile(two_hosts, tmp_path):
     inode = {os.stat(f"/run/netns/{name}").st_ino: name for name in two_hosts}
     placed = {int(rank): inode.get(int(netns)) for rank, _, _, _, netns, *_ in rows}
     assert placed == {0: a, 1: a, 2: b, 3: b}  # the hostfile's order, two slots each
-    share = str(threads_per_rank(2))  # each host: its usable cores / its 2 ranks
+    # Each host: its usable cores / its 2 ranks (left to the first collective where this
+    # process is bound to some cores only).
+    share = str(threads_per_rank(2)) if _whole_node() else "None"
     dense = 1.0 + 2.0 + 3.0 + 4.0
     for rank, size, local, local_size, _, threads, first, _ in rows:
         assert (size, local_size, threads) == ("4", "2", share)

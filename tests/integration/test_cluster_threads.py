@@ -16,6 +16,7 @@ import pytest
 from sparcomm import _threads
 from sparcomm._threads import (
     local_size_from_environment,
+    ranks_sharing,
     set_thread_environment,
     threads_per_rank,
     user_threads,
@@ -128,10 +129,11 @@ needs_two = pytest.mark.skipif(POOL < 2, reason=f"Numba's pool has {POOL} thread
 @needs_two
 def test_ranks_sharing_the_node_split_its_cores(fresh, monkeypatch):
     monkeypatch.setattr(_threads, "usable_cpus", lambda: POOL)
+    monkeypatch.setattr(_threads, "_whole_node", lambda: True)
     monkeypatch.setenv("MPI_LOCALNRANKS", str(POOL))  # the launcher's count of ranks here
     _threads.set_rank_threads(MPI.COMM_SELF)
     assert numba.get_num_threads() == 1
-    assert f"use 1 threads per rank: {POOL} usable cores / {POOL} ranks" in fresh.text
+    assert f"use 1 threads per rank: {POOL} usable cores shared by {POOL} ranks" in fresh.text
     seen = []
 
     def other_thread():
@@ -148,6 +150,7 @@ def test_ranks_sharing_the_node_split_its_cores(fresh, monkeypatch):
 @needs_two
 def test_a_set_num_threads_call_before_the_first_collective_wins(fresh, monkeypatch):
     monkeypatch.setattr(_threads, "usable_cpus", lambda: POOL)  # sparcomm would pick POOL
+    monkeypatch.setattr(_threads, "_whole_node", lambda: True)
     numba.set_num_threads(1)
     _threads.set_rank_threads(MPI.COMM_SELF)
     assert numba.get_num_threads() == 1
@@ -169,6 +172,29 @@ def test_the_share_and_bad_inputs():
         user_threads({"OMP_NUM_THREADS": "x"})
 
 
+def test_ranks_compete_for_cores_only_where_their_masks_overlap():
+    whole = [set(range(8))] * 4  # no binding: every rank may run anywhere
+    assert [ranks_sharing(whole, r) for r in range(4)] == [4, 4, 4, 4]
+    bound = [{0, 1}, {2, 3}, {4, 5}, {6, 7}]  # srun --cpus-per-task=2: cores of their own
+    assert [ranks_sharing(bound, r) for r in range(4)] == [1, 1, 1, 1]
+    sockets = [{0, 1, 2, 3}] * 3 + [{4, 5, 6, 7}]  # bound to a socket, 3 ranks on the first
+    assert [ranks_sharing(sockets, r) for r in range(4)] == [3, 3, 3, 1]
+    assert [threads_per_rank(ranks_sharing(sockets, r), 4) for r in range(4)] == [1, 1, 1, 4]
+
+
+@needs_two
+def test_ranks_bound_to_their_own_cores_keep_them_all(fresh, monkeypatch):
+    # A rank whose mask is narrower than the node, and shared with no other rank (here:
+    # the only rank of COMM_SELF), keeps every core of its mask, whatever the launcher
+    # says about the ranks on the node.
+    monkeypatch.setattr(_threads, "_affinity", lambda: set(range(POOL)))
+    monkeypatch.setattr(_threads, "_whole_node", lambda: False)
+    monkeypatch.setenv("MPI_LOCALNRANKS", str(POOL))
+    _threads.set_rank_threads(MPI.COMM_SELF)
+    assert numba.get_num_threads() == POOL
+    assert f"use {POOL} threads per rank: {POOL} usable cores shared by 1 ranks" in fresh.text
+
+
 def test_each_launchers_count_of_ranks_on_the_node():
     assert local_size_from_environment({}) is None
     assert local_size_from_environment({"MPI_LOCALNRANKS": "3"}) == 3  # hydra
@@ -181,6 +207,7 @@ def test_each_launchers_count_of_ranks_on_the_node():
 
 def test_the_bootstrap_sets_the_environment_unless_the_user_did(monkeypatch):
     monkeypatch.setattr(_threads, "usable_cpus", lambda: 16)
+    monkeypatch.setattr(_threads, "_whole_node", lambda: True)
     environ = {"MPI_LOCALNRANKS": "4"}
     assert set_thread_environment(environ) == 4
     assert environ["NUMBA_NUM_THREADS"] == environ["OMP_NUM_THREADS"] == "4"
@@ -192,3 +219,8 @@ def test_the_bootstrap_sets_the_environment_unless_the_user_did(monkeypatch):
     assert set_thread_environment({}) is None  # no launcher count: left to run time
     assert set_thread_environment(environ := {}, ranks_on_node=8) == 2
     assert environ == {"NUMBA_NUM_THREADS": "2", "OMP_NUM_THREADS": "2"}
+    # A narrower mask than the node may be this rank's own or shared: the first
+    # collective compares the ranks' masks instead.
+    monkeypatch.setattr(_threads, "_whole_node", lambda: False)
+    environ = {"MPI_LOCALNRANKS": "4"}
+    assert set_thread_environment(environ) is None and environ == {"MPI_LOCALNRANKS": "4"}
