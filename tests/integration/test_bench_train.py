@@ -1,0 +1,160 @@
+"""``sparcomm bench train``: contenders, the summary arithmetic, and a small emulated run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+
+import pytest
+
+from sparcomm._cli_bench_train import contender_specs, select_contenders, summarise
+from sparcomm.cli import main
+
+pytest.importorskip("torch")
+
+
+def test_every_codec_is_a_contender_beside_ddp_and_the_floor():
+    import sparcomm.codecs as codecs
+
+    ids = [s.id for s in contender_specs()]
+    for name in codecs.__all__:
+        if name != "Codec":
+            assert f"sparcomm-{name.lower()}" in ids
+    assert {"local", "ddp", "ddp-fp16", "ddp-powersgd1", "ddp-powersgd4"} <= set(ids)
+    topk = next(s for s in contender_specs() if s.id == "sparcomm-topk")
+    assert repr(topk.codec()).startswith("ErrorFeedback(TopK(")
+
+
+def test_contender_filter_takes_globs_and_names_the_ids_on_a_miss():
+    assert [s.id for s in select_contenders(["ddp-*"])] == [
+        "ddp-fp16",
+        "ddp-powersgd1",
+        "ddp-powersgd4",
+    ]
+    with pytest.raises(ValueError, match="matches no contender; the ids are local, "):
+        select_contenders(["horovod"])
+
+
+def _records(totals_per_rank):
+    return [
+        [
+            {
+                "total": t,
+                "forward_backward": t / 2,
+                "wait": t / 4,
+                "update": t / 4,
+                "wire_bytes": 100,
+            }
+            for t in per_rank
+        ]
+        for per_rank in totals_per_rank
+    ]
+
+
+def test_summary_takes_the_slowest_rank_skips_warmup_and_reads_the_curves():
+    raw = {
+        "contenders": {
+            "ddp": {
+                "label": "DDP",
+                "kind": "ddp",
+                # 5 steps on 2 ranks; the first is a slow warm-up step.
+                "steps": _records([(9.0, 1.0), (1.0, 2.0), (2.0, 1.0), (1.0, 3.0), (2.0, 2.0)]),
+                "accuracy": [(0, 10.0), (2, 30.0), (4, 50.0), (5, 60.0)],
+                "ranks_agree": True,
+            },
+            "fast": {
+                "label": "fast",
+                "kind": "sparcomm",
+                "steps": [
+                    [
+                        dict(
+                            r,
+                            payload_bytes=7,
+                            collective_seconds=0.1,
+                            collectives=2,
+                            algorithms=["dense"],
+                            phases={
+                                "encode": 0.01,
+                                "check": 0.0,
+                                "exchange": 0.05,
+                                "merge": 0.02,
+                                "other": 0,
+                            },
+                        )
+                        for r in step
+                    ]
+                    for step in _records(
+                        [(5.0, 1.0), (1.0, 1.0), (1.0, 1.0), (1.0, 1.0), (1.0, 1.0)]
+                    )
+                ],
+                "accuracy": [(0, 10.0), (2, 20.0), (4, 55.0), (5, 58.0)],
+                "ranks_agree": True,
+            },
+        }
+    }
+    summary = summarise(raw, warmup=1, target=None, budget=None)
+    ddp, fast = summary["contenders"]["ddp"], summary["contenders"]["fast"]
+    assert ddp["step_s"] == 2.0  # median of the slowest ranks 2, 2, 3, 2
+    assert ddp["split_s"]["forward_backward"] == 1.0
+    assert ddp["first_steps_extra_s"] == pytest.approx(9.0 - 2.0)
+    # The warm-up step counts at the median on the time axis.
+    assert [p["time_s"] for p in ddp["curve"]] == [0.0, 4.0, 9.0, 11.0]
+    assert summary["target_accuracy"] == 60.0  # DDP's final accuracy
+    assert summary["budget_s"] == 5.0  # the shortest run: "fast"
+    assert ddp["time_to_target_s"] == 11.0 and fast["time_to_target_s"] is None
+    assert fast["accuracy_at_budget"] == 58.0 and ddp["accuracy_at_budget"] == 30.0
+    assert fast["payload_bytes"] == 7 and fast["phases_s"]["exchange"] == 0.05
+    assert fast["wire_bytes"] == 100
+
+
+def test_bad_options_are_errors_before_anything_starts(capsys):
+    assert main(["bench", "train", "--contenders", "nope", "--steps", "2", "--warmup", "0"]) == 2
+    assert "matches no contender" in capsys.readouterr().err
+    assert main(["bench", "train", "--steps", "3", "--warmup", "3"]) == 2
+    assert "--warmup must be in [0, --steps), got 3" in capsys.readouterr().err
+
+
+def _root_tools() -> str | None:
+    if sys.platform != "linux" or os.geteuid() != 0:
+        return "the emulated cluster needs root on Linux"
+    missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
+    return f"{missing[0]} (iproute2) is not installed" if missing else None
+
+
+@pytest.mark.skipif(_root_tools() is not None, reason=str(_root_tools()))
+def test_small_emulated_run_reports_every_figure(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from sparcomm import _emulate
+
+    report_path, plot_path = tmp_path / "report.json", tmp_path / "plot.png"
+    argv = [
+        "bench", "train", "-np", "2", "--emulate", "300mbit", "--inputs", "64", "--width", "64",
+        "--depth", "1", "--steps", "6", "--block", "3", "--warmup", "1", "--eval-every", "3",
+        "--test-samples", "128", "--contenders", "local", "sparcomm-topk", "ddp",
+        "--no-progress", "--json", str(report_path), "--plot", str(plot_path), "--timeout", "120",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "measured" in out and "DDP (gloo)" in out
+    report = json.loads(report_path.read_text())
+    assert plot_path.stat().st_size > 10_000
+    assert 0.8 * 300e6 < report["rate_bps"] < 1.02 * 300e6
+    contenders = report["summary"]["contenders"]
+    assert list(contenders) == ["local", "sparcomm-topk", "ddp"]
+    n = report["parameters"]
+    ddp, topk, local = contenders["ddp"], contenders["sparcomm-topk"], contenders["local"]
+    # The wire carries the ring allreduce's payload plus TCP/IP headers and ACKs.
+    ring = 2 * (2 - 1) / 2 * 4 * n
+    assert ring < ddp["wire_bytes"] < 1.25 * ring + 20_000
+    assert topk["payload_bytes"] < ddp["wire_bytes"] / 3
+    assert local["wire_bytes"] < 2_000  # no communication, nothing sent
+    for entry in contenders.values():
+        assert [p["step"] for p in entry["curve"]] == [0, 3, 6]
+        assert entry["ranks_agree"]
+        assert entry["step_s"] > 0 and math.isfinite(entry["predicted_step_s"])
+    assert set(topk["phases_s"]) >= {"encode", "check", "exchange", "merge"}
+    prefix = f"{_emulate.PREFIX}{os.getpid()}x"
+    assert not [name for name in _emulate._namespaces() if name.startswith(prefix)]
