@@ -7,6 +7,8 @@ number of ranks; tests/test_mpi_ranks.py runs this directory at 2 to 5.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -242,3 +244,65 @@ def test_least_squares_full_rank_converges_with_error_feedback():
     )
     assert with_feedback <= bound
     assert without > 10 * with_feedback
+
+
+def test_distributed_optimizer_with_several_buckets_and_exact_resume():
+    torch = pytest.importorskip("torch", reason="the PyTorch integration needs torch")
+    from sparcomm.torch import DistributedOptimizer
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(
+            torch.nn.Linear(12, 64),
+            torch.nn.Tanh(),
+            torch.nn.Linear(64, 48),
+            torch.nn.Tanh(),
+            torch.nn.Linear(48, 4),
+        ).double()
+
+    def optimizer(net):
+        return DistributedOptimizer(
+            torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9),
+            named_parameters=net.named_parameters(),
+            codec=PowerSGD(rank=2),
+            fusion_threshold_bytes=16_000,
+            dense_below=32,
+        )
+
+    rng = np.random.default_rng(7 + RANK)
+    batches = [
+        (torch.from_numpy(rng.standard_normal((8, 12))), torch.from_numpy(rng.integers(0, 4, 8)))
+        for _ in range(5)
+    ]
+
+    def step(net, opt, batch):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(batch[0]), batch[1]).backward()
+        opt.step()
+
+    net = model()
+    opt = optimizer(net)
+    try:
+        for batch in batches[:2]:
+            step(net, opt, batch)
+        stats = opt.last_stats
+        assert stats.compressed_buckets >= 2 and "powersgd" in stats.algorithms
+        saved_model = {k: v.clone() for k, v in net.state_dict().items()}
+        saved_opt = copy.deepcopy(opt.state_dict())  # torch's holds live buffers
+        for batch in batches[2:]:
+            step(net, opt, batch)
+        final = [p.detach().numpy().copy() for p in net.parameters()]
+    finally:
+        opt.close()
+    _same_on_all_ranks(final)
+    net2 = model()
+    net2.load_state_dict(saved_model)
+    opt2 = optimizer(net2)
+    try:
+        opt2.load_state_dict(saved_opt)
+        for batch in batches[2:]:
+            step(net2, opt2, batch)
+        for p, expected in zip(net2.parameters(), final, strict=True):
+            assert np.array_equal(p.detach().numpy(), expected)
+    finally:
+        opt2.close()
