@@ -66,6 +66,8 @@ _CODEC_SETTINGS: dict[str, tuple[str, Callable[[Any], Any]]] = {
 
 #: DDP's bucket for the PowerSGD hook: one bucket for the whole model (see module doc).
 POWERSGD_BUCKET_MB = 4096
+#: Dense steps before PowerSGD starts, for torch's hook and sparcomm's PowerSGD alike.
+POWERSGD_START_ITER = 2
 
 
 def _default_codec(cls: Any) -> Any:
@@ -266,6 +268,8 @@ class _Runner:
                 named_parameters=model.named_parameters(),
                 codec=spec.codec(),
                 comm=comm,
+                # As torch's hook below (start_powerSGD_iter=2): the same dense steps first.
+                warmup_steps=POWERSGD_START_ITER if spec.codec_name == "PowerSGD" else 0,
             )
         else:
             from torch.nn.parallel import DistributedDataParallel
@@ -284,7 +288,7 @@ class _Runner:
                     matrix_approximation_rank=spec.powersgd_rank,
                     # torch's default (1000 dense steps first) would hide the method in
                     # a short run; 2 is the smallest that error feedback allows.
-                    start_powerSGD_iter=2,
+                    start_powerSGD_iter=POWERSGD_START_ITER,
                     warm_start=True,
                     use_error_feedback=True,
                 )
@@ -381,6 +385,18 @@ def _latency(comm: Any, repeats: int = 30) -> float:
     return comm.allreduce(statistics.median(times), op=MPI.MAX)
 
 
+def _calibrated(comm: Any) -> dict[str, Any]:
+    """sparcomm's cost model calibrated on this network (its constants, or the error)."""
+    import dataclasses
+
+    try:
+        from sparcomm.comm import calibrate
+
+        return {"constants": dataclasses.asdict(calibrate(comm))}
+    except Exception as error:  # reported in the results, never hidden
+        return {"error": f"{type(error).__name__}: {error}"}
+
+
 def run_ranks(args: argparse.Namespace) -> int:
     """The per-rank body: train every contender, interleaved; rank 0 writes the results."""
     import torch
@@ -398,6 +414,7 @@ def run_ranks(args: argparse.Namespace) -> int:
     )
     _init_gloo(comm)
     latency = _latency(comm)
+    cost_model = _calibrated(comm)
     phases = _PhaseRecorder()
     wire = _wire_counter()
     x_test, y_test = task.test_set(args.test_samples)
@@ -454,6 +471,7 @@ def run_ranks(args: argparse.Namespace) -> int:
             "ranks": size,
             "threads_per_rank": args.threads_per_rank,
             "latency_s": latency,
+            "cost_model": cost_model,
             "loads_during": loads,
             "contenders": {},
         }
@@ -506,9 +524,9 @@ def summarise(raw: dict[str, Any], warmup: int, target: float | None, budget: fl
             - median_total * min(warmup, len(slowest)),
             "ranks_agree": data["ranks_agree"],
         }
-        wires = [max(r["wire_bytes"] for r in per_rank) for per_rank in data["steps"][warmup:]]
-        if wires and wires[0] is not None:
-            entry["wire_bytes"] = _median([float(w) for w in wires])
+        wires = [[r["wire_bytes"] for r in per_rank] for per_rank in data["steps"][warmup:]]
+        if wires and wires[0][0] is not None:  # None: not counted (no --emulate)
+            entry["wire_bytes"] = _median([float(max(w)) for w in wires])
         if data["kind"] == "sparcomm":
             entry["payload_bytes"] = _median(
                 [float(max(r["payload_bytes"] for r in p)) for p in data["steps"][warmup:]]
@@ -558,6 +576,7 @@ def attach_predictions(
     *,
     rate_bps: float | None,
     latency_s: float,
+    cost_model: dict[str, float] | None,
     ranks: int,
     task: Any,
     batch: int,
@@ -571,6 +590,7 @@ def attach_predictions(
         summary["contenders"],
         rate_bps=rate_bps,
         latency_s=latency_s,
+        beta_allreduce=(cost_model or {}).get("beta_allreduce"),
         ranks=ranks,
         shapes=task.parameter_shapes(),
         batch=batch,
@@ -817,6 +837,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         summary,
         rate_bps=rate,
         latency_s=raw["latency_s"],
+        cost_model=raw.get("cost_model", {}).get("constants"),
         ranks=args.nprocs,
         task=task,
         batch=args.batch,
@@ -837,6 +858,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "rate_bps": rate,
         "measured_rate": format_rate(rate) if rate else "not measured",
         "latency_s": raw["latency_s"],
+        "cost_model": raw.get("cost_model"),
         "wire_counted": args.emulate is not None,
         "load_before": load_before,
         "load_after": load_after,

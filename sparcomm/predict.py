@@ -53,6 +53,7 @@ __all__ = [
     "crossover_bandwidth",
     "from_benchmark",
     "measure_codec_seconds",
+    "network_outlook",
     "predict",
     "predict_step",
     "traffic",
@@ -76,11 +77,19 @@ class Traffic:
         Latency-bound message steps per step (each costs ``alpha``).
     codec_s : float
         Seconds of compute the contender adds per step (encode, decode, merge).
+    allreduce_bytes : float
+        Bytes of buffer reduced by MPI's own ``Allreduce`` (sparcomm's dense path), whose
+        time a calibrated ``beta_allreduce`` gives better than the byte count: MPI's
+        algorithm is a black box.
+    allreduce_sent : float
+        The part of ``bytes_sent`` that those allreduces send (the ring's count).
     """
 
     bytes_sent: float
     rounds: float
     codec_s: float = 0.0
+    allreduce_bytes: float = 0.0
+    allreduce_sent: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -124,6 +133,7 @@ def predict_step(
     latency_s: float,
     compute_s: float,
     overlap_s: float = 0.0,
+    beta_allreduce: float | None = None,
 ) -> StepPrediction:
     """The predicted step of one contender.
 
@@ -138,12 +148,19 @@ def predict_step(
         Forward + backward + update of a step without communication.
     overlap_s : float
         At most this much of the communication hides behind computation (default 0).
+    beta_allreduce : float, optional
+        Seconds per byte of buffer of MPI's ``Allreduce`` (``sparcomm.comm.calibrate``);
+        prices ``traffic.allreduce_bytes`` when given.
     """
     _check_positive("bandwidth_bps", bandwidth_bps)
     _check_positive("latency_s", latency_s, allow_zero=True)
     _check_positive("compute_s", compute_s, allow_zero=True)
     _check_positive("overlap_s", overlap_s, allow_zero=True)
     transfer = 8.0 * traffic.bytes_sent / bandwidth_bps
+    if beta_allreduce is not None and traffic.allreduce_bytes:
+        _check_positive("beta_allreduce", beta_allreduce)
+        transfer += beta_allreduce * traffic.allreduce_bytes
+        transfer -= 8.0 * traffic.allreduce_sent / bandwidth_bps
     latency = traffic.rounds * latency_s
     return StepPrediction(
         compute_s, traffic.codec_s, transfer, latency, min(overlap_s, transfer + latency)
@@ -251,6 +268,8 @@ def traffic(
             _dense_bytes(n, ranks),
             buckets * (check_rounds + _rounds_allreduce(ranks, False)),
             codec_s,
+            allreduce_bytes=4 * n,
+            allreduce_sent=_dense_bytes(n, ranks),
         )
     # The optimizer plans buckets in reverse definition order (gradients' ready order).
     compressed = [s for s in reversed(sizes) if s >= dense_below]
@@ -285,7 +304,13 @@ def traffic(
         else:
             sent += scatter_gather
             rounds += check_rounds + _rounds_allreduce(ranks, False)
-    return Traffic(sent, rounds, codec_s)
+    return Traffic(
+        sent,
+        rounds,
+        codec_s,
+        allreduce_bytes=4 * dense_rest,
+        allreduce_sent=_dense_bytes(dense_rest, ranks),
+    )
 
 
 def measure_codec_seconds(codec: Any, shapes: Sequence[Sequence[int]], ranks: int) -> float:
@@ -301,7 +326,7 @@ def measure_codec_seconds(codec: Any, shapes: Sequence[Sequence[int]], ranks: in
 
     rng = np.random.default_rng(0)
     grads = [
-        rng.standard_normal(math.prod(shape), dtype=np.float32)
+        rng.standard_normal(tuple(shape), dtype=np.float32)
         for shape in shapes
         if math.prod(shape) >= DEFAULT_DENSE_BELOW
     ]
@@ -317,9 +342,18 @@ def measure_codec_seconds(codec: Any, shapes: Sequence[Sequence[int]], ranks: in
             g[...] = out
         return time.perf_counter() - start
 
-    once(0)
-    once(1)  # the second call compiles the paths with a residual
-    return statistics.median(once(step) for step in range(2, 5))
+    import numba
+
+    # One thread, as one rank per core runs: Numba's parallel kernels on a busy machine
+    # wait for their other threads and would report the load, not the codec.
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        once(0)
+        once(1)  # the second call compiles the paths with a residual
+        return statistics.median(once(step) for step in range(2, 7))
+    finally:
+        numba.set_num_threads(threads)
 
 
 def predict(
@@ -400,6 +434,7 @@ def from_benchmark(
     ranks: int,
     shapes: Sequence[Sequence[int]],
     batch: int,
+    beta_allreduce: float | None = None,
 ) -> dict[str, StepPrediction]:
     """Predictions for a ``sparcomm bench train`` run, from what it measured.
 
@@ -430,8 +465,55 @@ def from_benchmark(
         t = traffic(
             cid, shapes, ranks, codec=codec, codec_s=codec_s, algorithms=entry.get("algorithms")
         )
-        out[cid] = predict_step(t, bandwidth_bps=rate_bps, latency_s=latency_s, compute_s=compute)
+        out[cid] = predict_step(
+            t,
+            bandwidth_bps=rate_bps,
+            latency_s=latency_s,
+            compute_s=compute,
+            beta_allreduce=beta_allreduce,
+        )
     return out
+
+
+def network_outlook(
+    shapes: Sequence[Sequence[int]],
+    ranks: int,
+    *,
+    compute_s: float,
+    batch: int,
+    rates: Sequence[float] = (1e9, 10e9),
+    latency_s: float = 50e-6,
+) -> str:
+    """A few lines: the predicted step of each contender at each of ``rates``.
+
+    For programs that ran on one machine (``sparcomm demo``), whose own timings cannot
+    show what a network would do.
+    """
+    from sparcomm._cli_bench_train import contender_specs
+    from sparcomm._emulate import format_rate
+
+    specs = [s for s in contender_specs() if s.id != "local"]
+    contenders = {s.id: (s.codec() if s.codec is not None else None) for s in specs}
+    seconds: dict[str, float] = {}
+    lines = [
+        f"predicted step on a {ranks}-rank cluster (sparcomm predict; compute "
+        f"{compute_s * 1e3:.2f} ms, alpha {latency_s * 1e6:.0f} us):"
+    ]
+    for rate in rates:
+        results = predict(
+            shapes,
+            ranks,
+            bandwidth_bps=rate,
+            latency_s=latency_s,
+            compute_s=compute_s,
+            contenders=contenders,
+            codec_seconds=seconds,
+            batch=batch,
+        )
+        seconds.update({cid: r["traffic"].codec_s for cid, r in results.items()})
+        steps = ", ".join(f"{cid} {r['step'].total * 1e3:.1f}" for cid, r in results.items())
+        lines.append(f"  {format_rate(rate)}: {steps} ms")
+    return "\n".join(lines)
 
 
 # -- the command ----------
