@@ -13,7 +13,7 @@ kernels run only through a runtime.
 Examples
 --------
 >>> from sparcomm.kernels import cuda
->>> "#include" in cuda.source_text("topk")  # common.cuh inlined
+>>> 'include "common.cuh"' in cuda.source_text("topk")  # the header inlined
 False
 >>> cuda.FAMILIES["onebit_encode"]
 'onebit'
