@@ -1,9 +1,14 @@
 """sparcomm compute kernels, installed as ``sparcomm.kernels``.
 
-``kernels/cpu`` holds the Numba kernels (NumPy arrays), ``kernels/gpu`` the CuPy/CUDA
-kernels (CuPy arrays); ``kernels/reference.py`` holds a plain NumPy reference for every
-kernel, which the tests hold both to and ``sparcomm bench codecs`` measures as the
-"plain NumPy" peer.  ``sparcomm._backend.kernels_for`` picks the module by array type.
+``kernels/cpu`` holds the Numba kernels (NumPy arrays), ``kernels/gpu`` the CUDA kernels
+bound to CuPy (CuPy arrays), ``kernels/cuda`` their CUDA sources and CuPy-free launch
+logic; ``kernels/reference.py`` holds a plain NumPy reference for every kernel, which the
+tests hold both to and ``sparcomm bench codecs`` measures as the "plain NumPy" peer.
+``sparcomm._backend.kernels_for`` picks the module by array type.
+
+Each kernel belongs to a family, named in ``_checks.FAMILIES`` (the one list of kernel
+names): family ``f`` is ``kernels/cpu/f.py`` on the CPU and ``kernels/cuda/f.cu`` on the
+GPU.  This package imports nothing from sparcomm but itself and ``sparcomm._random``.
 
 Kernel contract (identical for ``cpu``, ``gpu`` and ``reference``)
 ------------------------------------------------------------------

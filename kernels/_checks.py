@@ -1,8 +1,8 @@
-"""What the three implementations of the kernel contract share: its names and the checks
-of scalar arguments that must fail the same way on every device.
+"""What the three implementations of the kernel contract share: the kernels' names and
+families, and the checks of scalar arguments that must fail the same way on every device.
 
 Pure Python and NumPy, so that ``kernels/reference.py``, ``kernels/cpu`` and
-``kernels/gpu/_kernels.py`` (which the tests load by path, without CuPy) can all use it.
+``kernels/cuda`` (the CuPy-free launch logic of the GPU kernels) can all use it.
 """
 
 from __future__ import annotations
@@ -11,29 +11,48 @@ from typing import Any
 
 import numpy as np
 
-CONTRACT = (
-    "stream_read",
-    "uniform",
-    "pack_bits",
-    "unpack_bits",
-    "topk",
-    "scatter_add",
-    "qsgd_encode",
-    "qsgd_decode",
-    "max_abs",
-    "terngrad_encode",
-    "terngrad_decode",
-    "onebit_encode",
-    "onebit_decode",
-    "add",
-    "subtract",
-    "divide_scalar",
-    "std",
-    "fp16_encode",
-    "fp16_decode",
-    "copy_finite",
-)
-"""The kernel names of the contract (``kernels/__init__.py``), on every implementation."""
+FAMILIES: dict[str, str] = {
+    "stream_read": "reduce",
+    "uniform": "random",
+    "pack_bits": "packing",
+    "unpack_bits": "packing",
+    "topk": "topk",
+    "scatter_add": "sparse",
+    "qsgd_encode": "quantize",
+    "qsgd_decode": "quantize",
+    "max_abs": "reduce",
+    "terngrad_encode": "quantize",
+    "terngrad_decode": "quantize",
+    "onebit_encode": "onebit",
+    "onebit_decode": "onebit",
+    "add": "elementwise",
+    "subtract": "elementwise",
+    "divide_scalar": "elementwise",
+    "std": "moments",
+    "fp16_encode": "convert",
+    "fp16_decode": "convert",
+    "copy_finite": "convert",
+    "merge_sum_two": "merge",
+    "merge_sum_streams": "merge",
+}
+"""Every kernel, by name, and its family: the file it lives in on each implementation.
+
+Kernel ``name`` of family ``f`` is ``sparcomm.kernels.cpu.f.name`` (``kernels/cpu/f.py``)
+and is launched from ``kernels/cuda/f.cu`` by ``GpuKernels.name``; both packages export
+it as ``name``.  The one list of kernel names: :data:`CONTRACT`, :data:`EXTRA`, the
+packages' ``__all__`` and the tests derive from it.  To add a kernel, add it here, to
+``kernels/cpu/f.py``, ``kernels/cuda/f.cu`` + ``GpuKernels`` and (contract kernels)
+``kernels/reference.py`` and the contract in ``kernels/__init__.py``;
+``tests/kernels/test_kernel_names.py`` fails until all of them have it.
+"""
+
+EXTRA = ("merge_sum_two", "merge_sum_streams")
+"""Kernels beyond the contract (the sparse allreduce's merges of sorted streams): on the
+CPU and the GPU, with their NumPy references beside the CPU kernels in ``cpu/merge.py``."""
+
+CONTRACT = tuple(name for name in FAMILIES if name not in EXTRA)
+"""The kernel names of the contract (``kernels/__init__.py``), on every implementation:
+``kernels/reference.py``, ``kernels/cpu`` and ``kernels/gpu`` (``kernels/cuda``)."""
 
 ACCUMULATE = (0, 1, -1)
 """``accumulate`` of the decode kernels: ``out = d``, ``out += d``, ``out -= d``."""

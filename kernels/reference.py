@@ -315,3 +315,81 @@ def copy_finite(x: np.ndarray, out: np.ndarray) -> int:
     """``out[i] = x[i]``; returns the number of non-finite entries of ``x``."""
     out[:] = x
     return int(np.count_nonzero(_abs_bits(x) >= _inf_bits(x)))
+
+
+# ------------------------------------------------------ merges (beyond the contract)
+
+
+def merge_streams(
+    indices: np.ndarray, values: np.ndarray, offsets: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The merge of ``s`` sorted streams stored back to back, as new arrays.
+
+    Stream ``t`` is ``indices[offsets[t]:offsets[t + 1]]``; streams merge as the fixed
+    pairwise tree ``((s0 + s1) + (s2 + s3)) + ...`` (an odd last stream carried up
+    unchanged) of ``kernels/cpu/merge.py``, so the bits are the kernels'.
+    """
+    streams = [
+        (indices[offsets[t] : offsets[t + 1]], values[offsets[t] : offsets[t + 1]])
+        for t in range(len(offsets) - 1)
+    ]
+    if not streams:
+        return indices[:0].copy(), values[:0].copy()
+    while len(streams) > 1:
+        merged = []
+        for p in range(0, len(streams) - 1, 2):
+            (ai, av), (bi, bv) = streams[p], streams[p + 1]
+            # A stable sort puts a's entry before b's for an equal index, so the run sum
+            # below is a + b, as in the kernel.
+            both_indices = np.concatenate([ai, bi])
+            order = np.argsort(both_indices, kind="stable")
+            merged.append(_sum_runs_of_two(both_indices[order], np.concatenate([av, bv])[order]))
+        if len(streams) % 2:
+            merged.append(streams[-1])
+        streams = merged
+    return np.array(streams[0][0]), np.array(streams[0][1])
+
+
+def _sum_runs_of_two(indices: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sum runs of at most two equal indices (one from each operand): ``a + b``."""
+    if indices.size == 0:
+        return indices.copy(), values.copy()
+    starts = np.flatnonzero(np.r_[True, indices[1:] != indices[:-1]])
+    return indices[starts], np.add.reduceat(values, starts)
+
+
+def merge_sum_two(
+    a_indices: np.ndarray,
+    a_values: np.ndarray,
+    b_indices: np.ndarray,
+    b_values: np.ndarray,
+    out_indices: np.ndarray,
+    out_values: np.ndarray,
+) -> int:
+    """Merge two strictly ascending streams, ``a + b`` at shared indices; the count."""
+    merged_indices, merged_values = merge_streams(
+        np.concatenate([a_indices, b_indices]),
+        np.concatenate([a_values, b_values]),
+        np.array([0, a_indices.size, a_indices.size + b_indices.size]),
+    )
+    count = merged_indices.size
+    out_indices[:count] = merged_indices
+    out_values[:count] = merged_values
+    return count
+
+
+def merge_sum_streams(
+    indices: np.ndarray,
+    values: np.ndarray,
+    offsets: np.ndarray,
+    out_indices: np.ndarray,
+    out_values: np.ndarray,
+    work_indices: np.ndarray,
+    work_values: np.ndarray,
+) -> int:
+    """:func:`merge_streams` into ``out_*`` (``work_*`` unused); the merged count."""
+    merged_indices, merged_values = merge_streams(indices, values, offsets)
+    count = merged_indices.size
+    out_indices[:count] = merged_indices
+    out_values[:count] = merged_values
+    return count

@@ -182,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
     import numba
 
     if args.device == "gpu":
-        from sparcomm.kernels.gpu.bench import bench_codecs_gpu  # raises without CuPy/GPU
+        from sparcomm._cli_bench_codecs_gpu import bench_codecs_gpu  # raises without CuPy/GPU
 
         rows = bench_codecs_gpu(args.sizes, args.dtype, args.repeats)
     else:

@@ -22,6 +22,13 @@ for codec in (sparcomm.TopK(density=0.05), sparcomm.QSGD(bits=4), sparcomm.OneBi
     y = codec.decode(p)
     assert y.shape == x.shape and np.isfinite(y).all()
 print('wheel round trip ok')
+# The CUDA sources ship as package data of sparcomm.kernels.cuda, one per kernel family,
+# and load (header inlined) without CuPy.
+from sparcomm.kernels import cuda
+assert 'site-packages' in str(cuda.SOURCE_DIR), cuda.SOURCE_DIR
+for family in set(cuda.FAMILIES.values()):
+    assert 'include "common.cuh"' not in cuda.source_text(family), family
+print('cuda sources ok')
 """
 
 
@@ -48,6 +55,8 @@ def test_wheel_installs_into_a_fresh_venv_and_round_trips(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "sparcomm/kernels/cpu/__init__.py" in names
     assert "sparcomm/kernels/reference.py" in names
+    assert "sparcomm/kernels/cuda/common.cuh" in names
+    assert "sparcomm/kernels/cuda/onebit.cu" in names
     assert "sparcomm/py.typed" in names
     assert not any(name.startswith("kernels/") for name in names)
 
@@ -75,3 +84,4 @@ def test_wheel_installs_into_a_fresh_venv_and_round_trips(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "wheel round trip ok" in result.stdout
+    assert "cuda sources ok" in result.stdout

@@ -1,5 +1,8 @@
 """The contract's counter-based uniform ``u(stream, i)`` inside Numba kernels.
 
+The hash that the stochastic quantizers (``quantize.py``) and the ``uniform`` kernel
+(``random.py``) evaluate; the CUDA twin is ``sc_hash`` in ``kernels/cuda/common.cuh``.
+
 Bit for bit the definition in ``sparcomm/_random.py``.  Numba widens ``uint32 * uint32``
 to uint64, so every multiply and shift is cast back to uint32 explicitly; the hash is
 branch-free integer arithmetic, which LLVM vectorises (16 lanes with AVX-512).
@@ -8,7 +11,7 @@ branch-free integer arithmetic, which LLVM vectorises (16 lanes with AVX-512).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 GOLDEN32 = np.uint32(0x9E3779B9)
 HIGH32 = np.uint32(0x85EBCA6B)
@@ -19,7 +22,6 @@ _S16 = np.uint32(16)
 _S15 = np.uint32(15)
 _S8 = np.uint32(8)
 _S32 = np.uint64(32)
-_U24 = 2.0**-24
 _WORD = np.int64(1) << np.int64(32)
 
 
@@ -81,20 +83,6 @@ def word_end(i, stop):
     return min(stop, (i // _WORD + 1) * _WORD)
 
 
-@njit(cache=True, nogil=True)
-def _uniform_chunk(k1, k2, start, out, a, b):
-    i0 = start + a
-    stop = start + b
-    while i0 < stop:
-        i1 = word_end(i0, stop)
-        key_lo = high_word(k1, i0)
-        lo = low_word(i0)
-        run = out[i0 - start : i1 - start]
-        for t in range(run.size):
-            run[t] = np.float64(hash24(key_lo, k2, np.uint32(lo + np.uint32(t)))) * _U24
-        i0 = i1
-
-
 def as_stream(stream: int) -> np.uint64:
     """A stream key as ``np.uint64``, so Numba always sees one argument type.
 
@@ -102,17 +90,3 @@ def as_stream(stream: int) -> np.uint64:
     exists, Numba converts later ints to it, and a key above 2**63 then fails to convert.
     """
     return np.uint64(int(stream) & 0xFFFFFFFFFFFFFFFF)
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def _uniform(stream, start, out):
-    k1, k2 = stream_halves(stream)
-    n = out.size
-    chunk = 1 << 16
-    for c in prange((n + chunk - 1) // chunk):
-        _uniform_chunk(k1, k2, start, out, c * chunk, min(n, (c + 1) * chunk))
-
-
-def uniform(stream: int, start: int, out: np.ndarray) -> None:
-    """``out[i] = u(stream, start + i)`` as float64 (the RNG's test hook)."""
-    _uniform(as_stream(stream), np.int64(start), out)

@@ -3,7 +3,7 @@
 Error feedback (``sparcomm/feedback.py``, after Seide et al., Interspeech 2014, and
 Stich et al., "Sparsified SGD with memory", NeurIPS 2018) forms ``x + residual`` and
 ``compensated - decoded`` once per tensor and step; these are the CPU twins of the GPU
-kernels that keep float32 subnormals (``kernels/gpu/elementwise.cu``).  Both are IEEE
+kernels that keep float32 subnormals (``kernels/cuda/elementwise.cu``).  Both are IEEE
 round-to-nearest in the array dtype, like ``np.add`` / ``np.subtract``, but split over
 the Numba threads.
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit
+from sparcomm.kernels import reference
 
 # ---------------------------------------------------------------------------- merge
 
@@ -132,34 +133,8 @@ def merge_sum_streams(indices, values, offsets, out_indices, out_values, work_in
 
 
 def merge_sum_streams_reference(indices, values, offsets):
-    """NumPy reference of :func:`merge_sum_streams` (same pairwise tree, same bits)."""
-    streams = [
-        (indices[offsets[t] : offsets[t + 1]], values[offsets[t] : offsets[t + 1]])
-        for t in range(len(offsets) - 1)
-    ]
-    if not streams:
-        return indices[:0].copy(), values[:0].copy()
-    while len(streams) > 1:
-        merged = []
-        for p in range(0, len(streams) - 1, 2):
-            (ai, av), (bi, bv) = streams[p], streams[p + 1]
-            # A stable sort puts a's entry before b's for an equal index, so the run sum
-            # below is a + b, as in the kernel.
-            both_indices = np.concatenate([ai, bi])
-            order = np.argsort(both_indices, kind="stable")
-            merged.append(_sum_runs_of_two(both_indices[order], np.concatenate([av, bv])[order]))
-        if len(streams) % 2:
-            merged.append(streams[-1])
-        streams = merged
-    return np.array(streams[0][0]), np.array(streams[0][1])
-
-
-def _sum_runs_of_two(indices, values):
-    """Sum runs of at most two equal indices (one from each operand): ``a + b``."""
-    if indices.size == 0:
-        return indices.copy(), values.copy()
-    starts = np.flatnonzero(np.r_[True, indices[1:] != indices[:-1]])
-    return indices[starts], np.add.reduceat(values, starts)
+    """NumPy reference of :func:`merge_sum_streams`, as arrays (``reference.merge_streams``)."""
+    return reference.merge_streams(indices, values, offsets)
 
 
 # ----------------------------------------------------------------------------- split

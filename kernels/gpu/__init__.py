@@ -1,23 +1,19 @@
 """CUDA kernels for CuPy arrays: the kernel contract of ``kernels/__init__.py`` on the GPU.
 
-The CUDA C sources are ``kernels/gpu/*.cu`` (shared definitions in ``common.cuh``); they
-are compiled by NVRTC with ``-fmad=false -ftz=false`` (:mod:`._nvrtc`), loaded through
-``cupy.RawModule(path=...)`` once per device and dtype and memoised (:mod:`._runtime`).
-The launch sequences live in :mod:`._kernels`, which does not import CuPy, so
-``tests/gpu`` can also run them on a host emulation of the sources.
-``sparcomm._backend.kernels_for`` imports this module only for CuPy inputs.
+The CUDA C sources and their CuPy-free launch logic (:class:`GpuKernels`) are
+``sparcomm.kernels.cuda`` (``kernels/cuda/<family>.cu``, the twin of
+``kernels/cpu/<family>.py``); here they are bound to CuPy: compiled by NVRTC with
+``-fmad=false -ftz=false`` (``sparcomm.kernels.cuda.nvrtc``), loaded through
+``cupy.RawModule(path=...)`` once per device and dtype and memoised
+(:class:`CupyRuntime`, ``_runtime.py``).  :mod:`.staging` holds the pinned host buffers
+of a host-only MPI.  ``sparcomm._backend.kernels_for`` imports this module only for CuPy
+inputs.
 
-Functions (same names, signatures and bits as ``sparcomm.kernels.cpu``):
-``stream_read``, ``uniform``, ``pack_bits``, ``unpack_bits``, ``topk``, ``scatter_add``,
-``qsgd_encode``, ``qsgd_decode``, ``max_abs``, ``terngrad_encode``, ``terngrad_decode``,
-``onebit_encode``, ``onebit_decode``, ``add``, ``subtract``, ``divide_scalar`` (keeping
-the float32 subnormals that ``cupy.add`` / ``-=`` / ``/=`` flush), ``fp16_encode``,
-``fp16_decode``, ``copy_finite`` (the FP16 and NoCompression baselines, one pass each),
-``merge_sum_two`` /
-``merge_sum_streams`` (the sparse allreduce's merges of sorted streams, twins of
-``kernels/cpu/merge.py``), and ``std``
-(TernGrad's clipping threshold, in the contract's fixed summation order).
-See ``docs/gpu.md``.
+Functions: every kernel of ``sparcomm.kernels._checks.FAMILIES`` (the contract's, then
+``merge_sum_two`` / ``merge_sum_streams``, the sparse allreduce's merges of sorted
+streams), with the same names, signatures and bits as ``sparcomm.kernels.cpu``;
+``add`` / ``subtract`` / ``divide_scalar`` keep the float32 subnormals that ``cupy.add``
+/ ``-=`` / ``/=`` flush.  See ``docs/gpu.md``.
 
 Raises
 ------
@@ -54,7 +50,8 @@ if _COUNT == 0:
         "(the CPU kernels)"
     )
 
-from ._kernels import CONTRACT, EXTRA, GpuKernels  # noqa: E402
+from sparcomm.kernels.cuda import CONTRACT, EXTRA, GpuKernels, export  # noqa: E402
+
 from ._runtime import CupyRuntime  # noqa: E402
 
 runtime = CupyRuntime()
@@ -63,27 +60,7 @@ runtime = CupyRuntime()
 kernels = GpuKernels(runtime)
 """The kernel contract bound to :data:`runtime`."""
 
-stream_read = kernels.stream_read
-uniform = kernels.uniform
-pack_bits = kernels.pack_bits
-unpack_bits = kernels.unpack_bits
-topk = kernels.topk
-scatter_add = kernels.scatter_add
-qsgd_encode = kernels.qsgd_encode
-qsgd_decode = kernels.qsgd_decode
-max_abs = kernels.max_abs
-terngrad_encode = kernels.terngrad_encode
-terngrad_decode = kernels.terngrad_decode
-onebit_encode = kernels.onebit_encode
-onebit_decode = kernels.onebit_decode
-add = kernels.add
-subtract = kernels.subtract
-divide_scalar = kernels.divide_scalar
-std = kernels.std
-fp16_encode = kernels.fp16_encode
-fp16_decode = kernels.fp16_decode
-copy_finite = kernels.copy_finite
-merge_sum_two = kernels.merge_sum_two
-merge_sum_streams = kernels.merge_sum_streams
+# One module-level function per kernel, named by sparcomm.kernels._checks.FAMILIES.
+globals().update(export(kernels))
 
 __all__ = list(CONTRACT + EXTRA) + ["kernels", "runtime", "GpuKernels", "CupyRuntime"]

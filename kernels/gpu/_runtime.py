@@ -1,9 +1,9 @@
-"""The CuPy runtime of :class:`._kernels.GpuKernels`: memoised builds and launches.
+"""The CuPy runtime of ``sparcomm.kernels.cuda.GpuKernels``: memoised builds and launches.
 
 Each CUDA source is compiled once per (device, source, real dtype, index dtype) by
-:mod:`._nvrtc` -- with ``-ftz=false -fmad=false``, which ``cupy.RawModule(code=...)``
-cannot give (it forces ``-ftz=true``) -- cached on disk, loaded with
-``cupy.RawModule(path=...)`` and kept for the life of the process.
+``sparcomm.kernels.cuda.nvrtc`` -- with ``-ftz=false -fmad=false``, which
+``cupy.RawModule(code=...)`` cannot give (it forces ``-ftz=true``) -- cached on disk,
+loaded with ``cupy.RawModule(path=...)`` and kept for the life of the process.
 """
 
 from __future__ import annotations
@@ -13,15 +13,14 @@ from typing import Any
 
 import cupy
 import numpy as np
-
-from . import _kernels, _nvrtc
+from sparcomm.kernels.cuda import MAX_BLOCK, Launcher, compile_defines, nvrtc, source_text
 
 
 class CupyRuntime:
     """Allocation, host copies and memoised ``RawModule`` builds on the current device."""
 
     def __init__(self, block: int = 256, blocks_per_sm: int = 8) -> None:
-        if block % 32 or not 32 <= block <= _kernels.MAX_BLOCK:
+        if block % 32 or not 32 <= block <= MAX_BLOCK:
             raise ValueError(f"block must be a multiple of 32 in [32, 1024], got {block}")
         self.block = block
         self._blocks_per_sm = blocks_per_sm
@@ -44,10 +43,10 @@ class CupyRuntime:
         with self._lock:
             module = self._modules.get(key)
             if module is None:
-                path = _nvrtc.build(
-                    _kernels.source_text(source),
+                path = nvrtc.build(
+                    source_text(source),
                     source,
-                    _kernels.compile_defines(real, index),
+                    compile_defines(real, index),
                     int(cupy.cuda.Device().compute_capability),
                 )
                 module = cupy.RawModule(path=str(path))
@@ -56,7 +55,7 @@ class CupyRuntime:
 
     def function(
         self, source: str, name: str, real: np.dtype | None, index: np.dtype | None
-    ) -> _kernels.Launcher:
+    ) -> Launcher:
         kernel = self.module(source, real, index).get_function(name)
 
         def launch(grid: int, block: int, args: tuple[Any, ...]) -> None:

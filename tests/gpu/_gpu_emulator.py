@@ -1,4 +1,4 @@
-"""A :class:`Runtime` that runs ``kernels/gpu/*.cu`` on the host (``cuda_emulator.h``).
+"""A :class:`Runtime` that runs ``kernels/cuda/*.cu`` on the host (``cuda_emulator.h``).
 
 Each source is compiled with g++ together with generated launch wrappers, one per
 ``extern "C" __global__`` kernel, and called through ctypes.  Launch arguments are
@@ -7,19 +7,17 @@ checked against the kernel's C signature -- scalar widths and pointee dtypes -- 
 an ``int`` parameter would shift every later argument on a real GPU.  ``empty`` returns
 buffers filled with a 0xA5 pattern so that a kernel relying on zeroed memory shows up.
 
-The launch logic under test (``kernels/gpu/_kernels.py``) is loaded by path, without
-CuPy, through :func:`load_kernels_module`.
+The launch logic under test is ``sparcomm.kernels.cuda`` (``GpuKernels``), which imports
+without CuPy.
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
-import importlib.util
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -27,26 +25,13 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
+from sparcomm.kernels import cuda
 
 HERE = Path(__file__).resolve().parent
-KERNELS_GPU = HERE.parent.parent / "kernels" / "gpu"
 CXX = shutil.which("g++")
 CXX_FLAGS = ["-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-pthread"]
 
 _KERNEL = re.compile(r'extern "C" __global__ void (\w+)\(([^)]*)\)', re.DOTALL)
-
-
-def load_kernels_module() -> ModuleType:
-    """``kernels/gpu/_kernels.py`` as a standalone module (its package imports CuPy)."""
-    name = "_sparcomm_gpu_kernels_under_test"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, KERNELS_GPU / "_kernels.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _parameters(text: str) -> list[tuple[str, str]]:
@@ -108,8 +93,7 @@ class EmulatedRuntime:
         with self._lock:
             if key in self._libraries:
                 return self._libraries[key]
-            kernels = load_kernels_module()
-            text = kernels.source_text(source)
+            text = cuda.source_text(source)
             signatures = {name: _parameters(params) for name, params in _KERNEL.findall(text)}
             wrappers = []
             for name, params in signatures.items():
@@ -120,7 +104,7 @@ class EmulatedRuntime:
                     f"{{ sc_emu::launch(grid, block, [=] {{ {name}({passed}); }}); }}"
                 )
             program = '#include "cuda_emulator.h"\n' + text + "\n" + "\n".join(wrappers) + "\n"
-            defines = kernels.compile_defines(real, index)
+            defines = cuda.compile_defines(real, index)
             digest = hashlib.sha256(
                 (program + " ".join(defines + CXX_FLAGS)).encode()
                 + (HERE / "cuda_emulator.h").read_bytes()
@@ -273,13 +257,12 @@ def install_host_cupy() -> ModuleType:
             f"(tests/gpu/_host_cupy), but cupy comes from {cupy.__file__}"
         )
     import sparcomm.kernels.gpu as gpu
-    from sparcomm.kernels.gpu import _kernels
 
     if not isinstance(gpu.runtime, HostCupyRuntime):
         runtime = HostCupyRuntime(cupy)
-        kernels = _kernels.GpuKernels(runtime)
+        kernels = cuda.GpuKernels(runtime)
         gpu.runtime = runtime
         gpu.kernels = kernels
-        for name, function in _kernels.export(kernels).items():
+        for name, function in cuda.export(kernels).items():
             setattr(gpu, name, function)
     return cupy

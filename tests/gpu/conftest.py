@@ -1,4 +1,4 @@
-"""Fixtures of the tests that run ``kernels/gpu`` on the host CUDA emulation.
+"""Fixtures of the tests that run ``kernels/cuda`` on the host CUDA emulation.
 
 64-thread blocks and a grid cap of 3 blocks make the multi-block, multi-tile and
 grid-stride paths run on small inputs (see ``_gpu_emulator.py``).
@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from _gpu_cases import Device
-from _gpu_emulator import EmulatedRuntime, load_kernels_module
+from _gpu_emulator import EmulatedRuntime
+from sparcomm.kernels.cuda import GpuKernels
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +20,7 @@ def runtime():
 
 @pytest.fixture(scope="module")
 def kernels(runtime):
-    return load_kernels_module().GpuKernels(runtime)
+    return GpuKernels(runtime)
 
 
 @pytest.fixture(scope="module")

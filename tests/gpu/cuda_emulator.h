@@ -1,4 +1,4 @@
-// A small host emulation of the CUDA subset used by kernels/gpu/*.cu, so that the
+// A small host emulation of the CUDA subset used by kernels/cuda/*.cu, so that the
 // kernels' logic (indexing, barriers, warp shuffles, atomics, scans) can be
 // tested bit for bit against the NumPy reference on machines without a GPU.
 //

@@ -1,4 +1,4 @@
-"""``GpuKernels.fp16_encode`` / ``fp16_decode`` / ``copy_finite`` (kernels/gpu/convert.cu)
+"""``GpuKernels.fp16_encode`` / ``fp16_decode`` / ``copy_finite`` (kernels/cuda/convert.cu)
 on the host CUDA emulation, bit for bit against the NumPy reference (NumPy's ``astype``).
 
 As in ``test_emulated.py``: the CUDA source compiled with g++ against
@@ -20,15 +20,17 @@ from _fp16_cases import UINT, all_halves, gradient, near_halves, same_bits, valu
 if shutil.which("g++") is None:
     pytest.skip("the CUDA emulation needs g++ (C++20)", allow_module_level=True)
 
-from _gpu_emulator import load_kernels_module  # noqa: E402
-from sparcomm.kernels import reference  # noqa: E402
+from sparcomm.kernels import (
+    cuda,  # noqa: E402
+    reference,  # noqa: E402
+)
 
 DTYPES = (np.float32, np.float64)
 SIZES = (1, 7, 191, 193, 5001)
 
 
 def test_contract_names():
-    module = load_kernels_module()
+    module = cuda
     assert {"fp16_encode", "fp16_decode", "copy_finite"} <= set(module.CONTRACT)
     assert {"fp16_encode", "fp16_decode", "copy_finite"} <= set(dir(module.GpuKernels))
 

@@ -1,4 +1,4 @@
-"""``GpuKernels.std`` (kernels/gpu/moments.cu) on the host CUDA emulation, bit for bit.
+"""``GpuKernels.std`` (kernels/cuda/moments.cu) on the host CUDA emulation, bit for bit.
 
 As in ``test_emulated.py``: the CUDA sources compiled with g++ against
 ``cuda_emulator.h``, small blocks and a grid cap of 3 blocks, so that inputs of a few
@@ -17,8 +17,9 @@ import pytest
 if shutil.which("g++") is None:
     pytest.skip("the CUDA emulation needs g++ (C++20)", allow_module_level=True)
 
-from _gpu_emulator import EmulatedRuntime, load_kernels_module  # noqa: E402
+from _gpu_emulator import EmulatedRuntime  # noqa: E402
 from sparcomm.kernels import reference  # noqa: E402
+from sparcomm.kernels.cuda import CONTRACT, GpuKernels  # noqa: E402
 
 BLOCK = reference.STD_BLOCK
 DTYPES = (np.float32, np.float64)
@@ -37,8 +38,8 @@ def gradient_like(n: int, dtype, seed: int = 0) -> np.ndarray:
 
 
 def test_block_matches_the_reference():
-    assert load_kernels_module().GpuKernels.STD_BLOCK == BLOCK
-    assert "std" in load_kernels_module().CONTRACT
+    assert GpuKernels.STD_BLOCK == BLOCK
+    assert "std" in CONTRACT
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -57,7 +58,7 @@ def test_std_equals_reference(kernels, runtime, dtype, n):
 @pytest.mark.parametrize("block", [32, 96])
 def test_std_independent_of_the_launch_shape(block):
     # The contract's blocks are fixed: the CUDA block size and grid cap change nothing.
-    kernels = load_kernels_module().GpuKernels(EmulatedRuntime(block=block, max_blocks=2))
+    kernels = GpuKernels(EmulatedRuntime(block=block, max_blocks=2))
     x = gradient_like(5 * BLOCK + 3, np.float32, seed=block)
     assert same_float(kernels.std(x), reference.std(x))
 

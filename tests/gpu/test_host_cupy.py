@@ -108,20 +108,7 @@ def test_collectives_with_cupy_inputs_on_three_ranks():
     _run_ranks(_double_env(), 3)
 
 
-def _has_divide_scalar() -> bool:
-    from _gpu_emulator import load_kernels_module
-
-    module = load_kernels_module()
-    return "divide_scalar" in module.CONTRACT + module.EXTRA
-
-
 @pytest.mark.mpi
-@pytest.mark.xfail(
-    not _has_divide_scalar(),
-    reason="sparcomm/comm/_device.py divide() calls kernels.gpu.divide_scalar, which "
-    "kernels/gpu/_kernels.py does not provide yet (op='mean' with a CUDA-aware MPI)",
-    strict=True,
-)
 def test_dense_allreduce_through_a_cuda_aware_mpi():
     env = _double_env()
     env["SPARCOMM_HOST_CUPY_MPI_READS_DEVICE"] = "1"  # device pointers readable by MPI

@@ -167,7 +167,7 @@ def test_modules_are_memoised():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_all_subnormal_buckets(dtype):
-    # Would fail with CuPy's default -ftz=true build (kernels/gpu/_nvrtc.py avoids it).
+    # Would fail with CuPy's default -ftz=true build (kernels/cuda/nvrtc.py avoids it).
     tiny = np.finfo(dtype).smallest_subnormal
     x = (np.arange(1, 200) % 13 - 6).astype(dtype) * tiny
     for norm in (0, 1):
@@ -225,7 +225,7 @@ def test_elementwise(dtype, name):
 
 
 def test_elementwise_keeps_what_cupy_flushes():
-    # cupy.subtract is built with -ftz=true; gpu.subtract (kernels/gpu/_nvrtc.py) is not.
+    # cupy.subtract is built with -ftz=true; gpu.subtract (kernels/cuda/nvrtc.py) is not.
     tiny = np.finfo(np.float32).smallest_subnormal
     a = cupy.asarray(np.array([3, 1, -8] * 1000, np.float32) * tiny)
     b = cupy.asarray(np.array([2, 1, 5] * 1000, np.float32) * tiny)

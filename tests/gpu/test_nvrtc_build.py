@@ -1,16 +1,14 @@
 """The NVRTC build the CuPy runtime uses: IEEE float32 (no flush-to-zero), no FMA.
 
 CuPy's own ``RawModule(code=...)`` forces ``-ftz=true``, which would flush float32
-subnormals and break bitwise equality with the CPU; ``kernels/gpu/_nvrtc.py`` compiles
+subnormals and break bitwise equality with the CPU; ``kernels/cuda/nvrtc.py`` compiles
 with ``-ftz=false -fmad=false``.  This test inspects the PTX of every source in both
 dtype variants.  It needs CuPy's NVRTC bindings and libnvrtc, not a GPU.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,20 +21,10 @@ try:
 except Exception as error:  # noqa: BLE001 - libnvrtc missing
     pytest.skip(f"NVRTC unavailable ({error})", allow_module_level=True)
 
-from _gpu_emulator import KERNELS_GPU, load_kernels_module  # noqa: E402
+from sparcomm.kernels import cuda as kernels  # noqa: E402
+from sparcomm.kernels.cuda import nvrtc as build  # noqa: E402
 
-
-def _load_nvrtc_module():
-    spec = importlib.util.spec_from_file_location("_sparcomm_nvrtc", KERNELS_GPU / "_nvrtc.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-build = _load_nvrtc_module()
-kernels = load_kernels_module()
-SOURCES = sorted(p.stem for p in Path(KERNELS_GPU).glob("*.cu"))
+SOURCES = sorted(p.stem for p in kernels.SOURCE_DIR.glob("*.cu"))
 VARIANTS = [(np.float32, np.int32), (np.float64, np.int64)]
 
 
@@ -54,7 +42,7 @@ def test_ptx_has_no_ftz_and_no_fma(name, real, index):
 
 
 def test_cupy_rawmodule_default_would_flush(tmp_path):
-    # The reason for _nvrtc.py: with CuPy's appended -ftz=true the PTX flushes.
+    # The reason for nvrtc.py: with CuPy's appended -ftz=true the PTX flushes.
     text = kernels.source_text("quantize")
     program = nvrtc.createProgram(text, "quantize.cu", (), ())
     try:
@@ -78,7 +66,7 @@ def test_build_caches_by_content(tmp_path, monkeypatch):
 
 
 def test_compile_error_shows_the_log():
-    with pytest.raises(RuntimeError, match="NVRTC failed to compile kernels/gpu/broken.cu"):
+    with pytest.raises(RuntimeError, match="NVRTC failed to compile kernels/cuda/broken.cu"):
         build.compile_source("this is not CUDA", "broken", [], 90)
 
 

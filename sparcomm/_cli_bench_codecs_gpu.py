@@ -1,5 +1,8 @@
 """GPU codec benchmark for ``sparcomm bench codecs --device gpu``.
 
+Imports CuPy and ``sparcomm.kernels.gpu`` (raising without them), so the CLI imports this
+module only when asked for the GPU.
+
 Every figure is a median over ``repeats`` runs timed with CUDA events, after one warm-up
 run (which also compiles the kernels), and is reported beside peers measured in the
 same run on the same device:
@@ -26,8 +29,7 @@ import cupy
 import numpy as np
 
 from sparcomm import FP16, QSGD, NoCompression, OneBit, TernGrad, TopK
-
-from . import stream_read, topk
+from sparcomm.kernels.gpu import stream_read, topk
 
 SEED = 2024
 

@@ -4,13 +4,13 @@
 // a float32 result below 2**-126 (a subnormal) is flushed to zero.  Error feedback
 // (sparcomm/feedback.py) adds and subtracts residuals whose small entries are
 // exactly such values, and flushing them would lose gradient mass and break bit
-// equality with NumPy.  These kernels are built by kernels/gpu/_nvrtc.py with
+// equality with NumPy.  These kernels are built by kernels/cuda/nvrtc.py with
 // -ftz=false, so every result is the IEEE round-to-nearest-even sum or difference
 // in real_t, subnormals kept and NaN/inf propagated: bit for bit np.add/np.subtract.
 //
 // In place: `out` may be `a` or `b`.  Each element is read and written by the same
 // thread, the reads first, so exact aliasing is safe; a partial overlap is not
-// (the launcher in kernels/gpu/_kernels.py rejects it).
+// (the launcher in kernels/cuda/_kernels.py rejects it).
 #include "common.cuh"
 
 // Elements of one 16-byte vector access: 4 floats or 2 doubles.
@@ -70,7 +70,7 @@ extern "C" __global__ void sc_subtract(const real_t* a, const real_t* b, real_t*
 }
 
 // out[i] = x[i] / d (contract ``divide_scalar``): the op="mean" of a sum kept on the GPU.
-// One IEEE division (-prec-div=true, -ftz=false in _nvrtc.py), so a subnormal quotient
+// One IEEE division (-prec-div=true, -ftz=false in nvrtc.py), so a subnormal quotient
 // is kept where cupy's `/=` would flush it.  `out` may be `x` (each element is read,
 // then written, by one thread).
 extern "C" __global__ void sc_divide_scalar(const real_t* x, real_t d, real_t* out, i64 n) {

@@ -1,13 +1,14 @@
-"""Launch logic of the CUDA kernels in ``kernels/gpu/*.cu``, independent of CuPy.
+"""Launch logic of the CUDA kernels in ``kernels/cuda/*.cu``, independent of CuPy.
 
 :class:`GpuKernels` implements the kernel contract of ``kernels/__init__.py`` in terms of
-a small *runtime* (allocate, copy a few words to the host, compile and launch).  The
-package ``__init__`` binds it to CuPy (:mod:`._runtime`); ``tests/gpu`` binds the same
-class to a host emulation of the CUDA sources, so the launch sequences, grid shapes and
-kernels are tested bit for bit against the NumPy reference even where no GPU exists.
+a small *runtime* (allocate, copy a few words to the host, compile and launch).
+``sparcomm.kernels.gpu`` binds it to CuPy (``kernels/gpu/_runtime.py``); ``tests/gpu``
+binds the same class to a host emulation of the CUDA sources, so the launch sequences,
+grid shapes and kernels are tested bit for bit against the NumPy reference even where no
+GPU exists.
 
 This module imports only NumPy, the standard library and ``sparcomm.kernels._checks``, on
-purpose: the tests load it by path without importing CuPy.
+purpose: ``sparcomm.kernels.cuda`` imports without CuPy.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from sparcomm.kernels._checks import CONTRACT, check_accumulate, check_divisor
+from sparcomm.kernels._checks import CONTRACT, EXTRA, check_accumulate, check_divisor
 
 SOURCE_DIR = Path(__file__).resolve().parent
 """Directory of the ``*.cu`` sources and ``common.cuh``."""
@@ -371,7 +372,7 @@ class GpuKernels:
         self._index_flags(b_indices, np.iinfo(np.int64).max, info[3:6])
         counts = rt.zeros(2 * row, np.uint64)
         offsets = rt.empty(2 * row, np.uint64)
-        fn_count = self._fn("sparse", "sc_merge_count", real, index)
+        fn_count = self._fn("merge", "sc_merge_count", real, index)
         fn_count(
             tiles_a + tiles_b,
             block,
@@ -388,7 +389,7 @@ class GpuKernels:
         self._fn("topk", "sc_scan_rows", real, index)(
             2, block, (counts, np.int64(row), np.int64(row), offsets, info[6:8])
         )
-        self._fn("sparse", "sc_merge_write", real, index)(
+        self._fn("merge", "sc_merge_write", real, index)(
             tiles_a + tiles_b,
             block,
             (
@@ -672,12 +673,12 @@ class GpuKernels:
         self._array("out_means", out_means, (x.dtype,), 2 * nb)
         if n == 0:
             return
-        self._fn("quantize", "sc_onebit_signs", x.dtype)(
+        self._fn("onebit", "sc_onebit_signs", x.dtype)(
             self._grid(out_packed.size),
             self.runtime.block,
             (x, np.int64(n), out_packed, np.int64(out_packed.size)),
         )
-        self._fn("quantize", "sc_onebit_means", x.dtype)(
+        self._fn("onebit", "sc_onebit_means", x.dtype)(
             self._lane_grid(nb),
             self.runtime.block,
             (x, np.int64(n), np.int64(bucket), np.int64(nb), out_means),
@@ -695,7 +696,7 @@ class GpuKernels:
         self._array("packed", packed, (np.dtype(np.uint8),), _nbytes_packed(n, 1))
         if n == 0:
             return
-        self._fn("quantize", "sc_onebit_decode", out.dtype)(
+        self._fn("onebit", "sc_onebit_decode", out.dtype)(
             self._grid(n),
             self.runtime.block,
             (packed, means, np.int64(n), np.int64(bucket), np.int32(accumulate), out),
@@ -878,10 +879,6 @@ def _partly_overlap(a: Any, b: Any) -> bool:
     if a is b or a.size == 0 or b.size == 0:
         return False
     return _address_range(a) != _address_range(b) and _ranges_meet(a, b)
-
-
-EXTRA = ("merge_sum_two", "merge_sum_streams")
-"""Kernels beyond the contract, named as their twins in ``kernels/cpu``."""
 
 
 def export(kernels: GpuKernels) -> dict[str, Callable[..., Any]]:

@@ -12,7 +12,7 @@
 // lane additions round separately.
 #include "common.cuh"
 
-// Elements per contract block: kernels/gpu/_kernels.py STD_BLOCK, fixed by the
+// Elements per contract block: kernels/cuda/_kernels.py STD_BLOCK, fixed by the
 // contract (never tuned to the device, or the sums would change).
 #define SC_STD_BLOCK 16384
 // Terms staged in shared memory at a time (float64, 16 KiB).  A multiple of

@@ -1,7 +1,7 @@
-// Shared definitions for the sparcomm CUDA kernels (kernels/gpu/*.cu).
+// Shared definitions for the sparcomm CUDA kernels (kernels/cuda/*.cu).
 //
 // Every source is compiled once per (device, real dtype, index dtype) by
-// kernels/gpu/_kernels.py, which defines the macros below on the command line
+// kernels/cuda/_kernels.py, which defines the macros below on the command line
 // (NVRTC options) and inlines this header in place of the #include, so that
 // CuPy's compile cache keys on the full text.  The defaults let `nvcc -c` compile
 // each source on its own (tests/test_nvcc_compile.py).
@@ -135,4 +135,43 @@ __device__ u64 sc_block_exclusive_scan(u64 value, u64* total) {
     *total = scan_buf[src][blockDim.x - 1];
     __syncthreads();  // the buffer is reused by the next call
     return inclusive - value;
+}
+
+// ---------------------------------------------------------------------------
+// Shared by the quantizers' decoders (quantize.cu, onebit.cu) and their lane sums.
+// ---------------------------------------------------------------------------
+
+// Store the decoded d into out[i] by `accumulate` (0: d, 1: out[i] + d, -1:
+// out[i] - d): one IEEE operation rounded to nearest in real_t, bit for bit
+// sc_add / sc_subtract (elementwise.cu) of a separately decoded buffer.  The build
+// has -fmad=false, so QSGD's level * step is never fused into this add, and
+// -ftz=false, so subnormal sums are kept.  `accumulate` is a kernel argument, the
+// same for every thread: the branch never diverges, and out is read only when
+// accumulating.
+__device__ __forceinline__ void sc_store_decoded(real_t* out, i64 i, real_t d, int accumulate) {
+    if (accumulate == 0) {
+        out[i] = d;
+    } else if (accumulate > 0) {
+        out[i] = out[i] + d;
+    } else {
+        out[i] = out[i] - d;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// lane_sum: 8 consecutive threads per bucket, thread j accumulating the
+// bucket's elements j, j+8, j+16, ... in order, in float64; the three shuffle
+// steps then form ((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7)) in lane 0 of the group.
+// `mode` 0: sum of x*x (QSGD's L2 norm); 1: OneBit's sums and counts of the
+// entries with x >= 0 and with x < 0.
+// ---------------------------------------------------------------------------
+__device__ __forceinline__ double sc_lane_combine(double v, int lane) {
+    // Lanes 1, 3, 5, 7 feed lanes 0, 2, 4, 6; then 2 -> 0 and 6 -> 4; then 4 -> 0.
+    double other = __shfl_down_sync(SC_FULL_MASK, v, 1);
+    if ((lane & 1) == 0) v = v + other;
+    other = __shfl_down_sync(SC_FULL_MASK, v, 2);
+    if ((lane & 3) == 0) v = v + other;
+    other = __shfl_down_sync(SC_FULL_MASK, v, 4);
+    if ((lane & 7) == 0) v = v + other;
+    return v;
 }

@@ -8,8 +8,8 @@ from the CPU's (NumPy and Numba keep subnormals).  So the sources are compiled h
 with ``cupy.RawModule(path=...)``.  ``tests/gpu/test_nvrtc_build.py`` checks the PTX
 has no ``.ftz`` and no ``fma`` instruction.
 
-CuPy is imported inside the functions only, so the tests can load this file by path on a
-machine that has CuPy and NVRTC but no GPU.
+CuPy is imported inside the functions only, so ``sparcomm.kernels.cuda`` imports without
+CuPy, and the tests can build on a machine that has CuPy and NVRTC but no GPU.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def compile_source(
         except nvrtc.NVRTCError as error:
             log = nvrtc.getProgramLog(program)
             raise RuntimeError(
-                f"NVRTC failed to compile kernels/gpu/{name}.cu with {' '.join(options)}:\n{log}"
+                f"NVRTC failed to compile kernels/cuda/{name}.cu with {' '.join(options)}:\n{log}"
             ) from error
         binary = nvrtc.getCUBIN(program) if chosen == "cubin" else nvrtc.getPTX(program)
     finally:
