@@ -168,6 +168,9 @@ PHASE_CATEGORY = {
     "scale": "encode",
     "stage": "encode",
     "densify_input": "encode",
+    "orthogonalize": "encode",  # PowerSGD (sparcomm.comm._lowrank)
+    "allreduce_p": "exchange",
+    "allreduce_q": "exchange",
     "check": "check",
     "choose": "check",
     "allgather": "exchange",

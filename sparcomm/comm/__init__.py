@@ -21,6 +21,7 @@ from sparcomm.comm._cost import (
     predict,
     set_cost_model,
 )
+from sparcomm.comm._lowrank import powersgd_allreduce
 from sparcomm.comm._stats import AllreduceStats
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "calibrate",
     "choose",
     "cost_model",
+    "powersgd_allreduce",
     "predict",
     "register_collective",
     "set_cost_model",
