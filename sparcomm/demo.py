@@ -360,6 +360,23 @@ def run_ranks(args: argparse.Namespace) -> int:
                 f"{comm.Get_size()} ranks, {args.epochs} epochs, batch {args.batch_size} per rank"
             )
             print(_format_table(rows))
+            if dense is not None:
+                from sparcomm.predict import network_outlook
+
+                shapes = [(HIDDEN, 64), (HIDDEN,), (HIDDEN, HIDDEN), (HIDDEN,), (10, HIDDEN), (10,)]
+                print(
+                    network_outlook(
+                        shapes,
+                        comm.Get_size(),
+                        compute_s=dense["seconds_per_step"],
+                        batch=args.batch_size,
+                    )
+                )
+                print(
+                    "These ranks share one machine's memory, where communication is nearly "
+                    "free: this run cannot show a network's effect (compute is taken as the "
+                    "dense step here); measure it with sparcomm bench train --emulate 1gbit."
+                )
     return 0
 
 

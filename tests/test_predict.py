@@ -139,3 +139,19 @@ def test_predict_command_prints_both_rates(capsys):
     assert main(["predict", "--compute-ms", "50", "--params", "2e5", "--bandwidth", "100mbit"]) == 0
     out = capsys.readouterr().out
     assert "at 100 Mbit/s:" in out and "at 1 Gbit/s:" not in out
+
+
+@pytest.mark.mpi
+def test_demo_ends_with_the_network_outlook():
+    import subprocess
+    import sys
+
+    command = [
+        sys.executable, "-m", "sparcomm", "demo", "-np", "2", "--data", "synthetic", "--epochs",
+        "1", "--codecs", "dense", "topk-0.01+ef", "--no-progress", "--timeout", "200",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=250)
+    assert result.returncode == 0, result.stderr[-3000:]
+    tail = result.stdout.split("predicted step on a 2-rank cluster")[-1]
+    assert "1 Gbit/s: " in tail and "10 Gbit/s: " in tail and "ddp " in tail
+    assert "cannot show a network's effect" in tail
