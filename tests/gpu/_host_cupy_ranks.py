@@ -25,7 +25,7 @@ cupy = install_host_cupy()
 from mpi4py import MPI  # noqa: E402
 
 import sparcomm  # noqa: E402
-from sparcomm import FP16, QSGD, ErrorFeedback, OneBit, TernGrad, TopK  # noqa: E402
+from sparcomm import FP16, QSGD, ErrorFeedback, OneBit, PowerSGD, TernGrad, TopK  # noqa: E402
 
 CASES = [
     ("dense", lambda: None, {}),
@@ -43,6 +43,7 @@ CASES = [
     ("TernGrad shared_scale", lambda: TernGrad(), {"algorithm": "shared_scale"}),
     ("OneBit", lambda: OneBit(bucket_size=64), {"algorithm": "reduce_scatter_allgather"}),
     ("FP16", FP16, {}),
+    ("PowerSGD", lambda: PowerSGD(rank=2), {}),
 ]
 
 
