@@ -388,6 +388,86 @@ def _latency(comm: Any, repeats: int = 30) -> float:
     return comm.allreduce(statistics.median(times), op=MPI.MAX)
 
 
+def _median_seconds(function: Callable[[], Any], repeats: int = 3) -> float:
+    function()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _powersgd_hook_work(shapes: list[tuple[int, ...]], rank: int) -> Callable[[], None]:
+    """The arithmetic of torch's PowerSGD hook on one bucket, without its allreduces.
+
+    Error feedback (add the residual, keep a copy), per compressible matrix ``M``:
+    ``P = M Q``, orthogonalise ``P`` (Gram-Schmidt), ``Q = M^T P``, ``M ~ P Q^T`` written
+    back, the new residual; vectors copied out and back.
+    """
+    import torch
+
+    n = sum(math.prod(s) for s in shapes)
+    generator = torch.Generator().manual_seed(0)
+    bucket = torch.randn(n, generator=generator)
+    residual = torch.zeros(n)
+    views, qs, rest = [], [], 0
+    offset = 0
+    for shape in shapes:
+        size = math.prod(shape)
+        a, b = shape[0], size // shape[0]
+        if len(shape) >= 2 and a * b >= 2 * rank * (a + b):
+            views.append(bucket[offset : offset + size].view(a, b))
+            qs.append(torch.randn(b, rank, generator=generator))
+        else:
+            rest += size
+        offset += size
+
+    def work() -> None:
+        bucket.add_(residual)
+        original = bucket.clone()
+        flat_rest = torch.empty(rest)
+        flat_rest.copy_(original[:rest])
+        for m, q in zip(views, qs, strict=True):
+            p = m @ q
+            for i in range(rank):  # Gram-Schmidt, as the hook
+                col = p[:, i : i + 1]
+                col /= torch.norm(col)
+                if i + 1 < rank:
+                    rest_cols = p[:, i + 1 :]
+                    rest_cols -= torch.sum(col * rest_cols, dim=0) * col
+            q.copy_(m.t() @ p)
+            torch.matmul(p, q.t(), out=m)
+        torch.sub(original, bucket, out=residual)
+
+    return work
+
+
+def _local_costs(specs: list[ContenderSpec], task: Any, ranks: int) -> dict[str, float]:
+    """Seconds per step of each contender's compression arithmetic, on this rank."""
+    import torch
+
+    from sparcomm.predict import measure_codec_seconds
+
+    shapes = task.parameter_shapes()
+    n = sum(math.prod(s) for s in shapes)
+    costs: dict[str, float] = {}
+    for spec in specs:
+        if spec.kind == "sparcomm" and spec.codec is not None:
+            costs[spec.id] = measure_codec_seconds(spec.codec(), shapes, ranks)
+        elif spec.hook == "fp16":
+            bucket = torch.randn(n)
+
+            def fp16_work(bucket: Any = bucket) -> None:  # the hook: cast, divide, cast back
+                half = bucket.to(torch.float16).div_(ranks)
+                bucket.copy_(half)
+
+            costs[spec.id] = _median_seconds(fp16_work)
+        elif spec.hook == "powersgd":
+            costs[spec.id] = _median_seconds(_powersgd_hook_work(shapes, spec.powersgd_rank))
+    return costs
+
+
 def _calibrated(comm: Any) -> dict[str, Any]:
     """sparcomm's cost model calibrated on this network (its constants, or the error)."""
     import dataclasses
@@ -468,6 +548,12 @@ def run_ranks(args: argparse.Namespace) -> int:
     checksums = {r.spec.id: comm.allgather(r.checksum()) for r in runners}
     for runner in runners:
         runner.close()
+    # The compression compute of each contender, measured apart from training, on all
+    # ranks at once (the same contention as a step): an input of the predictor.
+    comm.Barrier()
+    local_costs = {
+        cid: comm.allreduce(t, op=MPI.MAX) for cid, t in _local_costs(specs, task, size).items()
+    }
     dist.destroy_process_group()
     if rank == 0:
         result = {
@@ -475,6 +561,7 @@ def run_ranks(args: argparse.Namespace) -> int:
             "threads_per_rank": args.threads_per_rank,
             "latency_s": latency,
             "cost_model": cost_model,
+            "local_costs_s": local_costs,
             "loads_during": loads,
             "contenders": {},
         }
@@ -581,6 +668,7 @@ def attach_predictions(
     latency_s: float,
     cost_model: dict[str, float] | None,
     ranks: int,
+    local_costs: dict[str, float] | None = None,
     task: Any,
     batch: int,
 ) -> None:
@@ -594,6 +682,7 @@ def attach_predictions(
         rate_bps=rate_bps,
         latency_s=latency_s,
         beta_allreduce=(cost_model or {}).get("beta_allreduce"),
+        local_costs=local_costs,
         ranks=ranks,
         shapes=task.parameter_shapes(),
         batch=batch,
@@ -658,6 +747,52 @@ def format_table(report: dict[str, Any]) -> str:
     if bad:
         lines.append(f"WARNING: ranks ended with different models in: {', '.join(bad)}")
     return "\n".join(lines)
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """The report's main figures as a Markdown table (for docs)."""
+    contenders = report["summary"]["contenders"]
+    floor = contenders.get("local", {}).get("step_s")
+    ddp = contenders.get("ddp", {}).get("step_s")
+    rows = [
+        "| contender | step ms | x floor | vs DDP | predicted ms | pred/meas | MB sent/rank | "
+        f"acc % @{report['steps']} steps | acc % @budget | s to target |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for entry in contenders.values():
+        step = entry["step_s"]
+        predicted = entry.get("predicted_step_s")
+        sent = entry.get("wire_bytes", entry.get("payload_bytes"))
+        over_floor = step / floor if floor else None
+        rows.append(
+            f"| {entry['label']} | {_fmt(step, 1e3)} | {_fmt(over_floor, 1, '.2f')}"
+            f" | {_fmt(step / ddp if ddp else None, 1, '.2f')} | {_fmt(predicted, 1e3)}"
+            f" | {_fmt(predicted / step if predicted else None, 1, '.2f')}"
+            f" | {_fmt(sent, 1e-6, '.2f')} | {_fmt(entry['final_accuracy'], 1, '.1f')}"
+            f" | {_fmt(entry['accuracy_at_budget'], 1, '.1f')}"
+            f" | {_fmt(entry['time_to_target_s'], 1, '.0f')} |"
+        )
+    return "\n".join(rows)
+
+
+def render_report(path: str) -> dict[str, Any]:
+    """A saved report, its predictions recomputed with this version of the predictor."""
+    from sparcomm._train_tasks import make_task
+
+    report = json.loads(Path(path).read_text())
+    task_args = report.get("task_args") or {}
+    task = make_task(report.get("task", "mlp"), **task_args)
+    attach_predictions(
+        report["summary"],
+        rate_bps=report["rate_bps"],
+        latency_s=report["latency_s"],
+        cost_model=(report.get("cost_model") or {}).get("constants"),
+        ranks=report["ranks"],
+        task=task,
+        batch=report["batch"],
+        local_costs=report.get("local_costs_s"),
+    )
+    return report
 
 
 def plot_report(report: dict[str, Any], path: str) -> None:
@@ -748,6 +883,13 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, metavar="PATH", help="write the report here")
     parser.add_argument("--plot", default=None, metavar="PNG", help="write the figure here")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--render",
+        default=None,
+        metavar="JSON",
+        help="run nothing: print (and --plot) a saved report, predictions recomputed",
+    )
+    parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds for the job")
     parser.add_argument(
         "--mpiexec-arg", action="append", default=[], metavar="ARG", help="(repeatable)"
@@ -841,6 +983,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         rate_bps=rate,
         latency_s=raw["latency_s"],
         cost_model=raw.get("cost_model", {}).get("constants"),
+        local_costs=raw.get("local_costs_s"),
         ranks=args.nprocs,
         task=task,
         batch=args.batch,
@@ -850,6 +993,12 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "command": "sparcomm " + shlex.join(sys.argv[1:]),
         "model": task.describe(),
         "task": args.task,
+        "task_args": {
+            "inputs": args.inputs,
+            "width": args.width,
+            "depth": args.depth,
+            "seed": args.seed,
+        },
         "parameters": sum(math.prod(shape) for shape in task.parameter_shapes()),
         "ranks": args.nprocs,
         "batch": args.batch,
@@ -862,6 +1011,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "measured_rate": format_rate(rate) if rate else "not measured",
         "latency_s": raw["latency_s"],
         "cost_model": raw.get("cost_model"),
+        "local_costs_s": raw.get("local_costs_s"),
         "wire_counted": args.emulate is not None,
         "load_before": load_before,
         "load_after": load_after,
@@ -881,14 +1031,14 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 @arguments(_configure)
 def bench_train(args: argparse.Namespace) -> int:
     try:
-        report = run_benchmark(args)
+        report = render_report(args.render) if args.render else run_benchmark(args)
     except (ValueError, TypeError, PermissionError, FileNotFoundError, NotImplementedError) as e:
         print(f"sparcomm bench train: {e}", file=sys.stderr)
         return 2
     except RuntimeError as error:
         print(f"sparcomm bench train: {error}", file=sys.stderr)
         return 1
-    print(format_table(report))
+    print(markdown_table(report) if args.markdown else format_table(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     if args.plot:

@@ -313,17 +313,28 @@ def traffic(
     )
 
 
-def measure_codec_seconds(codec: Any, shapes: Sequence[Sequence[int]], ranks: int) -> float:
+def measure_codec_seconds(
+    codec: Any, shapes: Sequence[Sequence[int]], ranks: int, *, repeats: int = 3
+) -> float:
     """Seconds per step that ``codec`` adds on this machine, measured on random gradients.
 
-    Encodes each compressed tensor once and decodes-and-adds ``ranks`` payloads into a
-    dense output (what an allgather-style collective does at each rank), plus one pass
-    writing the result back; one thread, median of three.
+    For each tensor the reducer compresses: one encode, the decode-and-adds a rank does
+    (``ranks`` payloads for sparse codecs, whose collectives gather every rank's entries;
+    two full-length passes for the quantized codecs, whose reduce-scatter + allgather
+    decodes each chunk twice; none for ``NoCompression``, which MPI sums), and one pass
+    writing the mean back.  One thread; median of ``repeats`` after two warm-up steps.
     """
     import numpy as np
 
     from sparcomm.reducer import DEFAULT_DENSE_BELOW
 
+    inner = getattr(codec, "codec", codec)
+    if type(inner).__name__ == "NoCompression":
+        decodes = 0
+    elif getattr(codec, "is_sparse", False):
+        decodes = ranks
+    else:
+        decodes = min(2, ranks)
     rng = np.random.default_rng(0)
     grads = [
         rng.standard_normal(tuple(shape), dtype=np.float32)
@@ -336,10 +347,13 @@ def measure_codec_seconds(codec: Any, shapes: Sequence[Sequence[int]], ranks: in
         start = time.perf_counter()
         for i, (g, out) in enumerate(zip(grads, outs, strict=True)):
             payload = codec.encode(g, key=f"t{i}", step=step)
-            out[...] = 0
-            for _ in range(ranks):
-                codec.decode(payload, out=out, accumulate=1)
-            g[...] = out
+            if decodes:
+                out[...] = 0
+                for _ in range(decodes):
+                    codec.decode(payload, out=out, accumulate=1)
+                np.multiply(out, 1.0 / decodes, out=g)
+            else:
+                np.multiply(g, 1.0 / ranks, out=out)
         return time.perf_counter() - start
 
     import numba
@@ -351,7 +365,7 @@ def measure_codec_seconds(codec: Any, shapes: Sequence[Sequence[int]], ranks: in
     try:
         once(0)
         once(1)  # the second call compiles the paths with a residual
-        return statistics.median(once(step) for step in range(2, 7))
+        return statistics.median(once(step) for step in range(2, 2 + repeats))
     finally:
         numba.set_num_threads(threads)
 
@@ -435,18 +449,23 @@ def from_benchmark(
     shapes: Sequence[Sequence[int]],
     batch: int,
     beta_allreduce: float | None = None,
+    local_costs: dict[str, float] | None = None,
 ) -> dict[str, StepPrediction]:
     """Predictions for a ``sparcomm bench train`` run, from what it measured.
 
-    Measured inputs: the link rate, the MPI latency, the compute floor (the ``local``
-    contender's step) and, per sparcomm contender, its collectives' encode and merge
-    phases (the codec's compute); ``fp16_compress_hook`` is charged the encode and merge
-    of sparcomm's FP16 (the same two conversions) when that ran.  Bytes and message steps
-    come from :func:`traffic`, not from the measurement.
+    Measured inputs: the link rate, the MPI latency, sparcomm's calibrated
+    ``beta_allreduce``, the compute floor (the ``local`` contender's step) and each
+    contender's compression arithmetic, ``local_costs`` (measured by the benchmark apart
+    from training, on all ranks at once: codec encode and decode-add of every payload,
+    the fp16 casts, the PowerSGD hook's products and error feedback).  Without
+    ``local_costs`` a sparcomm contender is charged its collectives' encode and merge
+    phases as they ran, ``fp16_compress_hook`` those of sparcomm's FP16.  Bytes and
+    message steps come from :func:`traffic`, never from the measured step.
     """
     from sparcomm._cli_bench_train import contender_specs
 
     specs = {s.id: s for s in contender_specs()}
+    local_costs = local_costs or {}
     compute = contenders["local"]["step_s"]
     fp16 = contenders.get("sparcomm-fp16", {}).get("phases_s")
     out: dict[str, StepPrediction] = {}
@@ -462,6 +481,7 @@ def from_benchmark(
             codec_s = fp16["encode"] + fp16["merge"]
         elif cid.startswith("ddp-powersgd"):
             codec_s = compute * int(cid.removeprefix("ddp-powersgd")) / batch
+        codec_s = local_costs.get(cid, codec_s)
         t = traffic(
             cid, shapes, ranks, codec=codec, codec_s=codec_s, algorithms=entry.get("algorithms")
         )
