@@ -689,8 +689,10 @@ def attach_predictions(
     )
     for cid, prediction in predictions.items():
         entry = summary["contenders"][cid]
-        entry["predicted_step_s"] = prediction.total
-        entry["predicted_split_s"] = prediction.as_dict()
+        entry["predicted_step_s"] = prediction["step"].total
+        entry["predicted_split_s"] = prediction["step"].as_dict()
+        entry["predicted_bytes"] = prediction["traffic"].bytes_sent
+        entry["crossover_bps"] = prediction["crossover_bps"]
 
 
 # -- output ----------
@@ -749,6 +751,17 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _crossover_text(entry: dict[str, Any]) -> str:
+    from sparcomm._emulate import format_rate
+
+    crossover = entry.get("crossover_bps")
+    if crossover is None:
+        return "-"
+    if crossover == 0:
+        return "never"
+    return "always" if math.isinf(crossover) else format_rate(crossover)
+
+
 def markdown_table(report: dict[str, Any]) -> str:
     """The report's main figures as a Markdown table (for docs)."""
     contenders = report["summary"]["contenders"]
@@ -756,8 +769,8 @@ def markdown_table(report: dict[str, Any]) -> str:
     ddp = contenders.get("ddp", {}).get("step_s")
     rows = [
         "| contender | step ms | x floor | vs DDP | predicted ms | pred/meas | MB sent/rank | "
-        f"acc % @{report['steps']} steps | acc % @budget | s to target |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"acc % @{report['steps']} steps | acc % @budget | s to target | pays below |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for entry in contenders.values():
         step = entry["step_s"]
@@ -770,7 +783,7 @@ def markdown_table(report: dict[str, Any]) -> str:
             f" | {_fmt(predicted / step if predicted else None, 1, '.2f')}"
             f" | {_fmt(sent, 1e-6, '.2f')} | {_fmt(entry['final_accuracy'], 1, '.1f')}"
             f" | {_fmt(entry['accuracy_at_budget'], 1, '.1f')}"
-            f" | {_fmt(entry['time_to_target_s'], 1, '.0f')} |"
+            f" | {_fmt(entry['time_to_target_s'], 1, '.0f')} | {_crossover_text(entry)} |"
         )
     return "\n".join(rows)
 

@@ -450,7 +450,7 @@ def from_benchmark(
     batch: int,
     beta_allreduce: float | None = None,
     local_costs: dict[str, float] | None = None,
-) -> dict[str, StepPrediction]:
+) -> dict[str, dict[str, Any]]:
     """Predictions for a ``sparcomm bench train`` run, from what it measured.
 
     Measured inputs: the link rate, the MPI latency, sparcomm's calibrated
@@ -461,6 +461,12 @@ def from_benchmark(
     ``local_costs`` a sparcomm contender is charged its collectives' encode and merge
     phases as they ran, ``fp16_compress_hook`` those of sparcomm's FP16.  Bytes and
     message steps come from :func:`traffic`, never from the measured step.
+
+    Returns
+    -------
+    dict
+        As :func:`predict`: ``{id: {"traffic", "step", "crossover_bps"}}``, the crossover
+        against ``ddp`` (None for ``ddp`` and ``local``).
     """
     from sparcomm._cli_bench_train import contender_specs
 
@@ -468,7 +474,7 @@ def from_benchmark(
     local_costs = local_costs or {}
     compute = contenders["local"]["step_s"]
     fp16 = contenders.get("sparcomm-fp16", {}).get("phases_s")
-    out: dict[str, StepPrediction] = {}
+    out: dict[str, dict[str, Any]] = {}
     for cid, entry in contenders.items():
         phases = entry.get("phases_s")
         codec = None
@@ -485,13 +491,20 @@ def from_benchmark(
         t = traffic(
             cid, shapes, ranks, codec=codec, codec_s=codec_s, algorithms=entry.get("algorithms")
         )
-        out[cid] = predict_step(
+        step = predict_step(
             t,
             bandwidth_bps=rate_bps,
             latency_s=latency_s,
             compute_s=compute,
             beta_allreduce=beta_allreduce,
         )
+        out[cid] = {"traffic": t, "step": step, "crossover_bps": None}
+    dense = out.get("ddp", {}).get("traffic")
+    for cid, result in out.items():
+        if dense is not None and cid not in ("ddp", "local"):
+            result["crossover_bps"] = crossover_bandwidth(
+                result["traffic"], dense, latency_s=latency_s
+            )
     return out
 
 
