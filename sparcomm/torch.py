@@ -25,11 +25,14 @@ import contextlib
 import logging
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
 
+from sparcomm._ddp_hook import DDPCommState, ddp_comm_hook
+from sparcomm._names import Average, Compression, ReduceOp, Sum, normalize_op
+from sparcomm._torch_grads import GradientRouting, GradOptions, check_options
 from sparcomm.reducer import (
     DEFAULT_DENSE_BELOW,
     DEFAULT_FUSION_THRESHOLD_BYTES,
@@ -38,7 +41,13 @@ from sparcomm.reducer import (
 )
 
 __all__ = [
+    "Average",
+    "Compression",
+    "DDPCommState",
     "DistributedOptimizer",
+    "ReduceOp",
+    "Sum",
+    "ddp_comm_hook",
     "broadcast_parameters",
     "broadcast_optimizer_state",
 ]
@@ -86,6 +95,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         named_parameters: Iterable[tuple[str, torch.Tensor]] | None,
         reducer: GradientReducer,
         backward_passes_per_step: int,
+        options: GradOptions | None = None,
     ) -> None:
         # The next class in the MRO is the user's optimizer, whose param_groups already
         # carry every hyper-parameter.
@@ -101,7 +111,11 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         # Gradients become ready roughly in reverse order of definition (the last layer's
         # first), so buckets are planned in that order, as DDP does.
         self._ordered = ordered[::-1]
-        reducer.setup([(self._names[p], tuple(p.shape), _numpy_dtype(p)) for p in self._ordered])
+        # The reducer's plan is built at the first synchronize(), when it is known which
+        # gradients are sparse (sparcomm/_torch_grads.py).
+        self._routing = GradientRouting(
+            reducer, self._names, self._ordered, backward_passes_per_step, options or GradOptions()
+        )
         for p in ordered:
             self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook()))
         # The hooks hold the optimizer weakly, so a dropped optimizer is collected (and
@@ -129,8 +143,8 @@ class _DistributedOptimizer(torch.optim.Optimizer):
             optimizer._counts[p] = count
             if count == optimizer._passes:
                 optimizer._synchronized = False
-                grad = cast(torch.Tensor, p.grad)  # set: the hook runs after accumulation
-                optimizer._sparcomm_reducer.submit(optimizer._names[p], _as_array(grad))
+                if optimizer._routing.planned:  # else synchronize() submits it
+                    optimizer._routing.submit(p)
 
         return hook
 
@@ -142,25 +156,16 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         backward passes than ``backward_passes_per_step``) are submitted now, as they
         are (zeros where ``p.grad`` is None), so all ranks run the same collectives.
         """
-        reducer = self._sparcomm_reducer
-        for p in self._ordered:
-            if not reducer.submitted(self._names[p]):
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                reducer.submit(self._names[p], _as_array(p.grad))
+        routing = self._routing
         try:
-            outputs = reducer.wait()
+            if not routing.planned:
+                routing.plan()
+            routing.submit_missing()
+            # Sparse gradients, dtype conversions, scaling, non-finite gradients:
+            # sparcomm/_torch_grads.py.
+            routing.finish()
         finally:
             self._counts.clear()
-        # op="mean" means the gradient of the mean loss over every micro-batch of every
-        # rank: also divide by the number of local backward passes (Horovod leaves that
-        # to the user's loss scaling).
-        scale = 1.0 / self._passes if reducer.op == "mean" and self._passes > 1 else None
-        with torch.no_grad():
-            for p in self._ordered:
-                p.grad.copy_(_as_tensor(outputs[self._names[p]]))
-                if scale is not None:
-                    p.grad.mul_(scale)
         self._synchronized = True
 
     @contextlib.contextmanager
@@ -190,7 +195,10 @@ class _DistributedOptimizer(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As the wrapped optimizer's; refuses to drop a reduction in flight."""
-        if self._sparcomm_reducer.in_flight:
+        # Before the first synchronize() the plan is not built and nothing is submitted
+        # yet: gradients complete for the step are pending all the same.
+        pending = any(count == self._passes for count in self._counts.values())
+        if self._sparcomm_reducer.in_flight or pending:
             raise RuntimeError(
                 "zero_grad() was called after backward() but before step() or "
                 "synchronize(): the gradient reduction in flight would be lost; call "
@@ -257,15 +265,6 @@ def _remove_hooks(handles: list[Any]) -> None:
     handles.clear()
 
 
-def _numpy_dtype(p: torch.Tensor) -> Any:
-    if p.dtype not in (torch.float32, torch.float64):
-        raise TypeError(
-            f"parameter of dtype {p.dtype}: sparcomm reduces float32 and float64 gradients; "
-            "keep master weights in float32 (model.float())"
-        )
-    return torch.empty((), dtype=p.dtype).numpy().dtype
-
-
 def _parameter_names(
     param_groups: list[dict[str, Any]],
     named_parameters: Iterable[tuple[str, torch.Tensor]] | None,
@@ -299,13 +298,18 @@ def DistributedOptimizer(  # noqa: N802 - a factory named like the class it retu
     named_parameters: Iterable[tuple[str, torch.Tensor]] | None = None,
     codec: Any = None,
     comm: Any = None,
-    op: str = "mean",
+    op: Any = "mean",
     backward_passes_per_step: int = 1,
     fusion_threshold_bytes: int = DEFAULT_FUSION_THRESHOLD_BYTES,
     dense_below: int = DEFAULT_DENSE_BELOW,
     warmup_steps: int = 0,
-    compression: str = "layer",
+    compression: Any = "layer",
     overlap: bool = True,
+    *,
+    sparse_as_dense: bool = False,
+    gradient_predivide_factor: float = 1.0,
+    num_groups: int | None = None,
+    non_finite: str = "raise",
 ) -> _DistributedOptimizer:
     """Wrap ``optimizer`` so that ``step()`` applies gradients reduced across ranks.
 
@@ -324,14 +328,34 @@ def DistributedOptimizer(  # noqa: N802 - a factory named like the class it retu
         Compression (default ``NoCompression()``); e.g. ``ErrorFeedback(TopK(density=0.01))``.
     comm : mpi4py.MPI.Comm, optional
         Default ``MPI.COMM_WORLD``; collective: build the optimizer on all ranks.
-    op : {"mean", "sum"}
-        ``"mean"``: the gradient of the mean loss over all ranks and all
-        ``backward_passes_per_step`` micro-batches (equal to single-process training on
-        the concatenated batches).  ``"sum"``: the plain sum over ranks and passes.
+    op : {"mean", "sum"} or Average, Sum
+        ``"mean"`` (also ``"average"``, Horovod's ``Average``): the gradient of the mean
+        loss over all ranks and all ``backward_passes_per_step`` micro-batches (equal to
+        single-process training on the concatenated batches).  ``"sum"`` (``Sum``): the
+        plain sum over ranks and passes.
     backward_passes_per_step : int
         Backward passes accumulated locally before each reduction.
-    fusion_threshold_bytes, dense_below, warmup_steps, compression, overlap
+    fusion_threshold_bytes, dense_below, warmup_steps, overlap
         See :class:`~sparcomm.reducer.GradientReducer`.
+    compression : {"layer", "bucket"}, codec, or Compression.none / Compression.fp16
+        A string is the reducer's mode (see :class:`~sparcomm.reducer.GradientReducer`);
+        a codec (or Horovod's ``Compression`` names) is Horovod's spelling of ``codec=``.
+    sparse_as_dense : bool
+        Reduce sparse gradients (``torch.nn.Embedding(sparse=True)``) as dense tensors,
+        as Horovod's option does; by default they go through
+        :func:`sparcomm.sparse_allreduce` and come back as sparse COO tensors.
+    gradient_predivide_factor : float
+        Horovod's: with ``op=Average``, gradients are multiplied by
+        ``1 / gradient_predivide_factor`` before the sum and by
+        ``gradient_predivide_factor / size`` after it.
+    num_groups : int, optional
+        Horovod's: fuse the dense gradients into at most this many buckets (the fusion
+        threshold becomes the smallest one that gives at most ``num_groups``).
+    non_finite : {"raise", "propagate"}
+        A non-finite gradient on any rank: ``"raise"`` the collective's error on every
+        rank, or ``"propagate"`` (for ``torch.amp.GradScaler``): every rank's gradients
+        become NaN, so ``scaler.step`` skips the step on every rank and the scale backs
+        off; error-feedback residuals are left as they were before the step.
 
     Returns
     -------
@@ -353,6 +377,15 @@ def DistributedOptimizer(  # noqa: N802 - a factory named like the class it retu
         raise ValueError(
             f"backward_passes_per_step must be an int >= 1, got {backward_passes_per_step!r}"
         )
+    if not isinstance(compression, str):  # Horovod's compression=: a codec
+        if codec is not None:
+            raise ValueError(
+                "pass the codec once: codec= or compression= (Horovod's name), not both"
+            )
+        codec, compression = compression, "layer"
+    op = normalize_op(op)
+    options = GradOptions(sparse_as_dense, gradient_predivide_factor, num_groups, non_finite)
+    check_options(options, op)
     reducer = GradientReducer(
         codec,
         comm,
@@ -365,7 +398,9 @@ def DistributedOptimizer(  # noqa: N802 - a factory named like the class it retu
     )
     cls = type(optimizer.__class__.__name__, (_DistributedOptimizer, optimizer.__class__), {})
     try:
-        wrapped = cls(optimizer.param_groups, named_parameters, reducer, backward_passes_per_step)
+        wrapped = cls(
+            optimizer.param_groups, named_parameters, reducer, backward_passes_per_step, options
+        )
     except BaseException:
         reducer.close()
         raise
@@ -402,13 +437,20 @@ def broadcast_parameters(
     with torch.no_grad():
         for _, tensor in items:
             if tensor.device.type == "cpu" and tensor.is_contiguous():
-                comm.Bcast(tensor.detach().numpy(), root=root_rank)
+                comm.Bcast(_bits(tensor.detach()), root=root_rank)
             else:
                 # Non-contiguous or device tensors travel through a host copy: MPI may not
                 # be CUDA-aware.
                 host = tensor.detach().cpu().contiguous()
-                comm.Bcast(host.numpy(), root=root_rank)
+                comm.Bcast(_bits(host), root=root_rank)
                 tensor.copy_(host)
+
+
+def _bits(tensor: torch.Tensor) -> np.ndarray:
+    """A NumPy view of a CPU tensor's memory; bfloat16 (no NumPy dtype) as its int16 bits."""
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy()
+    return tensor.numpy()
 
 
 def broadcast_optimizer_state(

@@ -8,6 +8,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="the PyTorch integration needs torch")
 pytest.importorskip("mpi4py.MPI")
 
+from sparcomm import NoCompression  # noqa: E402
 from sparcomm.torch import DistributedOptimizer  # noqa: E402
 
 
@@ -37,9 +38,17 @@ def test_bad_arguments_are_refused():
             DistributedOptimizer(wrapped)
     finally:
         wrapped.close()
-    half = torch.nn.Linear(4, 2).half()
-    with pytest.raises(TypeError, match=r"torch.float16: sparcomm reduces float32 and float64"):
-        DistributedOptimizer(torch.optim.SGD(half.parameters(), lr=0.1))
+    complex_weight = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))
+    with pytest.raises(TypeError, match=r"torch.complex64: sparcomm reduces float16, bfloat16"):
+        DistributedOptimizer(torch.optim.SGD([complex_weight], lr=0.1))
+    with pytest.raises(ValueError, match="gradient_predivide_factor .* needs op=Average"):
+        DistributedOptimizer(sgd, op="sum", gradient_predivide_factor=2.0)
+    with pytest.raises(NotImplementedError, match="Adasum is not supported"):
+        DistributedOptimizer(sgd, op="adasum")
+    with pytest.raises(ValueError, match="pass the codec once"):
+        DistributedOptimizer(sgd, codec=NoCompression(), compression=NoCompression())
+    with pytest.raises(ValueError, match="non_finite must be one of"):
+        DistributedOptimizer(sgd, non_finite="ignore")
 
 
 def test_keeps_the_optimizer_class_and_its_state():
