@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sparcomm._checkpoint import load_checkpoint, load_optimizer_state, save_checkpoint
 from sparcomm._ddp_hook import DDPCommState, ddp_comm_hook
 from sparcomm._names import Average, Compression, ReduceOp, Sum, normalize_op
 from sparcomm._torch_grads import GradientRouting, GradOptions, check_options
@@ -48,6 +49,9 @@ __all__ = [
     "ReduceOp",
     "Sum",
     "ddp_comm_hook",
+    "load_checkpoint",
+    "load_optimizer_state",
+    "save_checkpoint",
     "broadcast_parameters",
     "broadcast_optimizer_state",
 ]

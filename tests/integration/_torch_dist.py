@@ -36,9 +36,11 @@ def init_gloo():
     return comm
 
 
-def run_script(path: str, case: str, ranks: int, timeout: float = 300) -> str:
-    """Run ``python path case`` under ``mpiexec -n ranks``; fail the test on any rank's
-    failure or a hang."""
+def run_script(
+    path: str, case: str, ranks: int, timeout: float = 300, extra: list[str] | None = None
+) -> str:
+    """Run ``python path case *extra`` under ``mpiexec -n ranks``; fail the test on any
+    rank's failure or a hang."""
     import _mpiexec
 
     env = dict(os.environ)
@@ -46,4 +48,6 @@ def run_script(path: str, case: str, ranks: int, timeout: float = 300) -> str:
     if ranks > (os.cpu_count() or 1):
         env.setdefault("MPIR_CVAR_ENABLE_HEAVY_YIELD", "1")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
-    return _mpiexec.run(ranks, [sys.executable, path, case], env=env, cwd=ROOT, timeout=timeout)
+    return _mpiexec.run(
+        ranks, [sys.executable, path, case, *(extra or [])], env=env, cwd=ROOT, timeout=timeout
+    )
