@@ -37,6 +37,7 @@ predicted column of ``sparcomm bench train``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import statistics
 import sys
@@ -83,6 +84,9 @@ class Traffic:
         algorithm is a black box.
     allreduce_sent : float
         The part of ``bytes_sent`` that those allreduces send (the ring's count).
+    agreement_s : float
+        Measured seconds per step that ranks spend agreeing before their collectives
+        (sparcomm's signature checks: mostly waiting for the slowest rank), when known.
     """
 
     bytes_sent: float
@@ -90,6 +94,7 @@ class Traffic:
     codec_s: float = 0.0
     allreduce_bytes: float = 0.0
     allreduce_sent: float = 0.0
+    agreement_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -101,11 +106,14 @@ class StepPrediction:
     transfer: float
     latency: float
     hidden: float = 0.0
+    agreement: float = 0.0
 
     @property
     def total(self) -> float:
         """Predicted seconds per step."""
-        return self.compute + self.codec + self.transfer + self.latency - self.hidden
+        return (
+            self.compute + self.codec + self.agreement + self.transfer + self.latency - self.hidden
+        )
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -113,6 +121,7 @@ class StepPrediction:
             "codec": self.codec,
             "transfer": self.transfer,
             "latency": self.latency,
+            "agreement": self.agreement,
             "hidden": self.hidden,
             "total": self.total,
         }
@@ -163,7 +172,12 @@ def predict_step(
         transfer -= 8.0 * traffic.allreduce_sent / bandwidth_bps
     latency = traffic.rounds * latency_s
     return StepPrediction(
-        compute_s, traffic.codec_s, transfer, latency, min(overlap_s, transfer + latency)
+        compute_s,
+        traffic.codec_s,
+        transfer,
+        latency,
+        min(overlap_s, transfer + latency),
+        traffic.agreement_s,
     )
 
 
@@ -174,7 +188,11 @@ def crossover_bandwidth(codec: Traffic, dense: Traffic, *, latency_s: float) -> 
     bytes (it never wins).
     """
     saved_bits = 8.0 * (dense.bytes_sent - codec.bytes_sent)
-    added = (codec.codec_s - dense.codec_s) + (codec.rounds - dense.rounds) * latency_s
+    added = (
+        (codec.codec_s - dense.codec_s)
+        + (codec.agreement_s - dense.agreement_s)
+        + (codec.rounds - dense.rounds) * latency_s
+    )
     if saved_bits <= 0:
         return 0.0
     if added <= 0:
@@ -460,7 +478,10 @@ def from_benchmark(
     the fp16 casts, the PowerSGD hook's products and error feedback).  Without
     ``local_costs`` a sparcomm contender is charged its collectives' encode and merge
     phases as they ran, ``fp16_compress_hook`` those of sparcomm's FP16.  Bytes and
-    message steps come from :func:`traffic`, never from the measured step.
+    message steps come from :func:`traffic`, never from the measured step.  A
+    sparcomm contender's signature checks are charged as measured (``agreement``): on an
+    oversubscribed machine they are waiting for the slowest rank, which no latency
+    constant measured in lock-step describes.
 
     Returns
     -------
@@ -491,6 +512,8 @@ def from_benchmark(
         t = traffic(
             cid, shapes, ranks, codec=codec, codec_s=codec_s, algorithms=entry.get("algorithms")
         )
+        if phases is not None:
+            t = dataclasses.replace(t, agreement_s=phases["check"])
         step = predict_step(
             t,
             bandwidth_bps=rate_bps,
