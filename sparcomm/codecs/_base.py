@@ -19,7 +19,7 @@ import numpy as np
 
 from sparcomm._backend import array_module, kernels_for
 from sparcomm._random import stream_key
-from sparcomm.codecs._registry import CODECS, FAMILIES, Preset
+from sparcomm.codecs._registry import CODECS, Preset, known_families
 from sparcomm.codecs._wire import Wire
 from sparcomm.kernels._checks import check_accumulate
 from sparcomm.payload import Payload, register_layout, wire_nbytes
@@ -135,9 +135,10 @@ class Codec:
             if family is not None:
                 raise TypeError(f"{cls.__name__}: family= needs a codec_id= as well")
             return  # a variant of its parent: same id, family and wire layout
-        if family not in FAMILIES:
+        if family not in known_families():
             raise ValueError(
-                f"{cls.__name__}: family must be one of {FAMILIES}, got {family!r}"
+                f"{cls.__name__}: family must be one of {known_families()}, got {family!r}; "
+                "a new family is added with sparcomm.comm.register_family(family, collective)"
             )
         if not cls.wire or not all(isinstance(w, Wire) for w in cls.wire):
             raise TypeError(

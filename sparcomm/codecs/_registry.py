@@ -12,8 +12,21 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-#: The collective families a codec can belong to; ``sparcomm.comm`` dispatches on them.
+#: The built-in collective families; ``sparcomm.comm`` dispatches on a codec's family.
 FAMILIES = ("sparse", "quantized", "low-rank", "dense")
+_KNOWN_FAMILIES: list[str] = list(FAMILIES)
+
+
+def add_family(family: str) -> None:
+    """Make ``family`` declarable by codec classes (``sparcomm.comm.register_family``
+    calls this when it plugs a new family's collective in)."""
+    if family not in _KNOWN_FAMILIES:
+        _KNOWN_FAMILIES.append(family)
+
+
+def known_families() -> tuple[str, ...]:
+    """The built-in families and those added by :func:`add_family`."""
+    return tuple(_KNOWN_FAMILIES)
 
 
 @dataclass(frozen=True)
@@ -94,8 +107,8 @@ class CodecRegistry(Mapping[str, type]):
 
     def family(self, family: str) -> list[type]:
         """The classes of one family (``"sparse"``, ``"quantized"``, ...), in id order."""
-        if family not in FAMILIES:
-            raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+        if family not in _KNOWN_FAMILIES:
+            raise ValueError(f"family must be one of {known_families()}, got {family!r}")
         return [cls for cls in self.values() if cls.family == family]  # type: ignore[attr-defined]
 
     def presets(self, tag: str | None = None, *, family: str | None = None) -> list[Preset]:

@@ -82,9 +82,7 @@ def payload_bytes(name: str) -> bytes:
 
 def _slice(codec: Any, payload: Any, start: int, stop: int) -> Any:
     """The quantized collectives' payload slicing (elements ``[start, stop)``)."""
-    from sparcomm.comm._quantized_layout import slice_payload
-
-    return slice_payload(codec, payload, start, stop)
+    return codec.slice_payload(payload, start, stop)
 
 
 def _alignment(codec: Any) -> int:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from sparcomm.comm import ALL_ALGORITHMS, SPARSE_ALGORITHMS, CostModel, choose, predict
-from sparcomm.comm._context import SIGNATURE_FIELDS
+from sparcomm.comm._protocol import SIGNATURE_FIELDS
 from sparcomm.comm._cost import expected_union
 
 SIGNATURE = 8 * len(SIGNATURE_FIELDS)
