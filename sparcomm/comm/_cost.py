@@ -705,8 +705,8 @@ def predict_quantized(
         return prediction
     if not codec.shares_scale:
         raise NotImplementedError(
-            f"algorithm 'shared_scale' sums TernGrad's ternary values as integers; "
-            f"{type(codec).__name__} has no shared scale: use 'allgather' or "
+            f"algorithm 'shared_scale' sums ternary values as integers (TernGrad's "
+            f"scaler sharing); {type(codec).__name__} has no shared scale: use 'allgather' or "
             "'reduce_scatter_allgather'"
         )
     sum_dtype(size)  # refuses too many ranks

@@ -452,8 +452,8 @@ def _check_request(x: np.ndarray, bare: Any, algorithm: str, op: str, size: int)
     if algorithm == "shared_scale":
         if not bare.shares_scale:
             raise NotImplementedError(
-                f"algorithm 'shared_scale' sums ternary values of a shared scale as "
-                f"integers; {type(bare).__name__} has no shared scale: use 'allgather' or "
+                f"algorithm 'shared_scale' sums ternary values as integers (TernGrad's "
+                f"scaler sharing); {type(bare).__name__} has no shared scale: use 'allgather' or "
                 "'reduce_scatter_allgather'"
             )
         sum_dtype(size)

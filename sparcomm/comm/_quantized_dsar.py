@@ -62,8 +62,8 @@ def _check_dense_phase(codec: Any, dense_phase: Any) -> Any:
     if getattr(bare, "family", None) != "sparse":
         raise NotImplementedError(
             f"dense_phase= quantizes the dense phase of the sparse allreduce (SparCML's "
-            f"Q-DSAR) and needs a sparse codec such as TopK(...) or ErrorFeedback(TopK(...)), "
-            f"got {type(bare).__name__}; drop dense_phase for this codec"
+            f"Q-DSAR) and needs codec=TopK(...), ErrorFeedback(TopK(...)) or another codec "
+            f"of the sparse family, got {type(bare).__name__}; drop dense_phase for this codec"
         )
     if not getattr(dense_phase, "dense_phase_capable", False):
         raise NotImplementedError(

@@ -197,7 +197,7 @@ def test_predictions_refuse_what_cannot_run():
 def test_dense_phase_refuses_non_sparse_codecs_locally():
     from sparcomm.comm._quantized_dsar import _check_dense_phase
 
-    with pytest.raises(NotImplementedError, match="needs a sparse codec"):
+    with pytest.raises(NotImplementedError, match="needs codec=TopK"):
         _check_dense_phase(QSGD(), QSGD())
     with pytest.raises(NotImplementedError, match="dense_phase must be"):
         _check_dense_phase(TopK(k=1), OneBit())
