@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _user_codecs  # noqa: F401  (a codec defined outside sparcomm: RandomK)
 import numpy as np
 import pytest
 
