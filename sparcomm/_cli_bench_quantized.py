@@ -2,9 +2,9 @@
 
 The codecs are the presets of the quantized family in the codec registry
 (``sparcomm.codecs.CODECS.presets(family="quantized")``), chosen by label; those tagged
-``"allreduce"`` are the default.  For every vector length n and codec, each of ``P`` ranks holds n standard-normal values;
-measured in the same run, on the same data, interleaved within each repeat so drifting
-load hits all alike:
+``"allreduce"`` are the default.  For every vector length n and codec, each of ``P``
+ranks holds n standard-normal values; measured in the same run, on the same data,
+interleaved within each repeat so drifting load hits all alike:
 
 * every algorithm of the quantized family that can run the codec, and ``auto``;
 * MPI's own ``Allreduce`` of the dense buffers (the peer every figure is a ratio to).

@@ -139,7 +139,9 @@ def test_comm_never_imports_codec_classes():
             continue
         tree = ast.parse(path.read_text(), str(path))
         for base, names, line in _imports(tree, name, path.name == "__init__.py"):
-            codec_module = base.startswith("sparcomm.codecs.") and base != "sparcomm.codecs._registry"
+            codec_module = (
+                base.startswith("sparcomm.codecs.") and base != "sparcomm.codecs._registry"
+            )
             named = base.startswith("sparcomm") and set(names) & codec_names
             if codec_module or named or base == "sparcomm.codecs":
                 offenders.append(f"{path.relative_to(ROOT)}:{line} imports {names} from {base}")

@@ -92,14 +92,17 @@ class CodecRegistry(Mapping[str, type]):
         return len(self._by_id)
 
     def __repr__(self) -> str:
-        return f"CodecRegistry({', '.join(f'{i}: {self._by_id[i].__name__}' for i in sorted(self._by_id))})"
+        entries = ", ".join(f"{i}: {name}" for i, name in self.ids().items())
+        return f"CodecRegistry({entries})"
 
     def by_id(self, codec_id: int) -> type:
         """The class registered under ``codec_id``."""
         try:
             return self._by_id[codec_id]
         except KeyError:
-            raise KeyError(f"no codec with id {codec_id}; registered: {sorted(self._by_id)}") from None
+            raise KeyError(
+                f"no codec with id {codec_id}; registered: {sorted(self._by_id)}"
+            ) from None
 
     def ids(self) -> dict[int, str]:
         """``{codec_id: name}`` in id order."""

@@ -23,12 +23,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
 #: A parameter of a count: a constant, a codec attribute's name, or ``(codec, n) -> value``.
-Param = Union[int, str, Callable[[Any, int], Any]]
+Param = int | str | Callable[[Any, int], Any]
 
 #: The dtype of an array that travels in the input's own dtype (float32 or float64).
 INPUT = "input"

@@ -36,7 +36,6 @@ _TAG_ALLGATHERV = 1 << 10
 _TAG_ALLTOALLV = 2 << 10
 
 
-
 @dataclass
 class _CommState:
     comm: MPI.Comm  # private duplicate of the user's communicator

@@ -649,9 +649,7 @@ def _alltoall(parts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return parts.sum(axis=1), parts.sum(axis=0)
 
 
-def predict_quantized(
-    algorithm: str, codec: Any, n: int, dtype: Any, size: int
-) -> Prediction:
+def predict_quantized(algorithm: str, codec: Any, n: int, dtype: Any, size: int) -> Prediction:
     """The schedule of ``algorithm`` for the bare codec ``codec`` on ``size`` ranks.
 
     Parameters

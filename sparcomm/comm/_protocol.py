@@ -44,7 +44,9 @@ SIGNATURE_COLUMNS: dict[str, int] = {
     "error": 9,
 }
 #: The field names in column order.
-SIGNATURE_FIELDS: tuple[str, ...] = tuple(sorted(SIGNATURE_COLUMNS, key=SIGNATURE_COLUMNS.get))
+SIGNATURE_FIELDS: tuple[str, ...] = tuple(
+    sorted(SIGNATURE_COLUMNS, key=lambda name: SIGNATURE_COLUMNS[name])
+)
 #: Bytes of one row.
 SIGNATURE_BYTES = 8 * len(SIGNATURE_FIELDS)
 

@@ -41,7 +41,13 @@ from sparcomm.comm._protocol import (
 )
 from sparcomm.comm._quantized_layout import chunk_nbytes
 from sparcomm.comm._stats import AllreduceStats
-from sparcomm.comm._validate import check_common, check_out, check_values, index_dtype, prepare_stream
+from sparcomm.comm._validate import (
+    check_common,
+    check_out,
+    check_values,
+    index_dtype,
+    prepare_stream,
+)
 from sparcomm.feedback import unwrap
 from sparcomm.payload import Payload
 
@@ -226,7 +232,9 @@ def qdsar_allreduce(
             stream["indices"], stream["values"] = prepare_stream(
                 payload.arrays["indices"], payload.arrays["values"], array.size
             )
-        return Local(array.size, array.dtype, index_dtype(array.size).itemsize, stream["indices"].size)
+        return Local(
+            array.size, array.dtype, index_dtype(array.size).itemsize, stream["indices"].size
+        )
 
     # Q-DSAR has one algorithm: no cost model is consulted.
     table = call.agree(

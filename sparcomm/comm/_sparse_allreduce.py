@@ -218,7 +218,6 @@ def sparse_allreduce(
     )
 
 
-
 def sparse_codec_allreduce(
     x: Any,
     codec: Any,
