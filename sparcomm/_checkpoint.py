@@ -137,9 +137,8 @@ def load_optimizer_state(
     residuals : {"redistribute", "drop"}
         See :mod:`sparcomm._checkpoint`.
     """
-    from sparcomm.torch import _DistributedOptimizer
-
-    if not isinstance(optimizer, _DistributedOptimizer):
+    # Duck-typed (sparcomm.torch imports this module): what DistributedOptimizer adds.
+    if not hasattr(optimizer, "_sparcomm_reducer"):
         raise TypeError(
             f"optimizer must be a sparcomm DistributedOptimizer, got {type(optimizer).__name__}"
         )

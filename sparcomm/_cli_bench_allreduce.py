@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from sparcomm._cli_bench_quantized import CODECS, DEFAULT_CODECS
 from sparcomm.cli import arguments, command
 
 DEFAULT_SIZES = (16, 20, 24)
@@ -312,8 +313,8 @@ def bench_allreduce(args: argparse.Namespace) -> dict[str, Any] | None:
             bar.update()
     if bar is not None:
         bar.close()
-    # Quantized codecs (issue 4): sparcomm.comm._quantized_bench
-    from sparcomm.comm._quantized_bench import bench_quantized
+    # Quantized codecs: sparcomm._cli_bench_quantized
+    from sparcomm._cli_bench_quantized import bench_quantized
 
     quantized = bench_quantized(comm, args.sizes, args.codecs, dtype, args.repeats, args.seed)
     if rank != 0:
@@ -388,10 +389,9 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--codecs",
         nargs="*",
-        default=["qsgd4", "qsgd8", "terngrad", "onebit", "fp16"],
+        default=list(DEFAULT_CODECS),
         metavar="NAME",
-        help="quantized codecs to measure: qsgd2 qsgd4 qsgd8 terngrad onebit onebit-noef fp16 "
-        "(none: --codecs alone)",
+        help=f"quantized codecs to measure: {' '.join(CODECS)} (none: --codecs alone)",
     )
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--seed", type=int, default=0)
@@ -427,8 +427,6 @@ def _check(args: argparse.Namespace) -> None:
     for name in args.algorithms or ():
         if name not in ALL_ALGORITHMS:
             raise ValueError(f"--algorithms must be among {ALL_ALGORITHMS}, got {name!r}")
-    from sparcomm.comm._quantized_bench import CODECS
-
     for name in args.codecs:
         if name not in CODECS:
             raise ValueError(f"--codecs must be among {tuple(CODECS)}, got {name!r}")
@@ -459,7 +457,7 @@ def run(args: argparse.Namespace) -> int:
         if result["rows"]:
             print(format_table(result))
         if result["quantized"]:
-            from sparcomm.comm._quantized_bench import format_quantized
+            from sparcomm._cli_bench_quantized import format_quantized
 
             print(format_quantized(result["quantized"], result["ranks"]))
     return 0

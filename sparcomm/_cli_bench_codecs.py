@@ -39,17 +39,10 @@ def _median_seconds(function: Callable[[], Any], repeats: int) -> float:
 
 
 def _codecs() -> list[tuple[str, Any]]:
-    from sparcomm import FP16, QSGD, NoCompression, OneBit, TernGrad, TopK
+    """The codec registry's presets tagged ``"bench"``, labelled by preset."""
+    from sparcomm.codecs import CODECS
 
-    return [
-        ("NoCompression", NoCompression()),
-        ("FP16", FP16()),
-        ("TopK(density=0.01)", TopK(density=0.01)),
-        ("QSGD(bits=4)", QSGD(bits=4)),
-        ("QSGD(bits=8)", QSGD(bits=8)),
-        ("TernGrad", TernGrad()),
-        ("OneBit", OneBit(error_feedback=False)),
-    ]
+    return [(p.label, p.make()) for p in CODECS.presets("bench")]
 
 
 def _numpy_peer(codec: Any, x: np.ndarray) -> Callable[[], Any]:

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from sparcomm._torch_arrays import as_array as _as_array
+from sparcomm._torch_arrays import as_tensor as _as_tensor
 from sparcomm.reducer import GradientReducer, build_plan
 
 #: Gradients in these dtypes are reduced in float32 (the codecs compute in float32, and
@@ -72,18 +74,6 @@ def reduced_dtype(p: torch.Tensor) -> np.dtype:
         f"parameter of dtype {p.dtype}: sparcomm reduces float16, bfloat16, float32 and "
         "float64 gradients"
     )
-
-
-def _as_array(tensor: torch.Tensor) -> Any:
-    from sparcomm.torch import _as_array as as_array
-
-    return as_array(tensor)
-
-
-def _as_tensor(array: Any) -> torch.Tensor:
-    from sparcomm.torch import _as_tensor as as_tensor
-
-    return as_tensor(array)
 
 
 def threshold_for_groups(

@@ -34,17 +34,9 @@ RUNS: dict[str, Callable[[], Any]] = {}
 
 
 def _register_runs() -> None:
-    from sparcomm import QSGD, ErrorFeedback, NoCompression, OneBit, TernGrad, TopK
+    from sparcomm.codecs import CODECS  # the codec registry's presets tagged "demo"
 
-    RUNS.update(
-        {
-            "dense": NoCompression,
-            "topk-0.01+ef": lambda: ErrorFeedback(TopK(density=0.01)),
-            "qsgd-4bit": lambda: QSGD(bits=4),
-            "terngrad": TernGrad,
-            "onebit": OneBit,
-        }
-    )
+    RUNS.update({p.label: p.make for p in CODECS.presets("demo")})
 
 
 def load_task(
@@ -414,7 +406,7 @@ def _configure(parser: argparse.ArgumentParser) -> None:
         "--codecs",
         nargs="+",
         metavar="NAME",
-        help="subset of: dense topk-0.01+ef qsgd-4bit terngrad onebit",
+        help="subset of the codec presets tagged demo: dense topk-0.01+ef qsgd4 terngrad onebit",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

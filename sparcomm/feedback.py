@@ -66,6 +66,7 @@ class ErrorFeedback:
     codec_id = property(lambda self: self.codec.codec_id)
     name = property(lambda self: self.codec.name)
     is_sparse = property(lambda self: self.codec.is_sparse)
+    family = property(lambda self: self.codec.family)
     is_stochastic = property(lambda self: self.codec.is_stochastic)
     is_unbiased = False
 

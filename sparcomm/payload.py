@@ -7,7 +7,7 @@ Layout (all integers little-endian; documented byte by byte in docs/wire-format.
     offset  size         field
     0       4            magic b"SPCM"
     4       1            format version (FORMAT_VERSION)
-    5       1            codec id (CODEC_IDS)
+    5       1            codec id (CODEC_IDS, registered by the codec classes)
     6       1            dtype code of the decoded array (DTYPE_CODES)
     7       1            ndim of the decoded array (0..32)
     8       8            n, number of elements (uint64)
@@ -46,17 +46,41 @@ _HEADER = struct.Struct("<4sBBBBQBBHI")  # 24 bytes
 _DESCRIPTOR = struct.Struct("<B7xQ")  # 16 bytes
 _CRC_OFFSET = 20
 
-#: codec id -> (codec name, names of its arrays in wire order).  One source of truth for
-#: every codec's wire layout; the codec classes import their id from here.
-CODEC_IDS: dict[int, tuple[str, tuple[str, ...]]] = {
-    1: ("NoCompression", ("values",)),
-    2: ("FP16", ("values",)),
-    3: ("TopK", ("indices", "values")),
-    4: ("QSGD", ("scales", "packed")),
-    5: ("TernGrad", ("scales", "packed")),
-    6: ("OneBit", ("means", "packed")),
-    7: ("PowerSGD", ("p", "q")),
-}
+#: codec id -> (codec name, names of its arrays in wire order).  Filled by the codec
+#: classes themselves when they are defined (``class TopK(Codec, codec_id=3, ...)``, see
+#: :func:`register_layout`); the built-in ids are pinned by tests/codecs/test_registry.py.
+CODEC_IDS: dict[int, tuple[str, tuple[str, ...]]] = {}
+
+#: Codec ids fit the one-byte header field.
+MAX_CODEC_ID = 255
+
+
+def register_layout(codec_id: int, name: str, array_names: tuple[str, ...]) -> None:
+    """Record the name and wire-array names of codec ``codec_id`` for :class:`Payload`.
+
+    Called by :class:`sparcomm.codecs.Codec` when a subclass with a ``codec_id`` is
+    defined; the payload layer itself knows no codec.
+
+    Raises
+    ------
+    ValueError
+        If the id is outside 1..255 or already taken by a codec of another name.
+    """
+    if isinstance(codec_id, bool) or not isinstance(codec_id, int):
+        raise TypeError(f"codec_id must be an int, got {type(codec_id).__name__} {codec_id!r}")
+    if not 1 <= codec_id <= MAX_CODEC_ID:
+        raise ValueError(
+            f"codec_id must be in [1, {MAX_CODEC_ID}] (one header byte), got {codec_id}; "
+            "ids 1..127 are sparcomm's, pick one in 128..255 for your own codec"
+        )
+    taken = CODEC_IDS.get(codec_id)
+    if taken is not None and taken[0] != name:
+        raise ValueError(
+            f"codec_id {codec_id} is already used by {taken[0]}, cannot give it to {name}; "
+            f"pick a free id (taken: {sorted(CODEC_IDS)})"
+        )
+    CODEC_IDS[codec_id] = (name, tuple(array_names))
+
 
 #: dtype code <-> numpy dtype, for the decoded array and for each wire array.
 DTYPE_CODES: dict[int, np.dtype] = {

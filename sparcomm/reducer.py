@@ -183,10 +183,9 @@ def build_plan(
 
 
 def _is_dense_codec(codec: Any) -> bool:
-    from sparcomm.codecs import NoCompression
     from sparcomm.feedback import unwrap
 
-    return isinstance(unwrap(codec)[0], NoCompression)
+    return getattr(unwrap(codec)[0], "family", None) == "dense"
 
 
 def _is_low_rank(codec: Any) -> bool:

@@ -61,28 +61,6 @@ logger = logging.getLogger(__name__)
 _STATE_KEY = "sparcomm"
 
 
-def _as_array(tensor: torch.Tensor) -> Any:
-    """A NumPy (CPU) or CuPy (CUDA) array sharing ``tensor``'s memory: no copy."""
-    tensor = tensor.detach()
-    if tensor.device.type == "cpu":
-        return tensor.numpy()
-    if tensor.device.type == "cuda":
-        import cupy
-
-        return cupy.from_dlpack(tensor)
-    raise TypeError(
-        f"sparcomm reduces CPU and CUDA tensors, got a tensor on {tensor.device}; "
-        "move the model to 'cpu' or 'cuda'"
-    )
-
-
-def _as_tensor(array: Any) -> torch.Tensor:
-    """The inverse of :func:`_as_array`: a tensor sharing the array's memory."""
-    if isinstance(array, np.ndarray):
-        return torch.from_numpy(array)
-    return torch.from_dlpack(array)
-
-
 class _DistributedOptimizer(torch.optim.Optimizer):
     """The hooks and Horovod's methods, placed before the user's optimizer class.
 

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
+import _user_codecs  # noqa: F401  (a codec defined outside sparcomm: RandomK)
 import numpy as np
 import pytest
 
-from sparcomm import FP16, QSGD, NoCompression, OneBit, TernGrad, TopK
+from sparcomm.codecs import CODECS
 
 
 def all_codecs():
-    return [
-        NoCompression(),
-        FP16(),
-        TopK(density=0.1),
-        TopK(k=3),
-        QSGD(bits=4, bucket_size=7),
-        QSGD(levels=1, bucket_size=512, norm="max"),
-        TernGrad(),
-        TernGrad(bucket_size=5, clip=2.5),
-        OneBit(bucket_size=4, error_feedback=False),
-    ]
+    """Every registered codec's test configurations (``CODECS.presets("test")``)."""
+    return [preset.make() for preset in CODECS.presets("test")]
 
 
 @pytest.fixture(params=all_codecs(), ids=repr)

@@ -27,14 +27,10 @@ def test_bench_codecs_measures_every_codec(capsys):
     result = json.loads(capsys.readouterr().out)
     rows = result["rows"]
     codecs = {row["codec"] for row in rows}
-    assert {
-        "NoCompression",
-        "FP16",
-        "TopK(density=0.01)",
-        "QSGD(bits=4)",
-        "TernGrad",
-        "OneBit",
-    } <= codecs
+    from sparcomm.codecs import CODECS
+
+    assert codecs == {p.label for p in CODECS.presets("bench")}
+    assert {"dense", "fp16", "topk-0.01", "qsgd4", "terngrad", "onebit-noef"} <= codecs
     for row in rows:
         assert row["n"] == 4096
         assert row["encode_s"] > 0 and row["read_s"] > 0 and row["numpy_encode_s"] > 0

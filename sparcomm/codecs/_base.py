@@ -1,9 +1,11 @@
-"""The codec interface: validation, flattening, dispatch to kernels, payload checks.
+"""The codec interface: registration, validation, dispatch to kernels, payload checks.
 
-A codec subclass states its parameters and its algorithm in terms of kernel calls
-(``_encode_flat`` / ``_decode_flat``) and its exact wire layout (``_wire_arrays``);
-everything shared — input checks, the array-module dispatch, header parameters,
-payload validation, output allocation — lives here once.
+A codec subclass is one module: its id and family in the class statement
+(``class TopK(Codec, codec_id=3, family="sparse")``, which registers it), its parameters,
+its wire layout declared once (``wire``, see :mod:`sparcomm.codecs._wire`), and its
+algorithm in terms of kernel calls (``_encode_flat`` / ``_decode_flat``).  Everything
+derived or shared — sizes, payload checks, slicing for the collectives, input checks,
+the array-module dispatch, output allocation — lives here once.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import numpy as np
 
 from sparcomm._backend import array_module, kernels_for
 from sparcomm._random import stream_key
+from sparcomm.codecs._registry import CODECS, Preset, known_families
+from sparcomm.codecs._wire import Wire
 from sparcomm.kernels._checks import check_accumulate
-from sparcomm.payload import CODEC_IDS, Payload, wire_nbytes
+from sparcomm.payload import Payload, register_layout, wire_nbytes
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -68,27 +72,103 @@ def non_finite_error(count: int | None = None) -> ValueError:
 class Codec:
     """Base class of every codec: ``encode(x) -> Payload`` and ``decode(payload)``.
 
-    Subclasses set ``codec_id`` and implement ``_params``, ``_wire_arrays``,
-    ``_encode_flat`` and ``_decode_flat``.
+    A subclass names its id and family in the class statement, which registers it in
+    :data:`sparcomm.codecs.CODECS` and with the payload header::
+
+        class RandomK(Codec, codec_id=200, family="sparse"):
+            wire = (Wire("indices", np.int64, Entries("k")), Wire("values", INPUT, Entries("k")))
+
+    and implements ``_params``, ``_encode_flat`` and ``_decode_flat``.  Ids are stable
+    (they are written in every payload): 1..127 are sparcomm's, 128..255 are free for
+    codecs defined elsewhere.  A subclass without ``codec_id`` inherits its parent's
+    id, family and wire layout.
+
+    The family chooses the collective of ``sparcomm.allreduce`` (see
+    :mod:`sparcomm.comm._dispatch`); each family asks for a little of its codecs:
+
+    ``"sparse"``
+        The payload holds ``indices`` (ascending, unique) and ``values`` arrays.
+    ``"quantized"``
+        Every wire array is sliceable (:class:`~sparcomm.codecs._wire.Elements`,
+        :class:`~sparcomm.codecs._wire.Packed` or
+        :class:`~sparcomm.codecs._wire.PerBucket`): the collectives cut payloads into
+        chunks and decode-add them (``decode(..., accumulate=1)``).
+    ``"dense"``
+        The values themselves travel (MPI's own ``Allreduce``).
+    ``"low-rank"``
+        Linear codecs whose collective allreduces small factors (PowerSGD).
     """
 
     codec_id: ClassVar[int]
-    #: True for codecs whose payload is a sparse (index, value) list.
+    #: The collective family: one of ``"sparse"``, ``"quantized"``, ``"low-rank"``, ``"dense"``.
+    family: ClassVar[str]
+    #: The payload arrays in wire order (see :mod:`sparcomm.codecs._wire`).
+    wire: ClassVar[tuple[Wire, ...]] = ()
+    #: Their names (derived from ``wire``).
+    array_names: ClassVar[tuple[str, ...]] = ()
+    #: Named standard configurations, for the CLI, demo, benchmarks and tests.
+    presets: ClassVar[tuple[Preset, ...]] = ()
+    #: True for codecs whose payload is a sparse (index, value) list (``family == "sparse"``).
     is_sparse: ClassVar[bool] = False
     #: True when ``E[decode(encode(x))] == x``.
     is_unbiased: ClassVar[bool] = False
     #: True for codecs that draw random numbers (and so use seed, rank, key, step).
     is_stochastic: ClassVar[bool] = False
+    #: Capability: may quantize the dense phase of SparCML's Q-DSAR
+    #: (``allreduce(x, codec=TopK(...), dense_phase=c)``): a stateless quantized codec
+    #: that is unbiased or rounds to nearest.
+    dense_phase_capable: ClassVar[bool] = False
+    #: Capability of the quantized family's ``shared_scale`` algorithm (TernGrad's
+    #: scaler sharing): the codec offers ``bucket_for(n)``, ``local_scales(x)`` and
+    #: ``encode(x, scale=S)``, whose ``packed`` array holds 2-bit ternary codes
+    #: (0 -> 0, 1 -> +S, 2 -> -S) that the ranks' owners sum exactly as integers.
+    shares_scale: ClassVar[bool] = False
 
     seed: int = 0
     rank: int = 0
+
+    def __init_subclass__(
+        cls, *, codec_id: int | None = None, family: str | None = None, **kwargs: Any
+    ) -> None:
+        super().__init_subclass__(**kwargs)
+        if codec_id is None:
+            if family is not None:
+                raise TypeError(f"{cls.__name__}: family= needs a codec_id= as well")
+            return  # a variant of its parent: same id, family and wire layout
+        if family not in known_families():
+            raise ValueError(
+                f"{cls.__name__}: family must be one of {known_families()}, got {family!r}; "
+                "a new family is added with sparcomm.comm.register_family(family, collective)"
+            )
+        if not cls.wire or not all(isinstance(w, Wire) for w in cls.wire):
+            raise TypeError(
+                f"{cls.__name__}: declare the payload arrays as a non-empty tuple of Wire "
+                "in the class body, e.g. wire = (Wire('values', INPUT, Elements()),)"
+            )
+        names = tuple(w.name for w in cls.wire)
+        if family == "sparse" and names != ("indices", "values"):
+            raise TypeError(
+                f"{cls.__name__}: a sparse codec's payload is ('indices', 'values'), got {names}"
+            )
+        if family == "quantized" and not all(w.count.sliceable for w in cls.wire):
+            raise TypeError(
+                f"{cls.__name__}: a quantized codec's arrays must be sliceable (Elements, "
+                "Packed or PerBucket counts): the collectives cut payloads into chunks"
+            )
+        register_layout(codec_id, cls.__name__, names)
+        cls.codec_id = codec_id
+        cls.family = family
+        cls.array_names = names
+        cls.is_sparse = family == "sparse"
+        CODECS._add(cls)
 
     def __init__(self) -> None:
         self._calls: dict[Hashable, int] = {}
 
     @property
     def name(self) -> str:
-        return CODEC_IDS[self.codec_id][0]
+        """The registered name of the codec (its class's, or its parent's for a variant)."""
+        return CODECS.by_id(self.codec_id).__name__
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._describe()})"
@@ -101,10 +181,6 @@ class Codec:
         """Integer parameters written in the header and needed to decode."""
         raise NotImplementedError
 
-    def _wire_arrays(self, n: int, dtype: np.dtype) -> list[tuple[np.dtype, int]]:
-        """``(dtype, count)`` of each wire array for an input of n elements."""
-        raise NotImplementedError
-
     def _encode_flat(
         self, xp: ModuleType, kernels: ModuleType, flat: Any, stream: int, **options: Any
     ) -> dict[str, Any]:
@@ -115,6 +191,39 @@ class Codec:
     ) -> None:
         """Decode into ``out``; ``accumulate`` is ±1 only where ``fused_accumulate``."""
         raise NotImplementedError
+
+    # -- derived from the wire layout ---------------------------------------------------
+    def _wire_arrays(self, n: int, dtype: np.dtype) -> list[tuple[np.dtype, int]]:
+        """``(dtype, count)`` of each wire array for an input of n elements."""
+        return [(w.dtype_for(self, n, dtype), w.count.count(self, n)) for w in self.wire]
+
+    def slice_alignment(self) -> int:
+        """Elements: payloads can be cut on multiples of this (see :meth:`slice_payload`).
+
+        Raises
+        ------
+        NotImplementedError
+            For codecs whose payloads are entry lists (the sparse family).
+        """
+        return math.lcm(*(w.count.alignment(self) for w in self.wire))
+
+    def slice_payload(self, payload: Payload, start: int, stop: int) -> Payload:
+        """The payload of elements ``[start, stop)`` of ``payload``, as views (no copy).
+
+        ``start`` must be a multiple of :meth:`slice_alignment`, and ``stop`` one too or
+        ``payload.n``; the result decodes to exactly the elements ``[start, stop)`` of
+        the whole (same scales, same random draws).  The quantized collectives send
+        each owner its chunk this way after encoding the whole vector once.
+        """
+        arrays = {}
+        for w in self.wire:
+            bounds = w.count.bounds(self, payload.n, start, stop)
+            array = payload.arrays[w.name]
+            arrays[w.name] = array if bounds is None else array[bounds[0] : bounds[1]]
+        length = stop - start
+        return Payload(
+            payload.codec_id, length, payload.dtype, (length,), self._params(length), arrays
+        )
 
     # -- public API ---------------------------------------------------------------------
     def encoded_nbytes(self, n: int, dtype: Any = np.float32, ndim: int = 1) -> int:

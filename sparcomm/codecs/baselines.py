@@ -8,26 +8,26 @@ from typing import Any
 import numpy as np
 
 from sparcomm.codecs._base import Codec, non_finite_error
+from sparcomm.codecs._registry import preset
+from sparcomm.codecs._wire import INPUT, Elements, Wire
 from sparcomm.payload import Payload
 
 FP16_MAX = float(np.finfo(np.float16).max)
 
 
-class NoCompression(Codec):
+class NoCompression(Codec, codec_id=1, family="dense"):
     """The identity codec: values travel in their own dtype (the dense baseline).
 
     The payload owns a copy of the values, so it stays valid when the caller (or
     error feedback) reuses the input buffer.
     """
 
-    codec_id = 1
+    wire = (Wire("values", INPUT, Elements()),)
+    presets = (preset("dense", lambda: NoCompression(), "bench", "demo", "test"),)
     is_unbiased = True
 
     def _params(self, n: int) -> tuple[int, ...]:
         return ()
-
-    def _wire_arrays(self, n: int, dtype: np.dtype) -> list[tuple[np.dtype, int]]:
-        return [(dtype, n)]
 
     def _encode_flat(
         self, xp: ModuleType, kernels: ModuleType, flat: Any, stream: int, **options: Any
@@ -44,7 +44,7 @@ class NoCompression(Codec):
         out[...] = payload.arrays["values"]
 
 
-class FP16(Codec):
+class FP16(Codec, codec_id=2, family="quantized"):
     """Round to IEEE half precision (round to nearest even): 2 bytes per element.
 
     Values beyond the float16 range (|x| > 65504) would become Inf and are refused with
@@ -53,13 +53,12 @@ class FP16(Codec):
     NumPy's ``astype``); the decode adds or subtracts in place (``fused_accumulate``).
     """
 
-    codec_id = 2
+    wire = (Wire("values", np.float16, Elements()),)
+    presets = (preset("fp16", lambda: FP16(), "bench", "allreduce", "test"),)
+    dense_phase_capable = True
 
     def _params(self, n: int) -> tuple[int, ...]:
         return ()
-
-    def _wire_arrays(self, n: int, dtype: np.dtype) -> list[tuple[np.dtype, int]]:
-        return [(np.dtype(np.float16), n)]
 
     #: ``kernels.fp16_decode`` adds or subtracts in its decoding pass.
     fused_accumulate = True

@@ -13,11 +13,13 @@ from typing import Any
 import numpy as np
 
 from sparcomm.codecs._base import Codec, check_int, non_finite_error
+from sparcomm.codecs._registry import preset
+from sparcomm.codecs._wire import INPUT, Packed, PerBucket, Wire
 from sparcomm.codecs.qsgd import n_buckets, packed_nbytes
 from sparcomm.payload import Payload
 
 
-class OneBit(Codec):
+class OneBit(Codec, codec_id=6, family="quantized"):
     """Quantise by sign; reconstruct each bucket's entries by the mean of its group.
 
     Per bucket, the entries with ``x >= 0`` decode to their mean and those with
@@ -39,7 +41,17 @@ class OneBit(Codec):
     Wire: 1 bit per element packed (1 = negative) plus two means per bucket.
     """
 
-    codec_id = 6
+    wire = (
+        Wire("means", INPUT, PerBucket("bucket_size", per=2)),
+        Wire("packed", np.uint8, Packed(1)),
+    )
+    presets = (
+        # error feedback at the worker and at the owner
+        preset("onebit", lambda: OneBit(), "allreduce", "demo"),
+        # the bare quantizer (the collective without error feedback)
+        preset("onebit-noef", lambda: OneBit(error_feedback=False), "bench"),
+        preset("onebit-bucket4", lambda: OneBit(bucket_size=4, error_feedback=False), "test"),
+    )
 
     def __init__(self, bucket_size: int = 512, *, error_feedback: bool = True) -> None:
         super().__init__()
@@ -58,12 +70,6 @@ class OneBit(Codec):
 
     def _params(self, n: int) -> tuple[int, ...]:
         return (self.bucket_size,)
-
-    def _wire_arrays(self, n: int, dtype: np.dtype) -> list[tuple[np.dtype, int]]:
-        return [
-            (dtype, 2 * n_buckets(n, self.bucket_size)),
-            (np.dtype(np.uint8), packed_nbytes(n, 1)),
-        ]
 
     @property
     def feedback(self):

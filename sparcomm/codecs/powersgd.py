@@ -32,13 +32,15 @@ import math
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
 from sparcomm._backend import array_module
 from sparcomm._random import stream_key, uniform_reference
 from sparcomm.codecs._base import Codec, check_array, check_int, non_finite_error
+from sparcomm.codecs._registry import preset
+from sparcomm.codecs._wire import INPUT, Entries, Wire
 from sparcomm.payload import Payload, wire_nbytes
 
 #: Header parameters of a PowerSGD payload: rows, columns and the rank used (0: dense).
@@ -50,6 +52,13 @@ def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     rest (PyTorch's ``tensor.view(tensor.shape[0], -1)``); 1-D tensors are ``(n, 1)``."""
     rows = int(shape[0])
     return rows, int(math.prod(shape[1:]))
+
+
+def _shape_sized(codec: Any, n: int) -> int:
+    raise NotImplementedError(
+        "PowerSGD's factor sizes depend on the tensor's shape, not only its element "
+        "count n: use PowerSGD.encoded_nbytes(shape) or PowerSGD.factor_sizes(shape)"
+    )
 
 
 @dataclass
@@ -72,7 +81,7 @@ class LowRankWork:
     q: Any
 
 
-class PowerSGD(Codec):
+class PowerSGD(Codec, codec_id=7, family="low-rank"):
     """Low-rank gradient compression (PowerSGD) with warm start and error feedback.
 
     Parameters
@@ -113,9 +122,17 @@ class PowerSGD(Codec):
     Distributed Optimization", NeurIPS 2019.
     """
 
-    codec_id = 7
-    #: The collective family: linear, reduced by dense allreduces of the factors.
-    family: ClassVar[str] = "low-rank"
+    # The factors' sizes depend on the tensor's shape, not only on its element count:
+    # PowerSGD sizes its payloads itself (encoded_nbytes, check_payload), and its
+    # collective reduces the factors densely, so nothing slices these arrays.
+    wire = (
+        Wire("p", INPUT, Entries(_shape_sized)),
+        Wire("q", INPUT, Entries(_shape_sized)),
+    )
+    presets = (
+        preset("powersgd-r1", lambda: PowerSGD(rank=1)),
+        preset("powersgd-r4", lambda: PowerSGD(rank=4), "demo"),
+    )
 
     def __init__(
         self,

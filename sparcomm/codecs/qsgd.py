@@ -14,6 +14,8 @@ import numpy as np
 
 from sparcomm._backend import is_cupy_array
 from sparcomm.codecs._base import Codec, check_int, non_finite_error
+from sparcomm.codecs._registry import preset
+from sparcomm.codecs._wire import INPUT, Packed, PerBucket, Wire
 from sparcomm.payload import Payload
 
 NORMS = {"l2": 0, "max": 1}
@@ -33,7 +35,7 @@ def n_buckets(n: int, bucket_size: int) -> int:
     return -(-n // bucket_size)
 
 
-class QSGD(Codec):
+class QSGD(Codec, codec_id=4, family="quantized"):
     """Unbiased stochastic quantisation with ``s`` levels per bucket.
 
     For each bucket ``v`` of ``bucket_size`` elements, ``scale = ||v||_2`` (or
@@ -62,9 +64,20 @@ class QSGD(Codec):
     scale per bucket in the input dtype.
     """
 
-    codec_id = 4
+    wire = (
+        Wire("scales", INPUT, PerBucket("bucket_size")),
+        Wire("packed", np.uint8, Packed("bits")),
+    )
+    presets = (
+        preset("qsgd2", lambda: QSGD(bits=2)),
+        preset("qsgd4", lambda: QSGD(bits=4), "bench", "allreduce", "demo"),
+        preset("qsgd8", lambda: QSGD(bits=8), "bench", "allreduce"),
+        preset("qsgd4-bucket7", lambda: QSGD(bits=4, bucket_size=7), "test"),
+        preset("qsgd-levels1-max", lambda: QSGD(levels=1, norm="max"), "test"),
+    )
     is_unbiased = True
     is_stochastic = True
+    dense_phase_capable = True
 
     def __init__(
         self,
@@ -110,12 +123,6 @@ class QSGD(Codec):
 
     def _params(self, n: int) -> tuple[int, ...]:
         return (self.levels, self.bits, self.bucket_size, NORMS[self.norm])
-
-    def _wire_arrays(self, n: int, dtype: np.dtype) -> list[tuple[np.dtype, int]]:
-        return [
-            (dtype, n_buckets(n, self.bucket_size)),
-            (np.dtype(np.uint8), packed_nbytes(n, self.bits)),
-        ]
 
     def _encode_flat(
         self, xp: ModuleType, kernels: ModuleType, flat: Any, stream: int, **options: Any

@@ -14,6 +14,8 @@ import numpy as np
 
 from sparcomm._backend import array_module, kernels_for
 from sparcomm.codecs._base import Codec, check_array, check_int, non_finite_error
+from sparcomm.codecs._registry import preset
+from sparcomm.codecs._wire import INPUT, Packed, PerBucket, Wire
 from sparcomm.codecs.qsgd import n_buckets, packed_nbytes
 from sparcomm.payload import Payload
 
@@ -42,7 +44,7 @@ def _below(xp: ModuleType, scales: Any, local: Any) -> bool:
     return bool((negative | (magnitude < local.view(signed))).any())
 
 
-class TernGrad(Codec):
+class TernGrad(Codec, codec_id=5, family="quantized"):
     """Unbiased ternary quantisation: ``g~ = s * sign(g) * Bernoulli(|g| / s)``.
 
     ``s = max |g|`` over the tensor (``bucket_size=None``) or per bucket.  With
@@ -69,9 +71,18 @@ class TernGrad(Codec):
     Wire: 2 bits per element (0 -> 0, 1 -> +s, 2 -> -s) packed, plus the scales.
     """
 
-    codec_id = 5
+    wire = (
+        Wire("scales", INPUT, PerBucket("bucket_size")),  # None: one scale per tensor
+        Wire("packed", np.uint8, Packed(BITS)),
+    )
+    presets = (
+        preset("terngrad", lambda: TernGrad(), "bench", "allreduce", "demo", "test"),
+        preset("terngrad-bucket5-clip", lambda: TernGrad(bucket_size=5, clip=2.5), "test"),
+    )
     is_unbiased = True
     is_stochastic = True
+    dense_phase_capable = True
+    shares_scale = True
 
     def __init__(
         self, bucket_size: int | None = None, *, clip: float | None = None, seed: int = 0
@@ -102,12 +113,6 @@ class TernGrad(Codec):
 
     def _params(self, n: int) -> tuple[int, ...]:
         return (self.bucket_for(n),)
-
-    def _wire_arrays(self, n: int, dtype: np.dtype) -> list[tuple[np.dtype, int]]:
-        return [
-            (dtype, n_buckets(n, self.bucket_for(n))),
-            (np.dtype(np.uint8), packed_nbytes(n, BITS)),
-        ]
 
     def clip_threshold(self, flat: Any) -> float:
         """``clip * std(x)``, or inf without clipping.

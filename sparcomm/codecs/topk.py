@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 
 from sparcomm.codecs._base import Codec, check_int, non_finite_error
+from sparcomm.codecs._registry import preset
+from sparcomm.codecs._wire import INPUT, Entries, Wire
 from sparcomm.payload import Payload
 
 INT32_LIMIT = 2**31
@@ -23,7 +25,13 @@ def index_dtype(n: int) -> np.dtype:
     return np.dtype(np.int32) if n < INT32_LIMIT else np.dtype(np.int64)
 
 
-class TopK(Codec):
+def _with_feedback(codec: Codec) -> Any:
+    from sparcomm.feedback import ErrorFeedback  # feedback builds on the codecs
+
+    return ErrorFeedback(codec)
+
+
+class TopK(Codec, codec_id=3, family="sparse"):
     """Keep the k entries of largest magnitude; send their indices and values.
 
     Selection is exact: a radix select over the float bit pattern of ``|x|`` (see
@@ -44,8 +52,16 @@ class TopK(Codec):
     input dtype.  Biased: wrap it in :class:`~sparcomm.ErrorFeedback`.
     """
 
-    codec_id = 3
-    is_sparse = True
+    wire = (
+        Wire("indices", lambda codec, n: index_dtype(n), Entries(lambda codec, n: codec.k_for(n))),
+        Wire("values", INPUT, Entries(lambda codec, n: codec.k_for(n))),
+    )
+    presets = (
+        preset("topk-0.01", lambda: TopK(density=0.01), "bench"),
+        preset("topk-0.01+ef", lambda: _with_feedback(TopK(density=0.01)), "demo"),
+        preset("topk-0.1", lambda: TopK(density=0.1), "test"),
+        preset("topk-k3", lambda: TopK(k=3), "test"),
+    )
 
     def __init__(self, k: int | None = None, *, density: float | None = None) -> None:
         super().__init__()
@@ -83,10 +99,6 @@ class TopK(Codec):
 
     def _params(self, n: int) -> tuple[int, ...]:
         return (self.k_for(n),)
-
-    def _wire_arrays(self, n: int, dtype: np.dtype) -> list[tuple[np.dtype, int]]:
-        k = self.k_for(n)
-        return [(index_dtype(n), k), (dtype, k)]
 
     def _encode_flat(
         self, xp: ModuleType, kernels: ModuleType, flat: Any, stream: int, **options: Any

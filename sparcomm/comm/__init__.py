@@ -1,16 +1,33 @@
-"""Collectives over MPI: the SparCML sparse allreduce family, the dense path, the cost
-model that chooses between them, and per-call statistics.
+"""Collectives over MPI: the SparCML sparse allreduce family, the quantized family, the
+dense path, the cost model that chooses between algorithms, and per-call statistics.
 
-One module per concern: ``_allreduce`` (public entry points, signature check, codec
-registry), ``_sparse`` (allgather, SSAR recursive doubling, SSAR split-allgather, DSAR),
-``_cost`` (alpha-beta cost model, calibration, ``auto``), ``_context`` (private duplicate
-communicator, byte-counted MPI calls), ``_stats`` (:class:`AllreduceStats`).  The merge
-kernels live in ``sparcomm.kernels.cpu.merge``.
+One concern per module; imports point down this list (tests/comm/test_imports.py):
+
+* ``_allreduce`` -- the public entry point :func:`allreduce` (dispatch only);
+* ``_dispatch`` -- the table family -> collective (:func:`register_family`,
+  :func:`register_collective`);
+* the families: ``_dense``, ``_sparse_allreduce`` (entry) and ``_sparse`` (SparCML's
+  algorithms), ``_quantized``, ``_quantized_dsar`` (Q-DSAR);
+* ``_cost`` -- the one cost model (alpha-beta, calibration, ``auto``), with
+  ``_quantized_layout`` (chunks, integer sums);
+* ``_call`` -- the start of every collective (``begin_call``, the agreement);
+* ``_validate`` -- local input checks;
+* ``_protocol`` -- the agreement protocol and its code tables;
+* ``_context`` (private communicator, byte-counted channel), ``_stats``
+  (:class:`AllreduceStats`), ``_device`` (CuPy staging).
+
+No module here names a codec class: codecs describe themselves (family, wire layout,
+capabilities).  The merge kernels live in ``sparcomm.kernels.cpu.merge``.
 """
 
 from __future__ import annotations
 
-from sparcomm.comm._allreduce import allreduce, register_collective, sparse_allreduce
+from sparcomm.comm._allreduce import (
+    allreduce,
+    register_collective,
+    register_family,
+    sparse_allreduce,
+)
 from sparcomm.comm._cost import (
     ALL_ALGORITHMS,
     SPARSE_ALGORITHMS,
@@ -36,6 +53,7 @@ __all__ = [
     "powersgd_allreduce",
     "predict",
     "register_collective",
+    "register_family",
     "set_cost_model",
     "sparse_allreduce",
 ]

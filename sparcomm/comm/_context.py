@@ -37,20 +37,6 @@ _SCRATCH_LIMIT_BYTES = 64 << 20  # larger temporaries are allocated per call
 _TAG_ALLGATHERV = 1 << 10
 _TAG_ALLTOALLV = 2 << 10
 
-#: The int64 row every rank contributes before the data phase (see ``_allreduce``).
-SIGNATURE_FIELDS = (
-    "version",
-    "n",
-    "dtype",
-    "index_itemsize",
-    "codec",
-    "algorithm",
-    "op",
-    "cost_model",
-    "k",
-    "error",
-)
-
 
 @dataclass
 class _CommState:

@@ -26,24 +26,38 @@ from __future__ import annotations
 import math
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import numpy as np
 from mpi4py import MPI
 
-from sparcomm.comm._context import (
-    SIGNATURE_FIELDS,
-    Channel,
-    comm_state,
-    ring_allreduce_bytes,
+from sparcomm.comm import _sparse
+from sparcomm.comm._context import Channel, comm_state, ring_allreduce_bytes
+from sparcomm.comm._protocol import SIGNATURE_BYTES, SIGNATURE_FIELDS, STATUS_BYTES
+from sparcomm.comm._quantized_layout import (
+    MAX_INT16_RANKS,
+    SHARED_SCALE_ALIGNMENT,
+    TERNARY_BITS,
+    apply_scales,
+    chunk_alignment,
+    chunk_bounds,
+    chunk_nbytes,
+    expand_sums,
+    pack_sums,
+    sum_dtype,
+    sums_nbytes,
+    ternary_accumulate,
 )
 from sparcomm.comm._stats import AllreduceStats
 from sparcomm.kernels.cpu import merge as _merge
 
 SPARSE_ALGORITHMS = ("allgather", "recursive_doubling", "split_allgather", "dsar")
 ALL_ALGORITHMS = (*SPARSE_ALGORITHMS, "dense")
+QUANTIZED_ALGORITHMS = ("allgather", "reduce_scatter_allgather", "shared_scale")
 
-_SIGNATURE_BYTES = 8 * len(SIGNATURE_FIELDS)
+_CALIBRATION_ELEMENTS = 1 << 17
 
 
 @dataclass(frozen=True)
@@ -111,6 +125,8 @@ class Phase:
     pair_steps: float = 0.0
     # False for MPI's Allreduce: its bytes are accounted, its time is beta_allreduce's.
     bytes_timed: bool = True
+    # Local work of the busiest rank priced by a codec's CodecCosts: field -> elements.
+    compute: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -126,8 +142,12 @@ class Prediction:
         received = sum(float(p.received[rank]) for p in self.phases)
         return round(sent), round(received)
 
-    def time(self, model: CostModel) -> float:
-        """Predicted seconds: phases in sequence, each paced by its busiest rank."""
+    def time(self, model: CostModel, costs: CodecCosts | None = None) -> float:
+        """Predicted seconds: phases in sequence, each paced by its busiest rank.
+
+        ``costs`` prices the codec work of the quantized schedules (phases with
+        ``compute``); the sparse schedules need none.
+        """
         total = 0.0
         for p in self.phases:
             busiest = float(np.max(np.maximum(p.sent, p.received))) if p.sent.size else 0.0
@@ -141,6 +161,10 @@ class Prediction:
                 + model.dense * p.dense_elements
                 + model.beta_allreduce * p.allreduce_bytes
             )
+            if p.compute:
+                if costs is None:
+                    raise ValueError(f"phase {p.name!r} prices codec work: pass costs=")
+                total += sum(getattr(costs, kind) * count for kind, count in p.compute.items())
         return total
 
 
@@ -155,6 +179,8 @@ def expected_union(k: np.ndarray, n: int, length: float | None = None) -> float:
 
 
 def _ring(blocks, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-rank (sent, received) of a ring ``Allgather`` of ``blocks`` bytes (the
+    fixed-size signature row)."""
     blocks = np.asarray(blocks, dtype=np.float64)
     total = blocks.sum()
     ranks = np.arange(size)
@@ -197,7 +223,7 @@ def predict(
     log = math.ceil(math.log2(size)) if size > 1 else 0
     prediction = Prediction(algorithm)
     add = prediction.phases.append
-    sent, received = _ring([_SIGNATURE_BYTES] * size, size)
+    sent, received = _ring([SIGNATURE_BYTES] * size, size)
     add(Phase("check", 1, sent, received))
     zeros = np.zeros(size)
     if size == 1:
@@ -234,6 +260,22 @@ def predict(
     if dense_output:
         add(Phase("output", 0, zeros, zeros, dense_elements=n))
     return prediction
+
+
+def lazy_predicted_bytes(stats: AllreduceStats) -> Callable[[], tuple[int, int]]:
+    """The :func:`predict` bytes of the sparse or dense call that ``stats`` describes,
+    as a function: ``stats.predicted_bytes`` calls it on first access, so the calls
+    themselves do not pay for the prediction."""
+
+    def predicted() -> tuple[int, int]:
+        if stats.algorithm not in ALL_ALGORITHMS or not stats.k_all:
+            return (0, 0)
+        prediction = predict(
+            stats.algorithm, stats.n, stats.k_all, stats.itemsize, stats.index_itemsize, None
+        )
+        return prediction.bytes(stats.rank)
+
+    return predicted
 
 
 def _predict_recursive_doubling(add, n, k, itemsize, entry) -> None:
@@ -385,8 +427,6 @@ def calibrate(comm: MPI.Comm | None = None, *, repeats: int = 5) -> CostModel:
         # Measured on the real pattern, the signature check and a split-allgather of
         # one entry per rank (1 + 4 steps): ranks that arrive at a step at different
         # times, after some work, wait longer than ranks looping in lock-step would.
-        from sparcomm.comm import _sparse
-
         row = np.zeros(len(SIGNATURE_FIELDS), np.int64)
         problem = _sparse.Problem(
             channel,
@@ -532,3 +572,252 @@ def choose(
         for name in candidates
     }
     return min(predicted, key=predicted.__getitem__), predicted
+
+
+# ------------------------------------------------------------------ quantized schedules
+#
+# The schedules of sparcomm.comm._quantized (``P`` ranks, ``n`` elements, ``C(m)`` the
+# payload bytes of ``m`` elements, ``m_j`` the owners' chunks; per rank):
+#
+# * ``allgather`` -- allgather of ``P`` payloads: ``(P - 1) C(n)`` each way; decode
+#   ``P n`` elements.
+# * ``reduce_scatter_allgather`` -- ``Alltoallv`` of chunk payloads, then an allgather
+#   of the owners' re-encoded chunks: about ``2 (P - 1) / P C(n)`` each way; decode
+#   ``2 n``, encode ``n + n / P``.
+# * ``shared_scale`` (codecs with ``shares_scale``: TernGrad) -- a max-``Allreduce`` of
+#   the scales, ``Alltoallv`` of the 2-bit codes and an allgather of the sums,
+#   ``ceil(log2(2P + 1))`` bits each: about ``(P - 1) / P n (2 + ceil(log2(2P + 1))) / 8``
+#   bytes each way.
+#
+# Their codec work is priced per element by CodecCosts, which codec_costs measures once
+# per communicator, codec and dtype (every rank agrees on the maximum, so every rank
+# predicts the same and ``auto`` chooses alike everywhere).
+
+
+def candidates(codec: Any, size: int) -> tuple[str, ...]:
+    """The algorithms that can run ``codec`` on ``size`` ranks."""
+    if codec.shares_scale and size <= MAX_INT16_RANKS:
+        return QUANTIZED_ALGORITHMS
+    return QUANTIZED_ALGORITHMS[:2]
+
+
+@dataclass(frozen=True)
+class CodecCosts:
+    """Seconds per element of the local work of the quantized collectives.
+
+    Attributes
+    ----------
+    encode, decode : float
+        ``codec.encode`` / ``codec.decode`` (into a given buffer).
+    add : float
+        ``out += scratch``: one pass over a float buffer.
+    decode_add : float
+        ``out += decode(payload)`` as the sums run it: ``decode(..., accumulate=1)``, one
+        pass for codecs that fuse it, a decode and an add for the others.
+    accumulate, pack, expand : float
+        TernGrad's shared-scale path: add 2-bit codes into integer sums, pack the sums,
+        unpack them and multiply by the scale (``expand`` times both of these last
+        passes, as the ``output`` phase runs them; 0 for other codecs).
+    """
+
+    encode: float
+    decode: float
+    add: float
+    decode_add: float
+    accumulate: float = 0.0
+    pack: float = 0.0
+    expand: float = 0.0
+
+    def as_array(self) -> np.ndarray:
+        return np.array(
+            [
+                self.encode,
+                self.decode,
+                self.add,
+                self.decode_add,
+                self.accumulate,
+                self.pack,
+                self.expand,
+            ]
+        )
+
+
+def _alltoall(parts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-rank (sent, received) of an ``Alltoallv`` where ``parts[r, j]`` goes r -> j."""
+    parts = np.array(parts, dtype=np.float64)
+    np.fill_diagonal(parts, 0.0)
+    return parts.sum(axis=1), parts.sum(axis=0)
+
+
+def predict_quantized(algorithm: str, codec: Any, n: int, dtype: Any, size: int) -> Prediction:
+    """The schedule of ``algorithm`` for the bare codec ``codec`` on ``size`` ranks.
+
+    Parameters
+    ----------
+    algorithm : str
+        One of :data:`QUANTIZED_ALGORITHMS`.
+    codec : Codec
+        The bare codec of the quantized family (without error feedback: it changes no
+        byte).
+    n : int
+        Elements of the vector.
+    dtype : numpy.dtype
+        float32 or float64.
+    size : int
+        Number of ranks.
+    """
+    if algorithm not in QUANTIZED_ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {QUANTIZED_ALGORITHMS}")
+    dtype = np.dtype(dtype)
+    log = math.ceil(math.log2(size)) if size > 1 else 0
+    prediction = Prediction(algorithm)
+    add = prediction.phases.append
+    zeros = np.zeros(size)
+    add(Phase("check", log, *_ring(np.full(size, SIGNATURE_BYTES), size)))
+    if algorithm == "allgather":
+        payload = STATUS_BYTES + chunk_nbytes(codec, n, dtype)
+        add(Phase("encode", 0, zeros, zeros, compute={"encode": n}))
+        add(Phase("allgather", size - 1, *_direct(np.full(size, payload), size)))
+        add(Phase("decode", 0, zeros, zeros, compute={"decode": n, "decode_add": (size - 1) * n}))
+        return prediction
+    if algorithm == "reduce_scatter_allgather":
+        bounds = chunk_bounds(n, size, chunk_alignment(codec))
+        lengths = np.diff(bounds)
+        chunk = STATUS_BYTES + np.array(
+            [chunk_nbytes(codec, int(m), dtype) for m in lengths], dtype=float
+        )
+        busiest = float(lengths.max())
+        add(Phase("encode", 0, zeros, zeros, compute={"encode": n}))
+        add(Phase("reduce_scatter", size - 1, *_alltoall(np.tile(chunk, (size, 1)))))
+        add(
+            Phase(
+                "owner_sum",
+                0,
+                zeros,
+                zeros,
+                compute={"decode": busiest, "decode_add": (size - 1) * busiest, "encode": busiest},
+            )
+        )
+        add(Phase("allgather", size - 1, *_direct(chunk, size)))
+        add(Phase("decode", 0, zeros, zeros, compute={"decode": n}))
+        return prediction
+    if not codec.shares_scale:
+        raise NotImplementedError(
+            f"algorithm 'shared_scale' sums ternary values as integers (TernGrad's "
+            f"scaler sharing); {type(codec).__name__} has no shared scale: use 'allgather' or "
+            "'reduce_scatter_allgather'"
+        )
+    sum_dtype(size)  # refuses too many ranks
+    scales = -(-n // codec.bucket_for(n))
+    scale_bytes = float(ring_allreduce_bytes(scales * dtype.itemsize, size))
+    bounds = chunk_bounds(n, size, SHARED_SCALE_ALIGNMENT)
+    lengths = np.diff(bounds)
+    codes = np.array([-(-int(m) * TERNARY_BITS // 8) for m in lengths], dtype=float)
+    sums = np.array([sums_nbytes(int(m), size) for m in lengths], dtype=float)
+    busiest = float(lengths.max())
+    add(Phase("scale", 0, zeros, zeros, compute={"add": n}))
+    add(
+        Phase(
+            "scale_allreduce",
+            2 * log,
+            np.full(size, scale_bytes),
+            np.full(size, scale_bytes) if size > 1 else zeros,
+        )
+    )
+    add(Phase("encode", 0, zeros, zeros, compute={"encode": n}))
+    add(Phase("reduce_scatter", size - 1, *_alltoall(np.tile(codes, (size, 1)))))
+    add(
+        Phase(
+            "integer_sum",
+            0,
+            zeros,
+            zeros,
+            compute={"accumulate": size * busiest, "pack": busiest},
+        )
+    )
+    add(Phase("allgather", size - 1, *_direct(sums, size)))
+    add(Phase("output", 0, zeros, zeros, compute={"expand": n}))
+    return prediction
+
+
+def choose_quantized(
+    model: CostModel, costs: CodecCosts, codec: Any, n: int, dtype: Any, size: int
+) -> tuple[str, dict[str, float]]:
+    """The candidate with the least predicted time, and every candidate's prediction."""
+    predicted = {
+        name: predict_quantized(name, codec, n, dtype, size).time(model, costs)
+        for name in candidates(codec, size)
+    }
+    return min(predicted, key=predicted.__getitem__), predicted
+
+
+_CODEC_KEYVAL: int | None = None
+
+
+def _median_time(function, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _measure(codec: Any, dtype: np.dtype, repeats: int) -> CodecCosts:
+    m = _CALIBRATION_ELEMENTS
+    x = np.random.default_rng(2024).standard_normal(m).astype(dtype)
+    out = np.empty_like(x)
+    scratch = np.zeros_like(x)
+    payload = codec.encode(x, key="sparcomm.calibration", step=0)  # compiles or loads
+    codec.decode(payload, out=out)
+    encode = _median_time(lambda: codec.encode(x, key="sparcomm.calibration", step=0), repeats)
+    decode = _median_time(lambda: codec.decode(payload, out=out), repeats)
+    add = _median_time(lambda: np.add(out, scratch, out=out), repeats)
+    if codec.fused_accumulate:
+        decode_add = _median_time(lambda: codec.decode(payload, out=out, accumulate=1), repeats)
+    else:
+        decode_add = decode + add
+    accumulate = pack = expand = 0.0
+    if codec.shares_scale:
+        packed = payload.arrays["packed"]
+        acc = np.zeros(m, dtype=sum_dtype(2))
+        codes = np.empty(m, np.uint8)
+        ones = np.empty(m, np.uint8)
+        wire = np.empty(sums_nbytes(m, 2), np.uint8)
+        accumulate = _median_time(lambda: ternary_accumulate(packed, acc, codes, ones), repeats)
+        acc[:] = 0
+        pack = _median_time(lambda: pack_sums(acc, 2, codes, wire), repeats)
+        scales, bucket = payload.arrays["scales"], codec.bucket_for(m)
+
+        def output() -> None:  # the "output" phase of shared_scale: both passes
+            expand_sums(wire, 2, codes, out)
+            apply_scales(out, scales, bucket)
+
+        expand = _median_time(output, repeats)
+    values = (encode, decode, add, decode_add, accumulate, pack, expand)
+    return CodecCosts(*(value / m for value in values))
+
+
+def codec_costs(
+    comm: MPI.Comm, codec: Any, dtype: Any, describe: str, *, repeats: int = 3
+) -> CodecCosts:
+    """The cached :class:`CodecCosts` of ``codec`` on ``comm`` (collective on first use).
+
+    Every rank measures; the maximum of each constant is agreed with one ``Allreduce``
+    so that every rank holds the same costs.  Cached per ``(describe, dtype)`` as an
+    attribute of ``comm`` (the private duplicate the collectives run on).
+    """
+    global _CODEC_KEYVAL
+    if _CODEC_KEYVAL is None:
+        _CODEC_KEYVAL = MPI.Comm.Create_keyval()
+    cache = cast("dict[tuple[str, str], CodecCosts] | None", comm.Get_attr(_CODEC_KEYVAL))
+    if cache is None:
+        cache = {}
+        comm.Set_attr(_CODEC_KEYVAL, cache)
+    entry = (describe, np.dtype(dtype).str)
+    if entry not in cache:
+        local = _measure(codec, np.dtype(dtype), repeats).as_array()
+        agreed = np.empty_like(local)
+        comm.Allreduce(local, agreed, op=MPI.MAX)
+        cache[entry] = CodecCosts(*(float(v) for v in agreed))
+    return cache[entry]

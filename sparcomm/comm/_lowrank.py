@@ -24,28 +24,30 @@ the two small factor buffers through host memory.
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from mpi4py import MPI
 
 from sparcomm._backend import array_module
 from sparcomm.codecs._base import non_finite_error
-from sparcomm.codecs.powersgd import LowRankWork, PowerSGD
-from sparcomm.comm._allreduce import (
-    _FIELD,
-    _check_common,
-    _check_signature,
-    _check_values,
-    _fingerprint,
-    _signature_row,
-    begin_call,
-    describe_codec,
-)
+from sparcomm.comm._call import Local, begin_call
 from sparcomm.comm._context import Channel
+from sparcomm.comm._protocol import (
+    LOWRANK_ALGORITHM_CODES,
+    SIGNATURE_COLUMNS,
+    code,
+    describe_codec,
+    fingerprint,
+)
 from sparcomm.comm._stats import AllreduceStats
+from sparcomm.comm._validate import check_common, check_values
 
-_ALGORITHMS = ("auto", "powersgd")
+if TYPE_CHECKING:  # comm reads a codec's family, never its class
+    from sparcomm.codecs.powersgd import LowRankWork, PowerSGD
+
+_ALGORITHMS = tuple(LOWRANK_ALGORITHM_CODES)
+_K_FIELD = SIGNATURE_COLUMNS["k"]
 
 
 def powersgd_allreduce(
@@ -96,14 +98,17 @@ def powersgd_allreduce(
         On every rank, when any rank's input is invalid or the ranks disagree on the
         tensors, the codec or ``op``.
     """
-    comm, _, stats, channel = begin_call(comm, stats)
+    call = begin_call(comm, stats)
+    stats, channel = call.stats, call.channel
     codec_text = describe_codec(codec)
-    error: BaseException | None = None
     works: list[LowRankWork] = []
     p_buffer = q_buffer = None
-    n, dtype, layout_text = -1, None, ""
-    try:
-        _check_common(op, algorithm, _ALGORITHMS)
+    n, dtype = -1, None
+
+    def prepare() -> Local:
+        nonlocal works, p_buffer, q_buffer, n, dtype
+        nonlocal arrays, keys
+        check_common(op, algorithm, _ALGORITHMS)
         arrays, keys = _check_inputs(arrays, codec, keys, outs)
         n, dtype = sum(int(a.size) for a in arrays), arrays[0].dtype
         layout_text = repr([(k, tuple(a.shape)) for k, a in zip(keys, arrays, strict=True)])
@@ -112,11 +117,16 @@ def powersgd_allreduce(
             xp = array_module(p_buffer)
             if not bool(xp.isfinite(p_buffer).all()):
                 raise non_finite_error()
-    except Exception as caught:  # held back until every rank has heard of it
-        error = caught
-    row = _signature_row(n, dtype, 0, codec_text, "auto", op, 0, _fingerprint(layout_text))
-    table = _check_signature(channel, row, error, codec_text, "allreduce")
-    column = table[:, _FIELD["k"]]
+        # The k column carries a fingerprint of the tensors' keys and shapes.
+        return Local(n=n, dtype=dtype, k=fingerprint(layout_text))
+
+    table = call.agree(
+        prepare,
+        codec_text=codec_text,
+        algorithm=code(LOWRANK_ALGORITHM_CODES, algorithm),
+        op=op,
+    )
+    column = table[:, _K_FIELD]
     if np.any(column != column[0]):
         raise ValueError(
             f"allreduce: ranks disagree on the tensors' shapes or keys (rank "
@@ -183,11 +193,14 @@ def _check_inputs(
             f"{codec!r}: PowerSGD keeps its error feedback itself (error_feedback=True, the "
             "default); pass the PowerSGD codec unwrapped"
         )
-    if not isinstance(codec, PowerSGD):
-        raise TypeError(f"codec must be a PowerSGD, got {type(codec).__name__}")
+    if getattr(codec, "family", None) != "low-rank":
+        raise TypeError(
+            f"codec must be a low-rank codec (family 'low-rank', e.g. sparcomm.PowerSGD), "
+            f"got {type(codec).__name__}"
+        )
     if isinstance(arrays, (str, bytes)) or not isinstance(arrays, Sequence) or not arrays:
         raise TypeError(f"arrays must be a non-empty list of arrays, got {type(arrays).__name__}")
-    arrays = [_check_values(a, f"arrays[{i}]") for i, a in enumerate(arrays)]
+    arrays = [check_values(a, f"arrays[{i}]") for i, a in enumerate(arrays)]
     keys = list(keys)
     if len(keys) != len(arrays):
         raise ValueError(f"give one key per array: {len(arrays)} arrays, {len(keys)} keys")

@@ -37,7 +37,6 @@ of the schedule, which all ranks complete.
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -45,23 +44,8 @@ import numpy as np
 from mpi4py import MPI
 
 from sparcomm._backend import array_module, kernels_for
-from sparcomm.codecs import TernGrad
 from sparcomm.comm import _cost
-from sparcomm.comm._allreduce import (
-    _ERROR_CLASSES,
-    _FIELD,
-    ALGORITHM_CODES,
-    _check_common,
-    _check_no_partial_overlap,
-    _check_out,
-    _check_signature,
-    _check_values,
-    _error_code,
-    _signature_row,
-    begin_call,
-    describe_codec,
-    register_collective,
-)
+from sparcomm.comm._call import Local, begin_call
 from sparcomm.comm._context import Channel, ring_allreduce_bytes
 from sparcomm.comm._device import (
     DeviceStaging,
@@ -71,16 +55,18 @@ from sparcomm.comm._device import (
     is_device,
     payloads_to_device,
 )
-from sparcomm.comm._quantized_cost import (
-    QUANTIZED_ALGORITHMS,
-    SHARED_SCALE_ALIGNMENT,
-    choose_quantized,
-    codec_costs,
-    predict_quantized,
+from sparcomm.comm._protocol import (
+    QUANTIZED_ALGORITHM_CODES,
+    STATUS_BYTES,
+    code,
+    describe_codec,
+    error_code,
+    first_failure,
+    raise_failure,
+    write_status,
 )
 from sparcomm.comm._quantized_layout import (
-    QUANTIZED_CODECS,
-    STATUS_BYTES,
+    SHARED_SCALE_ALIGNMENT,
     TERNARY_BITS,
     apply_scales,
     chunk_alignment,
@@ -89,58 +75,21 @@ from sparcomm.comm._quantized_layout import (
     expand_sums,
     owner_key,
     pack_sums,
-    slice_payload,
     sum_dtype,
     sums_nbytes,
     ternary_accumulate,
 )
 from sparcomm.comm._stats import AllreduceStats
+from sparcomm.comm._validate import (
+    check_common,
+    check_no_partial_overlap,
+    check_out,
+    check_values,
+)
 from sparcomm.feedback import ErrorFeedback, unwrap
 from sparcomm.payload import Payload
 
-_REQUESTABLE = ("auto", *QUANTIZED_ALGORITHMS)
-# Signature codes of the algorithms (0 is "auto", which the signature check knows).
-_ALGORITHM_CODES = {name: 100 + i for i, name in enumerate(QUANTIZED_ALGORITHMS)}
-
-# Every data block starts with this status: the failing rank (-1: none) and the code of
-# its error class in _allreduce's table.  8 bytes keep the payload behind it aligned.
-_STATUS = struct.Struct("<ii")
-assert _STATUS.size == STATUS_BYTES
-
-
-# ------------------------------------------------------------------ status blocks
-
-
-def _write_status(block: np.ndarray, failed_rank: int, code: int) -> None:
-    block[:STATUS_BYTES] = np.frombuffer(_STATUS.pack(failed_rank, code), dtype=np.uint8)
-
-
-def _read_status(block: np.ndarray) -> tuple[int, int]:
-    return _STATUS.unpack(block[:STATUS_BYTES].tobytes())
-
-
-def _first_failure(blocks: np.ndarray, offsets: np.ndarray) -> tuple[int, int]:
-    """The first failure reported by the blocks ``blocks[offsets[r]:offsets[r+1]]``
-    (empty blocks, such as a rank's own in an ``Alltoallv``, are skipped)."""
-    for r in range(offsets.size - 1):
-        if offsets[r + 1] - offsets[r] >= STATUS_BYTES:
-            failed, code = _read_status(blocks[offsets[r] : offsets[r] + STATUS_BYTES])
-            if failed >= 0:
-                return failed, code
-    return -1, 0
-
-
-def _raise_failure(own: BaseException | None, failed: int, code: int) -> None:
-    """Raise this rank's own error, or the class another rank reported."""
-    if own is not None:
-        raise own
-    if failed >= 0:
-        cls = _ERROR_CLASSES[code - 1] if 1 <= code <= len(_ERROR_CLASSES) else RuntimeError
-        raise cls(
-            f"allreduce: rank {failed} failed to encode its part ({cls.__name__}; for "
-            "example non-finite values, or a sum that overflowed at an owner); its own "
-            "message says why; the result was discarded on every rank"
-        )
+_REQUESTABLE = ("auto", *_cost.QUANTIZED_ALGORITHMS)
 
 
 # ------------------------------------------------------------------ scratch
@@ -228,7 +177,7 @@ def _decode_sum(codec: Any, payloads: list[Payload], out: Any, blocked: bool = T
     payload added in its decode pass (``decode(..., accumulate=1)``).
 
     ``blocked`` (host arrays) works block by block (blocks of whole buckets, see
-    :func:`slice_payload`) so that the block of ``out`` stays in cache while every payload
+    ``Codec.slice_payload``) so that the block of ``out`` stays in cache while every payload
     is added to it; every element is still the same rank-order sum, so the result does not
     depend on the block.  On the device one launch per payload covers all of ``out``.
     """
@@ -244,7 +193,7 @@ def _decode_sum(codec: Any, payloads: list[Payload], out: Any, blocked: bool = T
             parts = (
                 payloads
                 if stop - start == n
-                else [slice_payload(codec, p, start, stop) for p in payloads]
+                else [codec.slice_payload(p, start, stop) for p in payloads]
             )
             codec.decode(parts[0], out=target)
             for part in parts[1:]:
@@ -287,13 +236,13 @@ def allgather(problem: _Problem) -> None:
     with stats._phase("encode"):
         try:
             problem.encode(problem.x, problem.key).to_bytes(out=send[STATUS_BYTES:])
-            _write_status(send, -1, 0)
+            write_status(send, -1, 0)
         except Exception as caught:
             error = caught
-            _write_status(send, rank, _error_code(caught))
+            write_status(send, rank, error_code(caught))
     with stats._phase("allgather"):
         recv, offsets = _allgatherv(problem, send, np.full(size, block, dtype=np.int64))
-    _raise_failure(error, *_first_failure(recv, offsets))
+    raise_failure(error, *first_failure(recv, offsets))
     with stats._phase("decode"):
         payloads = [
             Payload.from_bytes(recv[offsets[r] + STATUS_BYTES : offsets[r + 1]])
@@ -330,11 +279,11 @@ def reduce_scatter_allgather(problem: _Problem) -> None:
             payload = problem.encode(problem.x, problem.key)
             for j in range(size):
                 if lengths[j]:
-                    parts[j] = slice_payload(codec, payload, int(bounds[j]), int(bounds[j + 1]))
+                    parts[j] = codec.slice_payload(payload, int(bounds[j]), int(bounds[j + 1]))
             for j in range(size):
                 if j != rank:
                     target = send[send_offsets[j] : send_offsets[j] + send_counts[j]]
-                    _write_status(target, -1, 0)
+                    write_status(target, -1, 0)
                     part = parts[j]
                     if part is not None:
                         part.to_bytes(out=target[STATUS_BYTES:])
@@ -342,12 +291,12 @@ def reduce_scatter_allgather(problem: _Problem) -> None:
             error = caught
             for j in range(size):
                 if j != rank:
-                    _write_status(send[send_offsets[j] :], rank, _error_code(caught))
+                    write_status(send[send_offsets[j] :], rank, error_code(caught))
     recv_counts = np.where(np.arange(size) == rank, 0, blocks[rank]).astype(np.int64)
     with stats._phase("reduce_scatter"):
         recv, recv_offsets = _alltoallv(problem, send, send_counts, send_offsets, recv_counts)
     mine = problem.scratch.get("mine", int(blocks[rank]), np.uint8)
-    failed, code = (rank, _error_code(error)) if error else _first_failure(recv, recv_offsets)
+    failed, code = (rank, error_code(error)) if error else first_failure(recv, recv_offsets)
     with stats._phase("owner_sum"):
         if failed < 0 and lengths[rank]:
             try:
@@ -367,11 +316,11 @@ def reduce_scatter_allgather(problem: _Problem) -> None:
                 reencoded.to_bytes(out=mine[STATUS_BYTES:])
             except Exception as caught:
                 error = caught
-                failed, code = rank, _error_code(caught)
-        _write_status(mine, failed, code)
+                failed, code = rank, error_code(caught)
+        write_status(mine, failed, code)
     with stats._phase("allgather"):
         gathered, offsets = _allgatherv(problem, mine, blocks)
-    _raise_failure(error, *_first_failure(gathered, offsets))
+    raise_failure(error, *first_failure(gathered, offsets))
     with stats._phase("decode"):
         chunks = [
             Payload.from_bytes(gathered[offsets[j] + STATUS_BYTES : offsets[j + 1]])
@@ -494,16 +443,17 @@ ALGORITHMS = {
 
 
 def _check_request(x: np.ndarray, bare: Any, algorithm: str, op: str, size: int) -> None:
-    if not isinstance(bare, QUANTIZED_CODECS):
+    if getattr(bare, "family", None) != "quantized":
         raise NotImplementedError(
-            f"quantized allreduce takes QSGD, TernGrad, OneBit or FP16, got {type(bare).__name__}"
+            f"the quantized allreduce takes codecs of the quantized family, got "
+            f"{type(bare).__name__} (family {getattr(bare, 'family', None)!r})"
         )
-    _check_common(op, algorithm, _REQUESTABLE)
+    check_common(op, algorithm, _REQUESTABLE)
     if algorithm == "shared_scale":
-        if not isinstance(bare, TernGrad):
+        if not bare.shares_scale:
             raise NotImplementedError(
-                f"algorithm 'shared_scale' sums TernGrad's ternary values as integers; "
-                f"{type(bare).__name__} has no shared scale: use 'allgather' or "
+                f"algorithm 'shared_scale' sums ternary values as integers (TernGrad's "
+                f"scaler sharing); {type(bare).__name__} has no shared scale: use 'allgather' or "
                 "'reduce_scatter_allgather'"
             )
         sum_dtype(size)
@@ -529,7 +479,8 @@ def quantized_allreduce(
     ----------
     x : numpy.ndarray of float32 or float64
         This rank's buffer (same size and dtype on every rank).
-    codec : QSGD, TernGrad, OneBit or FP16, optionally under ErrorFeedback
+    codec : a codec of the quantized family (QSGD, TernGrad, OneBit, FP16, or your
+        own), optionally under ErrorFeedback
         ``OneBit()`` keeps its own error feedback; its memory (or the ``ErrorFeedback``
         wrapper's) also holds the owner-side residuals of ``reduce_scatter_allgather``
         under :func:`~sparcomm.comm._quantized_layout.owner_key`, so ``state_dict()``
@@ -538,8 +489,8 @@ def quantized_allreduce(
         Communicator (``MPI.COMM_WORLD`` by default).
     op : {"sum", "mean"}
     algorithm : {"auto", "allgather", "reduce_scatter_allgather", "shared_scale"}
-        ``auto`` chooses the least predicted time (:mod:`._quantized_cost`);
-        ``shared_scale`` is for TernGrad only.
+        ``auto`` chooses the least predicted time (:mod:`._cost`);
+        ``shared_scale`` is for codecs that share a scale (``shares_scale``: TernGrad).
     key, step :
         Tensor key (residual and random stream) and training step (random stream).
     stats : AllreduceStats, optional
@@ -553,27 +504,27 @@ def quantized_allreduce(
     numpy.ndarray
         The reduced array shaped like ``x``, bitwise identical on every rank.
     """
-    comm, state, stats, channel = begin_call(comm, stats)
-    codec_text = describe_codec(codec)
+    call = begin_call(comm, stats)
+    state, stats, channel = call.state, call.stats, call.channel
     bare, memory = unwrap(codec)
-    error: BaseException | None = None
-    n, dtype = -1, None
     device = is_device(x)
-    try:
-        x = _check_values(x, "x")
-        n, dtype = x.size, x.dtype
-        _check_request(x, bare, algorithm, op, channel.size)
-        _check_out(out, n, dtype, device)
-        _check_no_partial_overlap(out, x)
-    except Exception as caught:  # held back until every rank has heard of it
-        error = caught
+
+    def prepare() -> Local:
+        array = check_values(x, "x")
+        _check_request(array, bare, algorithm, op, channel.size)
+        check_out(out, array.size, array.dtype, device)
+        check_no_partial_overlap(out, array)
+        return Local(array.size, array.dtype, 0, array.size)
+
     model = state.model if algorithm == "auto" else None
-    row = _signature_row(
-        n, dtype, 0, codec_text, "auto", op, model.fingerprint() if model else 0, max(n, 0)
+    call.agree(
+        prepare,
+        codec_text=describe_codec(codec),
+        algorithm=code(QUANTIZED_ALGORITHM_CODES, algorithm),
+        op=op,
+        model_fingerprint=model.fingerprint() if model else 0,
     )
-    row[_FIELD["algorithm"]] = 0 if algorithm == "auto" else _ALGORITHM_CODES.get(algorithm, -1)
-    _check_signature(channel, row, error, codec_text, "allreduce")
-    assert dtype is not None  # _check_signature raised otherwise
+    n, dtype = x.size, x.dtype
     size, rank = channel.size, channel.rank
     stats.requested, stats.size, stats.n = algorithm, size, n
     stats.itemsize, stats.k, stats.k_all = dtype.itemsize, n, [n] * size
@@ -584,12 +535,12 @@ def quantized_allreduce(
         name = "allgather"  # every algorithm is one local encode and decode at P = 1
     else:
         with stats._phase("choose"):
-            costs = codec_costs(state.comm, bare, dtype, describe_codec(bare))
-            name, stats.predicted = choose_quantized(
-                _cost.cost_model(comm), costs, bare, n, dtype, size
+            costs = _cost.codec_costs(state.comm, bare, dtype, describe_codec(bare))
+            name, stats.predicted = _cost.choose_quantized(
+                _cost.cost_model(call.comm), costs, bare, n, dtype, size
             )
     stats.algorithm = name
-    stats.predicted_bytes = predict_quantized(name, bare, n, dtype, size).bytes(rank)
+    stats.predicted_bytes = _cost.predict_quantized(name, bare, n, dtype, size).bytes(rank)
     result: Any
     if device:  # payloads are decoded on the device, or the sum copied there once
         flat = state.staging.host_buffer(n, dtype, "result")
@@ -621,12 +572,3 @@ def quantized_allreduce(
             if device:
                 dense_to_device(flat, result)
     return result
-
-
-def _register() -> None:
-    for codec_type in QUANTIZED_CODECS:
-        register_collective(codec_type, quantized_allreduce)
-    ALGORITHM_CODES.update({code: name for name, code in _ALGORITHM_CODES.items()})
-
-
-_register()

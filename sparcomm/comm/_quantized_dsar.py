@@ -25,30 +25,32 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
-from sparcomm.codecs import FP16, QSGD, TernGrad, TopK
 from sparcomm.comm import _cost, _sparse
-from sparcomm.comm._allreduce import (
-    _FIELD,
-    _check_common,
-    _check_out,
-    _check_signature,
-    _check_values,
-    _error_code,
-    _index_dtype,
-    _prepare_stream,
-    _signature_row,
-    begin_call,
-    describe_codec,
-)
+from sparcomm.comm._call import Local, begin_call
 from sparcomm.comm._device import device_output, is_device, result_to_device
-from sparcomm.comm._quantized import _first_failure, _raise_failure, _write_status
-from sparcomm.comm._quantized_layout import STATUS_BYTES, chunk_nbytes
+from sparcomm.comm._protocol import (
+    SIGNATURE_COLUMNS,
+    SPARSE_ALGORITHM_CODES,
+    STATUS_BYTES,
+    code,
+    describe_codec,
+    error_code,
+    first_failure,
+    raise_failure,
+    write_status,
+)
+from sparcomm.comm._quantized_layout import chunk_nbytes
 from sparcomm.comm._stats import AllreduceStats
+from sparcomm.comm._validate import (
+    check_common,
+    check_out,
+    check_values,
+    index_dtype,
+    prepare_stream,
+)
 from sparcomm.feedback import unwrap
 from sparcomm.payload import Payload
 
-#: Codecs the dense phase accepts: unbiased stochastic rounding, or FP16's rounding.
-DENSE_PHASE_CODECS = (QSGD, TernGrad, FP16)
 _REQUESTABLE = ("auto", "dsar")
 
 
@@ -61,18 +63,19 @@ def _padded(nbytes: float) -> float:
     return -(-nbytes // 8) * 8
 
 
-def _check_dense_phase(codec: Any, dense_phase: Any) -> TopK:
+def _check_dense_phase(codec: Any, dense_phase: Any) -> Any:
     bare, _ = unwrap(codec)
-    if not isinstance(bare, TopK):
+    if getattr(bare, "family", None) != "sparse":
         raise NotImplementedError(
             f"dense_phase= quantizes the dense phase of the sparse allreduce (SparCML's "
-            f"Q-DSAR) and needs codec=TopK(...) or ErrorFeedback(TopK(...)), got "
-            f"{type(bare).__name__}; drop dense_phase for this codec"
+            f"Q-DSAR) and needs codec=TopK(...), ErrorFeedback(TopK(...)) or another codec "
+            f"of the sparse family, got {type(bare).__name__}; drop dense_phase for this codec"
         )
-    if not isinstance(dense_phase, DENSE_PHASE_CODECS):
+    if not getattr(dense_phase, "dense_phase_capable", False):
         raise NotImplementedError(
-            f"dense_phase must be QSGD(...), TernGrad(...) or FP16() (no error feedback: "
-            f"the owners change every step), got {dense_phase!r}"
+            f"dense_phase must be a stateless quantized codec such as QSGD(...), "
+            f"TernGrad(...) or FP16() (no error feedback: the owners change every step), "
+            f"got {dense_phase!r}"
         )
     return bare
 
@@ -104,15 +107,15 @@ def _quantized_gather(
             try:
                 payload = dense_codec.encode(dense, key=dense_phase_key(key), step=step, rank=rank)
                 payload.to_bytes(out=block[STATUS_BYTES:])
-                _write_status(block, -1, 0)
+                write_status(block, -1, 0)
             except Exception as caught:  # a sum that overflowed: raised on every rank below
                 error = caught
-                _write_status(block, rank, _error_code(caught))
+                write_status(block, rank, error_code(caught))
     else:
         assert mine.indices is not None  # not quantized: the piece is sparse
         values_bytes = mine.nnz * dtype.itemsize
         block = np.zeros(STATUS_BYTES + int(_padded(mine.nnz * entry)), dtype=np.uint8)
-        _write_status(block, -1, 0)
+        write_status(block, -1, 0)
         block[STATUS_BYTES : STATUS_BYTES + values_bytes] = mine.values.view(np.uint8)
         block[STATUS_BYTES + values_bytes : STATUS_BYTES + mine.nnz * entry] = mine.indices.astype(
             problem.indices.dtype, copy=False
@@ -128,7 +131,7 @@ def _quantized_gather(
             dtype=np.int64,
         )
         gathered, offsets = channel.allgatherv(block, sizes)
-    _raise_failure(error, *_first_failure(gathered, offsets))
+    raise_failure(error, *first_failure(gathered, offsets))
     stats.dense_ranges = int(np.sum(header < 0))
     pieces = []
     with stats._phase("decode"):
@@ -201,7 +204,8 @@ def qdsar_allreduce(
 
     Parameters are those of :func:`sparcomm.comm.allreduce`; ``algorithm`` may be
     ``"auto"`` or ``"dsar"`` (the only algorithm with a dense phase).  ``dense_phase``
-    is a bare ``QSGD``, ``TernGrad`` or ``FP16``; its random stream uses the owner's
+    is a bare ``QSGD``, ``TernGrad`` or ``FP16`` (``dense_phase_capable``); its random
+    stream uses the owner's
     rank and :func:`dense_phase_key`.
 
     Returns
@@ -210,43 +214,39 @@ def qdsar_allreduce(
         The sum (or mean), shaped like ``x``, bitwise identical on every rank; an
         unbiased estimate of the DSAR sum when the dense phase is QSGD or TernGrad.
     """
-    comm, state, stats, channel = begin_call(comm, stats)
+    call = begin_call(comm, stats)
+    state, stats, channel = call.state, call.stats, call.channel
     codec_text = f"{describe_codec(codec)} with dense_phase {describe_codec(dense_phase)}"
-    error: BaseException | None = None
-    indices = values = None
-    n, dtype = -1, None
     device = is_device(x)
-    try:
+    stream: dict[str, np.ndarray] = {}
+
+    def prepare() -> Local:
         _check_dense_phase(codec, dense_phase)
-        _check_common(op, algorithm, _REQUESTABLE)
-        x = _check_values(x, "x")
-        n, dtype = x.size, x.dtype
-        _check_out(out, n, dtype, device)
+        check_common(op, algorithm, _REQUESTABLE)
+        array = check_values(x, "x")
+        check_out(out, array.size, array.dtype, device)
         with stats._phase("prepare"):
-            payload = codec.encode(x, key=key, step=step)
+            payload = codec.encode(array, key=key, step=step)
             if device:  # TopK ran on the device; the reduction runs on the host
                 payload = state.staging.payload_to_host(payload, "payload")
-            indices, values = _prepare_stream(
-                payload.arrays["indices"], payload.arrays["values"], n
+            stream["indices"], stream["values"] = prepare_stream(
+                payload.arrays["indices"], payload.arrays["values"], array.size
             )
-    except Exception as caught:  # held back until every rank has heard of it
-        error = caught
-    index_dtype = _index_dtype(max(n, 0))
-    row = _signature_row(
-        n,
-        dtype,
-        index_dtype.itemsize,
-        codec_text,
-        algorithm if algorithm in _REQUESTABLE else "invalid",
-        op,
-        0,
-        0 if indices is None else indices.size,
+        return Local(
+            array.size, array.dtype, index_dtype(array.size).itemsize, stream["indices"].size
+        )
+
+    # Q-DSAR has one algorithm: no cost model is consulted.
+    table = call.agree(
+        prepare,
+        codec_text=codec_text,
+        algorithm=code(SPARSE_ALGORITHM_CODES, algorithm if algorithm in _REQUESTABLE else None),
+        op=op,
     )
-    row[_FIELD["cost_model"]] = 0  # Q-DSAR has one algorithm: no model is consulted
-    table = _check_signature(channel, row, error, codec_text, "allreduce")
-    assert indices is not None and values is not None
+    indices, values = stream["indices"], stream["values"]
+    n = x.size
     size = channel.size
-    k_all = table[:, _FIELD["k"]].copy()
+    k_all = table[:, SIGNATURE_COLUMNS["k"]].copy()
     stats.requested, stats.algorithm, stats.size, stats.n = algorithm, "dsar", size, n
     stats.itemsize, stats.index_itemsize = values.dtype.itemsize, indices.dtype.itemsize
     stats.k, stats.k_all = int(indices.size), k_all.tolist()

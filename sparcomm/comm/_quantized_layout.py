@@ -1,12 +1,14 @@
-"""Local array work of the quantized collectives: chunk layout, payload slicing, and the
-exact small-integer sums of TernGrad's shared-scale path.  Nothing here talks to MPI.
+"""Local array work of the quantized collectives: chunk layout and the exact
+small-integer sums of the shared-scale path.  Nothing here talks to MPI, and nothing
+here knows a codec class: codecs describe their layout (``Codec.slice_alignment``,
+``Codec.slice_payload``, derived from their declared wire arrays).
 
 Chunks: the reduce-scatter algorithms give owner ``j`` the elements ``[b_j, b_{j+1})``.
 Every boundary but ``n`` is a multiple of ``lcm(bucket, 8)`` elements, so
 
 * a chunk holds whole buckets, and the quantization of a chunk is exactly the
   quantization of those buckets: a worker encodes its whole vector once and *slices*
-  the payload (scales, means and packed bits) instead of encoding ``P`` pieces;
+  the payload (``codec.slice_payload``) instead of encoding ``P`` pieces;
 * a chunk starts on a byte of every packed field (1, 2, ... 8 bits per element), so a
   slice of the packed bytes is a valid packed array on its own.
 """
@@ -19,18 +21,14 @@ from typing import Any
 import numpy as np
 
 from sparcomm._backend import kernels_for
-from sparcomm.codecs import FP16, QSGD, OneBit, TernGrad
-from sparcomm.payload import Payload
 
-#: Codec classes the quantized collectives accept (their bare form).
-QUANTIZED_CODECS = (QSGD, TernGrad, OneBit, FP16)
-
-#: Bytes of the status that heads every data block of the quantized collectives (the
-#: rank that failed, -1 for none, and its error class): see ``_quantized``.
-STATUS_BYTES = 8
-
-#: Bits per element of a TernGrad packed code (0 -> 0, 1 -> +s, 2 -> -s).
+#: Bits per element of the packed ternary codes of a ``shares_scale`` codec
+#: (0 -> 0, 1 -> +s, 2 -> -s; see ``Codec.shares_scale``).
 TERNARY_BITS = 2
+
+#: Chunk alignment of the shared-scale path: the scale is known to every rank, so only
+#: the packed 2-bit codes and w-bit sums need byte boundaries.
+SHARED_SCALE_ALIGNMENT = 8
 
 #: Largest number of ranks whose ternary sums fit an int8 (|sum| <= P); up to
 #: :data:`MAX_INT16_RANKS` they are summed in int16.
@@ -38,20 +36,10 @@ MAX_INT8_RANKS = 127
 MAX_INT16_RANKS = 32767
 
 
-def bucket_of(codec: Any) -> int:
-    """Elements per scale (or pair of means) of a bare quantized codec; 1 when the codec
-    has no buckets (FP16) or one scale per tensor (TernGrad's default), because slicing
-    such a payload only copies that scale."""
-    if isinstance(codec, (QSGD, OneBit)):
-        return int(codec.bucket_size)
-    if isinstance(codec, TernGrad) and codec.bucket_size is not None:
-        return int(codec.bucket_size)
-    return 1
-
-
 def chunk_alignment(codec: Any) -> int:
-    """Chunk boundaries are multiples of this many elements: ``lcm(bucket, 8)``."""
-    return math.lcm(bucket_of(codec), 8)
+    """Chunk boundaries are multiples of this many elements: the codec's slice alignment
+    (whole buckets, whole bytes of packed fields) and 8, ``lcm(bucket, 8)``."""
+    return math.lcm(codec.slice_alignment(), 8)
 
 
 def chunk_bounds(n: int, size: int, align: int) -> np.ndarray:
@@ -79,44 +67,7 @@ def owner_key(key: Any) -> str:
     return f"sparcomm.owner:{key!r}"
 
 
-def slice_payload(codec: Any, payload: Payload, start: int, stop: int) -> Payload:
-    """The payload of elements ``[start, stop)`` of ``payload``, as views (no copy).
-
-    ``start`` must be a multiple of :func:`chunk_alignment` and ``stop`` one too or
-    ``payload.n``; the result decodes to exactly the same values as that part of the
-    whole payload (same scales, same random draws).
-    """
-    length = stop - start
-    arrays = payload.arrays
-    bucket = bucket_of(codec)
-    first, last = start // bucket, -(-stop // bucket)
-    params = payload.params
-    if isinstance(codec, QSGD):
-        bits = codec.bits
-        sliced = {
-            "scales": arrays["scales"][first:last],
-            "packed": arrays["packed"][start * bits // 8 : -(-stop * bits // 8)],
-        }
-    elif isinstance(codec, TernGrad):
-        scales = arrays["scales"] if codec.bucket_size is None else arrays["scales"][first:last]
-        sliced = {
-            "scales": scales,
-            "packed": arrays["packed"][start * TERNARY_BITS // 8 : -(-stop * TERNARY_BITS // 8)],
-        }
-        params = (codec.bucket_for(length),)
-    elif isinstance(codec, OneBit):
-        sliced = {
-            "means": arrays["means"][2 * first : 2 * last],
-            "packed": arrays["packed"][start // 8 : -(-stop // 8)],
-        }
-    elif isinstance(codec, FP16):
-        sliced = {"values": arrays["values"][start:stop]}
-    else:  # pragma: no cover - the entry point refuses other codecs first
-        raise NotImplementedError(f"cannot slice a {type(codec).__name__} payload")
-    return Payload(payload.codec_id, length, payload.dtype, (length,), params, sliced)
-
-
-# ------------------------------------------------------ TernGrad integer sums
+# ------------------------------------------------------ shared-scale integer sums
 
 
 def sum_dtype(size: int) -> np.dtype:

@@ -7,7 +7,7 @@ in place, so a training loop can log what each call cost without the library pri
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -67,20 +67,17 @@ class AllreduceStats:
     dense_ranges: int = 0
     rank: int = 0
     _predicted_bytes: tuple[int, int] | None = field(default=None, repr=False)
+    # Set by the collectives that predict lazily (sparcomm.comm._cost.lazy_predicted_bytes).
+    _predictor: Callable[[], tuple[int, int]] | None = field(default=None, repr=False)
 
     @property
     def predicted_bytes(self) -> tuple[int, int]:
         """The cost model's (sent, received) bytes for the algorithm that ran, on this
         rank (computed on first access: the calls themselves do not pay for it)."""
         if self._predicted_bytes is None:
-            from sparcomm.comm import _cost
-
-            if self.algorithm not in _cost.ALL_ALGORITHMS or not self.k_all:
+            if self._predictor is None:
                 return (0, 0)
-            prediction = _cost.predict(
-                self.algorithm, self.n, self.k_all, self.itemsize, self.index_itemsize, None
-            )
-            self._predicted_bytes = prediction.bytes(self.rank)
+            self._predicted_bytes = self._predictor()
         return self._predicted_bytes
 
     @predicted_bytes.setter

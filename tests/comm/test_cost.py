@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from sparcomm.comm import ALL_ALGORITHMS, SPARSE_ALGORITHMS, CostModel, choose, predict
-from sparcomm.comm._context import SIGNATURE_FIELDS
 from sparcomm.comm._cost import expected_union
+from sparcomm.comm._protocol import SIGNATURE_FIELDS
 
 SIGNATURE = 8 * len(SIGNATURE_FIELDS)
 # Roughly this machine class: 20 us latency, 1 GB/s, 4 ns per merged element.

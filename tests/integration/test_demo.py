@@ -67,7 +67,7 @@ def test_topk_with_error_feedback_within_one_point_of_dense(demo_runs):
     assert topk["bytes_per_step"] * 10 < dense["bytes_per_step"]
 
 
-@pytest.mark.parametrize("label", ["qsgd-4bit", "terngrad", "onebit"])
+@pytest.mark.parametrize("label", ["qsgd4", "terngrad", "onebit"])
 def test_quantized_codecs_within_two_points_of_dense(demo_runs, label):
     dense, row = _row(demo_runs, "dense"), _row(demo_runs, label)
     assert row["accuracy"] >= dense["accuracy"] - 2.0

@@ -19,17 +19,13 @@ MPI = pytest.importorskip("mpi4py.MPI")
 
 from sparcomm import FP16, QSGD, ErrorFeedback, OneBit, TernGrad  # noqa: E402
 from sparcomm.comm import AllreduceStats, allreduce  # noqa: E402
-from sparcomm.comm._quantized_cost import (  # noqa: E402
-    QUANTIZED_ALGORITHMS,
-    SHARED_SCALE_ALIGNMENT,
-    predict_quantized,
-)
+from sparcomm.comm._cost import QUANTIZED_ALGORITHMS, predict_quantized  # noqa: E402
+from sparcomm.comm._protocol import STATUS_BYTES  # noqa: E402
 from sparcomm.comm._quantized_layout import (  # noqa: E402
-    STATUS_BYTES,
+    SHARED_SCALE_ALIGNMENT,
     chunk_alignment,
     chunk_bounds,
     owner_key,
-    slice_payload,
 )
 
 COMM = MPI.COMM_WORLD
@@ -84,7 +80,7 @@ def _reference(codec, algorithm, inputs, key, step):
             a, b = int(bounds[j]), int(bounds[j + 1])
             if b == a:
                 continue
-            parts = [codec.decode(slice_payload(codec, p, a, b)) for p in payloads]
+            parts = [codec.decode(codec.slice_payload(p, a, b)) for p in payloads]
             chunk = parts[0]
             for part in parts[1:]:
                 chunk = chunk + part

@@ -1,10 +1,12 @@
 """The quantized section of ``sparcomm bench allreduce`` (``--codecs``).
 
-For every vector length n and codec, each of ``P`` ranks holds n standard-normal values;
-measured in the same run, on the same data, interleaved within each repeat so drifting
-load hits all alike:
+The codecs are the presets of the quantized family in the codec registry
+(``sparcomm.codecs.CODECS.presets(family="quantized")``), chosen by label; those tagged
+``"allreduce"`` are the default.  For every vector length n and codec, each of ``P``
+ranks holds n standard-normal values; measured in the same run, on the same data,
+interleaved within each repeat so drifting load hits all alike:
 
-* every algorithm of :mod:`sparcomm.comm._quantized` that can run the codec, and ``auto``;
+* every algorithm of the quantized family that can run the codec, and ``auto``;
 * MPI's own ``Allreduce`` of the dense buffers (the peer every figure is a ratio to).
 
 A figure is the median over repeats of the slowest rank's time.  Bytes are what the
@@ -22,20 +24,15 @@ from typing import Any
 
 import numpy as np
 
-from sparcomm.codecs import FP16, QSGD, OneBit, TernGrad
-from sparcomm.comm._quantized_cost import candidates
+from sparcomm.codecs import CODECS as _REGISTRY
 
-#: ``--codecs`` names and the codec each builds (fresh per benchmark point).
+#: ``--codecs`` names and the codec each builds (fresh per benchmark point): the
+#: quantized family's presets in the codec registry.
 CODECS: dict[str, Callable[[], Any]] = {
-    "qsgd2": lambda: QSGD(bits=2),
-    "qsgd4": lambda: QSGD(bits=4),
-    "qsgd8": lambda: QSGD(bits=8),
-    "terngrad": TernGrad,
-    "onebit": OneBit,  # error feedback at the worker and at the owner
-    "onebit-noef": lambda: OneBit(error_feedback=False),  # the collective without it
-    "fp16": FP16,
+    p.label: p.make for p in _REGISTRY.presets(family="quantized")
 }
-DEFAULT_CODECS = ("qsgd4", "qsgd8", "terngrad", "onebit", "fp16")
+#: The default of ``--codecs``: the presets tagged ``"allreduce"``.
+DEFAULT_CODECS = tuple(p.label for p in _REGISTRY.presets("allreduce", family="quantized"))
 
 
 def _timed(comm, function) -> float:
@@ -50,6 +47,7 @@ def _timed(comm, function) -> float:
 def bench_codec(comm, n: int, name: str, dtype: np.dtype, repeats: int, seed: int) -> dict:
     """Measure one (n, codec) point on every rank; returns the row (on every rank)."""
     from sparcomm.comm import AllreduceStats, allreduce
+    from sparcomm.comm._cost import candidates
 
     rank, size = comm.Get_rank(), comm.Get_size()
     codec = CODECS[name]()
