@@ -232,6 +232,10 @@ class _StepRun:
         self.cancelled = False
         self.error: BaseException | None = None
         self.stats = ReductionStats(step=step)
+        #: This step's plan as the collectives' agreed layout (with the bucket index):
+        #: after a bucket's first full signature check, its later steps check locally
+        #: and carry the status with the data (sparcomm.comm._call.agreed_layout).
+        self.layout: tuple[int, bool] = (0, False)
         self.device: Any = None  # the cupy.cuda.Device of CuPy gradients, else None
         self.ready: dict[Hashable, Any] = {}  # name -> CUDA event: the gradient is written
 
@@ -470,18 +474,20 @@ class _Engine:
 
     def _allreduce(self, run: _StepRun, bucket: _Bucket, codec: Any, x: Any) -> Any:
         from sparcomm.comm import AllreduceStats, allreduce
+        from sparcomm.comm._call import agreed_layout
 
         info = AllreduceStats()
         start = time.perf_counter()
-        result = allreduce(
-            x,
-            codec=codec,
-            comm=self.comm,
-            op=self.op,
-            key=bucket.key,
-            step=run.step,
-            stats=info,
-        )
+        with agreed_layout((*run.layout, bucket.index)):
+            result = allreduce(
+                x,
+                codec=codec,
+                comm=self.comm,
+                op=self.op,
+                key=bucket.key,
+                step=run.step,
+                stats=info,
+            )
         stats = run.stats
         stats.seconds += time.perf_counter() - start
         stats.buckets += 1
@@ -627,6 +633,7 @@ class GradientReducer:
         self.last_stats: ReductionStats | None = None
         self._specs: list[tuple[Hashable, tuple[int, ...], np.dtype]] | None = None
         self._plans: dict[bool, _Plan] = {}
+        self._plan_generation = 0  # counts setup() calls: a new plan is a new layout
 
     # -- set-up ---------------------------------------------------------------------------
     @property
@@ -705,6 +712,7 @@ class GradientReducer:
             raise ValueError("no gradients to reduce: register at least one (name, shape, dtype)")
         self._check_same_on_all_ranks(cleaned)
         self._specs = cleaned
+        self._plan_generation += 1
         for compressing in (True, False):
             self._plans[compressing] = build_plan(
                 cleaned,
@@ -748,6 +756,7 @@ class GradientReducer:
 
     def _begin(self) -> _StepRun:
         run = _StepRun(self._next_plan(), self.step)
+        run.layout = (self._plan_generation, self.compressing)
         self._engine.run = run
         if self.overlap:
             self._engine.start_thread()

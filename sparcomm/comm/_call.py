@@ -9,19 +9,45 @@ Every collective of :mod:`sparcomm.comm` runs in three steps:
    ranks that disagree raise ``ValueError``.  So a mistake on one rank is an error on
    every rank, never a hang or a wrong sum.
 3. *Reduce*: the family's algorithm, then the output.
+
+**Agreed layouts (no round trip in steady state).**  A caller that repeats the same
+calls in the same order on every rank (the :class:`~sparcomm.reducer.GradientReducer`:
+one layout per bucket of its plan, checked identical on all ranks at set-up) runs them
+inside :func:`agreed_layout`.  The first call of a layout does the full signature check
+and caches its table; later calls of that layout (in the collectives that opt in with
+``agree(..., steady=True)``) check their row *locally* against the cached one and post
+a nonblocking ``Iallreduce`` of an 8-byte status (error code, failing rank, "k
+changed") that travels while the data moves: :meth:`Call.settle`, before the output,
+waits for it.  A rank whose preparation failed takes part in the exchange with
+placeholder data of the agreed shape (:meth:`Call.placeholder`), and every rank raises
+at :meth:`Call.settle`, so a failure is still an error on every rank, never a hang or a
+wrong sum.  A rank whose non-zero count changed (a sparse codec whose k varies) makes
+every rank redo the call with a full check, and the layout falls back to full checks
+from then on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from mpi4py import MPI
 
-from sparcomm.comm._context import Channel, _CommState, comm_state
-from sparcomm.comm._protocol import check_signature, signature_row
+from sparcomm.comm._context import Channel, _CommState, comm_state, ring_allreduce_bytes
+from sparcomm.comm._protocol import (
+    ALGORITHM_NAMES,
+    DTYPE_CODES,
+    OP_CODES,
+    SIGNATURE_COLUMNS,
+    check_signature,
+    error_class,
+    error_code,
+    signature_row,
+)
 from sparcomm.comm._stats import AllreduceStats
 
 
@@ -39,6 +65,30 @@ class Local:
     k: int = 0
 
 
+_thread = threading.local()
+#: Columns that must equal the agreed row in steady state (``k`` may change: a redo).
+_FIXED_COLUMNS = [
+    SIGNATURE_COLUMNS[name]
+    for name in ("version", "n", "dtype", "index_itemsize", "codec", "algorithm", "op")
+]
+_STATUS_ERROR, _STATUS_RANK, _STATUS_CHANGED = 0, 1, 2
+
+
+@contextmanager
+def agreed_layout(layout: Hashable) -> Iterator[None]:
+    """Calls made on this thread inside the block belong to ``layout``.
+
+    Every rank must make the same calls under the same layouts in the same order (the
+    layout is part of the agreement); see the module docstring.
+    """
+    previous = getattr(_thread, "layout", None)
+    _thread.layout = layout
+    try:
+        yield
+    finally:
+        _thread.layout = previous
+
+
 @dataclass
 class Call:
     """One collective call: the user's communicator, its cached state, the stats to
@@ -48,6 +98,17 @@ class Call:
     state: _CommState
     stats: AllreduceStats
     channel: Channel
+    layout: Hashable | None = None
+    #: True on a rank whose preparation failed (or whose k changed) in steady state: it
+    #: takes part with :meth:`placeholder` data, and :meth:`settle` raises or redoes.
+    failed: bool = False
+    error: BaseException | None = None
+    table: np.ndarray | None = None
+    _row: np.ndarray | None = None
+    _request: Any = None
+    _status: np.ndarray = field(default_factory=lambda: np.zeros(3, dtype=np.int64))
+    _what: str = "allreduce"
+    _codec_text: str = ""
 
     def agree(
         self,
@@ -58,6 +119,7 @@ class Call:
         op: Any,
         what: str = "allreduce",
         model_fingerprint: int = 0,
+        steady: bool = False,
     ) -> np.ndarray:
         """Run ``prepare`` with its exceptions held back, then the signature check.
 
@@ -75,6 +137,10 @@ class Call:
             The user's function, for messages.
         model_fingerprint : int
             The cost model's fingerprint where ``auto`` consults it, else 0.
+        steady : bool
+            The collective can run on an agreed layout without a round trip: it uses
+            :meth:`placeholder` data when :attr:`failed` and calls :meth:`settle` (or
+            :meth:`drain` on an exception) before its output.
 
         Returns
         -------
@@ -88,6 +154,7 @@ class Call:
             local = prepare()
         except Exception as caught:  # held back until every rank has heard of it
             error = caught
+        self._what, self._codec_text = what, codec_text
         row = signature_row(
             local.n,
             local.dtype,
@@ -98,7 +165,100 @@ class Call:
             model_fingerprint,
             local.k,
         )
-        return check_signature(self.channel, row, error, codec_text, what)
+        self._row = row
+        agreed = self.state.agreed
+        if steady and self.layout is not None and self.layout in agreed:
+            return self._agree_locally(row, error)
+        table = check_signature(self.channel, row, error, codec_text, what)
+        if steady and self.layout is not None and self.layout not in self.state.unsteady:
+            agreed[self.layout] = (row.copy(), table)
+        self.table = table
+        return table
+
+    def _agree_locally(self, row: np.ndarray, error: BaseException | None) -> np.ndarray:
+        """Steady state: compare with the agreed row, post the status, no waiting."""
+        agreed_row, table = self.state.agreed[self.layout]
+        changed = False
+        if error is None and not np.array_equal(row[_FIXED_COLUMNS], agreed_row[_FIXED_COLUMNS]):
+            differ = [
+                name
+                for name, column in SIGNATURE_COLUMNS.items()
+                if column in _FIXED_COLUMNS and row[column] != agreed_row[column]
+            ]
+            error = ValueError(
+                f"{self._what}: this call differs from the layout agreed by every rank in "
+                f"{differ}; a GradientReducer's buckets must keep their size, dtype, codec "
+                "and op between steps"
+            )
+        elif error is None:
+            changed = bool(row[SIGNATURE_COLUMNS["k"]] != agreed_row[SIGNATURE_COLUMNS["k"]])
+        self.error, self.failed, self.table = error, error is not None or changed, table
+        status = np.array(
+            [error_code(error), self.channel.rank if error is not None else -1, int(changed)],
+            dtype=np.int64,
+        )
+        self._request = self.channel.comm.Iallreduce(status, self._status, op=MPI.MAX)
+        moved = ring_allreduce_bytes(status.nbytes, self.channel.size)
+        self.stats._add_bytes(moved, moved)
+        return table
+
+    def agreed(self) -> tuple[int, np.dtype, str, str]:
+        """The agreed ``(n, dtype, algorithm, op)`` of the call (after :meth:`agree`)."""
+        assert self.table is not None
+        first = self.table[0]
+        dtypes = {value: dtype for dtype, value in DTYPE_CODES.items()}
+        ops = {value: op for op, value in OP_CODES.items()}
+        return (
+            int(first[SIGNATURE_COLUMNS["n"]]),
+            dtypes[int(first[SIGNATURE_COLUMNS["dtype"]])],
+            ALGORITHM_NAMES[int(first[SIGNATURE_COLUMNS["algorithm"]])],
+            ops[int(first[SIGNATURE_COLUMNS["op"]])],
+        )
+
+    def placeholder(self, xp: Any = np) -> Any:
+        """Zeros of the agreed size and dtype: what a failed rank sends in steady state."""
+        n, dtype, _, _ = self.agreed()
+        return xp.zeros(n, dtype=dtype)
+
+    def settle(self) -> bool:
+        """Finish the steady-state agreement (nothing to do after a full check).
+
+        Returns True when every rank must redo the call with a full check (a rank's
+        ``k`` changed); raises on every rank when a rank's preparation failed.
+        """
+        request, self._request = self._request, None
+        if request is None:
+            return False
+        with self.stats._phase("check"):
+            request.Wait()
+        value, rank, changed = (int(v) for v in self._status)
+        if value:
+            if self.error is not None:
+                raise self.error
+            cls = error_class(value)
+            raise cls(
+                f"{self._what}: rank {rank} rejected its input ({cls.__name__}); its own "
+                "message says why; the result was discarded on every rank"
+            )
+        if changed:
+            self.state.agreed.pop(self.layout, None)
+            self.state.unsteady.add(self.layout)
+            return True
+        return False
+
+    def drain(self) -> None:
+        """Complete a pending status exchange without raising (the call failed anyway)."""
+        request, self._request = self._request, None
+        if request is not None:
+            request.Wait()
+
+    def recheck(self) -> np.ndarray:
+        """The full signature check of the row already prepared (a redo after
+        :meth:`settle` returned True)."""
+        assert self._row is not None
+        self.failed, self.error = False, None
+        self.table = check_signature(self.channel, self._row, None, self._codec_text, self._what)
+        return self.table
 
 
 def begin_call(comm: MPI.Comm | None, stats: AllreduceStats | None) -> Call:
@@ -108,4 +268,5 @@ def begin_call(comm: MPI.Comm | None, stats: AllreduceStats | None) -> Call:
     state = comm_state(comm)
     stats = AllreduceStats() if stats is None else stats
     stats.reset()
-    return Call(comm, state, stats, Channel(state.comm, stats))
+    layout = getattr(_thread, "layout", None)
+    return Call(comm, state, stats, Channel(state.comm, stats), layout)

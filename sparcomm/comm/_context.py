@@ -44,6 +44,10 @@ class _CommState:
     model: CostModel | None = None
     scratch: dict = field(default_factory=dict)  # (name, dtype) -> reusable buffer
     choices: dict = field(default_factory=dict)  # auto's choice per (model, n, k_all, ...)
+    # sparcomm.comm._call.agreed_layout: layout -> (agreed row, agreed table), and the
+    # layouts whose k changed (full checks from then on).
+    agreed: dict = field(default_factory=dict)
+    unsteady: set = field(default_factory=set)
     staging: DeviceStaging = field(default_factory=DeviceStaging)  # pinned, for CuPy inputs
 
     def buffer(self, name: str, size: int, dtype: np.dtype) -> np.ndarray:

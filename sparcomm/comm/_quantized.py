@@ -523,7 +523,11 @@ def quantized_allreduce(
         algorithm=code(QUANTIZED_ALGORITHM_CODES, algorithm),
         op=op,
         model_fingerprint=model.fingerprint() if model else 0,
+        steady=True,
     )
+    if call.failed:  # steady state: take part with zeros, every rank raises at settle
+        _, _, algorithm, op = call.agreed()
+        x, out, device = call.placeholder(), None, False
     n, dtype = x.size, x.dtype
     size, rank = channel.size, channel.rank
     stats.requested, stats.size, stats.n = algorithm, size, n
@@ -561,7 +565,12 @@ def quantized_allreduce(
         state.staging if device else None,
         result.reshape(-1) if device else None,
     )
-    ALGORITHMS[name](problem)
+    try:
+        ALGORITHMS[name](problem)
+    except BaseException:
+        call.drain()
+        raise
+    call.settle()  # no k to change here: raises or returns False
     with stats._phase("output"):
         if problem.result_on_device:
             if op == "mean":

@@ -16,7 +16,7 @@ import numpy as np
 from mpi4py import MPI
 
 from sparcomm.comm import _cost, _device, _sparse
-from sparcomm.comm._call import Local, begin_call
+from sparcomm.comm._call import Call, Local, begin_call
 from sparcomm.comm._protocol import (
     DTYPE_CODES,
     SIGNATURE_COLUMNS,
@@ -82,12 +82,52 @@ def run_sparse(
         op=op,
         what=what,
         model_fingerprint=model.fingerprint() if model is not None else 0,
+        steady=True,
     )
-    indices, values = stream["indices"], stream["values"]
+    host_out = None if device or dense_output is False else out
+    if call.failed:  # steady state: take part with zeros of the agreed k, raise at settle
+        n, dtype, algorithm, op = call.agreed()
+        k = int(table[channel.rank, SIGNATURE_COLUMNS["k"]])
+        indices, values = np.arange(k, dtype=index_dtype(n)), np.zeros(k, dtype=dtype)
+        pieces = _reduce_stream(call, table, n, indices, values, algorithm, None)
+    else:
+        indices, values = stream["indices"], stream["values"]
+        pieces = _reduce_stream(call, table, int(n), indices, values, algorithm, host_out)
+    if call.settle():  # a rank's k changed: every rank redoes the call with a full check
+        table = call.recheck()
+        indices, values = stream["indices"], stream["values"]
+        pieces = _reduce_stream(call, table, int(n), indices, values, algorithm, host_out)
     n = int(n)
-    k_all = table[:, SIGNATURE_COLUMNS["k"]].copy()
     size = channel.size
-    stats.requested, stats.size, stats.n = algorithm, size, n
+    mean = float(size) if op == "mean" else None
+    with stats._phase("output"):
+        if not device:
+            return _sparse.finish(
+                pieces, n, values.dtype, indices.dtype, dense_output, mean, host_out
+            )
+        # The cheapest host form; a sparse sum is scattered on the device.
+        form = False if dense_output is False else None
+        result = _sparse.finish(pieces, n, values.dtype, indices.dtype, form, mean, None)
+        if isinstance(result, tuple) and dense_output is not True:
+            cupy = sys.modules["cupy"]
+            return cupy.asarray(result[0]), cupy.asarray(result[1])
+        target = _device.device_output(out, (n,), values.dtype)
+        return _device.result_to_device(result, target)
+
+
+def _reduce_stream(
+    call: Call,
+    table: np.ndarray,
+    n: int,
+    indices: np.ndarray,
+    values: np.ndarray,
+    algorithm: str,
+    host_out: Any,
+) -> list:
+    """Choose (``auto``) and run the algorithm on this rank's stream; the pieces."""
+    state, stats, channel = call.state, call.stats, call.channel
+    k_all = table[:, SIGNATURE_COLUMNS["k"]].copy()
+    stats.requested, stats.size, stats.n = algorithm, channel.size, n
     stats.itemsize, stats.index_itemsize = values.dtype.itemsize, indices.dtype.itemsize
     stats.k, stats.k_all = int(indices.size), k_all.tolist()
     if algorithm == "auto":
@@ -108,27 +148,17 @@ def run_sparse(
     stats.algorithm = name
     stats.rank = channel.rank
     stats._predictor = _cost.lazy_predicted_bytes(stats)
-    host_out = None if device or dense_output is False else out
     problem = _sparse.Problem(
         channel, n, indices, values, k_all, out=host_out, scratch=state.buffer
     )
-    pieces = _sparse.ALGORITHMS[name](problem)
+    try:
+        pieces = _sparse.ALGORITHMS[name](problem)
+    except BaseException:
+        call.drain()
+        raise
     stats.nnz = _sparse.result_nnz(pieces)
     stats.fill = stats.nnz / max(1, int(k_all.max()))
-    mean = float(size) if op == "mean" else None
-    with stats._phase("output"):
-        if not device:
-            return _sparse.finish(
-                pieces, n, values.dtype, indices.dtype, dense_output, mean, host_out
-            )
-        # The cheapest host form; a sparse sum is scattered on the device.
-        form = False if dense_output is False else None
-        result = _sparse.finish(pieces, n, values.dtype, indices.dtype, form, mean, None)
-        if isinstance(result, tuple) and dense_output is not True:
-            cupy = sys.modules["cupy"]
-            return cupy.asarray(result[0]), cupy.asarray(result[1])
-        target = _device.device_output(out, (n,), values.dtype)
-        return _device.result_to_device(result, target)
+    return pieces
 
 
 def sparse_allreduce(
