@@ -94,18 +94,15 @@ class ContenderSpec:
 
 
 def _codec_classes() -> list[tuple[str, type]]:
-    """Every concrete codec class of :mod:`sparcomm.codecs`, in ``__all__`` order.
+    """Every codec class of the registry (``sparcomm.codecs.CODECS``), in id order.
 
-    The one place where the benchmark discovers codecs (a registry will replace it).
+    The one place where the benchmark discovers codecs: a codec defined anywhere becomes
+    a contender ``sparcomm-<name>``, with the settings of ``_CODEC_SETTINGS`` or its
+    default constructor.
     """
-    import sparcomm.codecs as codecs
+    from sparcomm.codecs import CODECS
 
-    found = []
-    for name in codecs.__all__:
-        obj = getattr(codecs, name)
-        if isinstance(obj, type) and issubclass(obj, codecs.Codec) and obj is not codecs.Codec:
-            found.append((name, obj))
-    return found
+    return list(CODECS.items())
 
 
 def contender_specs() -> list[ContenderSpec]:
@@ -242,6 +239,27 @@ def _wire_counter() -> Callable[[], int] | None:
     return lambda: int(path.read_text())
 
 
+def _register_hook(ddp: Any, spec: ContenderSpec, group: Any) -> None:
+    """The contender's communication hook on ``ddp`` (none for plain DDP)."""
+    if spec.hook == "fp16":
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        ddp.register_comm_hook(group, default_hooks.fp16_compress_hook)
+    elif spec.hook == "powersgd":
+        from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
+
+        state = powerSGD_hook.PowerSGDState(
+            process_group=group,
+            matrix_approximation_rank=spec.powersgd_rank,
+            # torch's default (1000 dense steps first) would hide the method in a short
+            # run; 2 is the smallest that error feedback allows.
+            start_powerSGD_iter=2,
+            warm_start=True,
+            use_error_feedback=True,
+        )
+        ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+
+
 class _Runner:
     """One contender on this rank: its model, optimizer and step."""
 
@@ -279,23 +297,7 @@ class _Runner:
 
             bucket = POWERSGD_BUCKET_MB if spec.hook == "powersgd" else args.ddp_bucket_mb
             self.ddp = DistributedDataParallel(model, bucket_cap_mb=bucket)
-            if spec.hook == "fp16":
-                from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-                self.ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
-            elif spec.hook == "powersgd":
-                from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
-
-                state = powerSGD_hook.PowerSGDState(
-                    process_group=None,
-                    matrix_approximation_rank=spec.powersgd_rank,
-                    # torch's default (1000 dense steps first) would hide the method in
-                    # a short run; 2 is the smallest that error feedback allows.
-                    start_powerSGD_iter=POWERSGD_START_ITER,
-                    warm_start=True,
-                    use_error_feedback=True,
-                )
-                self.ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+            _register_hook(self.ddp, spec, None)
             self.forward = self.ddp
             self.optimizer = make_sgd(self.ddp.parameters())
 
@@ -388,8 +390,9 @@ def _latency(comm: Any, repeats: int = 30) -> float:
     return comm.allreduce(statistics.median(times), op=MPI.MAX)
 
 
-def _median_seconds(function: Callable[[], Any], repeats: int = 3) -> float:
-    function()
+def _median_seconds(function: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> float:
+    for _ in range(warmup):  # PowerSGD's hook runs dense for its first 2 steps
+        function()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -398,73 +401,39 @@ def _median_seconds(function: Callable[[], Any], repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-def _powersgd_hook_work(shapes: list[tuple[int, ...]], rank: int) -> Callable[[], None]:
-    """The arithmetic of torch's PowerSGD hook on one bucket, without its allreduces.
+def _hook_costs(specs: list[ContenderSpec], task: Any, batch: int) -> dict[str, float]:
+    """Seconds per step that each DDP hook adds to a backward pass, on this rank alone.
 
-    Error feedback (add the residual, keep a copy), per compressible matrix ``M``:
-    ``P = M Q``, orthogonalise ``P`` (Gram-Schmidt), ``Q = M^T P``, ``M ~ P Q^T`` written
-    back, the new residual; vectors copied out and back.
+    Each rank builds a one-rank process group (collective: every rank calls this) and
+    times DDP's backward with the hook against the same backward without DDP: the hook's
+    arithmetic (casts; PowerSGD's products, orthogonalisation and error feedback) and
+    DDP's bucket copies, with no network in it.  All ranks measure at once, as they train.
     """
     import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
 
-    n = sum(math.prod(s) for s in shapes)
-    generator = torch.Generator().manual_seed(0)
-    bucket = torch.randn(n, generator=generator)
-    residual = torch.zeros(n)
-    views, qs, rest = [], [], 0
-    offset = 0
-    for shape in shapes:
-        size = math.prod(shape)
-        a, b = shape[0], size // shape[0]
-        if len(shape) >= 2 and a * b >= 2 * rank * (a + b):
-            views.append(bucket[offset : offset + size].view(a, b))
-            qs.append(torch.randn(b, rank, generator=generator))
-        else:
-            rest += size
-        offset += size
+    hooked = [s for s in specs if s.kind == "ddp"]
+    if not hooked:
+        return {}
+    group, _ = dist.new_subgroups(group_size=1)
+    x, y = task.batch(dist.get_rank(), 0, batch)
+    loss = torch.nn.CrossEntropyLoss()
 
-    def work() -> None:
-        bucket.add_(residual)
-        original = bucket.clone()
-        flat_rest = torch.empty(rest)
-        flat_rest.copy_(original[:rest])
-        for m, q in zip(views, qs, strict=True):
-            p = m @ q
-            for i in range(rank):  # Gram-Schmidt, as the hook
-                col = p[:, i : i + 1]
-                col /= torch.norm(col)
-                if i + 1 < rank:
-                    rest_cols = p[:, i + 1 :]
-                    rest_cols -= torch.sum(col * rest_cols, dim=0) * col
-            q.copy_(m.t() @ p)
-            torch.matmul(p, q.t(), out=m)
-        torch.sub(original, bucket, out=residual)
+    def backward(model: Any) -> Callable[[], None]:
+        def run() -> None:
+            model.zero_grad()
+            loss(model(x), y).backward()
 
-    return work
+        return run
 
-
-def _local_costs(specs: list[ContenderSpec], task: Any, ranks: int) -> dict[str, float]:
-    """Seconds per step of each contender's compression arithmetic, on this rank."""
-    import torch
-
-    from sparcomm.predict import measure_codec_seconds
-
-    shapes = task.parameter_shapes()
-    n = sum(math.prod(s) for s in shapes)
+    base = _median_seconds(backward(task.model()), warmup=3)
     costs: dict[str, float] = {}
-    for spec in specs:
-        if spec.kind == "sparcomm" and spec.codec is not None:
-            costs[spec.id] = measure_codec_seconds(spec.codec(), shapes, ranks)
-        elif spec.hook == "fp16":
-            bucket = torch.randn(n)
-
-            def fp16_work(bucket: Any = bucket) -> None:  # the hook: cast, divide, cast back
-                half = bucket.to(torch.float16).div_(ranks)
-                bucket.copy_(half)
-
-            costs[spec.id] = _median_seconds(fp16_work)
-        elif spec.hook == "powersgd":
-            costs[spec.id] = _median_seconds(_powersgd_hook_work(shapes, spec.powersgd_rank))
+    for spec in hooked:
+        bucket = POWERSGD_BUCKET_MB if spec.hook == "powersgd" else 25.0
+        ddp = DistributedDataParallel(task.model(), process_group=group, bucket_cap_mb=bucket)
+        _register_hook(ddp, spec, group)
+        costs[spec.id] = max(0.0, _median_seconds(backward(ddp), warmup=3) - base)
     return costs
 
 
@@ -548,11 +517,13 @@ def run_ranks(args: argparse.Namespace) -> int:
     checksums = {r.spec.id: comm.allgather(r.checksum()) for r in runners}
     for runner in runners:
         runner.close()
-    # The compression compute of each contender, measured apart from training, on all
-    # ranks at once (the same contention as a step): an input of the predictor.
+    # What DDP's hooks compute, measured apart from training on all ranks at once (the
+    # same contention as a step): an input of the predictor (sparcomm's own collectives
+    # report their phases).
     comm.Barrier()
     local_costs = {
-        cid: comm.allreduce(t, op=MPI.MAX) for cid, t in _local_costs(specs, task, size).items()
+        cid: comm.allreduce(t, op=MPI.MAX)
+        for cid, t in _hook_costs(specs, task, args.batch).items()
     }
     dist.destroy_process_group()
     if rank == 0:
@@ -579,6 +550,16 @@ def run_ranks(args: argparse.Namespace) -> int:
 
 
 # -- summary ----------
+
+
+def _phase(record: dict[str, Any], category: str) -> float:
+    """A step's seconds in one category of its collectives' phases; ``other`` is the time
+    inside the collectives that no named phase covers (PowerSGD's products, for one)."""
+    phases = record["phases"]
+    if category != "other":
+        return float(phases.get(category, 0.0))
+    named = sum(v for k, v in phases.items() if k != "other")
+    return float(phases.get("other", 0.0)) + max(0.0, record["collective_seconds"] - named)
 
 
 def _median(values: list[float]) -> float:
@@ -624,9 +605,7 @@ def summarise(raw: dict[str, Any], warmup: int, target: float | None, budget: fl
             entry["collective_s"] = _median([r["collective_seconds"] for r in timed])
             entry["collectives"] = timed[-1]["collectives"]
             entry["algorithms"] = timed[-1]["algorithms"]
-            entry["phases_s"] = {
-                c: _median([r["phases"].get(c, 0.0) for r in timed]) for c in CATEGORIES
-            }
+            entry["phases_s"] = {c: _median([_phase(r, c) for r in timed]) for c in CATEGORIES}
         step_times = [median_total if i < warmup else r["total"] for i, r in enumerate(slowest)]
         elapsed = [0.0]
         for seconds in step_times:
@@ -719,7 +698,7 @@ def format_table(report: dict[str, Any]) -> str:
     ]
     header = (
         f"{'contender':<32} {'step ms':>8} {'x floor':>7} {'pred ms':>8} {'fwd+bwd':>8} "
-        f"{'wait':>7} {'update':>7} {'enc':>6} {'check':>6} {'exch':>6} {'merge':>6} "
+        f"{'wait':>7} {'update':>7} {'enc':>6} {'check':>6} {'exch':>6} {'merge':>6} {'other':>6} "
         f"{'MB sent':>8} {'acc %':>6} {'@budget':>7} {'t→target s':>10}"
     )
     lines += [header, "-" * len(header)]
@@ -733,9 +712,7 @@ def format_table(report: dict[str, Any]) -> str:
             f"{_fmt(entry.get('predicted_step_s'), 1e3):>8} "
             f"{_fmt(split['forward_backward'], 1e3):>8} {_fmt(split['wait'], 1e3):>7} "
             f"{_fmt(split['update'], 1e3):>7} "
-            + " ".join(
-                f"{_fmt(phases.get(c), 1e3):>{6}}" for c in ("encode", "check", "exchange", "merge")
-            )
+            + " ".join(f"{_fmt(phases.get(c), 1e3):>{6}}" for c in CATEGORIES)
             + f" {_fmt(sent, 1e-6, '.2f'):>8} {_fmt(entry['final_accuracy'], 1, '.1f'):>6} "
             f"{_fmt(entry['accuracy_at_budget'], 1, '.1f'):>7} "
             f"{_fmt(entry['time_to_target_s'], 1, '.1f'):>10}"
@@ -793,6 +770,13 @@ def render_report(path: str) -> dict[str, Any]:
     from sparcomm._train_tasks import make_task
 
     report = json.loads(Path(path).read_text())
+    for entry in report["summary"]["contenders"].values():
+        phases = entry.get("phases_s")
+        if phases is not None and not phases.get("other"):
+            # Reports written before "other" was kept: the time inside the collectives
+            # that no named phase covers, from the medians (approximately).
+            named = sum(v for k, v in phases.items() if k != "other")
+            phases["other"] = max(0.0, entry["collective_s"] - named)
     task_args = report.get("task_args") or {}
     task = make_task(report.get("task", "mlp"), **task_args)
     attach_predictions(

@@ -472,13 +472,12 @@ def from_benchmark(
     """Predictions for a ``sparcomm bench train`` run, from what it measured.
 
     Measured inputs: the link rate, the MPI latency, sparcomm's calibrated
-    ``beta_allreduce``, the compute floor (the ``local`` contender's step) and each
-    contender's compression arithmetic, ``local_costs`` (measured by the benchmark apart
-    from training, on all ranks at once: codec encode and decode-add of every payload,
-    the fp16 casts, the PowerSGD hook's products and error feedback).  Without
-    ``local_costs`` a sparcomm contender is charged its collectives' encode and merge
-    phases as they ran, ``fp16_compress_hook`` those of sparcomm's FP16.  Bytes and
-    message steps come from :func:`traffic`, never from the measured step.  A
+    ``beta_allreduce``, the compute floor (the ``local`` contender's step), and each
+    contender's compression compute: for sparcomm, its collectives' encode and merge
+    phases and the time inside them no phase names, as they ran; for DDP's hooks,
+    ``local_costs`` (the benchmark times each hook on a one-rank group apart from
+    training, on all ranks at once).  Bytes and message steps come from
+    :func:`traffic`, never from the measured step.  A
     sparcomm contender's signature checks are charged as measured (``agreement``): on an
     oversubscribed machine they are waiting for the slowest rank, which no latency
     constant measured in lock-step describes.
@@ -501,14 +500,18 @@ def from_benchmark(
         codec = None
         codec_s = 0.0
         if phases is not None:
-            codec_s = phases["encode"] + phases["merge"]
+            # sparcomm reports its collectives' phases: encode, merge and the time no
+            # named phase covers are its compute; check is agreement; exchange is what
+            # the model predicts from bytes instead.
+            codec_s = phases["encode"] + phases["merge"] + phases.get("other", 0.0)
             spec = specs.get(cid)
             codec = spec.codec() if spec is not None and spec.codec is not None else None
+        elif cid in local_costs:
+            codec_s = local_costs[cid]
         elif cid == "ddp-fp16" and fp16 is not None:
             codec_s = fp16["encode"] + fp16["merge"]
         elif cid.startswith("ddp-powersgd"):
             codec_s = compute * int(cid.removeprefix("ddp-powersgd")) / batch
-        codec_s = local_costs.get(cid, codec_s)
         t = traffic(
             cid, shapes, ranks, codec=codec, codec_s=codec_s, algorithms=entry.get("algorithms")
         )
