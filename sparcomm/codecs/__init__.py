@@ -10,7 +10,7 @@ tests.  A codec defined outside sparcomm registers the same way and runs through
 
 from __future__ import annotations
 
-from sparcomm.codecs._base import Codec
+from sparcomm.codecs._base import Codec, NonFiniteError
 from sparcomm.codecs._registry import CODECS, FAMILIES, CodecRegistry, Preset, registry
 from sparcomm.codecs._wire import INPUT, Elements, Entries, Packed, PerBucket, Wire
 from sparcomm.codecs.baselines import FP16, NoCompression
@@ -31,6 +31,7 @@ __all__ = [
     "Elements",
     "Entries",
     "NoCompression",
+    "NonFiniteError",
     "OneBit",
     "Packed",
     "PerBucket",

@@ -18,6 +18,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from sparcomm._backend import array_module, kernels_for
+from sparcomm._errors import NonFiniteError as NonFiniteError  # re-exported
+from sparcomm._errors import non_finite_error as non_finite_error
 from sparcomm._random import stream_key
 from sparcomm.codecs._registry import CODECS, Preset, known_families
 from sparcomm.codecs._wire import Wire
@@ -58,15 +60,6 @@ def check_int(value: Any, name: str, low: int, high: float, hint: str = "") -> i
         bound = "inf" if math.isinf(high) else int(high)
         raise ValueError(f"{name} must be in [{low}, {bound}], got {value}{hint}")
     return int(value)
-
-
-def non_finite_error(count: int | None = None) -> ValueError:
-    what = f"{count} non-finite values" if count else "non-finite values"
-    return ValueError(
-        f"x contains {what} (NaN or Inf, or an overflow of the bucket norm); sparcomm "
-        "refuses them so no rank sums garbage; check the loss scale or clip gradients "
-        "first (error-feedback residuals are left unchanged)"
-    )
 
 
 class Codec:

@@ -1,7 +1,12 @@
 """The dense family: MPI's own ``Allreduce`` of the values (no codec, ``NoCompression``).
 
-Host buffers go straight to MPI; CuPy buffers go to a CUDA-aware MPI as they are, or
-through one staged round trip in pinned host memory.
+The input is copied into the output with the ``copy_finite`` kernel while preparing
+(the copy MPI itself makes of a separate send buffer, with the non-finite count in the
+same pass), and MPI reduces the output in place; ``out=x`` has no copy, so its check
+is one read pass (``max_abs`` over the bit patterns: NaN and Inf beat every finite
+value).  A rank's NaN or Inf is a :class:`~sparcomm.codecs._base.NonFiniteError` on
+every rank through the agreement, before any data moves.  CuPy buffers go to a
+CUDA-aware MPI as they are, or through one staged round trip in pinned host memory.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
+from sparcomm._backend import kernels_for
+from sparcomm._errors import non_finite_error
 from sparcomm.comm import _cost, _device
 from sparcomm.comm._call import Local, begin_call
 from sparcomm.comm._context import Channel
@@ -26,7 +33,7 @@ from sparcomm.comm._validate import (
     check_common,
     check_no_partial_overlap,
     check_out,
-    check_values,
+    check_tensor,
     index_dtype,
 )
 
@@ -51,12 +58,15 @@ def dense_allreduce(
     call = begin_call(comm, stats)
     state, stats, channel = call.state, call.stats, call.channel
     device = _device.is_device(x)
+    holder: dict[str, Any] = {}
 
     def prepare() -> Local:
-        array = check_values(x, "x")
+        array = check_tensor(x, "x")
         check_common(op, algorithm, _REQUESTABLE)
         check_out(out, array.size, array.dtype, device)
         check_no_partial_overlap(out, array)
+        with stats._phase("encode"):  # the checked copy: the dense family's encode
+            holder["result"] = _checked_copy(array, out, device)
         return Local(array.size, array.dtype, index_dtype(array.size).itemsize, array.size)
 
     # The dense path never consults the cost model.
@@ -73,49 +83,64 @@ def dense_allreduce(
     stats.nnz, stats.fill, stats.dense_ranges = n, 1.0, 1
     stats.index_itemsize, stats.rank = index_dtype(n).itemsize, channel.rank
     stats._predictor = _cost.lazy_predicted_bytes(stats)
+    result = holder["result"]
     if device:
-        return _dense_allreduce_device(x, channel, state.staging, op, stats, out)
-    source = np.ascontiguousarray(x).reshape(-1)
-    result = np.empty(x.shape, dtype=x.dtype) if out is None else out
+        return _dense_allreduce_device(result, channel, state.staging, op, stats)
     flat = result.reshape(-1)
     with stats._phase("allreduce"):
-        in_place = np.shares_memory(flat, source)
-        channel.allreduce_dense(MPI.IN_PLACE if in_place else source, flat)
+        channel.allreduce_dense(MPI.IN_PLACE, flat)
     if op == "mean":
         with stats._phase("output"):
             flat /= x.dtype.type(channel.size)
     return result
 
 
+def _checked_copy(x: Any, out: Any, device: bool) -> Any:
+    """The buffer MPI reduces in place: ``x`` copied into ``out`` (or a new array) by
+    ``copy_finite``, or ``x`` itself for ``out=x`` after a read-only check; raises
+    :class:`~sparcomm.codecs._base.NonFiniteError` on NaN or Inf."""
+    xp = sys.modules["cupy"] if device else np
+    kernels = kernels_for(xp)
+    if out is x:
+        flat = x.reshape(-1)
+        largest = xp.empty(1, dtype=x.dtype)
+        kernels.max_abs(flat, flat.size, largest)
+        if not np.isfinite(float(largest[0])):
+            # The error path only: count them for the message.
+            raise non_finite_error(int(xp.count_nonzero(~xp.isfinite(flat))))
+        return x
+    result = xp.empty(x.shape, dtype=x.dtype) if out is None else out
+    bad = kernels.copy_finite(xp.ascontiguousarray(x).reshape(-1), result.reshape(-1))
+    if bad:
+        raise non_finite_error(int(bad))
+    return result
+
+
 def _dense_allreduce_device(
-    x: Any,
+    result: Any,
     channel: Channel,
     staging: _device.DeviceStaging,
     op: str,
     stats: AllreduceStats,
-    out: Any,
 ) -> Any:
-    """The dense path for a CuPy ``x``: device buffers straight to a CUDA-aware MPI,
-    else one staged round trip through pinned host memory."""
-    cupy = sys.modules["cupy"]
-    result = _device.device_output(out, x.shape, x.dtype)
+    """The dense path for a CuPy input, reduced in place in ``result`` (the checked copy):
+    device buffers straight to a CUDA-aware MPI, else one staged round trip through
+    pinned host memory."""
     flat = result.reshape(-1)
     if channel.size > 1 and _device.cuda_aware():
-        source = cupy.ascontiguousarray(x).reshape(-1)
         with stats._phase("allreduce"):
             _device.synchronize()  # MPI reads the buffer outside CuPy's stream order
-            in_place = cupy.shares_memory(flat, source)
-            channel.allreduce_dense(MPI.IN_PLACE if in_place else source, flat)
+            channel.allreduce_dense(MPI.IN_PLACE, flat)
         if op == "mean":
             with stats._phase("output"):
                 _device.divide(flat, channel.size)
         return result
     with stats._phase("stage"):
-        host = staging.array_to_host(x, "dense")
+        host = staging.array_to_host(result, "dense")
     with stats._phase("allreduce"):
         channel.allreduce_dense(MPI.IN_PLACE, host.reshape(-1))
     with stats._phase("output"):
         if op == "mean":
-            host /= x.dtype.type(channel.size)
+            host /= result.dtype.type(channel.size)
         _device.dense_to_device(host, result)
     return result

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from sparcomm._errors import NonFiniteError
 from sparcomm.comm._context import Channel
 
 #: Version of the signature row.
@@ -85,12 +86,15 @@ ALGORITHM_NAMES: dict[int, str] = {
 }
 
 #: Error codes: the class a rank's local failure is raised with on the other ranks
-#: (0: no error; any other exception class travels as RuntimeError).
+#: (0: no error; a subclass travels as its nearest listed base, any other exception
+#: class as RuntimeError).  NonFiniteError (a ValueError: NaN or Inf in a rank's
+#: input) has a code of its own, so every rank can say so.
 ERROR_CODES: dict[type[Exception], int] = {
     TypeError: 1,
     ValueError: 2,
     NotImplementedError: 3,
     RuntimeError: 4,
+    NonFiniteError: 5,
 }
 _ERROR_CLASSES = {code: cls for cls, code in ERROR_CODES.items()}
 
@@ -109,9 +113,9 @@ def error_code(error: BaseException | None) -> int:
     """The code of ``error``'s class (0 for None)."""
     if error is None:
         return 0
-    for cls, value in ERROR_CODES.items():
-        if isinstance(error, cls):
-            return value
+    for cls in type(error).__mro__:  # the nearest listed class (NonFiniteError first)
+        if cls in ERROR_CODES:
+            return ERROR_CODES[cls]
     return ERROR_CODES[RuntimeError]
 
 
@@ -212,6 +216,13 @@ def check_signature(
             raise error
         first = int(failed[0])
         cls = error_class(int(table[first, column["error"]]))
+        if cls is NonFiniteError:
+            raise cls(
+                f"{what}: rank {first} has non-finite values (NaN or Inf) in its input "
+                f"(ranks {failed.tolist()} refused theirs); expected finite values on every "
+                "rank; no data was exchanged and no output was written; check the loss "
+                "scale or clip gradients first"
+            )
         raise cls(
             f"{what}: rank {first} rejected its input ({cls.__name__}; ranks "
             f"{failed.tolist()} failed); its own message says why; no data was exchanged"
@@ -267,6 +278,13 @@ def raise_failure(own: BaseException | None, failed: int, value: int) -> None:
         raise own
     if failed >= 0:
         cls = error_class(value)
+        if cls is NonFiniteError:
+            raise cls(
+                f"allreduce: rank {failed} met non-finite values (NaN or Inf, or a sum that "
+                "overflowed at an owner) while encoding its part; expected finite values; "
+                "the result was discarded on every rank; check the loss scale or clip "
+                "gradients first"
+            )
         raise cls(
             f"allreduce: rank {failed} failed to encode its part ({cls.__name__}; for "
             "example non-finite values, or a sum that overflowed at an owner); its own "

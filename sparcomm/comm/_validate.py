@@ -12,9 +12,11 @@ from typing import Any
 
 import numpy as np
 
+from sparcomm._errors import non_finite_error
 from sparcomm.comm import _device
 from sparcomm.comm._protocol import DTYPE_CODES, OP_CODES
 from sparcomm.kernels.cpu import merge as _merge
+from sparcomm.kernels.cpu import reduce as _reduce
 
 #: The reductions, in the order messages list them.
 OPS = tuple(OP_CODES)
@@ -48,6 +50,23 @@ def check_values(x: Any, name: str) -> Any:
     return x
 
 
+def check_tensor(x: Any, name: str = "x") -> Any:
+    """:func:`check_values`, and at least one dimension and one element: the input of
+    a dense-buffer collective (``allreduce``)."""
+    x = check_values(x, name)
+    if x.ndim == 0:
+        raise ValueError(
+            f"{name} must have at least one dimension, got a 0-d array; pass "
+            f"{name}.reshape(1) (and take element 0 of the result)"
+        )
+    if x.size == 0:
+        raise ValueError(
+            f"{name} must have at least one element, got shape {x.shape}; there is nothing "
+            "to reduce: skip the call on every rank"
+        )
+    return x
+
+
 def check_out(out: Any, n: int, dtype: np.dtype, device: bool = False) -> None:
     """``out`` must be None or a C-contiguous array of ``n`` x ``dtype`` on the input's
     device (NumPy for host inputs, CuPy for device inputs)."""
@@ -77,6 +96,19 @@ def check_no_partial_overlap(out: Any, x: Any) -> None:
         raise ValueError("out overlaps x partially; pass out=x or a separate buffer")
 
 
+def check_finite(values: np.ndarray, name: str) -> None:
+    """Raise :class:`~sparcomm.codecs._base.NonFiniteError` if ``values`` (host, 1-D,
+    contiguous) holds NaN or Inf: one read pass, ``max_abs`` over the bit patterns (NaN
+    and Inf beat every finite value).  For streams of k entries, whose values nothing
+    else reads before they travel (a codec's own payload, or the user's)."""
+    if values.size == 0:
+        return
+    largest = np.empty(1, dtype=values.dtype)
+    _reduce.max_abs(values, values.size, largest)
+    if not np.isfinite(largest[0]):
+        raise non_finite_error(int(np.count_nonzero(~np.isfinite(values))), name)
+
+
 def prepare_stream(indices: Any, values: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Validate a user stream; sort it and sum duplicates when needed (stable order)."""
     values = check_values(values, "values")
@@ -95,6 +127,7 @@ def prepare_stream(indices: Any, values: Any, n: int) -> tuple[np.ndarray, np.nd
         raise ValueError(f"indices must lie in [0, n) = [0, {n}), got max {int(indices.max())}")
     indices = np.ascontiguousarray(indices, dtype=np.int64 if indices.dtype.kind == "u" else None)
     values = np.ascontiguousarray(values)
+    check_finite(values, "values")
     state = _merge.check_stream(indices, n)
     if state == 2:
         raise ValueError(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from sparcomm import FP16, QSGD, ErrorFeedback, NoCompression, OneBit, TernGrad, TopK
-from sparcomm.codecs import CODECS
+from sparcomm.codecs import CODECS, NonFiniteError
 from sparcomm.comm import _protocol
 from sparcomm.payload import CODEC_IDS
 
@@ -78,8 +78,11 @@ def test_signature_columns_and_small_tables_are_pinned():
         ValueError: 2,
         NotImplementedError: 3,
         RuntimeError: 4,
+        NonFiniteError: 5,
     }
     assert _protocol.error_code(None) == 0
+    assert _protocol.error_code(NonFiniteError("nan")) == 5  # the nearest listed class
+    assert _protocol.error_class(5) is NonFiniteError and issubclass(NonFiniteError, ValueError)
     assert _protocol.error_code(KeyError("x")) == 4  # others travel as RuntimeError
     assert _protocol.error_class(3) is NotImplementedError
     assert _protocol.STATUS_BYTES == 8
