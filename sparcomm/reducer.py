@@ -20,8 +20,10 @@ The **policy** decides what each tensor goes through: tensors with fewer than
 compression and lose accuracy); during the first ``warmup_steps`` steps everything is
 dense (the warm-up of DGC, Lin et al., ICLR 2018; PowerSGD, Vogels et al., NeurIPS 2019;
 1-bit Adam, Tang et al., ICML 2021); ``compression="layer"`` compresses each tensor on
-its own (per-layer top-k and residuals, one collective each), ``compression="bucket"``
-compresses each fused bucket as one vector (fewer, larger collectives).
+its own (per-layer top-k and residuals, one collective each) except tensors below
+``layer_fuse_below`` elements, which fuse as in the other mode (a collective's
+fixed cost would dwarf their few values); ``compression="bucket"`` compresses each fused
+bucket as one vector (fewer, larger collectives).
 
 The plan (which tensor is in which bucket) is a pure function of the registered
 ``(name, shape, dtype)`` list and the options; it is checked to be identical on all ranks
@@ -47,11 +49,19 @@ from sparcomm._backend import array_module, is_cupy_array
 
 logger = logging.getLogger(__name__)
 
-#: Default fusion threshold: 16 MiB, between PyTorch DDP's 25 MiB buckets and the
-#: smaller buckets that give the backward pass more to overlap with.
-DEFAULT_FUSION_THRESHOLD_BYTES = 16 * 2**20
+#: Default fusion threshold: 25 MiB, PyTorch DDP's ``bucket_cap_mb`` (Horovod fuses up
+#: to 64 MiB): a network's per-message latency is paid once per bucket, and a model's
+#: gradients still form several buckets that overlap with the backward pass.
+DEFAULT_FUSION_THRESHOLD_BYTES = 25 * 2**20
 #: Tensors with fewer elements than this are reduced dense by default.
 DEFAULT_DENSE_BELOW = 1024
+#: In ``"layer"`` mode, compressed tensors with fewer elements than this are fused and
+#: compressed together (as in ``"bucket"`` mode) instead of paying a collective each:
+#: at 1 % density such a tensor sends under 700 values (a few KiB, tens of microseconds
+#: at 1 Gbit/s), far less than one collective's fixed cost (its latency rounds and the
+#: call itself, a millisecond or more on a network), while large tensors keep their
+#: own top-k and residual.
+DEFAULT_LAYER_FUSE_BELOW = 65536
 COMPRESSION_MODES = ("layer", "bucket")
 OPS = ("sum", "mean")
 _STATE_FORMAT = 1
@@ -80,6 +90,9 @@ class _Bucket:
     #: error-feedback residuals and random streams follow the parameter), otherwise a
     #: name made of the first and last member.
     key: Hashable
+    #: ``"layer"`` mode's small tensors fused into one bucket: each is still compressed
+    #: on its own (its own key), and they share one collective where the family allows.
+    per_tensor: bool = False
 
 
 @dataclass(frozen=True)
@@ -134,6 +147,7 @@ def build_plan(
     fusion_threshold_bytes: int,
     dense_below: int,
     compression: str,
+    layer_fuse_below: int = DEFAULT_LAYER_FUSE_BELOW,
 ) -> _Plan:
     """Group tensors into fusion buckets (pure: the same on every rank for the same input).
 
@@ -141,25 +155,27 @@ def build_plan(
     ready).  A dense tensor joins the open dense bucket of its dtype and a compressed one
     (in ``"bucket"`` mode) the open compressed bucket of its dtype; a bucket closes when
     the next tensor would take it past the threshold.  In ``"layer"`` mode every
-    compressed tensor is a bucket of its own.  Buckets are numbered by the position of
-    their last member: the order in which they can start.
+    compressed tensor of at least ``layer_fuse_below`` elements is a bucket of its own,
+    and the smaller ones fuse into compressed buckets as in ``"bucket"`` mode.  Buckets
+    are numbered by the position of their last member: the order in which they can start.
     """
-    closed: list[tuple[tuple[bool, np.dtype], list[tuple[Hashable, tuple[int, ...], int]]]] = []
-    open_groups: dict[tuple[bool, np.dtype], list[tuple[Hashable, tuple[int, ...], int]]] = {}
-    open_bytes: dict[tuple[bool, np.dtype], int] = {}
+    GroupKey = tuple[bool, np.dtype, bool]  # compressed, dtype, a layer of its own
+    closed: list[tuple[GroupKey, list[tuple[Hashable, tuple[int, ...], int]]]] = []
+    open_groups: dict[GroupKey, list[tuple[Hashable, tuple[int, ...], int]]] = {}
+    open_bytes: dict[GroupKey, int] = {}
 
-    def close(group_key: tuple[bool, np.dtype]) -> None:
+    def close(group_key: GroupKey) -> None:
         closed.append((group_key, open_groups.pop(group_key)))
         open_bytes.pop(group_key)
 
     for name, shape, dtype in specs:
         size = int(np.prod(shape, dtype=np.int64))
         compressed = compress and size >= dense_below
-        group_key = (compressed, np.dtype(dtype))
+        own = compressed and compression == "layer" and size >= layer_fuse_below
+        group_key = (compressed, np.dtype(dtype), own)
         nbytes = size * group_key[1].itemsize
         if group_key in open_groups and (
-            (compressed and compression == "layer")
-            or open_bytes[group_key] + nbytes > fusion_threshold_bytes
+            own or open_bytes[group_key] + nbytes > fusion_threshold_bytes
         ):
             close(group_key)
         open_groups.setdefault(group_key, []).append((name, shape, size))
@@ -170,13 +186,16 @@ def build_plan(
     position = {name: i for i, (name, _, _) in enumerate(specs)}
     closed.sort(key=lambda item: position[item[1][-1][0]])
     buckets: list[_Bucket] = []
-    for (compressed, dtype), members in closed:
+    for (compressed, dtype, own), members in closed:
         slots, offset = [], 0
         for name, shape, size in members:
             slots.append(_Slot(name, shape, size, offset))
             offset += size
+        per_tensor = compressed and compression == "layer" and not own
         buckets.append(
-            _Bucket(len(buckets), tuple(slots), dtype, offset, compressed, _fused_key(slots))
+            _Bucket(
+                len(buckets), tuple(slots), dtype, offset, compressed, _fused_key(slots), per_tensor
+            )
         )
     lookup = {slot.name: (bucket.index, slot) for bucket in buckets for slot in bucket.slots}
     return _Plan(tuple(buckets), lookup)
@@ -186,6 +205,13 @@ def _is_dense_codec(codec: Any) -> bool:
     from sparcomm.feedback import unwrap
 
     return getattr(unwrap(codec)[0], "family", None) == "dense"
+
+
+def _family(codec: Any) -> str | None:
+    """The family of ``codec`` (under ErrorFeedback: of the codec it wraps)."""
+    from sparcomm.feedback import unwrap
+
+    return getattr(unwrap(codec)[0], "family", None)
 
 
 def _is_low_rank(codec: Any) -> bool:
@@ -423,6 +449,9 @@ class _Engine:
         if bucket.compressed and _is_low_rank(codec):
             self._reduce_low_rank(run, bucket, codec)
             return
+        if bucket.per_tensor and len(bucket.slots) > 1:
+            self._reduce_layers(run, bucket, codec)
+            return
         if len(bucket.slots) == 1:
             slot = bucket.slots[0]
             result = self._allreduce(run, bucket, codec, run.inputs[slot.name])
@@ -450,6 +479,40 @@ class _Engine:
                 slot.shape
             )
 
+    def _reduce_layers(self, run: _StepRun, bucket: _Bucket, codec: Any) -> None:
+        """Small tensors of ``"layer"`` mode: each compressed with its own key.  A sparse
+        codec on NumPy gradients sends them in one collective (their streams concatenated);
+        otherwise each takes its own, as large tensors do."""
+        inputs = [run.inputs[slot.name] for slot in bucket.slots]
+        if _family(codec) != "sparse" or not all(isinstance(x, np.ndarray) for x in inputs):
+            for slot in bucket.slots:
+                single = _Bucket(0, (slot,), bucket.dtype, slot.size, True, slot.name)
+                result = self._allreduce(run, single, codec, run.inputs[slot.name], bucket)
+                run.outputs[slot.name] = result.reshape(slot.shape)
+            return
+        from sparcomm.comm import AllreduceStats
+        from sparcomm.comm._call import agreed_layout
+        from sparcomm.comm._sparse_allreduce import sparse_codec_allreduce_layers
+
+        info = AllreduceStats()
+        start = time.perf_counter()
+        # A fresh buffer each step: the outputs are views of it, handed to the caller.
+        flat = np.empty(bucket.size, dtype=bucket.dtype)
+        with agreed_layout((*run.layout, bucket.index)):
+            sparse_codec_allreduce_layers(
+                inputs,
+                codec,
+                [slot.name for slot in bucket.slots],
+                comm=self.comm,
+                op=self.op,
+                step=run.step,
+                stats=info,
+                out=flat,
+            )
+        for slot in bucket.slots:
+            run.outputs[slot.name] = flat[slot.offset : slot.offset + slot.size].reshape(slot.shape)
+        self._account(run, bucket, info, start)
+
     def _reduce_low_rank(self, run: _StepRun, bucket: _Bucket, codec: Any) -> None:
         """PowerSGD: the bucket's tensors, each its own matrix keyed by its name, share
         one allreduce of their P factors and one of their Q factors."""
@@ -472,13 +535,17 @@ class _Engine:
         stats.bytes_received += info.bytes_received
         stats.algorithms.append(info.algorithm)
 
-    def _allreduce(self, run: _StepRun, bucket: _Bucket, codec: Any, x: Any) -> Any:
+    def _allreduce(
+        self, run: _StepRun, bucket: _Bucket, codec: Any, x: Any, parent: _Bucket | None = None
+    ) -> Any:
         from sparcomm.comm import AllreduceStats, allreduce
         from sparcomm.comm._call import agreed_layout
 
         info = AllreduceStats()
         start = time.perf_counter()
-        with agreed_layout((*run.layout, bucket.index)):
+        # A tensor of a fused bucket reduced alone: its layout is (bucket, its name).
+        layout = (*run.layout, bucket.index if parent is None else (parent.index, bucket.key))
+        with agreed_layout(layout):
             result = allreduce(
                 x,
                 codec=codec,
@@ -488,15 +555,20 @@ class _Engine:
                 step=run.step,
                 stats=info,
             )
+        self._account(run, bucket, info, start)
+        return result
+
+    @staticmethod
+    def _account(run: _StepRun, bucket: _Bucket, info: Any, start: float) -> None:
+        """Add one collective's figures to the step's stats."""
         stats = run.stats
         stats.seconds += time.perf_counter() - start
         stats.buckets += 1
         stats.compressed_buckets += int(bucket.compressed)
-        stats.elements += int(x.size)
+        stats.elements += int(bucket.size)
         stats.bytes_sent += info.bytes_sent
         stats.bytes_received += info.bytes_received
         stats.algorithms.append(info.algorithm)
-        return result
 
 
 def _abandon(engine: _Engine) -> None:
@@ -539,11 +611,16 @@ class GradientReducer:
     warmup_steps : int
         Number of initial steps reduced dense before compression starts.
     compression : {"layer", "bucket"}
-        Compress each tensor separately, or each fused bucket as one vector.
+        Compress each tensor separately (tensors below ``layer_fuse_below`` elements
+        fuse into shared compressed buckets), or each fused bucket as one vector.
     overlap : bool
         Reduce buckets in a background thread as they fill (needs
         ``MPI_THREAD_MULTIPLE``; without it the reducer logs a warning and reduces in
         :meth:`wait`, on the caller's thread).  ``False`` always reduces in :meth:`wait`.
+    layer_fuse_below : int
+        In ``"layer"`` mode, compressed tensors with fewer elements fuse into shared
+        compressed buckets (default :data:`DEFAULT_LAYER_FUSE_BELOW`); 0: every
+        compressed tensor is its own collective.
 
     Raises
     ------
@@ -579,6 +656,7 @@ class GradientReducer:
         warmup_steps: int = 0,
         compression: str = "layer",
         overlap: bool = True,
+        layer_fuse_below: int = DEFAULT_LAYER_FUSE_BELOW,
     ) -> None:
         from sparcomm._abort import install_abort_hook
         from sparcomm.codecs import Codec, NoCompression
@@ -600,6 +678,7 @@ class GradientReducer:
             ("fusion_threshold_bytes", fusion_threshold_bytes),
             ("dense_below", dense_below),
             ("warmup_steps", warmup_steps),
+            ("layer_fuse_below", layer_fuse_below),
         ):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
@@ -608,6 +687,7 @@ class GradientReducer:
         self.fusion_threshold_bytes = int(fusion_threshold_bytes)
         self.dense_below = int(dense_below)
         self.warmup_steps = int(warmup_steps)
+        self.layer_fuse_below = int(layer_fuse_below)
         self.compression = compression
         parent = _default_comm(comm)
         install_abort_hook()  # from here on a rank that dies must not leave others hanging
@@ -722,6 +802,7 @@ class GradientReducer:
                 # A low-rank codec compresses each tensor as its own matrix and sums a
                 # whole bucket's factors in one call: fuse its tensors into buckets.
                 compression="bucket" if _is_low_rank(self.codec) else self.compression,
+                layer_fuse_below=self.layer_fuse_below,
             )
 
     def _signature(self, specs: Sequence[tuple[Hashable, tuple[int, ...], np.dtype]]) -> str:
@@ -734,6 +815,7 @@ class GradientReducer:
                 self.dense_below,
                 self.warmup_steps,
                 self.compression,
+                self.layer_fuse_below,
             )
         )
         return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()

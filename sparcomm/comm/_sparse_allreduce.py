@@ -28,6 +28,7 @@ from sparcomm.comm._stats import AllreduceStats
 from sparcomm.comm._validate import (
     check_common,
     check_out,
+    check_tensor,
     check_values,
     index_dtype,
     prepare_stream,
@@ -267,7 +268,7 @@ def sparse_codec_allreduce(
     device = _device.is_device(x)
 
     def prepare(staging: _device.DeviceStaging) -> tuple[np.ndarray, np.ndarray]:
-        array = check_values(x, "x")
+        array = check_tensor(x, "x")
         rank = comm.Get_rank() if comm is not None else MPI.COMM_WORLD.Get_rank()
         payload = codec.encode(array, key=key, step=step, rank=rank)
         if device:  # encoded on the device: only the k entries cross to the host
@@ -276,7 +277,8 @@ def sparse_codec_allreduce(
         return prepare_stream(payload.arrays["indices"], payload.arrays["values"], array.size)
 
     is_array = isinstance(x, np.ndarray) or device
-    n = x.size if is_array else -1
+    # An invalid x (a list, None, empty) is prepare's error (check_tensor), not n's.
+    n = x.size if is_array and x.size > 0 else 1
     dtype = x.dtype if is_array and x.dtype in DTYPE_CODES else None
     flat_out: Any = out
     if (isinstance(out, np.ndarray) or _device.is_device(out)) and out.flags.c_contiguous:
@@ -296,3 +298,60 @@ def sparse_codec_allreduce(
         device,
     )
     return result.reshape(holder["shape"]) if out is None else out
+
+
+def sparse_codec_allreduce_layers(
+    arrays: list[np.ndarray],
+    codec: Any,
+    keys: list[Any],
+    *,
+    comm: MPI.Comm | None,
+    op: str,
+    step: int | None,
+    stats: AllreduceStats | None,
+    out: np.ndarray | None,
+) -> np.ndarray:
+    """Several tensors in one sparse collective, each compressed on its own.
+
+    Tensor ``i`` is encoded with its own key (its own top-k and error-feedback residual,
+    as if it were reduced alone), its indices are shifted by the sizes of the tensors
+    before it, and the concatenated stream is reduced once: the sum of the concatenation
+    is the concatenation of the per-tensor sums, for the latency of one collective.
+    Returns the flat sum (``out`` if given, of the total size).
+    """
+    sizes = [int(getattr(array, "size", 0)) for array in arrays]
+    n = sum(sizes)
+    dtypes = {getattr(array, "dtype", None) for array in arrays}
+    dtype = next(iter(dtypes)) if len(dtypes) == 1 else None
+
+    def prepare(staging: _device.DeviceStaging) -> tuple[np.ndarray, np.ndarray]:
+        if dtype is None:
+            raise TypeError(
+                f"the fused tensors must share one dtype, got {sorted(map(str, dtypes))}"
+            )
+        rank = comm.Get_rank() if comm is not None else MPI.COMM_WORLD.Get_rank()
+        wire = index_dtype(n)
+        all_indices, all_values, offset = [], [], 0
+        for array, key in zip(arrays, keys, strict=True):
+            payload = codec.encode(check_values(array, "x"), key=key, step=step, rank=rank)
+            all_indices.append(
+                payload.arrays["indices"].astype(wire, copy=False) + wire.type(offset)
+            )
+            all_values.append(payload.arrays["values"])
+            offset += array.size
+        return prepare_stream(np.concatenate(all_indices), np.concatenate(all_values), n)
+
+    return run_sparse(
+        prepare,
+        n,
+        dtype if dtype in DTYPE_CODES else None,
+        comm,
+        op,
+        "auto",
+        True,
+        out,
+        stats,
+        describe_codec(codec),
+        "allreduce",
+        False,
+    )

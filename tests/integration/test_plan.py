@@ -49,11 +49,52 @@ def test_zero_threshold_means_one_bucket_per_tensor():
 
 def test_layer_mode_gives_each_compressed_tensor_its_own_bucket_and_fuses_small_ones():
     plan = build_plan(
-        SPECS, compress=True, fusion_threshold_bytes=1 << 20, dense_below=1024, compression="layer"
+        SPECS,
+        compress=True,
+        fusion_threshold_bytes=1 << 20,
+        dense_below=1024,
+        compression="layer",
+        layer_fuse_below=1000,
     )
     assert _layout(plan) == [
         (["fc2.weight"], True, "float32"),
         (["fc2.bias", "fc1.bias"], False, "float32"),  # ready with fc1.bias
+        (["fc1.weight"], True, "float32"),
+        (["head"], False, "float64"),
+    ]
+
+
+def test_layer_mode_fuses_compressed_tensors_below_layer_fuse_below():
+    specs = [
+        ("fc3.bias", (2048,), F32),
+        ("fc3.weight", (2048, 2048), F32),
+        ("fc2.bias", (2048,), F32),
+        ("fc2.weight", (2048, 2048), F32),
+        ("fc1.bias", (2048,), F32),
+        ("fc1.weight", (2048, 512), F32),
+    ]
+    # The defaults: the 10M-parameter MLP, whose three 2048-element biases each
+    # paid a collective of their own.
+    plan = build_plan(
+        specs, compress=True, fusion_threshold_bytes=25 << 20, dense_below=1024, compression="layer"
+    )
+    assert _layout(plan) == [
+        (["fc3.weight"], True, "float32"),
+        (["fc2.weight"], True, "float32"),
+        (["fc3.bias", "fc2.bias", "fc1.bias"], True, "float32"),  # ready with fc1.bias
+        (["fc1.weight"], True, "float32"),
+    ]
+    plan = build_plan(
+        SPECS,
+        compress=True,
+        fusion_threshold_bytes=1 << 20,
+        dense_below=1024,
+        compression="layer",
+        layer_fuse_below=10_000,
+    )
+    assert _layout(plan) == [
+        (["fc2.weight"], True, "float32"),  # the only small compressed tensor
+        (["fc2.bias", "fc1.bias"], False, "float32"),
         (["fc1.weight"], True, "float32"),
         (["head"], False, "float64"),
     ]

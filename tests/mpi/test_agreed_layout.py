@@ -148,3 +148,22 @@ def test_reducer_checks_each_bucket_once(signature_rows):
         buckets = reducer.last_stats.buckets
     # The dense bucket goes through the dense path (checked every call until it opts in).
     assert len(signature_rows) <= 3 * buckets - 2
+
+
+def test_reducer_failure_in_steady_state_raises_on_every_rank_and_recovers():
+    rank, size = COMM.Get_rank(), COMM.Get_size()
+    shapes = {"w": (64, 32), "b1": (200,), "b2": (300,)}
+    with GradientReducer(codec=ErrorFeedback(TopK(density=0.1)), dense_below=100) as reducer:
+        for step in range(4):
+            rng = np.random.default_rng(100 * step + rank)
+            grads = {name: rng.standard_normal(shape) for name, shape in shapes.items()}
+            if step == 2 and rank == size - 1:
+                grads["b2"][5] = np.inf
+            if step == 2:
+                with pytest.raises(ValueError):
+                    reducer.reduce(grads)
+                continue
+            reduced = reducer.reduce(grads)
+            root = COMM.bcast(reduced if rank == 0 else None, root=0)
+            for name in shapes:
+                assert np.array_equal(reduced[name], root[name])

@@ -98,7 +98,10 @@ def test_layer_mode_topk_with_error_feedback_equals_reference():
     """Layer-wise TopK+EF through the reducer equals encoding each tensor with its own
     residual and averaging the decoded tensors; small tensors go dense."""
     reducer = GradientReducer(
-        ErrorFeedback(TopK(density=0.05)), dense_below=100, fusion_threshold_bytes=1 << 20
+        ErrorFeedback(TopK(density=0.05)),
+        dense_below=100,
+        fusion_threshold_bytes=1 << 20,
+        layer_fuse_below=0,  # every compressed tensor on its own, as the reference
     )
     reference = ErrorFeedback(TopK(density=0.05))
     try:
@@ -117,8 +120,33 @@ def test_layer_mode_topk_with_error_feedback_equals_reference():
         reducer.close()
 
 
+def test_layer_mode_fuses_small_compressed_tensors_into_one_collective():
+    """Below layer_fuse_below, tensors share one collective but keep their own top-k and
+    residual: the result equals reducing each alone."""
+    reducer = GradientReducer(
+        ErrorFeedback(TopK(density=0.05)), dense_below=100, fusion_threshold_bytes=1 << 20
+    )
+    reference = ErrorFeedback(TopK(density=0.05))
+    try:
+        for step in range(3):
+            grads = _grads(step)
+            reduced = reducer.reduce(grads)
+            _same_on_all_ranks(reduced)
+            big = {k: v for k, v in grads.items() if v.size >= 100}
+            expected = _reference_reduce(reference, big, {k: k for k in big}, step)
+            expected.update(_dense_mean({k: v for k, v in grads.items() if v.size < 100}))
+            for name in SHAPES:
+                np.testing.assert_allclose(reduced[name], expected[name], rtol=1e-10, atol=1e-12)
+        assert reducer.last_stats.compressed_buckets == 1  # w1, w2, emb in one collective
+        assert reducer.last_stats.buckets == 2  # + one fused dense bucket (b1, b2)
+    finally:
+        reducer.close()
+
+
 def test_warmup_steps_are_dense_then_compression_starts():
-    reducer = GradientReducer(ErrorFeedback(TopK(density=0.01)), warmup_steps=2, dense_below=0)
+    reducer = GradientReducer(
+        ErrorFeedback(TopK(density=0.01)), warmup_steps=2, dense_below=0, layer_fuse_below=0
+    )
     try:
         for step in range(3):
             grads = _grads(step)
