@@ -936,6 +936,31 @@ def _run_job(command_line: list[str], env: dict[str, str], timeout: float) -> in
             process.wait()
 
 
+def _source_version() -> str:
+    """The checkout's commit, and whether the package differs from it (results move as
+    the library does: every report names the code it measured)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--", "sparcomm", "kernels"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown (no git)"
+    if head.returncode != 0:
+        return "unknown (not a git checkout)"
+    changed = [line for line in dirty.stdout.splitlines() if line.strip()]
+    return head.stdout.strip() + (f" + {len(changed)} uncommitted files" if changed else "")
+
+
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Launch the job (in an emulated cluster with ``--emulate``); return the report."""
     from sparcomm._emulate import EmulatedCluster, format_rate, parse_link
@@ -947,6 +972,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         args.task, inputs=args.inputs, width=args.width, depth=args.depth, seed=args.seed
     )
     load_before = os.getloadavg()
+    version = _source_version()
     env = dict(os.environ)
     for variable in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "MKL_NUM_THREADS"):
         env[variable] = str(args.threads_per_rank)
@@ -1019,6 +1045,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             else "n/a"
         ),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "source": version,
         "summary": summary,
     }
     return report
