@@ -13,17 +13,22 @@ Layout (all integers little-endian; documented byte by byte in docs/wire-format.
     8       8            n, number of elements (uint64)
     16      1            number of codec parameters
     17      1            number of arrays
-    18      2            reserved, zero
+    18      2            flags (uint16): bit 0 = a data checksum follows the arrays;
+                         other bits zero
     20      4            CRC-32 of the header and descriptors, computed with this field zero
     24      8 * ndim     shape (uint64 each)
     ...     8 * nparams  codec parameters (int64 each)
     ...     16 * narrays array descriptors: dtype code (uint8), 7 zero bytes, count (uint64)
     ...                  array data, each array starting at a multiple of 8 bytes (zero padding)
+    ...     8            only with flag bit 0: CRC-32 (uint32) of the array data (padding
+                         included), then 4 zero bytes
 
 :meth:`Payload.from_bytes` validates everything it reads (magic, version, CRC, codes,
 every length against the buffer's length), so a truncated or foreign buffer raises
-``ValueError`` instead of crashing or decoding garbage.  The array data is not
-checksummed: MPI transports are reliable, and a checksum would cost a full pass.
+``ValueError`` instead of crashing or decoding garbage.  The array data is checksummed
+only on request (``to_bytes(checksum=True)``, the verify mode: a full pass over the
+data on each side); the collectives leave it off, as MPI transports are reliable.
+A reader verifies the data checksum whenever the flag says one is present.
 """
 
 from __future__ import annotations
@@ -41,10 +46,17 @@ MAGIC = b"SPCM"
 FORMAT_VERSION = 1
 ALIGNMENT = 8
 MAX_NDIM = 32
+#: Largest n or dimension a header may claim (int64 indices address below 2**63).
+MAX_ELEMENTS = 2**62
 
 _HEADER = struct.Struct("<4sBBBBQBBHI")  # 24 bytes
 _DESCRIPTOR = struct.Struct("<B7xQ")  # 16 bytes
 _CRC_OFFSET = 20
+#: Flag bit of the header's flags field: a data checksum trailer follows the arrays.
+FLAG_DATA_CHECKSUM = 1
+#: Bytes of the data checksum trailer (CRC-32 and 4 zero bytes: keeps 8-byte alignment).
+CHECKSUM_BYTES = 8
+_TRAILER = struct.Struct("<II")  # CRC-32, then zero
 
 #: codec id -> (codec name, names of its arrays in wire order).  Filled by the codec
 #: classes themselves when they are defined (``class TopK(Codec, codec_id=3, ...)``, see
@@ -156,7 +168,7 @@ class Payload:
         """Bytes of the arrays alone, without header and padding."""
         return sum(int(a.nbytes) for a in self.arrays.values())
 
-    def _header(self) -> bytes:
+    def _header(self, flags: int = 0) -> bytes:
         names = CODEC_IDS[self.codec_id][1]
         if tuple(self.arrays) != names:
             raise ValueError(
@@ -171,7 +183,7 @@ class Payload:
             self.n,
             len(self.params),
             len(self.arrays),
-            0,
+            flags,
             0,
         )
         parts = [head, struct.pack(f"<{len(self.shape)}Q", *self.shape)]
@@ -182,7 +194,7 @@ class Payload:
         struct.pack_into("<I", header, _CRC_OFFSET, zlib.crc32(header))
         return bytes(header)
 
-    def to_bytes(self, out: Any = None) -> Any:
+    def to_bytes(self, out: Any = None, *, checksum: bool = False) -> Any:
         """Pack into one contiguous uint8 buffer of :attr:`nbytes` bytes.
 
         Parameters
@@ -190,15 +202,24 @@ class Payload:
         out : array, optional
             A uint8 buffer of at least :attr:`nbytes` bytes (NumPy or CuPy, matching the
             arrays) to fill; a new one is allocated when omitted.
+        checksum : bool
+            The verify mode: append a CRC-32 of the array data (:data:`CHECKSUM_BYTES`
+            more bytes, one more pass over the data here and in :meth:`from_bytes`),
+            so any corruption of the data raises ``ValueError`` at unpacking instead of
+            decoding silently.  Off by default (the collectives' hot path; the bytes are
+            then exactly those of format version 1 without flags).
 
         Returns
         -------
         array
-            The filled uint8 buffer (``out[:nbytes]`` when ``out`` was given).
+            The filled uint8 buffer (``out[:nbytes]``, or ``out[:nbytes + 8]`` with
+            ``checksum``, when ``out`` was given).
         """
+        if not isinstance(checksum, bool):
+            raise TypeError(f"checksum must be True or False, got {checksum!r}")
         xp = array_module(*self.arrays.values())
-        header = self._header()
-        total = self.nbytes
+        header = self._header(FLAG_DATA_CHECKSUM if checksum else 0)
+        total = self.nbytes + (CHECKSUM_BYTES if checksum else 0)
         if out is None:
             out = xp.empty(total, dtype=np.uint8)
         elif array_module(out) is not xp:
@@ -222,6 +243,9 @@ class Payload:
             if padded > size:
                 buffer[offset + size : offset + padded] = 0
             offset += padded
+        if checksum:
+            crc = zlib.crc32(_to_host(buffer[len(header) : offset]))
+            buffer[offset:total] = xp.asarray(np.frombuffer(_TRAILER.pack(crc, 0), dtype=np.uint8))
         return buffer
 
     @classmethod
@@ -232,7 +256,8 @@ class Payload:
         ------
         ValueError
             If the buffer is truncated, too long, foreign, of another format version, or
-            its header is corrupted.
+            its header is corrupted; or, for a buffer written with
+            ``to_bytes(checksum=True)``, if its data does not match its checksum.
         """
         if isinstance(buffer, (bytes, bytearray, memoryview)):
             buffer = np.frombuffer(buffer, dtype=np.uint8)
@@ -249,8 +274,8 @@ class Payload:
                 "header: truncated or not a sparcomm payload"
             )
         head = bytes(_to_host(buffer[: _HEADER.size]))
-        magic, version, codec_id, dtype_code, ndim, n, nparams, narrays, _, crc = _HEADER.unpack(
-            head
+        magic, version, codec_id, dtype_code, ndim, n, nparams, narrays, flags, crc = (
+            _HEADER.unpack(head)
         )
         if magic != MAGIC:
             raise ValueError(
@@ -270,6 +295,11 @@ class Payload:
         struct.pack_into("<I", header, _CRC_OFFSET, 0)
         if zlib.crc32(header) != crc:
             raise ValueError("payload header checksum mismatch: the buffer is corrupted")
+        if flags & ~FLAG_DATA_CHECKSUM:
+            raise ValueError(
+                f"payload flags {flags:#06x} set unknown bits (this sparcomm knows "
+                f"{FLAG_DATA_CHECKSUM:#06x}): payload from an incompatible sparcomm version"
+            )
         if codec_id not in CODEC_IDS or dtype_code not in DTYPE_CODES:
             raise ValueError(
                 f"unknown codec id {codec_id} or dtype code {dtype_code}: payload from an "
@@ -291,13 +321,25 @@ class Payload:
                 raise ValueError(f"unknown array dtype code {code} in {name} payload")
             descriptors.append((DTYPE_CODES[code], count))
         expected = wire_nbytes(ndim, nparams, descriptors)
+        if flags & FLAG_DATA_CHECKSUM:
+            expected += CHECKSUM_BYTES
         if expected != length:
             raise ValueError(
                 f"{name} payload needs {expected} bytes, buffer has {length}: "
                 + ("truncated" if length < expected else "trailing bytes")
             )
-        if int(np.prod(shape, dtype=np.int64)) != n:
+        if any(dim > MAX_ELEMENTS for dim in shape) or n > MAX_ELEMENTS:
+            raise ValueError(f"payload shape {shape} or n={n} is out of range: corrupted")
+        if int(np.prod(shape, dtype=object)) != n:
             raise ValueError(f"payload shape {shape} does not hold n={n} elements")
+        if flags & FLAG_DATA_CHECKSUM:
+            data_end = length - CHECKSUM_BYTES
+            stored, zero = _TRAILER.unpack(bytes(_to_host(buffer[data_end:])))
+            if zero != 0 or zlib.crc32(_to_host(buffer[offset:data_end])) != stored:
+                raise ValueError(
+                    f"{name} payload data checksum mismatch: the array data is corrupted "
+                    "(the header is intact); send the payload again"
+                )
         arrays = {}
         for array_name, (dtype, count) in zip(names, descriptors, strict=True):
             end = offset + dtype.itemsize * count

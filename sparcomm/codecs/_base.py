@@ -220,7 +220,15 @@ class Codec:
 
     # -- public API ---------------------------------------------------------------------
     def encoded_nbytes(self, n: int, dtype: Any = np.float32, ndim: int = 1) -> int:
-        """Exact bytes of the payload for an array of n elements (for cost models)."""
+        """Exact bytes of the payload for an array of n elements (for cost models).
+
+        Raises
+        ------
+        TypeError, ValueError
+            For an ``n`` that is not a positive int (or an ``ndim`` outside 1..32).
+        """
+        n = check_int(n, "n", 1, math.inf, "; pass the number of elements, x.size")
+        ndim = check_int(ndim, "ndim", 1, 32, "; pass x.ndim")
         return wire_nbytes(ndim, len(self._params(n)), self._wire_arrays(n, np.dtype(dtype)))
 
     def encode(
@@ -253,6 +261,10 @@ class Codec:
         Payload
         """
         xp, flat = check_array(x)
+        if step is not None:
+            check_int(step, "step", 0, math.inf, "; steps count from 0 (or pass step=None)")
+        if rank is not None:
+            check_int(rank, "rank", 0, math.inf, "; pass comm.Get_rank() (or rank=None)")
         stream = 0
         if self.is_stochastic:
             if step is None:
@@ -308,6 +320,11 @@ class Codec:
                 )
             if not out.flags.c_contiguous:
                 raise ValueError("out must be C-contiguous; pass numpy.empty_like(...) instead")
+            if not getattr(out.flags, "writeable", True):  # CuPy arrays are always writeable
+                raise ValueError(
+                    "out must be writeable, got a read-only array; pass a writeable buffer "
+                    "(numpy.empty_like(out), or out.copy())"
+                )
         kernels = kernels_for(xp)
         flat = out.reshape(-1)
         if accumulate == 0 or self.fused_accumulate:

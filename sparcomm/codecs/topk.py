@@ -114,8 +114,21 @@ class TopK(Codec, codec_id=3, family="sparse"):
     def _decode_flat(
         self, xp: ModuleType, kernels: ModuleType, payload: Payload, out: Any, accumulate: int
     ) -> None:
+        indices = payload.arrays["indices"]
+        n = out.size
+        # A payload from bytes may be corrupted: a wrong index must not write elsewhere
+        # (a negative one would land from the end) or fail as an IndexError.  Ascending
+        # indices are in range when the first and last are: one pass over the k entries.
+        if indices.size and not (
+            int(indices[0]) >= 0 and int(indices[-1]) < n and bool((xp.diff(indices) > 0).all())
+        ):
+            raise ValueError(
+                f"TopK payload indices must be strictly ascending in [0, n) = [0, {n}), got "
+                f"first {int(indices[0])}, last {int(indices[-1])} (or unsorted): corrupted "
+                "payload; encode again, or send it with Payload.to_bytes(checksum=True)"
+            )
         out.fill(0)
-        out[payload.arrays["indices"]] = payload.arrays["values"]
+        out[indices] = payload.arrays["values"]
 
     def residual_into(self, compensated: Any, payload: Payload) -> None:
         """Turn ``compensated`` into ``compensated - decode(payload)`` in place.

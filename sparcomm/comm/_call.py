@@ -112,6 +112,9 @@ class Call:
     _status: np.ndarray = field(default_factory=lambda: np.zeros(3, dtype=np.int64))
     _what: str = "allreduce"
     _codec_text: str = ""
+    #: An argument error found by :func:`begin_call` (``stats=1``): raised by
+    #: :meth:`agree` in place of ``prepare``'s result, so it reaches every rank.
+    pending: BaseException | None = None
 
     def agree(
         self,
@@ -151,10 +154,11 @@ class Call:
             The ``(P, fields)`` table of every rank's row (every rank succeeded and
             agrees); raises the same class of error on every rank otherwise.
         """
-        error: BaseException | None = None
+        error: BaseException | None = self.pending
         local = Local()
         try:
-            local = prepare()
+            if error is None:
+                local = prepare()
         except Exception as caught:  # held back until every rank has heard of it
             error = caught
         self._what, self._codec_text = what, codec_text
@@ -268,8 +272,24 @@ def begin_call(comm: MPI.Comm | None, stats: AllreduceStats | None) -> Call:
     """What every collective starts with: the communicator (``COMM_WORLD`` by default),
     its cached state, the (reset) stats to fill and a channel on the private duplicate."""
     comm = MPI.COMM_WORLD if comm is None else comm
+    if not isinstance(comm, MPI.Comm):  # not a communicator: no rank can be told
+        raise TypeError(
+            f"comm must be an mpi4py.MPI.Comm (None: MPI.COMM_WORLD), got "
+            f"{type(comm).__module__}.{type(comm).__qualname__} {comm!r}; pass "
+            "MPI.COMM_WORLD or a communicator split or duplicated from it"
+        )
     state = comm_state(comm)
+    pending = None
+    if stats is not None and not isinstance(stats, AllreduceStats):
+        pending = TypeError(
+            f"stats must be a sparcomm.comm.AllreduceStats or None, got "
+            f"{type(stats).__qualname__} {stats!r}; pass stats=AllreduceStats() and read "
+            "it after the call"
+        )
+        stats = None
     stats = AllreduceStats() if stats is None else stats
     stats.reset()
     layout = getattr(_thread, "layout", None) if STEADY_STATE else None
-    return Call(comm, state, stats, Channel(state.comm, stats), layout)
+    call = Call(comm, state, stats, Channel(state.comm, stats), layout)
+    call.pending = pending
+    return call

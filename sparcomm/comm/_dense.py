@@ -33,6 +33,7 @@ from sparcomm.comm._validate import (
     check_common,
     check_no_partial_overlap,
     check_out,
+    check_step,
     check_tensor,
     index_dtype,
 )
@@ -63,6 +64,7 @@ def dense_allreduce(
     def prepare() -> Local:
         array = check_tensor(x, "x")
         check_common(op, algorithm, _REQUESTABLE)
+        check_step(step)  # unused here, but refused like the other families do
         check_out(out, array.size, array.dtype, device)
         check_no_partial_overlap(out, array)
         with stats._phase("encode"):  # the checked copy: the dense family's encode

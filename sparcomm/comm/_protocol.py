@@ -228,10 +228,16 @@ def check_signature(
             f"{failed.tolist()} failed); its own message says why; no data was exchanged"
         )
     codec_names = {int(row[column["codec"]]): codec_text}
-    for name in ("version", "n", "dtype", "index_itemsize", "codec", "op", "algorithm"):
+    # The codec first: other columns (index size, k) follow from the codec's family.
+    for name in ("version", "codec", "n", "dtype", "index_itemsize", "op", "algorithm"):
         values = table[:, column[name]]
         if np.any(values != values[0]):
             other = int(np.flatnonzero(values != values[0])[0])
+            if name == "codec":
+                # Every rank saw the same table, so every rank takes this error path:
+                # one more collective names each rank's codec (fingerprints cannot).
+                texts = channel.comm.allgather(codec_text)
+                codec_names = {int(f): t for f, t in zip(values, texts, strict=True)}
             raise ValueError(
                 f"{what}: ranks disagree on {name}: rank 0 has "
                 f"{_describe_field(name, int(values[0]), codec_names)}, rank {other} has "

@@ -84,7 +84,7 @@ from sparcomm.comm._validate import (
     check_common,
     check_no_partial_overlap,
     check_out,
-    check_values,
+    check_tensor,
 )
 from sparcomm.feedback import ErrorFeedback, unwrap
 from sparcomm.payload import Payload
@@ -510,7 +510,7 @@ def quantized_allreduce(
     device = is_device(x)
 
     def prepare() -> Local:
-        array = check_values(x, "x")
+        array = check_tensor(x, "x")
         _check_request(array, bare, algorithm, op, channel.size)
         check_out(out, array.size, array.dtype, device)
         check_no_partial_overlap(out, array)

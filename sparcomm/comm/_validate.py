@@ -67,6 +67,17 @@ def check_tensor(x: Any, name: str = "x") -> Any:
     return x
 
 
+def check_step(step: Any) -> None:
+    """``step`` is None or an int >= 0 (the random stream's step; checked where no codec
+    encode would check it)."""
+    if step is None:
+        return
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+        raise TypeError(f"step must be an int or None, got {type(step).__name__} {step!r}")
+    if step < 0:
+        raise ValueError(f"step must be in [0, inf], got {step}; steps count from 0")
+
+
 def check_out(out: Any, n: int, dtype: np.dtype, device: bool = False) -> None:
     """``out`` must be None or a C-contiguous array of ``n`` x ``dtype`` on the input's
     device (NumPy for host inputs, CuPy for device inputs)."""
