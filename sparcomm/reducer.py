@@ -62,6 +62,9 @@ DEFAULT_DENSE_BELOW = 1024
 #: call itself, a millisecond or more on a network), while large tensors keep their
 #: own top-k and residual.
 DEFAULT_LAYER_FUSE_BELOW = 65536
+#: Elements of the reductions that compile the kernels at set-up (GradientReducer._warm_up).
+WARM_UP_ELEMENTS = 4096
+_WARM_UP_KEY = "sparcomm.reducer.warm-up"
 COMPRESSION_MODES = ("layer", "bucket")
 OPS = ("sum", "mean")
 _STATE_FORMAT = 1
@@ -804,6 +807,78 @@ class GradientReducer:
                 compression="bucket" if _is_low_rank(self.codec) else self.compression,
                 layer_fuse_below=self.layer_fuse_below,
             )
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Compile (or load from Numba's cache) every CPU kernel the steps will call.
+
+        Numba compiles a kernel variant on its first call, which can take seconds; left
+        to the steps, that lands in a timed step (the first one with a non-zero
+        error-feedback residual, say).  So set-up runs, collectively on the reducer's
+        communicator, a small reduction of each bucket dtype through the dense path and
+        through every algorithm of the codec's family, twice (the second encode adds a
+        non-zero residual), on a key of its own whose codec state is dropped afterwards.
+        CuPy kernels and the low-rank family compile on first use.
+        """
+        from sparcomm.comm import allreduce, sparse_allreduce
+        from sparcomm.comm._cost import ALL_ALGORITHMS
+        from sparcomm.feedback import unwrap
+
+        buckets = [bucket for plan in self._plans.values() for bucket in plan.buckets]
+        dense_dtypes = sorted({b.dtype for b in buckets if not b.compressed}, key=str)
+        compressed_dtypes = sorted({b.dtype for b in buckets if b.compressed}, key=str)
+        bare, memory = unwrap(self.codec)
+        family = _family(self.codec)
+        algorithms: tuple[str, ...] = ()
+        if family == "sparse":
+            algorithms = ALL_ALGORITHMS
+        elif family == "quantized":
+            algorithms = ("allgather", "reduce_scatter_allgather")
+            algorithms += ("shared_scale",) if getattr(bare, "shares_scale", False) else ()
+        known = set(memory._residuals) if memory is not None else set()
+        sample = np.random.default_rng(0).standard_normal(WARM_UP_ELEMENTS)
+        if family == "sparse":  # the merges that only some data reach
+            from sparcomm.comm._sparse import load_kernels
+            from sparcomm.comm._validate import index_dtype
+
+            largest = max((b.size for b in buckets if b.compressed), default=1)
+            for dtype in compressed_dtypes:
+                load_kernels(index_dtype(largest), dtype)
+        for dtype in dense_dtypes:
+            x = sample.astype(dtype)
+            allreduce(x, codec=self._engine.dense_codec, comm=self.comm, op=self.op)
+        try:
+            for dtype in compressed_dtypes:
+                x = sample.astype(dtype)
+                for number, algorithm in enumerate(algorithms):
+                    # The second encode adds a non-zero residual; the sparse algorithms
+                    # after the first need only their merges (a stream, no encode).
+                    if family == "sparse" and number > 0:
+                        indices = np.arange(0, WARM_UP_ELEMENTS, 7, dtype=np.int64)
+                        sparse_allreduce(
+                            indices,
+                            x[indices],
+                            WARM_UP_ELEMENTS,
+                            self.comm,
+                            op=self.op,
+                            algorithm=algorithm,
+                        )
+                        continue
+                    for step in range(2):
+                        allreduce(
+                            x,
+                            codec=self.codec,
+                            comm=self.comm,
+                            op=self.op,
+                            algorithm=algorithm,
+                            key=_WARM_UP_KEY,
+                            step=step,
+                        )
+        finally:
+            if memory is not None:  # the warm-up leaves no residual behind
+                for key in set(memory._residuals) - known:
+                    memory._residuals.pop(key, None)
+                    memory._scratch.pop(key, None)
 
     def _signature(self, specs: Sequence[tuple[Hashable, tuple[int, ...], np.dtype]]) -> str:
         text = repr(

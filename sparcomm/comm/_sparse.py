@@ -172,6 +172,20 @@ def _combine(low: _Stream, high: _Stream, problem: Problem) -> _Stream:
     return _Stream(None, out)
 
 
+def load_kernels(index_dtype: np.dtype, value_dtype: np.dtype) -> None:
+    """Compile (or load from Numba's cache) every merge kernel the sparse algorithms may
+    call for these dtypes, including the data-dependent ones (a range that arrives partly
+    dense, a sum that goes dense), so that none compiles inside a timed call."""
+    i, v = np.zeros(1, index_dtype), np.zeros(1, value_dtype)
+    out_i, out_v = np.empty(2, index_dtype), np.empty(2, value_dtype)
+    _merge.merge_sum_two(i, v, i, v, out_i, out_v)
+    offsets = np.array([0, 1], np.int64)
+    _merge.merge_sum_streams(i, v, offsets, out_i, out_v, out_i.copy(), out_v.copy())
+    _merge.range_offsets(i, offsets, np.empty(2, np.int64))
+    _merge.scatter_assign(i, v, 0, np.zeros(1, value_dtype))
+    _merge.scatter_accumulate(i, v, 0, np.zeros(1, value_dtype))
+
+
 def _sends(stream: _Stream, dest: int, tag: int, index_dtype: np.dtype) -> list:
     """Indices and values; a dense stream sends no indices (an empty message)."""
     indices = stream.indices if stream.indices is not None else np.empty(0, index_dtype)
