@@ -244,7 +244,7 @@ class Payload:
                 buffer[offset + size : offset + padded] = 0
             offset += padded
         if checksum:
-            crc = zlib.crc32(_to_host(buffer[len(header) : offset]))
+            crc = zlib.crc32(_to_host(buffer[len(header) : offset]).data)
             buffer[offset:total] = xp.asarray(np.frombuffer(_TRAILER.pack(crc, 0), dtype=np.uint8))
         return buffer
 
@@ -335,7 +335,7 @@ class Payload:
         if flags & FLAG_DATA_CHECKSUM:
             data_end = length - CHECKSUM_BYTES
             stored, zero = _TRAILER.unpack(bytes(_to_host(buffer[data_end:])))
-            if zero != 0 or zlib.crc32(_to_host(buffer[offset:data_end])) != stored:
+            if zero != 0 or zlib.crc32(_to_host(buffer[offset:data_end]).data) != stored:
                 raise ValueError(
                     f"{name} payload data checksum mismatch: the array data is corrupted "
                     "(the header is intact); send the payload again"
