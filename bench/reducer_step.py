@@ -14,8 +14,9 @@ Contenders, interleaved round by round in one job so machine drift hits them ali
   their status beside the data (``sparcomm.comm._call.agreed_layout``);
 * ``agreed+fused``: the same, and the biases share one collective (the default).
 
-Reported: the slowest rank's median step in milliseconds, the signature checks per step
-and the ratios to ``checked``; the load average is printed before and after.
+Reported: the slowest rank's median step in milliseconds, the signature checks per step,
+the ratios to ``checked`` and rank 0's split of a step into phases
+(``ReductionStats.phases``); the load average is printed before and after.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def main() -> None:
 
     _call.check_signature = counting
     times: dict[str, list[float]] = {label: [] for label in contenders}
+    phases: dict[str, dict[str, list[float]]] = {label: {} for label in contenders}
     load_before = os.getloadavg()
     for round_ in range(args.rounds + 2):  # two warm-up rounds (compile, first checks)
         for label, (steady, _) in contenders.items():
@@ -94,6 +96,8 @@ def main() -> None:
             elapsed = COMM.allreduce(time.perf_counter() - start, op=MPI.MAX)
             if round_ >= 2:
                 times[label].append(elapsed)
+                for name, value in reducers[label].last_stats.phases.items():
+                    phases[label].setdefault(name, []).append(value)
     load_after = os.getloadavg()
     for reducer in reducers.values():
         reducer.close()
@@ -110,6 +114,11 @@ def main() -> None:
             f"{label:>14}: {1e3 * medians[label]:8.2f} ms/step  "
             f"checks/step {checks[label] / args.rounds:.1f}  "
             f"ratio to checked {medians[label] / medians['checked']:.3f}"
+        )
+        split = {name: statistics.median(v) for name, v in phases[label].items()}
+        print(
+            "                rank 0 phases (ms, median): "
+            + "  ".join(f"{name} {1e3 * value:.1f}" for name, value in split.items())
         )
     if args.json:
         with open(args.json, "w") as handle:

@@ -125,6 +125,17 @@ class ReductionStats:
         Wall time spent inside the collective calls.
     algorithms : list of str
         Algorithm each bucket's collective chose, in bucket order.
+    phases : dict of str to float
+        Seconds of the reduction's work by phase, summed over the buckets: ``fuse``
+        (copying tensors into fusion buffers), then the collectives' phases by category
+        (:data:`sparcomm.comm._stats.CATEGORIES`): ``encode`` (compression, error
+        feedback), ``check`` (agreement, choice of algorithm), ``exchange`` (inside MPI,
+        waiting for the slowest rank included), ``merge`` (sums, decodes), ``write_back``
+        (the dense output) and ``other``.  They run on the progress thread, overlapped
+        with the caller's backward pass; they add up to about ``seconds`` plus ``fuse``.
+    wait_seconds : float
+        Time the caller spent blocked in :meth:`GradientReducer.wait`: the part of the
+        reduction the backward pass did not hide (all of it with ``overlap=False``).
     """
 
     step: int = 0
@@ -135,6 +146,14 @@ class ReductionStats:
     bytes_received: int = 0
     seconds: float = 0.0
     algorithms: list[str] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=lambda: _empty_phases())
+    wait_seconds: float = 0.0
+
+
+def _empty_phases() -> dict[str, float]:
+    from sparcomm.comm._stats import CATEGORIES  # sparcomm.comm imports mpi4py: lazily
+
+    return dict.fromkeys(("fuse", *CATEGORIES), 0.0)
 
 
 def _fused_key(slots: Sequence[_Slot]) -> Hashable:
@@ -468,10 +487,12 @@ class _Engine:
         if fused is None or array_module(fused) is not xp:
             fused = xp.empty(bucket.size, dtype=bucket.dtype)
             self.fusion_buffers[buffer_key] = fused
+        start = time.perf_counter()
         for slot in bucket.slots:
             fused[slot.offset : slot.offset + slot.size].reshape(slot.shape)[...] = run.inputs[
                 slot.name
             ]
+        run.stats.phases["fuse"] += time.perf_counter() - start
         result = self._allreduce(run, bucket, codec, fused)
         if result is fused or getattr(result, "base", None) is fused:
             # The collective answered in place: hand this buffer to the caller and use a
@@ -572,6 +593,8 @@ class _Engine:
         stats.bytes_sent += info.bytes_sent
         stats.bytes_received += info.bytes_received
         stats.algorithms.append(info.algorithm)
+        for category, seconds in info.by_category().items():
+            stats.phases[category] += seconds
 
 
 def _abandon(engine: _Engine) -> None:
@@ -1021,10 +1044,12 @@ class GradientReducer:
                 f"{' ...' if len(missing) > 5 else ''} ({len(missing)} of "
                 f"{len(run.plan.lookup)}); submit every registered gradient each step"
             )
+        start = time.perf_counter()
         if self.overlap:
             run.done.wait()
         else:
             self._engine.reduce_all(run)
+        run.stats.wait_seconds = time.perf_counter() - start
         self._engine.run = None
         if run.error is not None:
             # The collective's own exception (same type, traceback from the thread that

@@ -11,6 +11,37 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+#: The step phase of each collective phase name (:meth:`AllreduceStats.by_category`):
+#: ``encode`` (local compression and staging), ``check`` (agreement and the choice of
+#: algorithm), ``exchange`` (time inside MPI, waiting for the slowest rank included),
+#: ``merge`` (sums and decodes of what arrived), ``write_back`` (the dense output).
+PHASE_CATEGORIES: dict[str, str] = {
+    "prepare": "encode",
+    "encode": "encode",
+    "quantize": "encode",
+    "scale": "encode",
+    "densify_input": "encode",
+    "stage": "encode",
+    "orthogonalize": "encode",
+    "check": "check",
+    "choose": "check",
+    "allgather": "exchange",
+    "allreduce": "exchange",
+    "allreduce_p": "exchange",
+    "allreduce_q": "exchange",
+    "exchange": "exchange",
+    "reduce_scatter": "exchange",
+    "scale_allreduce": "exchange",
+    "merge": "merge",
+    "decode": "merge",
+    "integer_sum": "merge",
+    "owner_sum": "merge",
+    "output": "write_back",
+}
+#: The categories, in the order a step goes through them (``other``: a phase name not
+#: in :data:`PHASE_CATEGORIES`, such as a user collective's).
+CATEGORIES = ("encode", "check", "exchange", "merge", "write_back", "other")
+
 
 @dataclass
 class AllreduceStats:
@@ -88,6 +119,13 @@ class AllreduceStats:
     def time(self) -> float:
         """Total seconds over all phases."""
         return float(sum(self.phases.values()))
+
+    def by_category(self) -> dict[str, float]:
+        """Seconds per step phase (:data:`CATEGORIES`), summed over :attr:`phases`."""
+        totals = dict.fromkeys(CATEGORIES, 0.0)
+        for name, seconds in self.phases.items():
+            totals[PHASE_CATEGORIES.get(name, "other")] += seconds
+        return totals
 
     def reset(self) -> None:
         """Clear every field so the object can be reused for the next call."""

@@ -265,3 +265,35 @@ def test_different_models_on_ranks_raise_on_every_rank():
             reducer.reduce({k: np.zeros(s) for k, s in shapes.items()})
     finally:
         reducer.close()
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_step_stats_split_the_time_into_phases(overlap):
+    reducer = GradientReducer(
+        ErrorFeedback(TopK(density=0.05)), dense_below=100, overlap=overlap, layer_fuse_below=0
+    )
+    try:
+        for step in range(2):
+            reducer.reduce(_grads(step))
+        stats = reducer.last_stats
+        phases = stats.phases
+        assert set(phases) == {
+            "fuse",
+            "encode",
+            "check",
+            "exchange",
+            "merge",
+            "write_back",
+            "other",
+        }
+        assert phases["encode"] > 0 and phases["write_back"] > 0 and phases["fuse"] > 0
+        assert phases["exchange"] > 0 or COMM.Get_size() == 1
+        # The collectives' phases lie inside the collective calls.
+        inside = sum(value for name, value in phases.items() if name != "fuse")
+        assert inside <= stats.seconds * 1.001 + 1e-6
+        assert inside >= 0.5 * stats.seconds  # and cover most of them
+        assert stats.wait_seconds >= 0
+        if not overlap:  # the whole reduction ran inside wait()
+            assert stats.wait_seconds >= stats.seconds
+    finally:
+        reducer.close()
