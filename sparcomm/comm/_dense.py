@@ -77,23 +77,34 @@ def dense_allreduce(
         codec_text=describe_codec(codec),
         algorithm=code(SPARSE_ALGORITHM_CODES, algorithm),
         op=op,
+        steady=True,
     )
-    n = x.size
+    if call.failed:  # steady state (_call.agreed_layout): send zeros, raise at settle
+        _, _, algorithm, op = call.agreed()
+        result, device = call.placeholder(), False
+    else:
+        result = holder["result"]
+    n = result.size
     stats.requested, stats.algorithm, stats.size, stats.n = algorithm, "dense", channel.size, n
-    stats.itemsize, stats.k = x.dtype.itemsize, n
+    stats.itemsize, stats.k = result.dtype.itemsize, n
     stats.k_all = table[:, SIGNATURE_COLUMNS["k"]].tolist()
     stats.nnz, stats.fill, stats.dense_ranges = n, 1.0, 1
     stats.index_itemsize, stats.rank = index_dtype(n).itemsize, channel.rank
     stats._predictor = _cost.lazy_predicted_bytes(stats)
-    result = holder["result"]
-    if device:
-        return _dense_allreduce_device(result, channel, state.staging, op, stats)
     flat = result.reshape(-1)
-    with stats._phase("allreduce"):
-        channel.allreduce_dense(MPI.IN_PLACE, flat)
-    if op == "mean":
+    try:
+        if device:
+            result = _dense_allreduce_device(result, channel, state.staging, op, stats)
+        else:
+            with stats._phase("allreduce"):
+                channel.allreduce_dense(MPI.IN_PLACE, flat)
+    except BaseException:
+        call.drain()
+        raise
+    call.settle()  # steady state: raises on every rank if one failed
+    if op == "mean" and not device:
         with stats._phase("output"):
-            flat /= x.dtype.type(channel.size)
+            flat /= result.dtype.type(channel.size)
     return result
 
 

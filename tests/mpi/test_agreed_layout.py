@@ -11,7 +11,7 @@ import pytest
 
 MPI = pytest.importorskip("mpi4py.MPI")
 
-from sparcomm import QSGD, ErrorFeedback, TopK  # noqa: E402
+from sparcomm import QSGD, ErrorFeedback, NoCompression, TopK  # noqa: E402
 from sparcomm.comm import (  # noqa: E402
     AllreduceStats,
     _call,  # noqa: E402
@@ -44,7 +44,9 @@ def _dense_sum(x: np.ndarray) -> np.ndarray:
     return total
 
 
-@pytest.mark.parametrize("codec", [TopK(density=0.1), QSGD(bits=4)], ids=["topk", "qsgd"])
+@pytest.mark.parametrize(
+    "codec", [TopK(density=0.1), QSGD(bits=4), None], ids=["topk", "qsgd", "dense"]
+)
 def test_only_the_first_call_of_a_layout_checks(codec, signature_rows):
     comm = COMM.Dup()
     rng = np.random.default_rng(7 + COMM.Get_rank())
@@ -75,7 +77,9 @@ def test_steady_result_equals_checked_result():
 
 
 @pytest.mark.parametrize(
-    "codec", [ErrorFeedback(TopK(density=0.1)), QSGD(bits=4)], ids=["topk-ef", "qsgd"]
+    "codec",
+    [ErrorFeedback(TopK(density=0.1)), QSGD(bits=4), NoCompression()],
+    ids=["topk-ef", "qsgd", "dense"],
 )
 def test_failure_in_steady_state_raises_on_every_rank(codec):
     comm = COMM.Dup()
@@ -148,9 +152,8 @@ def test_reducer_checks_each_bucket_once(signature_rows):
             grads = {name: rng.standard_normal(shape) for name, shape in shapes.items()}
             reducer.reduce(grads)
         dense = sum(not bucket.compressed for bucket in reducer._plans[True].buckets)
-    assert reducer.last_stats.compressed_buckets == 1
-    # Steady state: the compressed bucket checks locally; the dense path checks in full.
-    assert len(signature_rows) == 2 * dense
+    assert reducer.last_stats.compressed_buckets == 1 and dense == 1
+    assert signature_rows == []  # steady state: every bucket checks locally
 
 
 def test_reducer_failure_in_steady_state_raises_on_every_rank_and_recovers():
