@@ -1,14 +1,17 @@
 """``sparcomm bench allreduce -np 4``: the sparse allreduce family against MPI's Allreduce.
 
-For every vector length n and density d, each of ``P`` ranks holds ``k = ceil(d n)``
-float32 (or float64) entries at uniformly random, independent positions (the fill the
-cost model assumes, and the least favourable to sparse algorithms).  Measured in the
-same run, on the same data:
+For every vector length n and density d, measured in the same run, on the same data:
 
-* every algorithm of :mod:`sparcomm.comm` (``sparse_allreduce(..., algorithm=name,
-  dense_output=None)``: the sum in the form the algorithm ends in, sparse or dense);
-* ``auto`` (the cost model's choice), also with ``dense_output=True`` (the sum written
-  into an n-element array, a memset-bound pass that is not communication);
+* ``--input dense`` (the default, the path users call): each of ``P`` ranks holds a dense
+  n-element float32 (or float64) vector of normal values, and every figure is the whole
+  user call ``allreduce(x, codec=TopK(density=d), algorithm=name, out=out)``: encode
+  (top-k selection), agreement, exchange, merge and the dense n-element output.  The
+  kept positions are uniformly random and independent across ranks (the fill the cost
+  model assumes, and the least favourable to sparse algorithms);
+* ``--input sparse``: each rank holds ``k = ceil(d n)`` entries at such positions and
+  calls ``sparse_allreduce(..., algorithm=name, dense_output=None)`` (the sum in the form
+  the algorithm ends in, no encode), ``auto`` also with ``dense_output=True``;
+* ``auto`` (the cost model's choice) beside every algorithm;
 * MPI's own ``Allreduce`` of the dense n-element buffers.
 
 A figure is the median over ``--repeats`` of the slowest rank's time per call; a repeat
@@ -56,6 +59,7 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
     argv = ["bench", "allreduce", "-np", str(args.np)]
     argv += ["--sizes", *map(str, args.sizes), "--densities", *map(str, args.densities)]
     argv += ["--repeats", str(args.repeats), "--dtype", args.dtype, "--seed", str(args.seed)]
+    argv += ["--input", args.input]
     if args.algorithms:
         argv += ["--algorithms", *args.algorithms]
     argv += ["--codecs", *args.codecs]  # issue 4: quantized section
@@ -118,21 +122,36 @@ def _inputs(n: int, k: int, dtype: np.dtype, seed: int, rank: int):
     return indices, values, dense
 
 
-def bench_point(comm, n: int, density: float, dtype: np.dtype, algorithms, repeats, seed):
-    """Measure one (n, density) point on every rank; returns the row (on every rank)."""
-    from sparcomm.comm import AllreduceStats, sparse_allreduce
+def bench_point(
+    comm, n: int, density: float, dtype: np.dtype, algorithms, repeats, seed, source="dense"
+):
+    """Measure one (n, density) point on every rank; returns the row (on every rank).
+
+    ``source="dense"``: the user call, dense vector in, TopK encode, dense sum out;
+    ``"sparse"``: ``sparse_allreduce`` of ready (indices, values) streams.
+    """
+    from sparcomm.codecs import TopK
+    from sparcomm.comm import AllreduceStats, allreduce, sparse_allreduce
 
     rank, size = comm.Get_rank(), comm.Get_size()
     k = min(n, math.ceil(density * n))
     indices, values, dense = _inputs(n, k, dtype, seed, rank)
+    if source == "dense":  # every entry non-zero: the encode selects k of them
+        dense = np.random.default_rng([seed, rank, n]).standard_normal(n).astype(dtype)
     reduced = np.empty_like(dense)
     # Dense results go to a reused buffer, as a training loop reuses its gradient buffer
     # (and as MPI's Allreduce below writes into `reduced`): no page faults in either.
     out = np.zeros_like(dense)
-    stats = {name: AllreduceStats() for name in (*algorithms, "auto", "auto_dense")}
+    names = (*algorithms, "auto") if source == "dense" else (*algorithms, "auto", "auto_dense")
+    stats = {name: AllreduceStats() for name in names}
+    codec = TopK(density=density)
 
     def call(name: str):
         algorithm = "auto" if name.startswith("auto") else name
+        if source == "dense":
+            return lambda: allreduce(
+                dense, codec=codec, comm=comm, algorithm=algorithm, out=out, stats=stats[name]
+            )
         output = True if name == "auto_dense" else None
         return lambda: sparse_allreduce(
             indices,
@@ -157,10 +176,13 @@ def bench_point(comm, n: int, density: float, dtype: np.dtype, algorithms, repea
             times[name].append(_timed(comm, function, iterations[name]))
     median = {name: statistics.median(values) for name, values in times.items()}
     sent = {name: comm.allreduce(stats[name].bytes_sent) / size for name in stats}
+    if source == "dense":  # the user call's output is always dense
+        median["auto_dense"] = median["auto"]
     row: dict[str, Any] = {
         "n": n,
         "density": density,
         "k": k,
+        "input": source,
         "mpi_allreduce_s": median["mpi_allreduce"],
         "algorithms": {
             name: {
@@ -234,8 +256,13 @@ def format_table(result: dict[str, Any]) -> str:
             "  ".join(cell.rjust(w) for cell, w in zip(r, widths, strict=True)) for r in table
         )
 
+    what = (
+        "allreduce(x, codec=TopK(density)): dense in, encode, dense out"
+        if result.get("input", "sparse") == "dense"
+        else "sparse_allreduce of ready streams (no encode)"
+    )
     return (
-        f"{result['ranks']} ranks, {result['dtype']}, median of {result['repeats']} "
+        f"{result['ranks']} ranks, {result['dtype']}, {what}, median of {result['repeats']} "
         f"(slowest rank per repeat), times in ms\n{render(lines)}\n\n"
         f"MiB sent per rank (mean over ranks)\n{render(bytes_lines)}"
     )
@@ -308,7 +335,9 @@ def bench_allreduce(args: argparse.Namespace) -> dict[str, Any] | None:
     for n, density in points:
         if bar is not None:
             bar.set_postfix_str(f"n=2^{int(math.log2(n))} d={density:g}")
-        rows.append(bench_point(comm, n, density, dtype, algorithms, args.repeats, args.seed))
+        rows.append(
+            bench_point(comm, n, density, dtype, algorithms, args.repeats, args.seed, args.input)
+        )
         if bar is not None:
             bar.update()
     if bar is not None:
@@ -322,6 +351,7 @@ def bench_allreduce(args: argparse.Namespace) -> dict[str, Any] | None:
     return {
         "command": "sparcomm bench allreduce " + " ".join(_child_argv(args)[2:]),
         "ranks": comm.Get_size(),
+        "input": args.input,
         "dtype": dtype.name,
         "itemsize": dtype.itemsize,
         "repeats": args.repeats,
@@ -392,6 +422,14 @@ def _configure(parser: argparse.ArgumentParser) -> None:
         default=list(DEFAULT_CODECS),
         metavar="NAME",
         help=f"quantized codecs to measure: {' '.join(CODECS)} (none: --codecs alone)",
+    )
+    parser.add_argument(
+        "--input",
+        choices=["dense", "sparse"],
+        default="dense",
+        help="dense: the user call allreduce(x, codec=TopK(density=d)), dense vector in and "
+        "out, encode included (default); sparse: sparse_allreduce of ready index/value "
+        "streams, no encode",
     )
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--seed", type=int, default=0)
