@@ -61,8 +61,8 @@ def check_tensor(x: Any, name: str = "x") -> Any:
         )
     if x.size == 0:
         raise ValueError(
-            f"{name} must have at least one element, got shape {x.shape}; there is nothing "
-            "to reduce: skip the call on every rank"
+            f"{name} is empty (shape {x.shape}); expected at least one element: there is "
+            "nothing to reduce, skip the call on every rank"
         )
     return x
 

@@ -75,8 +75,8 @@ def test_none_on_one_rank_is_a_type_error(codec):
 )
 def test_empty_and_0d_arrays_are_value_errors(codec):
     for bad, here in (
-        (np.zeros(0), "x must have at least one element, got shape (0,); there is nothing"),
-        (np.zeros((3, 0)), "x must have at least one element, got shape (3, 0)"),
+        (np.zeros(0), "x is empty (shape (0,)); expected at least one element: there is"),
+        (np.zeros((3, 0)), "x is empty (shape (3, 0)); expected at least one element"),
         (np.array(2.0), "x must have at least one dimension, got a 0-d array; pass x.reshape(1)"),
     ):
         x = _on_last(bad, np.ones(4))

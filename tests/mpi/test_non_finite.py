@@ -130,3 +130,26 @@ def test_distributed_optimizer_default_codec_refuses_non_finite(dense_below):
         _expect_everywhere(optimizer.step, local_message="non-finite values")
         for p, q in zip(model.parameters(), before, strict=True):
             assert torch.equal(p.detach(), q)  # no rank stepped
+
+
+@pytest.mark.parametrize("codec", [ErrorFeedback(TopK(density=0.1)), None], ids=repr)
+def test_reducer_refuses_non_finite_after_the_first_steps(codec):
+    """Later steps too (the reducer's agreed layouts check in steady state): the class
+    reaches every rank, and the rank at fault says why."""
+    kwargs = {} if codec is None else {"codec": codec}
+    reducer = GradientReducer(**kwargs, dense_below=0)
+    try:
+        for step in range(3):
+            grads = {"weight": _poisoned((20, 30), 0.0 if step < 2 else np.inf)}
+            if step < 2:
+                reducer.reduce(grads)
+                continue
+            with pytest.raises(NonFiniteError) as caught:
+                reducer.reduce(grads)
+            message = str(caught.value)
+            if RANK == BAD:
+                assert "x contains 1 non-finite values" in message
+            else:
+                assert f"rank {BAD}" in message
+    finally:
+        reducer.close()
