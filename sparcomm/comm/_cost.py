@@ -816,3 +816,33 @@ def codec_costs(
         comm.Allreduce(local, agreed, op=MPI.MAX)
         cache[entry] = CodecCosts(*(float(v) for v in agreed))
     return cache[entry]
+
+
+# ------------------------------------------------------------------ local work of a call
+
+_LOCAL_COSTS: dict[tuple[str, str, bool], CodecCosts] = {}
+
+
+def local_seconds(codec: Any, n: int, dtype: Any, model: CostModel) -> float:
+    """Predicted seconds of a sparse codec call's local work, beside its exchange: the
+    encode (``codec.encode`` timed once per codec and dtype on this rank, plus error
+    feedback's add pass) and the dense n-element output (one pass of ``model.dense``).
+
+    Local on purpose (no agreement): it shifts every candidate alike, so it never
+    changes ``auto``'s choice; it makes ``AllreduceStats.predicted`` comparable with
+    the measured call.
+    """
+    from sparcomm.comm._protocol import describe_codec
+    from sparcomm.feedback import unwrap
+
+    bare, memory = unwrap(codec)
+    entry = (describe_codec(bare), np.dtype(dtype).str, memory is not None)
+    costs = _LOCAL_COSTS.get(entry)
+    if costs is None:
+        try:
+            costs = _measure(bare, np.dtype(dtype), 3)
+        except Exception:  # a codec that cannot be timed alone: predict the exchange only
+            costs = CodecCosts(0.0, 0.0, 0.0, 0.0)
+        _LOCAL_COSTS[entry] = costs
+    encode = costs.encode + (costs.add if memory is not None else 0.0)
+    return n * (encode + model.dense)

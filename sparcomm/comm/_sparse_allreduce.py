@@ -51,12 +51,15 @@ def run_sparse(
     codec_text: str,
     what: str,
     device: bool = False,
+    codec: Any = None,
 ):
     """Prepare, check and reduce one sparse stream per rank.
 
     ``prepare(staging)`` returns this rank's host stream (it stages device data through
     ``staging``).  With ``device=True`` the input came from CuPy: ``out`` is a device
     array or None, and the result is returned on the device (see :mod:`._device`).
+    ``codec``: the sparse codec that made the stream, whose encode and dense output
+    ``auto``'s predictions then include (:func:`._cost.local_seconds`).
     """
     call = begin_call(comm, stats)
     state, stats, channel = call.state, call.stats, call.channel
@@ -93,11 +96,11 @@ def run_sparse(
         pieces = _reduce_stream(call, table, n, indices, values, algorithm, None)
     else:
         indices, values = stream["indices"], stream["values"]
-        pieces = _reduce_stream(call, table, int(n), indices, values, algorithm, host_out)
+        pieces = _reduce_stream(call, table, int(n), indices, values, algorithm, host_out, codec)
     if call.settle():  # a rank's k changed: every rank redoes the call with a full check
         table = call.recheck()
         indices, values = stream["indices"], stream["values"]
-        pieces = _reduce_stream(call, table, int(n), indices, values, algorithm, host_out)
+        pieces = _reduce_stream(call, table, int(n), indices, values, algorithm, host_out, codec)
     n = int(n)
     size = channel.size
     mean = float(size) if op == "mean" else None
@@ -124,6 +127,7 @@ def _reduce_stream(
     values: np.ndarray,
     algorithm: str,
     host_out: Any,
+    codec: Any = None,
 ) -> list:
     """Choose (``auto``) and run the algorithm on this rank's stream; the pieces."""
     state, stats, channel = call.state, call.stats, call.channel
@@ -143,7 +147,9 @@ def _reduce_stream(
                     model, n, k_all, values.dtype.itemsize, indices.dtype.itemsize
                 )
             name, predicted = state.choices[key]
-            stats.predicted = dict(predicted)
+            # The encode and the dense output: the same for every candidate.
+            local = 0.0 if codec is None else _cost.local_seconds(codec, n, values.dtype, model)
+            stats.predicted = {candidate: t + local for candidate, t in predicted.items()}
     else:
         name = algorithm
     stats.algorithm = name
@@ -296,6 +302,7 @@ def sparse_codec_allreduce(
         describe_codec(codec),
         "allreduce",
         device,
+        codec,
     )
     return result.reshape(holder["shape"]) if out is None else out
 
@@ -354,4 +361,5 @@ def sparse_codec_allreduce_layers(
         describe_codec(codec),
         "allreduce",
         False,
+        codec,
     )
