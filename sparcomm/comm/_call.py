@@ -16,8 +16,8 @@ one layout per bucket of its plan, checked identical on all ranks at set-up) run
 inside :func:`agreed_layout`.  The first call of a layout does the full signature check
 and caches its table; later calls of that layout (in the collectives that opt in with
 ``agree(..., steady=True)``) check their row *locally* against the cached one and post
-a nonblocking ``Iallreduce`` of an 8-byte status (error code, failing rank, "k
-changed") that travels while the data moves: :meth:`Call.settle`, before the output,
+a nonblocking ``Iallreduce`` (maximum) of a 24-byte status (error code, failing
+rank, "k changed") that travels while the data moves: :meth:`Call.settle`, before the output,
 waits for it.  A rank whose preparation failed takes part in the exchange with
 placeholder data of the agreed shape (:meth:`Call.placeholder`), and every rank raises
 at :meth:`Call.settle`, so a failure is still an error on every rank, never a hang or a
@@ -74,7 +74,6 @@ _FIXED_COLUMNS = [
     SIGNATURE_COLUMNS[name]
     for name in ("version", "n", "dtype", "index_itemsize", "codec", "algorithm", "op")
 ]
-_STATUS_ERROR, _STATUS_RANK, _STATUS_CHANGED = 0, 1, 2
 
 
 @contextmanager
