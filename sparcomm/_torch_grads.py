@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sparcomm._errors import NonFiniteError
 from sparcomm._torch_arrays import as_array as _as_array
 from sparcomm._torch_arrays import as_tensor as _as_tensor
 from sparcomm.reducer import GradientReducer, build_plan
@@ -236,7 +237,15 @@ class GradientRouting:
                 if scale != 1.0:
                     p.grad.mul_(scale)  # type: ignore[union-attr]
             for p in self.sparse:
-                p.grad = self._reduce_sparse(p, scale)
+                try:
+                    p.grad = self._reduce_sparse(p, scale)
+                except NonFiniteError:
+                    # Raised on every rank alike (sparse_allreduce checks the values
+                    # through its agreement): a step that every rank skips.
+                    if not propagate:
+                        raise
+                    self._skip()
+                    return
         if propagate and not all(_finite(p.grad) for p in self.ordered):
             # Identical on every rank (the reduced values are), so no agreement needed.
             self._skip()

@@ -153,3 +153,32 @@ def test_reducer_refuses_non_finite_after_the_first_steps(codec):
                 assert f"rank {BAD}" in message
     finally:
         reducer.close()
+
+
+@pytest.mark.parametrize("non_finite", ["raise", "propagate"])
+def test_sparse_embedding_gradient_with_non_finite_values(non_finite):
+    """sparse_allreduce's values check: an error on every rank, or with
+    ``non_finite="propagate"`` (GradScaler) a step every rank skips (NaN gradients)."""
+    torch = pytest.importorskip("torch", reason="the PyTorch integration needs torch")
+    from sparcomm.torch import DistributedOptimizer
+
+    torch.manual_seed(0)
+    embedding = torch.nn.Embedding(30, 4, sparse=True).double()
+    head = torch.nn.Linear(4, 2).double()
+    model = torch.nn.ModuleDict({"embedding": embedding, "head": head})
+    with DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        model.named_parameters(),
+        non_finite=non_finite,
+    ) as optimizer:
+        tokens = torch.from_numpy(np.random.default_rng([6, RANK]).integers(0, 30, (5, 3)))
+        head(embedding(tokens).mean(dim=1)).sum().backward()
+        if RANK == BAD:
+            embedding.weight.grad._values()[0, 0] = float("inf")
+        if non_finite == "raise":
+            with pytest.raises(NonFiniteError):
+                optimizer.synchronize()
+        else:
+            optimizer.synchronize()
+            for p in model.parameters():
+                assert torch.isnan(p.grad.to_dense()).all()
