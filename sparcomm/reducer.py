@@ -840,8 +840,10 @@ class GradientReducer:
         error-feedback residual, say).  So set-up runs, collectively on the reducer's
         communicator, a small reduction of each bucket dtype through the dense path and
         through every algorithm of the codec's family, twice (the second encode adds a
-        non-zero residual), on a key of its own whose codec state is dropped afterwards.
-        CuPy kernels and the low-rank family compile on first use.
+        non-zero residual), on a key of its own whose codec state is dropped afterwards;
+        ``auto`` first, so that the cost model's calibration (and a quantized codec's
+        timing) happens here too.  CuPy kernels and the low-rank family compile on first
+        use.
         """
         from sparcomm.comm import allreduce, sparse_allreduce
         from sparcomm.comm._cost import ALL_ALGORITHMS
@@ -853,10 +855,12 @@ class GradientReducer:
         bare, memory = unwrap(self.codec)
         family = _family(self.codec)
         algorithms: tuple[str, ...] = ()
+        # "auto" first: its first call calibrates the cost model (and, for a quantized
+        # codec, times the codec), a second or more that would land in the first step.
         if family == "sparse":
-            algorithms = ALL_ALGORITHMS
+            algorithms = ("auto", *ALL_ALGORITHMS)
         elif family == "quantized":
-            algorithms = ("allgather", "reduce_scatter_allgather")
+            algorithms = ("auto", "allgather", "reduce_scatter_allgather")
             algorithms += ("shared_scale",) if getattr(bare, "shares_scale", False) else ()
         known = set(memory._residuals) if memory is not None else set()
         sample = np.random.default_rng(0).standard_normal(WARM_UP_ELEMENTS)
