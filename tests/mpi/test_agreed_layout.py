@@ -62,15 +62,18 @@ def test_only_the_first_call_of_a_layout_checks(codec, signature_rows):
     comm.Free()
 
 
-def test_steady_result_equals_checked_result():
+@pytest.mark.parametrize(
+    "algorithm", ["auto", "allgather", "recursive_doubling", "split_allgather", "dsar", "dense"]
+)
+def test_steady_result_equals_checked_result(algorithm):
     comm = COMM.Dup()
     codec = TopK(density=0.05)
     x = np.random.default_rng(3 + COMM.Get_rank()).standard_normal(2000)
-    checked = allreduce(x, codec=codec, comm=comm)
+    checked = allreduce(x, codec=codec, comm=comm, algorithm=algorithm)
     with agreed_layout(("equal", 0)):
-        allreduce(x, codec=codec, comm=comm)
+        allreduce(x, codec=codec, comm=comm, algorithm=algorithm)
         stats = AllreduceStats()
-        steady = allreduce(x, codec=codec, comm=comm, stats=stats)
+        steady = allreduce(x, codec=codec, comm=comm, stats=stats, algorithm=algorithm)
     assert np.array_equal(checked, steady)
     assert "check" in stats.phases  # the status wait, reported as the check
     comm.Free()
