@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sparcomm._errors import NonFiniteError
 from sparcomm.codecs import (
     FP16,
     QSGD,
@@ -33,12 +34,14 @@ __all__ = [
     "ErrorFeedback",
     "GradientReducer",
     "NoCompression",
+    "NonFiniteError",
     "OneBit",
     "Payload",
     "PowerSGD",
     "TernGrad",
     "TopK",
     "AllreduceStats",
+    "abort_on_exception",
     "allreduce",
     "init",
     "local_rank",
@@ -49,6 +52,7 @@ __all__ = [
 ]
 
 _LAZY = {
+    "abort_on_exception": "sparcomm._abort",
     "allreduce": "sparcomm.comm",
     "sparse_allreduce": "sparcomm.comm",
     "AllreduceStats": "sparcomm.comm",

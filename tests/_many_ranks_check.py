@@ -40,7 +40,7 @@ import test_sparse_allreduce as sparse_tests  # noqa: E402
 from sparcomm import FP16, QSGD, NoCompression, PowerSGD, TopK  # noqa: E402
 from sparcomm.codecs.powersgd import initial_q  # noqa: E402
 from sparcomm.comm import ALL_ALGORITHMS, AllreduceStats, allreduce, sparse_allreduce  # noqa: E402
-from sparcomm.comm._quantized_cost import QUANTIZED_ALGORITHMS  # noqa: E402
+from sparcomm.comm._cost import QUANTIZED_ALGORITHMS  # noqa: E402
 from sparcomm.comm._quantized_dsar import dense_phase_key  # noqa: E402
 from sparcomm.comm._sparse import split_bounds  # noqa: E402
 

@@ -30,7 +30,7 @@ import numpy as np
 from mpi4py import MPI
 
 from sparcomm._backend import array_module
-from sparcomm.codecs._base import non_finite_error
+from sparcomm._errors import non_finite_error
 from sparcomm.comm._call import Local, begin_call
 from sparcomm.comm._context import Channel
 from sparcomm.comm._protocol import (
