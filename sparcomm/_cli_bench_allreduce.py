@@ -190,6 +190,8 @@ def bench_point(
                 "speedup_vs_mpi": median["mpi_allreduce"] / median[name],
                 "bytes_sent_per_rank": sent[name],
                 "predicted_s": stats["auto"].predicted.get(name),
+                # this rank's split of its last call (encode, check, exchange, ...)
+                "phases_s": stats[name].by_category(),
             }
             for name in algorithms
         },
@@ -199,6 +201,7 @@ def bench_point(
             "dense_output_median_s": median["auto_dense"],
             "bytes_sent_per_rank": sent["auto"],
             "fill": stats["auto"].fill,
+            "phases_s": stats["auto"].by_category(),
         },
     }
     fastest = min(algorithms, key=lambda name: median[name])
