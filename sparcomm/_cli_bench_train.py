@@ -70,10 +70,6 @@ POWERSGD_BUCKET_MB = 4096
 POWERSGD_START_ITER = 2
 
 
-def _default_codec(cls: Any) -> Any:
-    return cls()
-
-
 def _error_feedback(codec: Any) -> Any:
     from sparcomm import ErrorFeedback
 
@@ -105,17 +101,42 @@ def _codec_classes() -> list[tuple[str, type]]:
     return list(CODECS.items())
 
 
+def _codec_factory(name: str, cls: type) -> tuple[str, Callable[[], Any]]:
+    """How the benchmark builds codec ``name``: its entry in ``_CODEC_SETTINGS``, else its
+    default constructor, else its first registered preset.
+
+    Raises
+    ------
+    TypeError
+        If none of these builds it (naming the fix).
+    """
+    if name in _CODEC_SETTINGS:
+        label, make = _CODEC_SETTINGS[name]
+        return label, functools.partial(make, cls)
+    try:
+        cls()
+        return name, cls
+    except TypeError as error:
+        presets = list(getattr(cls, "presets", ()))
+        if presets:
+            return f"{name} ({presets[0].label})", presets[0].make
+        raise TypeError(
+            f"codec {name} has no default configuration ({error}) and no preset; give it "
+            "presets (sparcomm.codecs.Preset) or default arguments"
+        ) from error
+
+
 def contender_specs() -> list[ContenderSpec]:
     """All contenders, in the order they run in a round."""
     specs = [ContenderSpec("local", "no communication (floor)", "local")]
     for name, cls in _codec_classes():
-        label, make = _CODEC_SETTINGS.get(name, (name, _default_codec))
+        label, make = _codec_factory(name, cls)
         specs.append(
             ContenderSpec(
                 f"sparcomm-{name.lower()}",
                 f"sparcomm {label}",
                 "sparcomm",
-                codec=functools.partial(make, cls),
+                codec=make,
                 codec_name=name,
             )
         )

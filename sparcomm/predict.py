@@ -388,6 +388,26 @@ def measure_codec_seconds(
         numba.set_num_threads(threads)
 
 
+def _powersgd(rank: int) -> Any:
+    from sparcomm.codecs import PowerSGD
+
+    return PowerSGD(rank=rank)
+
+
+def _fp16() -> Any:
+    from sparcomm.codecs import FP16
+
+    return FP16()
+
+
+#: The sparcomm codec whose arithmetic stands for a DDP hook's in :func:`predict`.
+_HOOK_PROXIES: dict[str, Any] = {
+    "ddp-fp16": _fp16,
+    "ddp-powersgd1": lambda: _powersgd(1),
+    "ddp-powersgd4": lambda: _powersgd(4),
+}
+
+
 def predict(
     shapes: Sequence[Sequence[int]],
     ranks: int,
@@ -413,12 +433,13 @@ def predict(
         Default: local, the four DDP contenders and every sparcomm codec as the cluster
         benchmark runs them.
     codec_seconds : dict of id to float, optional
-        Measured compute each contender adds per step; sparcomm codecs missing here are
-        measured with :func:`measure_codec_seconds`; PowerSGD's matrix products are
-        taken as ``rank / batch`` of ``compute_s`` (they are that fraction of the
-        forward and backward FLOPs of a linear layer).
+        Measured compute each contender adds per step; contenders missing here are
+        measured with :func:`measure_codec_seconds`: sparcomm codecs themselves, DDP's
+        hooks through the sparcomm codec doing the same arithmetic (``FP16`` for
+        ``fp16_compress_hook``, ``PowerSGD(rank=r)`` for the PowerSGD hook: the same
+        products, orthogonalisation and error feedback).
     batch : int
-        Per-rank batch (for PowerSGD's compute).
+        Per-rank batch (kept for callers; the hooks' compute is measured).
 
     Returns
     -------
@@ -436,8 +457,8 @@ def predict(
         if cid not in codec_seconds:
             if cid.startswith("sparcomm-") and codec is not None:
                 codec_seconds[cid] = measure_codec_seconds(codec, shapes, ranks)
-            elif cid.startswith("ddp-powersgd"):
-                codec_seconds[cid] = compute_s * int(cid.removeprefix("ddp-powersgd")) / batch
+            elif cid in _HOOK_PROXIES:
+                codec_seconds[cid] = measure_codec_seconds(_HOOK_PROXIES[cid](), shapes, ranks)
             else:
                 codec_seconds[cid] = 0.0
         t = traffic(cid, shapes, ranks, codec=codec, codec_s=codec_seconds[cid])
@@ -510,8 +531,6 @@ def from_benchmark(
             codec_s = local_costs[cid]
         elif cid == "ddp-fp16" and fp16 is not None:
             codec_s = fp16["encode"] + fp16["merge"]
-        elif cid.startswith("ddp-powersgd"):
-            codec_s = compute * int(cid.removeprefix("ddp-powersgd")) / batch
         t = traffic(
             cid, shapes, ranks, codec=codec, codec_s=codec_s, algorithms=entry.get("algorithms")
         )

@@ -170,7 +170,7 @@ def test_mpi_ranks_run_in_their_namespaces(tmp_path):
             env={**os.environ, **cluster.env()},
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=120,
         )
         assert result.returncode == 0, result.stderr
         lines = sorted(result.stdout.split("\n"))[-2:]
@@ -194,7 +194,7 @@ def test_killing_a_rank_leaves_no_namespace_and_no_process(tmp_path):
             start_new_session=True,
         )
         try:
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 per_rank = [_emulate._namespace_pids(ns) for ns in cluster.namespaces]
                 if all(per_rank):
@@ -242,7 +242,7 @@ def test_the_owner_dying_removes_its_namespaces(how):
         owner.send_signal(
             {"sigterm": signal.SIGTERM, "sigint": signal.SIGINT, "sigkill": signal.SIGKILL}[how]
         )
-    owner.wait(timeout=30)
+    owner.wait(timeout=60)
     if how == "sigkill":
         # Nothing ran in the owner: the next cluster removes what it left.
         assert any(n.startswith(prefix) for n in _emulate._namespaces())
