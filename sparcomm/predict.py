@@ -447,7 +447,7 @@ def predict(
         ``{id: {"traffic": Traffic, "step": StepPrediction, "crossover_bps": float}}``.
     """
     if contenders is None:
-        from sparcomm._cli_bench_train import contender_specs
+        from sparcomm._contenders import contender_specs
 
         contenders = {s.id: (s.codec() if s.codec is not None else None) for s in contender_specs()}
     codec_seconds = dict(codec_seconds or {})
@@ -509,7 +509,7 @@ def from_benchmark(
         As :func:`predict`: ``{id: {"traffic", "step", "crossover_bps"}}``, the crossover
         against ``ddp`` (None for ``ddp`` and ``local``).
     """
-    from sparcomm._cli_bench_train import contender_specs
+    from sparcomm._contenders import contender_specs
 
     specs = {s.id: s for s in contender_specs()}
     local_costs = local_costs or {}
@@ -567,7 +567,7 @@ def network_outlook(
     For programs that ran on one machine (``sparcomm demo``), whose own timings cannot
     show what a network would do.
     """
-    from sparcomm._cli_bench_train import contender_specs
+    from sparcomm._contenders import contender_specs
     from sparcomm._emulate import format_rate
 
     specs = [s for s in contender_specs() if s.id != "local"]
@@ -665,7 +665,7 @@ def format_predictions(
 @command("predict", help="predict each contender's step time and crossover bandwidth")
 @arguments(_configure)
 def predict_command(args: argparse.Namespace) -> int:
-    from sparcomm._cli_bench_train import contender_specs
+    from sparcomm._contenders import contender_specs
 
     given = args.bandwidth[2:] or args.bandwidth[:2]
     shapes = _shapes_for(args.params)

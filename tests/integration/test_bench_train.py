@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from sparcomm._cli_bench_train import contender_specs, select_contenders, summarise
+from sparcomm._cli_bench_train import summarise
+from sparcomm._contenders import contender_specs, select_contenders
 from sparcomm.cli import main
 
 pytest.importorskip("torch")
