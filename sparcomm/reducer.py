@@ -1221,8 +1221,11 @@ class GradientReducer:
         codec_state = state["codec_state"]
         memory = unwrap(self.codec)[1]
         residuals = None
+        own_state = None  # a codec that keeps its state itself (PowerSGD), checked now
         if memory is not None and codec_state is not None:
             residuals = memory.checked_residuals(codec_state)
+        elif codec_state and hasattr(self.codec, "prepare_load_state"):
+            own_state = self.codec.prepare_load_state(codec_state)
         elif codec_state:
             raise ValueError(
                 f"state holds error-feedback state, but {self.codec!r} keeps none; load it "
@@ -1232,6 +1235,8 @@ class GradientReducer:
         def load() -> None:
             if memory is not None and residuals is not None:
                 memory._install(residuals)
+            if own_state is not None:
+                own_state()
             self.step = int(step)
 
         return load
