@@ -132,6 +132,13 @@ class DDPCommState:
                 f"codec must be a sparcomm codec or ErrorFeedback, got {type(codec).__name__}; "
                 "for example codec=ErrorFeedback(TopK(density=0.01))"
             )
+        if getattr(unwrap(codec)[0], "family", None) == "low-rank":
+            # DDP hands the hook one flat bucket: there are no matrices left to factor.
+            raise NotImplementedError(
+                f"codec {unwrap(codec)[0]!r} is low-rank: a DDP bucket is one flat vector, so "
+                "PowerSGD would send it dense; use sparcomm.torch.DistributedOptimizer("
+                "codec=PowerSGD(...)) (which keeps each matrix) or torch's own powerSGD_hook"
+            )
         for name, value in (("dense_below", dense_below), ("warmup_iterations", warmup_iterations)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")

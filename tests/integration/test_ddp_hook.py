@@ -204,3 +204,12 @@ def test_communicator_and_process_group_must_agree():
 
 if __name__ == "__main__":
     CASES[sys.argv[1]]()
+
+
+def test_low_rank_codec_is_refused_in_process():
+    # A DDP bucket is one flat vector: PowerSGD would silently send it dense.
+    from sparcomm import PowerSGD
+    from sparcomm.torch import DDPCommState
+
+    with pytest.raises(NotImplementedError, match="low-rank: a DDP bucket is one flat vector"):
+        DDPCommState(codec=PowerSGD(rank=1))
