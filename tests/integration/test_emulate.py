@@ -149,7 +149,11 @@ _RANK_SCRIPT = textwrap.dedent(
     comm = MPI.COMM_WORLD
     # Each rank sees only its own link, with its own address.
     address = os.popen("ip -4 -o addr show sc0").read().split()[3].split("/")[0]
-    print(comm.rank, address, comm.allgather(address), flush=True)
+    # Rank 0 prints every rank's line: two ranks printing at once can interleave their
+    # bytes in the launcher's forwarded stdout.
+    rows = comm.gather(f"{comm.rank} {address} {comm.allgather(address)}")
+    if comm.rank == 0:
+        print(chr(10).join(rows), flush=True)
     if len(sys.argv) > 1:  # keep communicating until killed
         while True:
             comm.Barrier()
