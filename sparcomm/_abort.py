@@ -87,10 +87,14 @@ def install_abort_hook() -> None:
     with _lock:
         if _installed:
             return
-        _previous_excepthook = sys.excepthook
-        _previous_thread_excepthook = threading.excepthook
-        sys.excepthook = _excepthook
-        threading.excepthook = _thread_excepthook
+        # Never chain to ourselves (a second install after the module state was reset
+        # would otherwise recurse forever when an exception arrives).
+        if sys.excepthook is not _excepthook:
+            _previous_excepthook = sys.excepthook
+            sys.excepthook = _excepthook
+        if threading.excepthook is not _thread_excepthook:
+            _previous_thread_excepthook = threading.excepthook
+            threading.excepthook = _thread_excepthook
         _installed = True
 
 

@@ -150,8 +150,10 @@ def fresh_hook(monkeypatch):
     monkeypatch.setattr(_abort, "_installed", False)
     monkeypatch.setattr(_abort, "_enabled", None)
     monkeypatch.setattr(_abort, "_FORWARD_SECONDS", 0.0)
-    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
-    monkeypatch.setattr(threading, "excepthook", threading.excepthook)
+    # Python's own hooks, as in a new process (an earlier test of this session may have
+    # installed sparcomm's through a collective).
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    monkeypatch.setattr(threading, "excepthook", threading.__excepthook__)
     monkeypatch.delenv(_abort.ENVIRONMENT_VARIABLE, raising=False)
 
     def with_world(size: int) -> _FakeWorld:
@@ -218,3 +220,15 @@ def test_opt_out_by_environment_and_by_function(fresh_hook, monkeypatch):
     assert world.aborted == [1]
     with pytest.raises(TypeError, match=r"enabled must be a bool, got str 'no'"):
         _abort.abort_on_exception("no")  # type: ignore[arg-type]
+
+
+def test_installing_again_after_a_reset_never_chains_to_itself(fresh_hook, capsys):
+    # The hook is in place, but the module's state says it is not (a reload, a reset):
+    # installing again must keep the real previous hook, not chain to itself.
+    world = fresh_hook(2)
+    _abort.install_abort_hook()
+    _abort._installed = False
+    _abort.install_abort_hook()
+    _raise_into_hook(sys.excepthook, ValueError("twice"))
+    assert world.aborted == [1]
+    assert "ValueError: twice" in capsys.readouterr().err

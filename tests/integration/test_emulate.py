@@ -238,6 +238,9 @@ def test_the_owner_dying_removes_its_namespaces(how):
         [sys.executable, "-c", _OWNER, "exit" if how == "exit" else "hang"],
         stdout=subprocess.PIPE,
         text=True,
+        # A job started in the background (CI) inherits SIGINT ignored, and Python then
+        # installs no KeyboardInterrupt handler: give the owner a terminal user's Ctrl-C.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert owner.stdout is not None
     name = owner.stdout.readline().strip()
