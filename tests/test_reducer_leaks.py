@@ -63,7 +63,9 @@ for thread in reducer_threads():
     thread.join(10)
 GradientReducer().close()  # a collective point: frees what every rank has parked
 duplicates = _Duplicates.of(comm)
-print(json.dumps({
+# Rank 0 prints every rank's report: two ranks printing at once can interleave their
+# bytes in mpiexec's forwarded stdout.
+reports = comm.gather(json.dumps({
     "rank": comm.Get_rank(),
     "threads_before": threads_before,
     "most_threads": most_threads,
@@ -74,6 +76,8 @@ print(json.dumps({
     "parked": len(duplicates.parked),
     "seconds": seconds,
 }))
+if comm.Get_rank() == 0:
+    print(chr(10).join(reports), flush=True)
 """
 
 
