@@ -22,6 +22,7 @@ from sparcomm.codecs import (
     TernGrad,
     TopK,
 )
+from sparcomm.dgc import DGC
 from sparcomm.feedback import ErrorFeedback
 from sparcomm.payload import Payload
 
@@ -31,6 +32,7 @@ __all__ = [
     "FP16",
     "QSGD",
     "Codec",
+    "DGC",
     "ErrorFeedback",
     "GradientReducer",
     "NoCompression",

@@ -44,7 +44,9 @@ class ErrorFeedback:
 
     def __init__(self, codec: Codec) -> None:
         if isinstance(codec, ErrorFeedback):
-            raise TypeError("codec is already wrapped in ErrorFeedback; wrap it only once")
+            raise TypeError(
+                f"codec is already wrapped in {type(codec).__name__}; wrap it only once"
+            )
         if not isinstance(codec, Codec):
             raise TypeError(
                 f"codec must be a sparcomm codec such as TopK(density=0.01), got "
@@ -129,12 +131,11 @@ class ErrorFeedback:
         compensated = self._scratch.pop(key, None)
         if compensated is None:
             compensated = xp.empty_like(flat)
-        if residual is None:
-            compensated[...] = flat
-        else:
-            # The kernel layer's add, not xp.add: CuPy's operators flush float32
-            # subnormals (-ftz=true), which would lose residual mass on the GPU only.
-            kernels.add(flat, residual, compensated)
+        try:
+            self._compensate(key, flat, residual, compensated)
+        except BaseException:
+            self._scratch[key] = compensated
+            raise
         try:
             payload = self.codec.encode(
                 compensated.reshape(x.shape), key=key, step=step, rank=rank, **options
@@ -160,6 +161,17 @@ class ErrorFeedback:
             self._scratch[key] = residual
         self._residuals[key] = compensated
         return payload
+
+    def _compensate(self, key: Hashable, flat: Any, residual: Any, out: Any) -> None:
+        """Write what is encoded for ``key`` into ``out``: ``flat + residual`` (``flat``
+        alone before the first encode).  Subclasses (:class:`~sparcomm.DGC`) change
+        what is accumulated; the residual bookkeeping around it stays here."""
+        if residual is None:
+            out[...] = flat
+        else:
+            # The kernel layer's add, not xp.add: CuPy's operators flush float32
+            # subnormals (-ftz=true), which would lose residual mass on the GPU only.
+            kernels_for(array_module(flat)).add(flat, residual, out)
 
     def state_dict(self) -> dict[str, Any]:
         """Copies of the residuals (host NumPy arrays) keyed by tensor key, and their
