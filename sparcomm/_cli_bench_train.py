@@ -22,7 +22,8 @@ collectives' own phases, run in the reducer's thread), bytes sent per rank per s
 (sparcomm's payload count, and under ``--emulate`` the bytes the rank's interface
 sent), test accuracy against steps and against wall time, the time to a target
 accuracy and the accuracy at a fixed time budget, and the step time the predictor
-(:mod:`sparcomm.predict`) expects.
+(:mod:`sparcomm.predict`) expects (from what each contender computed as it ran: the
+phases of sparcomm's collectives, and the work of DDP's hooks, timed in every step).
 
 ``--emulate RATE`` runs the ranks in an emulated cluster (:mod:`sparcomm._emulate`, root
 only); without it the ranks use whatever network ``mpiexec`` gives them.
@@ -43,6 +44,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -126,6 +128,126 @@ class _PhaseRecorder:
         return split
 
 
+class _HookTimer:
+    """Times the work of DDP's communication hooks as they run in training.
+
+    A hook returns at once with a chain of futures: its work runs in its body and in the
+    callbacks of that chain, and the callbacks also wait for the hook's allreduces (torch's
+    PowerSGD hook waits for P's and Q's inside them).  The hooks call
+    ``torch.distributed.all_reduce`` by attribute on every call, so the benchmark wraps it
+    (in the ranks' own processes): the futures the hooks get back run their callbacks
+    under a clock, and time the waits inside them.  A step's hook compute is the wall time
+    of the body and of every callback, less the waits inside them; the time between them,
+    when the chain waits for an allreduce, is communication and is not counted.  Measured
+    this way, step by step under the run's own load, it is what the predictor charges a
+    DDP hook, as sparcomm's contenders are charged the phases their collectives reported.
+    """
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self.seconds = 0.0
+        self.allreduces = 0
+        original = dist.all_reduce
+        if getattr(original, "_sparcomm_bench_wrapped", False):
+            original = original.__wrapped__  # type: ignore[attr-defined]
+
+        def all_reduce(*args: Any, **kwargs: Any) -> Any:
+            work = original(*args, **kwargs)
+            if work is None:  # a synchronous call: nothing to chain
+                return work
+            with self._lock:
+                self.allreduces += 1
+            return _TimedWork(work, self)
+
+        all_reduce._sparcomm_bench_wrapped = True  # type: ignore[attr-defined]
+        all_reduce.__wrapped__ = original  # type: ignore[attr-defined]
+        dist.all_reduce = all_reduce
+
+    def wrap(self, hook: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+        """``hook`` timed; DDP gets the hook's own future back."""
+
+        def timed_hook(state: Any, bucket: Any) -> Any:
+            result = self.run(hook, state, bucket)
+            return result.future if isinstance(result, _TimedFuture) else result
+
+        timed_hook.__name__ = f"timed_{getattr(hook, '__name__', 'hook')}"
+        # DDP checks a hook's annotations against torch's own classes; these are strings.
+        timed_hook.__annotations__ = {}
+        return timed_hook
+
+    def run(self, function: Callable[..., Any], *args: Any) -> Any:
+        """``function(*args)``, its time less the waits inside it added to the step's.
+
+        A callback that torch runs inline (its future already complete) is counted once,
+        by the outermost call on its thread.
+        """
+        local = self._local
+        depth = getattr(local, "depth", 0)
+        waited = getattr(local, "waited", 0.0)
+        local.depth = depth + 1
+        start = time.perf_counter()
+        try:
+            return function(*args)
+        finally:
+            local.depth = depth
+            if depth == 0:
+                busy = time.perf_counter() - start - (getattr(local, "waited", 0.0) - waited)
+                with self._lock:
+                    self.seconds += max(0.0, busy)
+
+    def wait(self, waitable: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return waitable.wait()
+        finally:
+            self._local.waited = getattr(self._local, "waited", 0.0) + (time.perf_counter() - start)
+
+    def take(self) -> float | None:
+        """Seconds of hook compute since the last call; None if no hook allreduced (then
+        the hooks' communication did not pass through the timer, and their time would be
+        mixed with it)."""
+        with self._lock:
+            seconds, calls = self.seconds, self.allreduces
+            self.seconds, self.allreduces = 0.0, 0
+        return seconds if calls else None
+
+
+class _TimedWork:
+    """An allreduce's work handle whose future times its callbacks and waits."""
+
+    def __init__(self, work: Any, timer: _HookTimer) -> None:
+        self.work, self.timer = work, timer
+
+    def get_future(self) -> _TimedFuture:
+        return _TimedFuture(self.work.get_future(), self.timer)
+
+    def wait(self, *args: Any) -> Any:
+        return self.timer.wait(self.work) if not args else self.work.wait(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.work, name)
+
+
+class _TimedFuture:
+    """A ``torch.futures.Future`` whose ``then`` callbacks and ``wait`` are timed."""
+
+    def __init__(self, future: Any, timer: _HookTimer) -> None:
+        self.future, self.timer = future, timer
+
+    def then(self, callback: Callable[[Any], Any]) -> _TimedFuture:
+        timer = self.timer
+        return _TimedFuture(self.future.then(lambda f: timer.run(callback, f)), timer)
+
+    def wait(self) -> Any:
+        return self.timer.wait(self.future)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.future, name)
+
+
 # -- one rank ----------
 
 
@@ -140,12 +262,16 @@ def _wire_counter() -> Callable[[], int] | None:
     return lambda: int(path.read_text())
 
 
-def _register_hook(ddp: Any, spec: ContenderSpec, group: Any) -> None:
-    """The contender's communication hook on ``ddp`` (none for plain DDP)."""
+def _register_hook(
+    ddp: Any, spec: ContenderSpec, group: Any, timer: _HookTimer | None = None
+) -> None:
+    """The contender's communication hook on ``ddp`` (none for plain DDP), timed by
+    ``timer`` when given."""
+    wrap = timer.wrap if timer is not None else (lambda hook: hook)
     if spec.hook == "fp16":
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-        ddp.register_comm_hook(group, default_hooks.fp16_compress_hook)
+        ddp.register_comm_hook(group, wrap(default_hooks.fp16_compress_hook))
     elif spec.hook == "powersgd":
         from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
 
@@ -158,16 +284,24 @@ def _register_hook(ddp: Any, spec: ContenderSpec, group: Any) -> None:
             warm_start=True,
             use_error_feedback=True,
         )
-        ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+        ddp.register_comm_hook(state, wrap(powerSGD_hook.powerSGD_hook))
 
 
 class _Runner:
     """One contender on this rank: its model, optimizer and step."""
 
-    def __init__(self, spec: ContenderSpec, task: Any, args: argparse.Namespace, comm: Any):
+    def __init__(
+        self,
+        spec: ContenderSpec,
+        task: Any,
+        args: argparse.Namespace,
+        comm: Any,
+        hooks: _HookTimer | None = None,
+    ):
         import torch
 
         self.spec = spec
+        self.hooks = hooks if spec.hook is not None else None
         self.torch = torch
         model = task.model()
         self.module = model
@@ -198,13 +332,15 @@ class _Runner:
 
             bucket = POWERSGD_BUCKET_MB if spec.hook == "powersgd" else args.ddp_bucket_mb
             self.ddp = DistributedDataParallel(model, bucket_cap_mb=bucket)
-            _register_hook(self.ddp, spec, None)
+            _register_hook(self.ddp, spec, None, self.hooks)
             self.forward = self.ddp
             self.optimizer = make_sgd(self.ddp.parameters())
 
     def step(self, x: Any, y: Any, wire: Callable[[], int] | None, phases: Any) -> dict:
         perf = time.perf_counter
         sent = wire() if wire else 0
+        if self.hooks is not None:
+            self.hooks.take()  # nothing but this step's hook work
         t0 = perf()
         self.optimizer.zero_grad()
         self.loss(self.forward(x), y).backward()
@@ -232,6 +368,8 @@ class _Runner:
             record["collectives"] = stats.buckets
             record["algorithms"] = list(stats.algorithms)
             record["phases"] = phases.take(stats)
+        if self.hooks is not None:
+            record["hook_compute"] = self.hooks.take()
         return record
 
     def evaluate(self, x: Any, y: Any) -> int:
@@ -369,10 +507,11 @@ def run_ranks(args: argparse.Namespace) -> int:
     latency = _latency(comm)
     cost_model = _calibrated(comm)
     phases = _PhaseRecorder()
+    hooks = _HookTimer()
     wire = _wire_counter()
     x_test, y_test = task.test_set(args.test_samples)
     x_test, y_test = x_test[rank::size], y_test[rank::size]
-    runners = [_Runner(spec, task, args, comm) for spec in specs]
+    runners = [_Runner(spec, task, args, comm, hooks) for spec in specs]
     records: dict[str, list[list[dict]]] = {s.id: [] for s in specs}  # per step: per rank
     curves: dict[str, list[tuple[int, float]]] = {s.id: [] for s in specs}  # (step, accuracy)
     loads: list[float] = []
@@ -507,6 +646,10 @@ def summarise(raw: dict[str, Any], warmup: int, target: float | None, budget: fl
             entry["collectives"] = timed[-1]["collectives"]
             entry["algorithms"] = timed[-1]["algorithms"]
             entry["phases_s"] = {c: _median([_phase(r, c) for r in timed]) for c in CATEGORIES}
+        hook_compute = [r.get("hook_compute") for r in timed]
+        if hook_compute and all(t is not None for t in hook_compute):
+            # The slowest rank's, as the rest of the split: what its hook computed.
+            entry["hook_compute_s"] = _median([float(t) for t in hook_compute])
         step_times = [median_total if i < warmup else r["total"] for i, r in enumerate(slowest)]
         elapsed = [0.0]
         for seconds in step_times:
@@ -623,6 +766,16 @@ def format_table(report: dict[str, Any]) -> str:
         "(reducer thread, overlapping fwd+bwd); MB sent: per rank per step"
         + (" on the wire (TCP/IP included)" if report.get("wire_counted") else " (payload)")
     )
+    hooks = [
+        f"{e['label']} {e['hook_compute_s'] * 1e3:.0f} ms"
+        for e in contenders.values()
+        if e.get("hook_compute_s") is not None
+    ]
+    if hooks:
+        lines.append(
+            "DDP hooks' own work per step, timed in training (inside fwd+bwd; the "
+            "predictor's codec time): " + ", ".join(hooks)
+        )
     bad = [e["label"] for e in contenders.values() if not e["ranks_agree"]]
     if bad:
         lines.append(f"WARNING: ranks ended with different models in: {', '.join(bad)}")

@@ -494,10 +494,11 @@ def from_benchmark(
 
     Measured inputs: the link rate, the MPI latency, sparcomm's calibrated
     ``beta_allreduce``, the compute floor (the ``local`` contender's step), and each
-    contender's compression compute: for sparcomm, its collectives' encode and merge
-    phases and the time inside them no phase names, as they ran; for DDP's hooks,
-    ``local_costs`` (the benchmark times each hook on a one-rank group apart from
-    training, on all ranks at once).  Bytes and message steps come from
+    contender's compression compute as it ran in training: for sparcomm, its collectives'
+    encode and merge phases and the time inside them no phase names; for DDP's hooks,
+    ``hook_compute_s`` (the hook's body and callbacks, less their waits for its
+    allreduces, timed in every step); reports without it fall back to ``local_costs``
+    (each hook timed on a one-rank group apart from training).  Bytes and message steps come from
     :func:`traffic`, never from the measured step.  A
     sparcomm contender's signature checks are charged as measured (``agreement``): on an
     oversubscribed machine they are waiting for the slowest rank, which no latency
@@ -527,6 +528,8 @@ def from_benchmark(
             codec_s = phases["encode"] + phases["merge"] + phases.get("other", 0.0)
             spec = specs.get(cid)
             codec = spec.codec() if spec is not None and spec.codec is not None else None
+        elif entry.get("hook_compute_s") is not None:
+            codec_s = entry["hook_compute_s"]
         elif cid in local_costs:
             codec_s = local_costs[cid]
         elif cid == "ddp-fp16" and fp16 is not None:

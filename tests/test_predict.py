@@ -155,3 +155,31 @@ def test_demo_ends_with_the_network_outlook():
     tail = result.stdout.split("predicted step on a 2-rank cluster")[-1]
     assert "1 Gbit/s: " in tail and "10 Gbit/s: " in tail and "ddp " in tail
     assert "cannot show a network's effect" in tail
+
+
+def test_benchmark_charges_a_ddp_hook_what_it_computed_in_training():
+    from sparcomm.predict import from_benchmark
+
+    def entry(step_s, **extra):
+        return {"step_s": step_s, "kind": "ddp", **extra}
+
+    contenders = {
+        "local": entry(0.2, kind="local"),
+        "ddp": entry(0.8),
+        "ddp-powersgd1": entry(0.6, hook_compute_s=0.25),
+        "ddp-powersgd4": entry(0.7),  # an older report: only the hook timed apart
+    }
+    out = from_benchmark(
+        contenders,
+        rate_bps=1e9,
+        latency_s=1e-3,
+        ranks=4,
+        shapes=MLP,
+        batch=32,
+        local_costs={"ddp-powersgd1": 0.9, "ddp-powersgd4": 0.4},
+    )
+    # The time measured in training wins over the hook timed apart; without it, apart.
+    assert out["ddp-powersgd1"]["step"].codec == 0.25
+    assert out["ddp-powersgd4"]["step"].codec == 0.4
+    step = out["ddp-powersgd1"]["step"]
+    assert step.total == pytest.approx(0.2 + 0.25 + step.transfer + step.latency)

@@ -7,6 +7,8 @@ import math
 import os
 import shutil
 import sys
+import threading
+import time
 
 import pytest
 
@@ -111,6 +113,57 @@ def test_summary_takes_the_slowest_rank_skips_warmup_and_reads_the_curves():
     assert fast["wire_bytes"] == 100
 
 
+def _spin(seconds):
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def test_hook_timer_counts_the_hooks_work_and_not_its_waits(monkeypatch):
+    import torch
+    import torch.distributed as dist
+
+    from sparcomm._cli_bench_train import _HookTimer
+
+    latency = 0.3  # each fake allreduce completes this long after it starts
+
+    class Work:
+        def __init__(self):
+            self.future = torch.futures.Future()
+            threading.Timer(latency, self.future.set_result, args=([torch.zeros(1)],)).start()
+
+        def get_future(self):
+            return self.future
+
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, async_op=False: Work())
+    timer = _HookTimer()
+    assert timer.take() is None  # no hook ran: nothing measured
+
+    def hook(state, bucket):
+        # As torch's PowerSGD hook: work in the body, an allreduce, a callback that works
+        # and waits for a second allreduce inside, and a last callback that works.
+        _spin(0.03)
+        first = dist.all_reduce(torch.zeros(1), async_op=True).get_future()
+
+        def middle(fut):
+            _spin(0.02)
+            return dist.all_reduce(fut.value()[0], async_op=True).get_future().wait()[0]
+
+        def last(fut):
+            _spin(0.01)
+            return fut.value()
+
+        return first.then(middle).then(last)
+
+    result = timer.wrap(hook)(None, bucket=None)
+    assert isinstance(result, torch._C.Future)  # DDP gets torch's own future
+    result.wait()
+    measured = timer.take()
+    # 60 ms of work; each of the two waits (300 ms) would show if it were counted.
+    assert measured is not None and 0.06 <= measured < 0.06 + latency / 2
+    assert timer.take() is None
+
+
 def test_bad_options_are_errors_before_anything_starts(capsys):
     assert main(["bench", "train", "--contenders", "nope", "--steps", "2", "--warmup", "0"]) == 2
     assert "matches no contender" in capsys.readouterr().err
@@ -134,7 +187,7 @@ def test_small_emulated_run_reports_every_figure(tmp_path, capsys):
     argv = [
         "bench", "train", "-np", "2", "--emulate", "300mbit", "--inputs", "64", "--width", "64",
         "--depth", "1", "--steps", "6", "--block", "3", "--warmup", "1", "--eval-every", "3",
-        "--test-samples", "128", "--contenders", "local", "sparcomm-topk", "ddp",
+        "--test-samples", "128", "--contenders", "local", "sparcomm-topk", "ddp", "ddp-powersgd1",
         "--no-progress", "--json", str(report_path), "--plot", str(plot_path), "--timeout", "120",
     ]  # fmt: skip
     assert main(argv) == 0
@@ -144,7 +197,7 @@ def test_small_emulated_run_reports_every_figure(tmp_path, capsys):
     assert plot_path.stat().st_size > 10_000
     assert 0.8 * 300e6 < report["rate_bps"] < 1.02 * 300e6
     contenders = report["summary"]["contenders"]
-    assert list(contenders) == ["local", "sparcomm-topk", "ddp"]
+    assert list(contenders) == ["local", "sparcomm-topk", "ddp", "ddp-powersgd1"]
     n = report["parameters"]
     ddp, topk, local = contenders["ddp"], contenders["sparcomm-topk"], contenders["local"]
     # The wire carries the ring allreduce's payload plus TCP/IP headers and ACKs.
@@ -157,5 +210,9 @@ def test_small_emulated_run_reports_every_figure(tmp_path, capsys):
         assert entry["ranks_agree"]
         assert entry["step_s"] > 0 and math.isfinite(entry["predicted_step_s"])
     assert set(topk["phases_s"]) >= {"encode", "check", "exchange", "merge"}
+    # torch's PowerSGD hook is charged its own work as timed in training.
+    hook = contenders["ddp-powersgd1"]
+    assert 0 < hook["hook_compute_s"] < hook["step_s"]
+    assert hook["predicted_split_s"]["codec"] == hook["hook_compute_s"]
     prefix = f"{_emulate.PREFIX}{os.getpid()}x"
     assert not [name for name in _emulate._namespaces() if name.startswith(prefix)]
