@@ -25,6 +25,8 @@ from sparcomm.codecs import (
 from sparcomm.dgc import DGC
 from sparcomm.feedback import ErrorFeedback
 from sparcomm.payload import Payload
+from sparcomm.policy import CodecPolicy, Rule
+from sparcomm.schedule import Constant, Exponential, Linear, Schedule
 
 __version__ = "0.1.0"
 
@@ -32,14 +34,20 @@ __all__ = [
     "FP16",
     "QSGD",
     "Codec",
+    "CodecPolicy",
+    "Constant",
     "DGC",
     "ErrorFeedback",
+    "Exponential",
     "GradientReducer",
+    "Linear",
     "NoCompression",
     "NonFiniteError",
     "OneBit",
     "Payload",
     "PowerSGD",
+    "Rule",
+    "Schedule",
     "TernGrad",
     "TopK",
     "AllreduceStats",

@@ -25,6 +25,12 @@ its own (per-layer top-k and residuals, one collective each) except tensors belo
 fixed cost would dwarf their few values); ``compression="bucket"`` compresses each fused
 bucket as one vector (fewer, larger collectives).
 
+``codec=`` may be a :class:`~sparcomm.policy.CodecPolicy` that chooses a codec per
+tensor (PowerSGD for matrices, TopK for embedding tables, ...): buckets never mix codecs,
+and each codec keeps its own state.  ``schedule=`` (:mod:`sparcomm.schedule`) sets a
+codec's compression level (TopK's density, PowerSGD's rank) at each step as a function
+of the step counter, the same on every rank.
+
 The plan (which tensor is in which bucket) is a pure function of the registered
 ``(name, shape, dtype)`` list and the options; it is checked to be identical on all ranks
 when it is built, so a model that differs between ranks raises instead of hanging.
@@ -96,6 +102,9 @@ class _Bucket:
     #: ``"layer"`` mode's small tensors fused into one bucket: each is still compressed
     #: on its own (its own key), and they share one collective where the family allows.
     per_tensor: bool = False
+    #: Index of the bucket's codec in the reducer's codecs (a policy's; 0 for one codec),
+    #: -1 for a dense bucket.
+    codec: int = 0
 
 
 @dataclass(frozen=True)
@@ -136,6 +145,10 @@ class ReductionStats:
     wait_seconds : float
         Time the caller spent blocked in :meth:`GradientReducer.wait`: the part of the
         reduction the backward pass did not hide (all of it with ``overlap=False``).
+    levels : dict of str to float or int
+        The compression level each codec used this step, by its parameter
+        (``{"density": 0.25}``; with a policy ``"<label>.<parameter>"``, e.g.
+        ``{"default.density": 0.25, "matrices.rank": 4}``); empty during warm-up.
     """
 
     step: int = 0
@@ -148,6 +161,7 @@ class ReductionStats:
     algorithms: list[str] = field(default_factory=list)
     phases: dict[str, float] = field(default_factory=lambda: _empty_phases())
     wait_seconds: float = 0.0
+    levels: dict[str, Any] = field(default_factory=dict)
 
 
 def _empty_phases() -> dict[str, float]:
@@ -170,6 +184,8 @@ def build_plan(
     dense_below: int,
     compression: str,
     layer_fuse_below: int = DEFAULT_LAYER_FUSE_BELOW,
+    choices: Sequence[int] | None = None,
+    modes: Mapping[int, str] | None = None,
 ) -> _Plan:
     """Group tensors into fusion buckets (pure: the same on every rank for the same input).
 
@@ -180,8 +196,12 @@ def build_plan(
     compressed tensor of at least ``layer_fuse_below`` elements is a bucket of its own,
     and the smaller ones fuse into compressed buckets as in ``"bucket"`` mode.  Buckets
     are numbered by the position of their last member: the order in which they can start.
+
+    With a codec policy, ``choices`` gives each tensor's codec index (-1: dense) and
+    ``modes`` the compression mode of each codec index (default ``compression``): tensors
+    of different codecs never share a bucket.
     """
-    GroupKey = tuple[bool, np.dtype, bool]  # compressed, dtype, a layer of its own
+    GroupKey = tuple[int, np.dtype, bool]  # codec index (-1: dense), dtype, a layer of its own
     closed: list[tuple[GroupKey, list[tuple[Hashable, tuple[int, ...], int]]]] = []
     open_groups: dict[GroupKey, list[tuple[Hashable, tuple[int, ...], int]]] = {}
     open_bytes: dict[GroupKey, int] = {}
@@ -190,11 +210,16 @@ def build_plan(
         closed.append((group_key, open_groups.pop(group_key)))
         open_bytes.pop(group_key)
 
-    for name, shape, dtype in specs:
+    if choices is not None and len(choices) != len(specs):
+        raise ValueError(f"choices has {len(choices)} entries for {len(specs)} tensors")
+    modes = dict(modes or {})
+    for number, (name, shape, dtype) in enumerate(specs):
         size = int(np.prod(shape, dtype=np.int64))
-        compressed = compress and size >= dense_below
-        own = compressed and compression == "layer" and size >= layer_fuse_below
-        group_key = (compressed, np.dtype(dtype), own)
+        choice = 0 if choices is None else int(choices[number])
+        compressed = compress and size >= dense_below and choice >= 0
+        mode = modes.get(choice, compression)
+        own = compressed and mode == "layer" and size >= layer_fuse_below
+        group_key = (choice if compressed else -1, np.dtype(dtype), own)
         nbytes = size * group_key[1].itemsize
         if group_key in open_groups and (
             own or open_bytes[group_key] + nbytes > fusion_threshold_bytes
@@ -208,15 +233,23 @@ def build_plan(
     position = {name: i for i, (name, _, _) in enumerate(specs)}
     closed.sort(key=lambda item: position[item[1][-1][0]])
     buckets: list[_Bucket] = []
-    for (compressed, dtype, own), members in closed:
+    for (choice, dtype, own), members in closed:
         slots, offset = [], 0
         for name, shape, size in members:
             slots.append(_Slot(name, shape, size, offset))
             offset += size
-        per_tensor = compressed and compression == "layer" and not own
+        compressed = choice >= 0
+        per_tensor = compressed and modes.get(choice, compression) == "layer" and not own
         buckets.append(
             _Bucket(
-                len(buckets), tuple(slots), dtype, offset, compressed, _fused_key(slots), per_tensor
+                len(buckets),
+                tuple(slots),
+                dtype,
+                offset,
+                compressed,
+                _fused_key(slots),
+                per_tensor,
+                choice,
             )
         )
     lookup = {slot.name: (bucket.index, slot) for bucket in buckets for slot in bucket.slots}
@@ -284,6 +317,9 @@ class _StepRun:
         #: after a bucket's first full signature check, its later steps check locally
         #: and carry the status with the data (sparcomm.comm._call.agreed_layout).
         self.layout: tuple[int, bool] = (0, False)
+        #: The level of each codec this step (None: no level, or a dense step): part of
+        #: a bucket's layout, as a new level changes the payload's size and codec text.
+        self.levels: tuple[Any, ...] = ()
         self.device: Any = None  # the cupy.cuda.Device of CuPy gradients, else None
         self.ready: dict[Hashable, Any] = {}  # name -> CUDA event: the gradient is written
 
@@ -393,11 +429,12 @@ class _Engine:
     """
 
     def __init__(
-        self, codec: Any, op: str, comm: Any, duplicates: _Duplicates, number: int
+        self, codecs: Sequence[Any], op: str, comm: Any, duplicates: _Duplicates, number: int
     ) -> None:
         from sparcomm.codecs import NoCompression
 
-        self.codec = codec
+        #: The compressing codecs, by a bucket's ``codec`` index (one, or a policy's).
+        self.codecs = tuple(codecs)
         self.dense_codec = NoCompression()
         self.op = op
         self.comm = comm
@@ -467,7 +504,7 @@ class _Engine:
             stream.synchronize()
 
     def _reduce_bucket_here(self, run: _StepRun, bucket: _Bucket) -> None:
-        codec = self.codec if bucket.compressed else self.dense_codec
+        codec = self.codecs[bucket.codec] if bucket.compressed else self.dense_codec
         if bucket.compressed and _is_low_rank(codec):
             self._reduce_low_rank(run, bucket, codec)
             return
@@ -510,7 +547,9 @@ class _Engine:
         inputs = [run.inputs[slot.name] for slot in bucket.slots]
         if _family(codec) != "sparse" or not all(isinstance(x, np.ndarray) for x in inputs):
             for slot in bucket.slots:
-                single = _Bucket(0, (slot,), bucket.dtype, slot.size, True, slot.name)
+                single = _Bucket(
+                    0, (slot,), bucket.dtype, slot.size, True, slot.name, codec=bucket.codec
+                )
                 result = self._allreduce(run, single, codec, run.inputs[slot.name], bucket)
                 run.outputs[slot.name] = result.reshape(slot.shape)
             return
@@ -522,7 +561,7 @@ class _Engine:
         start = time.perf_counter()
         # A fresh buffer each step: the outputs are views of it, handed to the caller.
         flat = np.empty(bucket.size, dtype=bucket.dtype)
-        with agreed_layout((*run.layout, bucket.index)):
+        with agreed_layout((*_layout_head(run, bucket), bucket.index)):
             sparse_codec_allreduce_layers(
                 inputs,
                 codec,
@@ -568,7 +607,8 @@ class _Engine:
         info = AllreduceStats()
         start = time.perf_counter()
         # A tensor of a fused bucket reduced alone: its layout is (bucket, its name).
-        layout = (*run.layout, bucket.index if parent is None else (parent.index, bucket.key))
+        index = bucket.index if parent is None else (parent.index, bucket.key)
+        layout = (*_layout_head(run, bucket), index)
         with agreed_layout(layout):
             result = allreduce(
                 x,
@@ -597,6 +637,15 @@ class _Engine:
             stats.phases[category] += seconds
 
 
+def _layout_head(run: _StepRun, bucket: _Bucket) -> tuple[Any, ...]:
+    """The agreed layout of a bucket's collective, before its index: the plan's (its
+    generation, compressing or not), then the bucket's codec and that codec's level this
+    step.  A new level (a schedule) is a new layout: its first call checks in full, as
+    its payload size and codec parameters changed (sparcomm.comm._call)."""
+    level = run.levels[bucket.codec] if bucket.compressed and run.levels else None
+    return (*run.layout, bucket.codec, level)
+
+
 def _abandon(engine: _Engine) -> None:
     """Finalizer of a reducer that was dropped (or left a with-block by an exception)
     without :meth:`GradientReducer.close`: cancel its step, end its thread, and park
@@ -618,11 +667,13 @@ class GradientReducer:
 
     Parameters
     ----------
-    codec : Codec or ErrorFeedback, optional
+    codec : Codec, ErrorFeedback or CodecPolicy, optional
         How compressed tensors travel (default: ``NoCompression()``, plain dense
         allreduce).  Wrap biased codecs (TopK, OneBit) in
         :class:`~sparcomm.ErrorFeedback`; its residuals are then part of
-        :meth:`state_dict`.
+        :meth:`state_dict`.  A :class:`~sparcomm.CodecPolicy` chooses a codec per tensor
+        (by name, shape, or the keywords ``matrices=`` and ``embeddings=``); each of its
+        codecs keeps its own state, and a bucket holds tensors of one codec only.
     comm : mpi4py.MPI.Comm, optional
         Communicator (default ``MPI.COMM_WORLD``).  The reducer works on a duplicate
         (``comm.Dup()``, collective: construct the reducer on all ranks together) so its
@@ -647,9 +698,25 @@ class GradientReducer:
         In ``"layer"`` mode, compressed tensors with fewer elements fuse into shared
         compressed buckets (default :data:`DEFAULT_LAYER_FUSE_BELOW`); 0: every
         compressed tensor is its own collective.
+    schedule : Schedule, callable, or dict of str to Schedule, optional
+        The codec's compression level at each step (:mod:`sparcomm.schedule`): at
+        reduction step ``s`` (counted from 0, warm-up steps included) the level is
+        ``schedule(s)``: TopK's density (``k`` for a TopK built with ``k``, rounded),
+        PowerSGD's rank (rounded to the nearest int).  For example DGC's density warm-up
+        ``Exponential(0.25, 0.01, 100)``.  With a policy, a schedule applies to every
+        codec of the policy that takes its level; a dict keyed by parameter
+        (``{"density": ..., "rank": ...}``) gives each kind its own.  The level is a
+        function of the step counter, so it is the same on every rank and resumes
+        exactly from :meth:`state_dict`; :attr:`last_stats` reports it (``levels``).
 
     Raises
     ------
+    TypeError
+        For a codec, policy or schedule of the wrong type.
+    ValueError
+        For an option out of range, or a schedule whose levels the codec refuses.
+    NotImplementedError
+        For ``schedule=`` with codecs that take no level (QSGD, FP16, NoCompression...).
     RuntimeError
         If MPI has no communicator left for the reducer's duplicate (too many reducers
         left open): the message says how many are open.
@@ -683,19 +750,32 @@ class GradientReducer:
         compression: str = "layer",
         overlap: bool = True,
         layer_fuse_below: int = DEFAULT_LAYER_FUSE_BELOW,
+        schedule: Any = None,
     ) -> None:
         from sparcomm._abort import install_abort_hook
         from sparcomm.codecs import Codec, NoCompression
         from sparcomm.feedback import ErrorFeedback
+        from sparcomm.policy import CodecPolicy
 
         self._closed = True  # until the communicator exists: close() has nothing to do
         if codec is None:
             codec = NoCompression()
-        if not isinstance(codec, (Codec, ErrorFeedback)):
+        self._policy: CodecPolicy | None = None
+        if isinstance(codec, CodecPolicy):
+            self._policy = codec
+            codecs: tuple[Any, ...] = codec.codecs
+        elif isinstance(codec, (Codec, ErrorFeedback)):
+            codecs = (codec,)
+        else:
             raise TypeError(
-                f"codec must be a sparcomm codec (TopK, QSGD, ...) or ErrorFeedback, got "
-                f"{type(codec).__name__}; for example codec=ErrorFeedback(TopK(density=0.01))"
+                f"codec must be a sparcomm codec (TopK, QSGD, ...), ErrorFeedback or "
+                f"CodecPolicy, got {type(codec).__name__}; for example "
+                "codec=ErrorFeedback(TopK(density=0.01))"
             )
+        # Levels change the codecs' reprs: the options are described as constructed.
+        self._codec_text = repr(codec)
+        self._schedules = _resolve_schedules(codecs, schedule, codec)
+        self._levels: tuple[Any, ...] | None = None  # the last compressed step's
         if op not in OPS:
             raise ValueError(f"op must be one of {OPS}, got {op!r}")
         if compression not in COMPRESSION_MODES:
@@ -719,7 +799,7 @@ class GradientReducer:
         install_abort_hook()  # from here on a rank that dies must not leave others hanging
         duplicates = _Duplicates.of(parent)
         duplicate, number = duplicates.duplicate(parent)
-        self._engine = _Engine(codec, op, duplicate, duplicates, number)
+        self._engine = _Engine(codecs, op, duplicate, duplicates, number)
         self._closed = False
         self._finalizer = weakref.finalize(self, _abandon, self._engine)
         self.overlap = bool(overlap)
@@ -749,8 +829,21 @@ class GradientReducer:
 
     @property
     def codec(self) -> Any:
-        """The codec compressed tensors go through."""
-        return self._engine.codec
+        """The codec compressed tensors go through (or the :class:`~sparcomm.CodecPolicy`).
+
+        With ``schedule=`` its level is set in place at each step: it shows the level of
+        the last step."""
+        return self._policy if self._policy is not None else self._engine.codecs[0]
+
+    @property
+    def codecs(self) -> tuple[Any, ...]:
+        """The compressing codecs: the codec, or a policy's distinct codecs."""
+        return self._engine.codecs
+
+    @property
+    def schedules(self) -> tuple[Any, ...]:
+        """The schedule of each of :attr:`codecs` (None: its level stays as built)."""
+        return self._schedules
 
     @property
     def op(self) -> str:
@@ -816,21 +909,41 @@ class GradientReducer:
             cleaned.append((name, shape, dtype))
         if not cleaned:
             raise ValueError("no gradients to reduce: register at least one (name, shape, dtype)")
-        self._check_same_on_all_ranks(cleaned)
+        # A policy's predicate that fails is reported after the signature exchange, so a
+        # rank where it fails does not leave the others waiting in the allgather.
+        choices: list[int] = []
+        failure: Exception | None = None
+        try:
+            choices = self._choices(cleaned)
+        except Exception as error:
+            failure = error
+        self._check_same_on_all_ranks(cleaned, choices, failure)
         self._specs = cleaned
         self._plan_generation += 1
+        # A low-rank codec compresses each tensor as its own matrix and sums a whole
+        # bucket's factors in one call: fuse its tensors into buckets.
+        modes = {
+            index: "bucket" if _is_low_rank(codec) else self.compression
+            for index, codec in enumerate(self.codecs)
+        }
         for compressing in (True, False):
             self._plans[compressing] = build_plan(
                 cleaned,
-                compress=compressing and not _is_dense_codec(self.codec),
+                compress=compressing,
                 fusion_threshold_bytes=self.fusion_threshold_bytes,
                 dense_below=self.dense_below,
-                # A low-rank codec compresses each tensor as its own matrix and sums a
-                # whole bucket's factors in one call: fuse its tensors into buckets.
-                compression="bucket" if _is_low_rank(self.codec) else self.compression,
+                compression=self.compression,
                 layer_fuse_below=self.layer_fuse_below,
+                choices=choices,
+                modes=modes,
             )
         self._warm_up()
+
+    def _choices(self, specs: Sequence[tuple[Hashable, tuple[int, ...], np.dtype]]) -> list[int]:
+        """Each tensor's codec index (-1: dense)."""
+        if self._policy is not None:
+            return self._policy.assign(specs)
+        return [-1 if _is_dense_codec(self.codecs[0]) else 0] * len(specs)
 
     def _warm_up(self) -> None:
         """Compile (or load from Numba's cache) every CPU kernel the steps will call.
@@ -845,15 +958,28 @@ class GradientReducer:
         timing) happens here too.  CuPy kernels and the low-rank family compile on first
         use.
         """
+        from sparcomm.comm import allreduce
+
+        all_buckets = [bucket for plan in self._plans.values() for bucket in plan.buckets]
+        dense_dtypes = sorted({b.dtype for b in all_buckets if not b.compressed}, key=str)
+        for dtype in dense_dtypes:
+            x = np.random.default_rng(0).standard_normal(WARM_UP_ELEMENTS).astype(dtype)
+            allreduce(x, codec=self._engine.dense_codec, comm=self.comm, op=self.op)
+        # Each codec of a policy in turn (the same order on every rank: the plan's).
+        for index, codec in enumerate(self.codecs):
+            buckets = [b for b in all_buckets if b.compressed and b.codec == index]
+            if buckets:
+                self._warm_up_codec(codec, buckets)
+
+    def _warm_up_codec(self, codec: Any, buckets: list[_Bucket]) -> None:
+        """:meth:`_warm_up` of one codec, on the dtypes of its ``buckets``."""
         from sparcomm.comm import allreduce, sparse_allreduce
         from sparcomm.comm._cost import ALL_ALGORITHMS
         from sparcomm.feedback import unwrap
 
-        buckets = [bucket for plan in self._plans.values() for bucket in plan.buckets]
-        dense_dtypes = sorted({b.dtype for b in buckets if not b.compressed}, key=str)
-        compressed_dtypes = sorted({b.dtype for b in buckets if b.compressed}, key=str)
-        bare, memory = unwrap(self.codec)
-        family = _family(self.codec)
+        compressed_dtypes = sorted({b.dtype for b in buckets}, key=str)
+        bare, memory = unwrap(codec)
+        family = _family(codec)
         algorithms: tuple[str, ...] = ()
         # "auto" first: its first call calibrates the cost model (and, for a quantized
         # codec, times the codec), a second or more that would land in the first step.
@@ -868,12 +994,9 @@ class GradientReducer:
             from sparcomm.comm._sparse import load_kernels
             from sparcomm.comm._validate import index_dtype
 
-            largest = max((b.size for b in buckets if b.compressed), default=1)
+            largest = max((b.size for b in buckets), default=1)
             for dtype in compressed_dtypes:
                 load_kernels(index_dtype(largest), dtype)
-        for dtype in dense_dtypes:
-            x = sample.astype(dtype)
-            allreduce(x, codec=self._engine.dense_codec, comm=self.comm, op=self.op)
         try:
             for dtype in compressed_dtypes:
                 x = sample.astype(dtype)
@@ -894,7 +1017,7 @@ class GradientReducer:
                     for step in range(2):
                         allreduce(
                             x,
-                            codec=self.codec,
+                            codec=codec,
                             comm=self.comm,
                             op=self.op,
                             algorithm=algorithm,
@@ -907,11 +1030,19 @@ class GradientReducer:
                     memory._residuals.pop(key, None)
                     memory._scratch.pop(key, None)
 
-    def _signature(self, specs: Sequence[tuple[Hashable, tuple[int, ...], np.dtype]]) -> str:
+    def _signature(
+        self,
+        specs: Sequence[tuple[Hashable, tuple[int, ...], np.dtype]],
+        choices: Sequence[int] = (),
+        failure: Exception | None = None,
+    ) -> str:
         text = repr(
             (
                 [(name, shape, dtype.str) for name, shape, dtype in specs],
-                repr(self.codec),
+                self._codec_text,
+                list(choices),
+                repr(self._schedules),
+                type(failure).__name__ if failure is not None else None,
                 self.op,
                 self.fusion_threshold_bytes,
                 self.dense_below,
@@ -922,14 +1053,22 @@ class GradientReducer:
         )
         return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
-    def _check_same_on_all_ranks(self, specs: Sequence[Any]) -> None:
-        signatures = self.comm.allgather(self._signature(specs))
+    def _check_same_on_all_ranks(
+        self,
+        specs: Sequence[Any],
+        choices: Sequence[int] = (),
+        failure: Exception | None = None,
+    ) -> None:
+        signatures = self.comm.allgather(self._signature(specs, choices, failure))
+        if failure is not None:
+            raise failure  # this rank's own error (the others raise theirs, or the one below)
         if len(set(signatures)) > 1:
             odd = [rank for rank, s in enumerate(signatures) if s != signatures[0]]
             raise ValueError(
-                "the registered gradients (names, shapes, dtypes) or reducer options differ "
-                f"between ranks (ranks {odd} differ from rank 0); every rank must build the "
-                "same model and pass the same options"
+                "the registered gradients (names, shapes, dtypes) or reducer options (codec "
+                f"policy's choices, schedules included) differ between ranks (ranks {odd} "
+                "differ from rank 0); every rank must build the same model and pass the "
+                "same options"
             )
 
     # -- one step ---------------------------------------------------------------------------
@@ -939,13 +1078,67 @@ class GradientReducer:
         return self.step >= self.warmup_steps
 
     def _begin(self) -> _StepRun:
+        levels = self._apply_levels(self.step) if self.compressing else ()
         run = _StepRun(self._next_plan(), self.step)
         run.layout = (self._plan_generation, self.compressing)
+        run.levels = levels
+        run.stats.levels = self._level_stats(levels)
         self._engine.run = run
         if self.overlap:
             self._engine.start_thread()
             self._engine.queue.put(run)
         return run
+
+    def _apply_levels(self, step: int) -> tuple[Any, ...]:
+        """Set each scheduled codec's level for ``step``; return every codec's level.
+
+        Runs on the caller's thread between steps (the progress thread is idle), from
+        the step counter alone: every rank sets the same levels."""
+        from sparcomm.schedule import current_level, set_level
+
+        for codec, schedule in zip(self.codecs, self._schedules, strict=True):
+            if schedule is not None:
+                set_level(codec, schedule(step))
+        levels = tuple(current_level(codec) for codec in self.codecs)
+        if self._levels is not None and levels != self._levels:
+            self._forget_layouts(levels)
+        self._levels = levels
+        return levels
+
+    def _forget_layouts(self, levels: tuple[Any, ...]) -> None:
+        """Drop the agreed layouts of levels no longer in use (the collectives' cache of
+        :mod:`sparcomm.comm._call`), so a schedule that never repeats a level does not
+        grow it without bound.  The reducer's communicator is its own: every layout
+        there is one of its buckets (:func:`_layout_head`)."""
+        from sparcomm.comm._context import comm_state
+
+        state = comm_state(self.comm)
+
+        def stale(layout: Any) -> bool:
+            return (
+                isinstance(layout, tuple)
+                and len(layout) >= 5
+                and layout[1] is True
+                and isinstance(layout[2], int)
+                and 0 <= layout[2] < len(levels)
+                and layout[3] != levels[layout[2]]
+            )
+
+        for layout in [layout for layout in state.agreed if stale(layout)]:
+            del state.agreed[layout]
+        state.unsteady -= {layout for layout in state.unsteady if stale(layout)}
+
+    def _level_stats(self, levels: tuple[Any, ...]) -> dict[str, Any]:
+        """``ReductionStats.levels``: each codec's level by its parameter's name."""
+        from sparcomm.schedule import level_parameter
+
+        found = {}
+        labels = self._policy.labels if self._policy is not None else ("",)
+        for codec, label, level in zip(self.codecs, labels, levels, strict=False):
+            if level is not None:
+                parameter = level_parameter(codec)
+                found[f"{label}.{parameter}" if label else str(parameter)] = level
+        return found
 
     @property
     def in_flight(self) -> bool:
@@ -1142,7 +1335,8 @@ class GradientReducer:
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The reducer's state: step counter and the codec's (error-feedback) state.
+        """The reducer's state: step counter, the codec's (error-feedback) state and its
+        level (with a policy: a list of every codec's state, in :attr:`codecs` order).
 
         Residuals differ between ranks: save one state per rank.
 
@@ -1154,12 +1348,15 @@ class GradientReducer:
         self._check_open("state_dict")
         if self._run is not None:
             raise ValueError("state_dict() called with a step in flight; call wait() first")
-        codec_state = self.codec.state_dict() if hasattr(self.codec, "state_dict") else None
+        from sparcomm.schedule import current_level
+
+        states = [c.state_dict() if hasattr(c, "state_dict") else None for c in self.codecs]
         return {
             "format": _STATE_FORMAT,
             "step": self.step,
-            "codec": repr(self.codec),
-            "codec_state": codec_state,
+            "codec": self._codec_text,
+            "codec_state": states if self._policy is not None else states[0],
+            "levels": [current_level(codec) for codec in self.codecs],
             "rank": self.comm.Get_rank(),
             "size": self.comm.Get_size(),
         }
@@ -1181,7 +1378,7 @@ class GradientReducer:
 
     def _prepare_load(self, state: Mapping[str, Any]) -> Any:
         """Check ``state`` completely; return the function that loads it (cannot fail)."""
-        from sparcomm.feedback import unwrap
+        from sparcomm.schedule import current_level
 
         self._check_open("load_state_dict")
         if self._run is not None:
@@ -1201,10 +1398,10 @@ class GradientReducer:
             raise ValueError(
                 f"GradientReducer state lacks {missing}; pass what state_dict() returned, unchanged"
             )
-        if state["codec"] != repr(self.codec):
+        if state["codec"] != self._codec_text:
             raise ValueError(
                 f"state was saved with codec {state['codec']}, this reducer uses "
-                f"{self.codec!r}; load it into a reducer with the same codec"
+                f"{self._codec_text}; load it into a reducer with the same codec"
             )
         here = (self.comm.Get_rank(), self.comm.Get_size())
         if (state["rank"], state["size"]) != here:
@@ -1219,24 +1416,139 @@ class GradientReducer:
         if step < 0:
             raise ValueError(f"state['step'] must be >= 0, got {step}")
         codec_state = state["codec_state"]
-        memory = unwrap(self.codec)[1]
-        residuals = None
-        own_state = None  # a codec that keeps its state itself (PowerSGD), checked now
-        if memory is not None and codec_state is not None:
-            residuals = memory.checked_residuals(codec_state)
-        elif codec_state and hasattr(self.codec, "prepare_load_state"):
-            own_state = self.codec.prepare_load_state(codec_state)
-        elif codec_state:
+        codecs = self.codecs
+        if self._policy is None:
+            states = [codec_state]
+        elif isinstance(codec_state, (list, tuple)) and len(codec_state) == len(codecs):
+            states = list(codec_state)
+        else:
             raise ValueError(
-                f"state holds error-feedback state, but {self.codec!r} keeps none; load it "
-                "into a reducer with the codec that saved it"
+                f"state['codec_state'] must list the states of the policy's {len(codecs)} "
+                f"codecs, got {type(codec_state).__name__}; pass what state_dict() returned"
             )
+        levels = self._checked_levels(state.get("levels"))
+        # The codecs' states name the codec at the level it had when saved: check them
+        # at that level (then put the current levels back: nothing changes here).
+        current = [current_level(codec) for codec in codecs]
+        try:
+            self._set_levels(levels)
+            loaders = [
+                _prepare_codec_load(codec, saved)
+                for codec, saved in zip(codecs, states, strict=True)
+            ]
+        finally:
+            self._set_levels(current)
 
         def load() -> None:
-            if memory is not None and residuals is not None:
-                memory._install(residuals)
-            if own_state is not None:
-                own_state()
+            for loader in loaders:
+                if loader is not None:
+                    loader()
+            self._set_levels(levels)
             self.step = int(step)
 
         return load
+
+    def _checked_levels(self, levels: Any) -> list[Any]:
+        """The saved levels (a state saved before schedules existed has none: None)."""
+        from sparcomm.schedule import level_parameter
+
+        if levels is None:
+            return [None] * len(self.codecs)
+        if not isinstance(levels, (list, tuple)) or len(levels) != len(self.codecs):
+            raise ValueError(
+                f"state['levels'] must list {len(self.codecs)} level(s), got {levels!r}; pass "
+                "what state_dict() returned"
+            )
+        for codec, level in zip(self.codecs, levels, strict=True):
+            if level is not None and level_parameter(codec) is None:
+                raise ValueError(
+                    f"state holds level {level!r} for {codec!r}, which takes none; load it "
+                    "into a reducer with the codec that saved it"
+                )
+        return list(levels)
+
+    def _set_levels(self, levels: Sequence[Any]) -> None:
+        from sparcomm.schedule import set_level
+
+        for codec, level in zip(self.codecs, levels, strict=True):
+            if level is not None:
+                try:
+                    set_level(codec, level)
+                except (TypeError, ValueError) as error:
+                    raise ValueError(
+                        f"state holds level {level!r} for {codec!r}, which refuses it: {error}"
+                    ) from None
+
+
+def _prepare_codec_load(codec: Any, codec_state: Any) -> Any:
+    """Check one codec's saved state; return the function that installs it (or None)."""
+    from sparcomm.feedback import unwrap
+
+    memory = unwrap(codec)[1]
+    if memory is not None and codec_state is not None:
+        residuals = memory.checked_residuals(codec_state)
+        return lambda: memory._install(residuals)
+    if codec_state and hasattr(codec, "prepare_load_state"):
+        # A codec that keeps its state itself (PowerSGD), checked now.
+        return codec.prepare_load_state(codec_state)
+    if codec_state:
+        raise ValueError(
+            f"state holds error-feedback state, but {codec!r} keeps none; load it into a "
+            "reducer with the codec that saved it"
+        )
+    return None
+
+
+def _resolve_schedules(codecs: Sequence[Any], schedule: Any, codec: Any) -> tuple[Any, ...]:
+    """The schedule of each codec (None: none) from the ``schedule=`` option."""
+    from sparcomm.schedule import as_schedule, check_levels, codecs_with_levels, level_parameter
+
+    if schedule is None:
+        return (None,) * len(codecs)
+    parameters = [level_parameter(c) for c in codecs]
+    takes = sorted({p for p in parameters if p})
+    labels: tuple[str, ...] = getattr(codec, "labels", ())  # a policy's: "default", ...
+    by_parameter: dict[str, Any] = {}
+    by_label: dict[str, Any] = {}
+    if isinstance(schedule, Mapping):
+        for name, value in schedule.items():
+            if not isinstance(name, str):
+                raise TypeError(
+                    f"schedule's keys must name a level parameter or a policy's codec (str), "
+                    f"got {type(name).__name__} {name!r}; e.g. {{'density': "
+                    "Exponential(0.25, 0.01, 100)}"
+                )
+            if name in labels and parameters[labels.index(name)]:
+                by_label[name] = as_schedule(value)
+            elif name in takes:
+                by_parameter[name] = as_schedule(value)
+            else:
+                pairs = zip(labels, parameters, strict=False)
+                scheduled = [f"{label!r}" for label, p in pairs if p]
+                raise ValueError(
+                    f"schedule sets {name!r}, but no codec of {codec!r} takes it; its codecs "
+                    f"take {takes or 'no level'}"
+                    + (f" (by policy entry: {', '.join(scheduled)})" if scheduled else "")
+                )
+    else:
+        single = as_schedule(schedule)
+        if not takes:
+            raise NotImplementedError(
+                f"schedule= sets a codec's compression level, and {codec!r} takes none; the "
+                f"codecs that take one are {codecs_with_levels()}: use one of them, or leave "
+                "schedule= out"
+            )
+        if len(takes) > 1:
+            raise ValueError(
+                f"the codecs of {codec!r} take different levels {takes}: give each its "
+                f"schedule, schedule={{{', '.join(repr(t) + ': ...' for t in takes)}}}"
+            )
+        by_parameter[takes[0]] = single
+    result = tuple(
+        by_label.get(label, by_parameter.get(p)) if p else None
+        for label, p in zip(labels or ("",) * len(codecs), parameters, strict=True)
+    )
+    for each, chosen in zip(codecs, result, strict=True):
+        if chosen is not None:
+            check_levels(each, chosen)
+    return result

@@ -169,6 +169,35 @@ class PowerSGD(Codec, codec_id=7, family="low-rank"):
         self._q: dict[Hashable, Any] = {}
         self._shapes: dict[Hashable, tuple[int, int]] = {}
 
+    # -- the level a schedule sets (sparcomm.schedule) ------------------------------------
+    #: The parameter a schedule sets.
+    level_parameter = "rank"
+
+    @property
+    def level(self) -> int:
+        """The current rank ``r``."""
+        return self.matrix_rank
+
+    def set_level(self, value: float) -> int:
+        """Set the rank to a schedule's value (rounded to the nearest int); returns it.
+
+        The state stays keyed by tensor: at a key's next step its warm-start ``Q`` keeps
+        its first ``min(old, new)`` columns, and new columns are drawn from the stream of
+        ``(seed, key, steps done)``, the same on every rank (:meth:`start`).  A matrix
+        that the new rank no longer compresses travels dense with its residual added.
+
+        Raises
+        ------
+        TypeError, ValueError
+            For a value that is not a number, or rounds below 1.
+        """
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+            raise TypeError(f"rank must be a number, got {type(value).__name__} {value!r}")
+        self.matrix_rank = check_int(
+            math.floor(float(value) + 0.5), "rank", 1, math.inf, "; PowerSGD needs rank >= 1"
+        )
+        return self.matrix_rank
+
     def _describe(self) -> str:
         return (
             f"rank={self.matrix_rank}, min_compression_rate={self.min_compression_rate}, "
@@ -233,7 +262,13 @@ class PowerSGD(Codec, codec_id=7, family="low-rank"):
         rows, cols, rank = self.layout(shape)
         self._check_key(key, rows, cols)
         if not rank:
-            p[...] = flat
+            # A residual here comes from steps at a rank that compressed this matrix (a
+            # rank schedule): it is sent now, and dropped in finish().
+            residual = self._state_array(self._residuals, key, xp) if self.error_feedback else None
+            if residual is None:
+                p[...] = flat
+            else:
+                xp.add(flat, residual, out=p)
             return LowRankWork(key, shape, rows, cols, 0, flat, p, q)
         pt = p.reshape(rank, rows)
         qt = q.reshape(rank, cols)
@@ -252,8 +287,13 @@ class PowerSGD(Codec, codec_id=7, family="low-rank"):
         if previous is None:
             step = 0 if self.warm_start else self._calls.get(key, 0)
             qt[...] = xp.asarray(initial_q(self.seed, key, step, rank, cols, flat.dtype))
-        else:
-            qt[...] = previous
+        elif previous.shape[0] >= rank:  # the rank fell (a schedule): keep the leading rows
+            qt[...] = previous[:rank]
+        else:  # the rank rose: the new rows from the stream of (seed, key, steps done)
+            have = previous.shape[0]
+            drawn = initial_q(self.seed, key, self._calls.get(key, 0), rank, cols, flat.dtype)
+            qt[:have] = previous
+            qt[have:] = xp.asarray(drawn[have:])
         orthogonalize(qt)
         xp.matmul(qt, matrix.T, out=pt)
         return LowRankWork(key, shape, rows, cols, rank, matrix, pt, qt)
@@ -273,6 +313,8 @@ class PowerSGD(Codec, codec_id=7, family="low-rank"):
             out = xp.empty(work.shape, dtype=work.p.dtype)
         flat = out.reshape(-1)
         if not work.rank:
+            self._residuals.pop(work.key, None)  # sent with the values (start)
+            self._scratch.pop(work.key, None)
             if mean and size > 1:
                 xp.divide(work.p, work.p.dtype.type(size), out=flat)
             else:

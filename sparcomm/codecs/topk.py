@@ -25,6 +25,14 @@ def index_dtype(n: int) -> np.dtype:
     return np.dtype(np.int32) if n < INT32_LIMIT else np.dtype(np.int64)
 
 
+def _check_density(density: Any) -> float:
+    if isinstance(density, bool) or not isinstance(density, (int, float, np.floating)):
+        raise TypeError(f"density must be a float, got {type(density).__name__}")
+    if not 0.0 < float(density) <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}; 0.01 keeps 1% of entries")
+    return float(density)
+
+
 def _with_feedback(codec: Codec) -> Any:
     from sparcomm.feedback import ErrorFeedback  # feedback builds on the codecs
 
@@ -73,15 +81,38 @@ class TopK(Codec, codec_id=3, family="sparse"):
         if k is not None:
             k = check_int(k, "k", 0, math.inf)
         else:
-            if isinstance(density, bool) or not isinstance(density, (int, float, np.floating)):
-                raise TypeError(f"density must be a float, got {type(density).__name__}")
-            if not 0.0 < float(density) <= 1.0:
-                raise ValueError(
-                    f"density must be in (0, 1], got {density}; 0.01 keeps 1% of entries"
-                )
-            density = float(density)
+            density = _check_density(density)
         self.k = k
         self.density = density
+
+    # -- the level a schedule sets (sparcomm.schedule) ------------------------------------
+    @property
+    def level_parameter(self) -> str:
+        """The parameter a schedule sets: ``"density"``, or ``"k"`` for a TopK built with k."""
+        return "k" if self.k is not None else "density"
+
+    @property
+    def level(self) -> float | int:
+        """The current level: the density, or ``k`` for a TopK built with k."""
+        return self.k if self.k is not None else float(self.density)  # type: ignore[arg-type]
+
+    def set_level(self, value: float) -> float | int:
+        """Set the density (or ``k``, rounded to the nearest int, for a TopK built with k)
+        to a schedule's value; returns the value used.  Error-feedback residuals are
+        keyed by tensor and stay as they are.
+
+        Raises
+        ------
+        TypeError, ValueError
+            For a value the constructor would refuse.
+        """
+        if self.k is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+                raise TypeError(f"k must be a number, got {type(value).__name__} {value!r}")
+            self.k = check_int(math.floor(float(value) + 0.5), "k", 0, math.inf)
+            return self.k
+        self.density = _check_density(value)
+        return self.density
 
     def _describe(self) -> str:
         return f"k={self.k}" if self.k is not None else f"density={self.density}"
