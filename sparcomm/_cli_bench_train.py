@@ -306,8 +306,9 @@ class _Runner:
         model = task.model()
         self.module = model
         self.loss = torch.nn.CrossEntropyLoss()
+        momentum = args.momentum if spec.momentum is None else spec.momentum
         make_sgd = lambda params: torch.optim.SGD(  # noqa: E731
-            params, lr=args.lr, momentum=args.momentum
+            params, lr=args.lr, momentum=momentum
         )
         self.ddp: Any = None
         self.optimizer: Any
@@ -326,6 +327,7 @@ class _Runner:
                 comm=comm,
                 # As torch's hook below (start_powerSGD_iter=2): the same dense steps first.
                 warmup_steps=POWERSGD_START_ITER if spec.codec_name == "PowerSGD" else 0,
+                **spec.optimizer_options(),
             )
         else:
             from torch.nn.parallel import DistributedDataParallel
@@ -658,6 +660,7 @@ def summarise(raw: dict[str, Any], warmup: int, target: float | None, budget: fl
             {"step": step, "time_s": elapsed[step], "accuracy": acc}
             for step, acc in data["accuracy"]
         ]
+        _count_bytes(entry, data["steps"])
         entry["final_accuracy"] = data["accuracy"][-1][1]
         summary[cid] = entry
     synchronous = [c for c, e in summary.items() if e["kind"] != "local"]
@@ -675,6 +678,55 @@ def summarise(raw: dict[str, Any], warmup: int, target: float | None, budget: fl
         ]
         entry["accuracy_at_budget"] = within[-1]["accuracy"] if within else None
     return {"target_accuracy": target, "budget_s": budget, "contenders": summary}
+
+
+def _count_bytes(entry: dict[str, Any], steps: list[list[dict[str, Any]]]) -> None:
+    """Cumulative bytes sent per rank at each point of the curve, where every step
+    counted them: on the interface under ``--emulate`` (``wire``), else sparcomm's payload
+    count (``payload``); the busiest rank's, step by step, warm-up steps included (a
+    schedule sends more early on).  Contenders without a count get the algorithm's
+    (:func:`attach_bytes`)."""
+    for key, source in (("wire_bytes", "wire"), ("payload_bytes", "payload")):
+        if not steps or any(r.get(key) is None for per_rank in steps for r in per_rank):
+            continue
+        sent = [0.0]
+        for per_rank in steps:
+            sent.append(sent[-1] + max(float(r[key]) for r in per_rank))
+        for point in entry["curve"]:
+            point["bytes"] = sent[point["step"]]
+        entry["bytes_source"] = source
+        return
+
+
+def attach_bytes(summary: dict[str, Any], *, shapes: list[tuple[int, ...]], ranks: int) -> None:
+    """Bytes on every curve (see :func:`_count_bytes`; else the median step's count, else
+    the algorithm's, :func:`sparcomm.predict.traffic`), and each contender's bytes sent per
+    rank until the target accuracy (``bytes_to_target``)."""
+    from sparcomm._contenders import contender_specs
+    from sparcomm.predict import traffic
+
+    specs = {s.id: s for s in contender_specs(everything=True)}
+    target = summary.get("target_accuracy")
+    for cid, entry in summary["contenders"].items():
+        curve = entry["curve"]
+        if curve and "bytes" not in curve[0]:
+            per_step = entry.get("wire_bytes", entry.get("payload_bytes"))
+            entry["bytes_source"] = "median step" if per_step is not None else "algorithm"
+            if per_step is None:
+                spec = specs.get(cid)
+                codec = spec.codec() if spec is not None and spec.codec is not None else None
+                try:
+                    per_step = traffic(cid, shapes, ranks, codec=codec).bytes_sent
+                except ValueError:  # a contender the model does not know
+                    per_step, entry["bytes_source"] = None, None
+            for point in curve:
+                point["bytes"] = None if per_step is None else point["step"] * per_step
+        reached = [
+            p
+            for p in curve
+            if target is not None and p["accuracy"] >= target and p.get("bytes") is not None
+        ]
+        entry["bytes_to_target"] = reached[0]["bytes"] if reached else None
 
 
 def _iqr(values: list[float]) -> float:
@@ -743,7 +795,7 @@ def format_table(report: dict[str, Any]) -> str:
     header = (
         f"{'contender':<32} {'step ms':>8} {'x floor':>7} {'pred ms':>8} {'fwd+bwd':>8} "
         f"{'wait':>7} {'update':>7} {'enc':>6} {'check':>6} {'exch':>6} {'merge':>6} {'other':>6} "
-        f"{'MB sent':>8} {'acc %':>6} {'@budget':>7} {'t→target s':>10}"
+        f"{'MB sent':>8} {'acc %':>6} {'@budget':>7} {'t→target s':>10} {'MB→target':>9}"
     )
     lines += [header, "-" * len(header)]
     for entry in contenders.values():
@@ -759,12 +811,14 @@ def format_table(report: dict[str, Any]) -> str:
             + " ".join(f"{_fmt(phases.get(c), 1e3):>{6}}" for c in CATEGORIES)
             + f" {_fmt(sent, 1e-6, '.2f'):>8} {_fmt(entry['final_accuracy'], 1, '.1f'):>6} "
             f"{_fmt(entry['accuracy_at_budget'], 1, '.1f'):>7} "
-            f"{_fmt(entry['time_to_target_s'], 1, '.1f'):>10}"
+            f"{_fmt(entry['time_to_target_s'], 1, '.1f'):>10} "
+            f"{_fmt(entry.get('bytes_to_target'), 1e-6, '.0f'):>9}"
         )
     lines.append(
         "step ms: median of the slowest rank; enc/check/exch/merge: sparcomm's collectives "
         "(reducer thread, overlapping fwd+bwd); MB sent: per rank per step"
         + (" on the wire (TCP/IP included)" if report.get("wire_counted") else " (payload)")
+        + "; MB→target: sent per rank until the target accuracy"
     )
     hooks = [
         f"{e['label']} {e['hook_compute_s'] * 1e3:.0f} ms"
@@ -800,8 +854,9 @@ def markdown_table(report: dict[str, Any]) -> str:
     ddp = contenders.get("ddp", {}).get("step_s")
     rows = [
         "| contender | step ms | x floor | vs DDP | predicted ms | pred/meas | MB sent/rank | "
-        f"acc % @{report['steps']} steps | acc % @budget | s to target | pays below |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"acc % @{report['steps']} steps | acc % @budget | s to target | MB to target | "
+        "pays below |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for entry in contenders.values():
         step = entry["step_s"]
@@ -814,7 +869,8 @@ def markdown_table(report: dict[str, Any]) -> str:
             f" | {_fmt(predicted / step if predicted else None, 1, '.2f')}"
             f" | {_fmt(sent, 1e-6, '.2f')} | {_fmt(entry['final_accuracy'], 1, '.1f')}"
             f" | {_fmt(entry['accuracy_at_budget'], 1, '.1f')}"
-            f" | {_fmt(entry['time_to_target_s'], 1, '.0f')} | {_crossover_text(entry)} |"
+            f" | {_fmt(entry['time_to_target_s'], 1, '.0f')}"
+            f" | {_fmt(entry.get('bytes_to_target'), 1e-6, '.0f')} | {_crossover_text(entry)} |"
         )
     return "\n".join(rows)
 
@@ -833,6 +889,7 @@ def render_report(path: str) -> dict[str, Any]:
             phases["other"] = max(0.0, entry["collective_s"] - named)
     task_args = report.get("task_args") or {}
     task = make_task(report.get("task", "mlp"), **task_args)
+    attach_bytes(report["summary"], shapes=task.parameter_shapes(), ranks=report["ranks"])
     attach_predictions(
         report["summary"],
         rate_bps=report["rate_bps"],
@@ -847,28 +904,53 @@ def render_report(path: str) -> dict[str, Any]:
 
 
 def plot_report(report: dict[str, Any], path: str) -> None:
-    """Accuracy against wall time and against steps, and step bars split by phase."""
+    """Accuracy against wall time, steps and bytes sent, and step bars split by phase."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     contenders = report["summary"]["contenders"]
-    fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
-    for entry in contenders.values():
+    fig, grid = plt.subplots(2, 2, figsize=(16, 11))
+    axes = [grid[0][0], grid[0][1], grid[1][0], grid[1][1]]
+    palette = plt.get_cmap("tab20").colors  # type: ignore[attr-defined]
+    for number, entry in enumerate(contenders.values()):
         style = "--" if entry["kind"] == "ddp" else (":" if entry["kind"] == "local" else "-")
+        color = palette[number % len(palette)]
         times = [p["time_s"] for p in entry["curve"]]
         steps = [p["step"] for p in entry["curve"]]
         accuracy = [p["accuracy"] for p in entry["curve"]]
-        axes[0].plot(times, accuracy, style, marker=".", label=entry["label"])
-        axes[1].plot(steps, accuracy, style, marker=".", label=entry["label"])
+        axes[0].plot(times, accuracy, style, marker=".", label=entry["label"], color=color)
+        axes[1].plot(steps, accuracy, style, marker=".", label=entry["label"], color=color)
+        # Bytes on a log axis: the first point (0 bytes) cannot be drawn there.
+        sent = [
+            (p["bytes"] / 1e6, p["accuracy"])
+            for p in entry["curve"]
+            if p.get("bytes") and entry["kind"] != "local"
+        ]
+        axes[3].plot(
+            [b for b, _ in sent],
+            [a for _, a in sent],
+            style,
+            marker=".",
+            label=entry["label"],
+            color=color,
+        )
     target = report["summary"]["target_accuracy"]
-    for ax, xlabel in ((axes[0], "wall time of steps (s)"), (axes[1], "step")):
+    sources = sorted(
+        {str(e.get("bytes_source")) for e in contenders.values() if e["kind"] != "local"}
+    )
+    for ax, xlabel in (
+        (axes[0], "wall time of steps (s)"),
+        (axes[1], "step"),
+        (axes[3], f"MB sent per rank, cumulative (log; counted: {', '.join(sources)})"),
+    ):
         if target is not None:
             ax.axhline(target, color="grey", lw=0.8)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
+    axes[3].set_xscale("log")
     axes[0].legend(fontsize=7)
     labels = list(contenders)
     bottoms = [0.0] * len(labels)
@@ -1055,6 +1137,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         raw = json.loads(Path(result_path).read_text())
     load_after = os.getloadavg()
     summary = summarise(raw, args.warmup, args.target, args.budget)
+    attach_bytes(summary, shapes=task.parameter_shapes(), ranks=args.nprocs)
     attach_predictions(
         summary,
         rate_bps=rate,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +36,15 @@ def _error_feedback(codec: Any) -> Any:
 
 @dataclass(frozen=True)
 class ContenderSpec:
-    """One way of training: ``kind`` is ``"local"``, ``"sparcomm"`` or ``"ddp"``."""
+    """One way of training: ``kind`` is ``"local"``, ``"sparcomm"`` or ``"ddp"``.
+
+    ``codec`` builds the codec (or :class:`~sparcomm.CodecPolicy`) of a sparcomm
+    contender; ``options`` the other keyword arguments of its ``DistributedOptimizer``
+    (``schedule=`` and the like), fresh for every run; ``momentum`` replaces the
+    benchmark's SGD momentum (DGC's momentum correction needs the optimizer's at 0).
+    ``default``: run when ``--contenders`` is not given (the configurations beyond one
+    codec per class run when named: ``--contenders 'sparcomm-*'``).
+    """
 
     id: str
     label: str
@@ -44,6 +53,13 @@ class ContenderSpec:
     hook: str | None = None
     powersgd_rank: int = 0
     codec_name: str = ""
+    options: Callable[[], dict[str, Any]] | None = None
+    momentum: float | None = None
+    default: bool = True
+
+    def optimizer_options(self) -> dict[str, Any]:
+        """The keyword arguments ``options`` gives (none without it)."""
+        return dict(self.options()) if self.options is not None else {}
 
 
 def _codec_classes() -> list[tuple[str, type]]:
@@ -83,8 +99,99 @@ def _codec_factory(name: str, cls: type) -> tuple[str, Callable[[], Any]]:
         ) from error
 
 
-def contender_specs() -> list[ContenderSpec]:
-    """All contenders, in the order they run in a round."""
+def _topk(density: float) -> Any:
+    from sparcomm import TopK
+
+    return _error_feedback(TopK(density=density))
+
+
+def _density_warmup() -> dict[str, Any]:
+    # Issue 13's warm-up: exponential from 25 % to 1 % over the first 100 steps.
+    from sparcomm import Exponential
+
+    return {"schedule": Exponential(0.25, 0.01, 100)}
+
+
+def _powersgd(rank: int) -> Any:
+    from sparcomm.codecs import PowerSGD
+
+    return PowerSGD(rank=rank)
+
+
+#: Matrices at least this large go through PowerSGD in the policy contender.
+POLICY_MATRIX_ELEMENTS = 65536
+
+
+def _large_matrix(name: Any, shape: tuple[int, ...]) -> bool:
+    return len(shape) >= 2 and math.prod(shape) >= POLICY_MATRIX_ELEMENTS
+
+
+def _policy() -> Any:
+    from sparcomm import CodecPolicy
+
+    # PowerSGD rank 4 for the large matrices; biases and the small classifier (2048 x 10
+    # in the benchmark MLP) dense.
+    return CodecPolicy(None, rules=[(_large_matrix, _powersgd(4))])
+
+
+def _dgc(masking: bool) -> Any:
+    from sparcomm import DGC, TopK
+
+    return DGC(TopK(density=0.01), momentum=0.9, masking=masking)
+
+
+def configuration_specs() -> list[ContenderSpec]:
+    """Configurations beyond one codec per class (issue 13): densities, a schedule, a
+    higher PowerSGD rank, a per-tensor policy, DGC.  Not in the default run."""
+
+    def spec(cid: str, label: str, codec: Callable[[], Any], **extra: Any) -> ContenderSpec:
+        return ContenderSpec(cid, label, "sparcomm", codec=codec, default=False, **extra)
+
+    return [
+        spec("sparcomm-topk10", "sparcomm TopK(density=0.1)+EF", lambda: _topk(0.1)),
+        spec(
+            "sparcomm-topk-warmup",
+            "sparcomm TopK 25%->1%+EF",
+            lambda: _topk(0.01),
+            options=_density_warmup,
+        ),
+        spec(
+            "sparcomm-powersgd4",
+            "sparcomm PowerSGD(rank=4)",
+            lambda: _powersgd(4),
+            codec_name="PowerSGD",
+        ),
+        spec(
+            "sparcomm-policy",
+            "sparcomm policy PowerSGD4/dense",
+            _policy,
+            codec_name="PowerSGD",
+        ),
+        spec(
+            "sparcomm-dgc",
+            "sparcomm DGC(TopK 1%, masking)",
+            lambda: _dgc(True),
+            momentum=0.0,
+        ),
+        spec(
+            "sparcomm-dgc-nomask",
+            "sparcomm DGC(TopK 1%, no mask)",
+            lambda: _dgc(False),
+            momentum=0.0,
+        ),
+        spec(
+            "sparcomm-dgc-warmup",
+            "sparcomm DGC(25%->1%, masking)",
+            lambda: _dgc(True),
+            options=_density_warmup,
+            momentum=0.0,
+        ),
+    ]
+
+
+def contender_specs(everything: bool = False) -> list[ContenderSpec]:
+    """The contenders of a default run, in the order they run in a round; with
+    ``everything``, also :func:`configuration_specs` (after the sparcomm codecs)."""
     specs = [ContenderSpec("local", "no communication (floor)", "local")]
     for name, cls in _codec_classes():
         label, make = _codec_factory(name, cls)
@@ -97,6 +204,8 @@ def contender_specs() -> list[ContenderSpec]:
                 codec_name=name,
             )
         )
+    if everything:
+        specs += configuration_specs()
     specs += [
         ContenderSpec("ddp", "DDP (gloo)", "ddp"),
         ContenderSpec("ddp-fp16", "DDP + fp16_compress_hook", "ddp", hook="fp16"),
@@ -111,16 +220,17 @@ def contender_specs() -> list[ContenderSpec]:
 
 
 def select_contenders(patterns: list[str] | None) -> list[ContenderSpec]:
-    """The contenders whose id matches any of ``patterns`` (globs); all when None.
+    """The contenders whose id matches any of ``patterns`` (globs, over every contender
+    and configuration); the default run's when None.
 
     Raises
     ------
     ValueError
         If a pattern matches no contender (naming the ids there are).
     """
-    specs = contender_specs()
     if not patterns:
-        return specs
+        return contender_specs()
+    specs = contender_specs(everything=True)
     chosen = []
     for pattern in patterns:
         matched = [s for s in specs if fnmatch.fnmatchcase(s.id, pattern)]

@@ -276,6 +276,8 @@ def traffic(
         )
     from sparcomm.reducer import DEFAULT_DENSE_BELOW, DEFAULT_FUSION_THRESHOLD_BYTES
 
+    if callable(getattr(codec, "choose", None)) and hasattr(codec, "codecs"):
+        return _policy_traffic(contender, shapes, ranks, codec, codec_s, dense_below, fusion_bytes)
     dense_below = DEFAULT_DENSE_BELOW if dense_below is None else dense_below
     fusion_bytes = DEFAULT_FUSION_THRESHOLD_BYTES if fusion_bytes is None else fusion_bytes
     check_rounds = math.ceil(math.log2(ranks)) if ranks > 1 else 0
@@ -328,6 +330,37 @@ def traffic(
         codec_s,
         allreduce_bytes=4 * dense_rest,
         allreduce_sent=_dense_bytes(dense_rest, ranks),
+    )
+
+
+def _policy_traffic(
+    contender: str,
+    shapes: Sequence[Sequence[int]],
+    ranks: int,
+    policy: Any,
+    codec_s: float,
+    dense_below: int | None,
+    fusion_bytes: int | None,
+) -> Traffic:
+    """A :class:`~sparcomm.CodecPolicy`'s traffic: each group of tensors that one codec
+    takes (the reducer never mixes codecs in a bucket) counted as that codec's.  The
+    policy sees each tensor's shape and its index as name (``traffic`` has no names)."""
+    groups: dict[int, tuple[Any, list[Sequence[int]]]] = {}
+    for index, shape in enumerate(shapes):
+        chosen = policy.choose(str(index), tuple(int(d) for d in shape))
+        groups.setdefault(id(chosen), (chosen, []))[1].append(shape)
+    parts = [
+        traffic(
+            contender, group, ranks, codec=codec, dense_below=dense_below, fusion_bytes=fusion_bytes
+        )
+        for codec, group in groups.values()
+    ]
+    return Traffic(
+        sum(t.bytes_sent for t in parts),
+        sum(t.rounds for t in parts),
+        codec_s,
+        allreduce_bytes=sum(t.allreduce_bytes for t in parts),
+        allreduce_sent=sum(t.allreduce_sent for t in parts),
     )
 
 
@@ -512,7 +545,7 @@ def from_benchmark(
     """
     from sparcomm._contenders import contender_specs
 
-    specs = {s.id: s for s in contender_specs()}
+    specs = {s.id: s for s in contender_specs(everything=True)}
     local_costs = local_costs or {}
     compute = contenders["local"]["step_s"]
     fp16 = contenders.get("sparcomm-fp16", {}).get("phases_s")
@@ -528,6 +561,8 @@ def from_benchmark(
             codec_s = phases["encode"] + phases["merge"] + phases.get("other", 0.0)
             spec = specs.get(cid)
             codec = spec.codec() if spec is not None and spec.codec is not None else None
+            if spec is not None and codec is not None:
+                _at_scheduled_level(codec, spec.optimizer_options(), entry)
         elif entry.get("hook_compute_s") is not None:
             codec_s = entry["hook_compute_s"]
         elif cid in local_costs:
@@ -554,6 +589,21 @@ def from_benchmark(
                 result["traffic"], dense, latency_s=latency_s
             )
     return out
+
+
+def _at_scheduled_level(codec: Any, options: dict[str, Any], entry: dict[str, Any]) -> None:
+    """Set ``codec`` (or a policy's codecs) to its scheduled level at the run's middle
+    step: the median step time of a schedule that only lowers (or only raises) the
+    bytes is the step time at its median step."""
+    schedule = options.get("schedule")
+    if schedule is None or isinstance(schedule, dict):  # per-codec schedules: not modelled
+        return
+    from sparcomm.schedule import as_schedule, level_parameter, set_level
+
+    level = as_schedule(schedule)(int(entry.get("steps", 0)) // 2)
+    for each in getattr(codec, "codecs", (codec,)):
+        if level_parameter(each) is not None:
+            set_level(each, level)
 
 
 def network_outlook(

@@ -183,3 +183,17 @@ def test_benchmark_charges_a_ddp_hook_what_it_computed_in_training():
     assert out["ddp-powersgd4"]["step"].codec == 0.4
     step = out["ddp-powersgd1"]["step"]
     assert step.total == pytest.approx(0.2 + 0.25 + step.transfer + step.latency)
+
+
+def test_a_policy_sends_what_each_of_its_codecs_sends():
+    from sparcomm import CodecPolicy, PowerSGD
+
+    shapes = [(256, 128), (256,), (10, 256), (10,)]
+    powersgd = PowerSGD(rank=2)
+    policy = CodecPolicy(None, rules=[(lambda name, shape: shape == (256, 128), powersgd)])
+    got = traffic("sparcomm-policy", shapes, 4, codec=policy, dense_below=1024)
+    matrix = traffic("sparcomm-powersgd", shapes[:1], 4, codec=powersgd, dense_below=1024)
+    dense = traffic("sparcomm-nocompression", shapes[1:], 4, codec=None)
+    assert got.bytes_sent == pytest.approx(matrix.bytes_sent + dense.bytes_sent)
+    assert got.rounds == matrix.rounds + dense.rounds
+    assert got.allreduce_bytes == 4 * (256 + 10 * 256 + 10)

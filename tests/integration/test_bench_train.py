@@ -111,6 +111,67 @@ def test_summary_takes_the_slowest_rank_skips_warmup_and_reads_the_curves():
     assert fast["accuracy_at_budget"] == 58.0 and ddp["accuracy_at_budget"] == 30.0
     assert fast["payload_bytes"] == 7 and fast["phases_s"]["exchange"] == 0.05
     assert fast["wire_bytes"] == 100
+    # Bytes on the curves: the wire's count, step by step (the busiest rank's).
+    assert [p["bytes"] for p in ddp["curve"]] == [0, 200, 400, 500]
+    assert ddp["bytes_source"] == "wire"
+
+
+def test_bytes_to_target_from_counts_or_from_the_algorithm():
+    from sparcomm._cli_bench_train import attach_bytes
+    from sparcomm.predict import traffic
+
+    shapes = [(64, 32), (64,), (10, 64), (10,)]
+    plain = _records([(1.0, 1.0)] * 4)
+    for per_rank in plain:
+        for r in per_rank:
+            r["wire_bytes"] = None  # shared memory: nothing counted
+    counted = [
+        [dict(r, payload_bytes=10 * (i + 1)) for r in per_rank] for i, per_rank in enumerate(plain)
+    ]
+    reducer = {"collective_seconds": 0.1, "collectives": 1, "algorithms": [], "phases": {}}
+    raw = {
+        "contenders": {
+            "ddp": {
+                "label": "DDP", "kind": "ddp", "steps": plain, "ranks_agree": True,
+                "accuracy": [(0, 10.0), (2, 30.0), (4, 40.0)],
+            },
+            "sparcomm-topk": {
+                "label": "TopK", "kind": "sparcomm", "ranks_agree": True,
+                "steps": [[dict(r, **reducer) for r in per_rank] for per_rank in counted],
+                "accuracy": [(0, 10.0), (2, 40.0), (4, 45.0)],
+            },
+        }
+    }  # fmt: skip
+    summary = summarise(raw, warmup=0, target=None, budget=None)
+    attach_bytes(summary, shapes=shapes, ranks=4)
+    ddp, topk = summary["contenders"]["ddp"], summary["contenders"]["sparcomm-topk"]
+    per_step = traffic("ddp", shapes, 4).bytes_sent
+    assert ddp["bytes_source"] == "algorithm"
+    assert [p["bytes"] for p in ddp["curve"]] == [0, 2 * per_step, 4 * per_step]
+    assert ddp["bytes_to_target"] == 4 * per_step  # target: DDP's final 40 %
+    # The payload counted in each step, warm-up steps and all: 10 + 20 by step 2.
+    assert topk["bytes_source"] == "payload" and topk["bytes_to_target"] == 30
+
+
+def test_configurations_run_when_named():
+    from sparcomm import DGC, CodecPolicy, Exponential
+
+    default = {s.id for s in contender_specs()}
+    extra = {s.id: s for s in contender_specs(everything=True) if s.id not in default}
+    assert {"sparcomm-topk10", "sparcomm-topk-warmup", "sparcomm-powersgd4", "sparcomm-policy",
+            "sparcomm-dgc"} <= set(extra)  # fmt: skip
+    assert not any(s.default for s in extra.values())
+    assert set(extra) <= {s.id for s in select_contenders(["sparcomm-*"])}
+    warmup = extra["sparcomm-topk-warmup"].optimizer_options()["schedule"]
+    assert isinstance(warmup, Exponential) and warmup(0) == 0.25 and warmup(100) == 0.01
+    dgc = extra["sparcomm-dgc"]
+    assert isinstance(dgc.codec(), DGC) and dgc.momentum == 0.0  # no momentum applied twice
+    policy = extra["sparcomm-policy"].codec()
+    assert isinstance(policy, CodecPolicy)
+    assert policy.choose("0.weight", (2048, 1024)) is not None
+    assert (
+        policy.choose("6.weight", (10, 2048)) is None and policy.choose("0.bias", (2048,)) is None
+    )
 
 
 def _spin(seconds):
