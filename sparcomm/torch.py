@@ -292,6 +292,7 @@ def DistributedOptimizer(  # noqa: N802 - a factory named like the class it retu
     gradient_predivide_factor: float = 1.0,
     num_groups: int | None = None,
     non_finite: str = "raise",
+    schedule: Any = None,
 ) -> _DistributedOptimizer:
     """Wrap ``optimizer`` so that ``step()`` applies gradients reduced across ranks.
 
@@ -306,8 +307,11 @@ def DistributedOptimizer(  # noqa: N802 - a factory named like the class it retu
     named_parameters : iterable of (str, Tensor), optional
         ``model.named_parameters()``: names key the error-feedback residuals and the
         random streams (default: ``"param.<i>"`` in optimizer order).
-    codec : Codec or ErrorFeedback, optional
-        Compression (default ``NoCompression()``); e.g. ``ErrorFeedback(TopK(density=0.01))``.
+    codec : Codec, ErrorFeedback or CodecPolicy, optional
+        Compression (default ``NoCompression()``); e.g. ``ErrorFeedback(TopK(density=0.01))``,
+        or a :class:`~sparcomm.CodecPolicy` choosing per parameter, e.g.
+        ``CodecPolicy(ErrorFeedback(TopK(density=0.01)), matrices=PowerSGD(rank=4))``
+        (buckets never mix codecs; each codec keeps its own state in ``state_dict()``).
     comm : mpi4py.MPI.Comm, optional
         Default ``MPI.COMM_WORLD``; collective: build the optimizer on all ranks.
     op : {"mean", "sum"} or Average, Sum
@@ -338,6 +342,11 @@ def DistributedOptimizer(  # noqa: N802 - a factory named like the class it retu
         rank, or ``"propagate"`` (for ``torch.amp.GradScaler``): every rank's gradients
         become NaN, so ``scaler.step`` skips the step on every rank and the scale backs
         off; error-feedback residuals are left as they were before the step.
+    schedule : Schedule, callable, or dict, optional
+        The codec's compression level per step, e.g. DGC's density warm-up
+        ``Exponential(0.25, 0.01, 100)`` or a PowerSGD rank ramp ``Linear(1, 4, 50)``:
+        see :class:`~sparcomm.reducer.GradientReducer` and :mod:`sparcomm.schedule`.
+        Steps count optimizer steps (reductions), warm-up steps included.
 
     Returns
     -------
@@ -368,6 +377,7 @@ def DistributedOptimizer(  # noqa: N802 - a factory named like the class it retu
     op = normalize_op(op)
     options = GradOptions(sparse_as_dense, gradient_predivide_factor, num_groups, non_finite)
     check_options(options, op)
+    _check_policy_options(codec, non_finite)
     reducer = GradientReducer(
         codec,
         comm,
@@ -377,6 +387,7 @@ def DistributedOptimizer(  # noqa: N802 - a factory named like the class it retu
         warmup_steps=warmup_steps,
         compression=compression,
         overlap=overlap,
+        schedule=schedule,
     )
     cls = type(optimizer.__class__.__name__, (_DistributedOptimizer, optimizer.__class__), {})
     try:
@@ -389,6 +400,18 @@ def DistributedOptimizer(  # noqa: N802 - a factory named like the class it retu
     if optimizer.state:
         torch.optim.Optimizer.load_state_dict(wrapped, optimizer.state_dict())
     return wrapped
+
+
+def _check_policy_options(codec: Any, non_finite: str) -> None:
+    """Refuse what a codec policy does not support yet."""
+    from sparcomm.policy import CodecPolicy
+
+    if isinstance(codec, CodecPolicy) and non_finite == "propagate":
+        raise NotImplementedError(
+            "non_finite='propagate' restores one codec's error-feedback residuals after a "
+            f"skipped step, and {codec!r} has several codecs; use non_finite='raise' with "
+            "a policy, or a single codec"
+        )
 
 
 def broadcast_parameters(
