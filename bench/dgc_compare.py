@@ -114,6 +114,8 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, list[float]]:
     test_x, test_y = task.test_set(args.test_samples)
     contenders = []
     for name, (make, momentum) in _contenders(args).items():
+        if name not in args.contenders:
+            continue
         contenders.append(Contender(name, task.model(), make, momentum, args))
     curves: dict[str, list[float]] = {c.name: [] for c in contenders}
     for step in range(args.steps):
@@ -152,8 +154,17 @@ def main() -> None:
     parser.add_argument("--density", type=float, default=0.01)
     parser.add_argument("--clip-norm", type=float, default=1.0)
     parser.add_argument("--test-samples", type=int, default=4096)
+    parser.add_argument(
+        "--contenders",
+        nargs="+",
+        default=["dense", "topk-ef", "dgc", "dgc-nomask", "dgc-clip"],
+        choices=["dense", "topk-ef", "dgc", "dgc-nomask", "dgc-clip"],
+        help="topk-ef is always run (the reference of the differences)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch and Numba threads")
     args = parser.parse_args()
+    if "topk-ef" not in args.contenders:
+        args.contenders.append("topk-ef")
     torch.set_num_threads(args.threads)
     import numba
 
