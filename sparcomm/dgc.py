@@ -62,8 +62,8 @@ class DGC(ErrorFeedback):
         gradients).  ``None`` (default): no clipping.
     world_size : int, optional
         ``P`` for the clipping threshold.  ``None`` (default): the size of the
-        collective's communicator as told by :func:`check_setup` (which
-        ``DistributedOptimizer`` and ``GradientReducer`` call), else the size of the
+        collective's communicator as told by :func:`check_setup` (for the optimizer and
+        reducer to call at construction), else the size of the
         communicator of :func:`sparcomm.init` (``MPI.COMM_WORLD`` by default), read at
         the first clipped encode.  Give it when the collective runs on another
         communicator and nothing calls :func:`check_setup`.
