@@ -192,6 +192,19 @@ def test_topk_built_with_k_schedules_k():
         assert r.last_stats.levels == {"k": 20}
 
 
+def test_dgc_density_warm_up():
+    """DGC's own recipe: momentum correction with an exponential density warm-up (the
+    schedule reaches the TopK inside DGC; its momenta and residuals stay keyed by name)."""
+    from sparcomm import DGC
+
+    codec = DGC(TopK(density=0.01), momentum=0.9)
+    with GradientReducer(codec, dense_below=100, schedule=Exponential(0.25, 0.01, 3)) as r:
+        for step in range(4):
+            r.reduce(_grads(step))
+            assert r.last_stats.levels == {"density": Exponential(0.25, 0.01, 3)(step)}
+        assert codec.codec.density == 0.01 and set(codec.keys()) == {"w"}
+
+
 @pytest.mark.parametrize("codec", [QSGD(bits=4), FP16(), NoCompression()], ids=repr)
 def test_codecs_without_a_level_refuse_a_schedule(codec):
     with pytest.raises(NotImplementedError, match=r"takes none.*TopK.*PowerSGD"):
