@@ -705,7 +705,9 @@ class GradientReducer:
         PowerSGD's rank (rounded to the nearest int).  For example DGC's density warm-up
         ``Exponential(0.25, 0.01, 100)``.  With a policy, a schedule applies to every
         codec of the policy that takes its level; a dict keyed by parameter
-        (``{"density": ..., "rank": ...}``) gives each kind its own.  The level is a
+        (``{"density": ..., "rank": ...}``) gives each kind its own, and one keyed by
+        policy entry (``"default"``, ``"matrices"``, ``"embeddings"``, ``"rules[0]"``)
+        one codec its own.  The level is a
         function of the step counter, so it is the same on every rank and resumes
         exactly from :meth:`state_dict`; :attr:`last_stats` reports it (``levels``).
 
