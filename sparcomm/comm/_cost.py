@@ -50,12 +50,17 @@ from sparcomm.comm._quantized_layout import (
     sums_nbytes,
     ternary_accumulate,
 )
+from sparcomm.comm._ring import chunk_bounds as ring_chunk_bounds
 from sparcomm.comm._stats import AllreduceStats
 from sparcomm.kernels.cpu import merge as _merge
 
 SPARSE_ALGORITHMS = ("allgather", "recursive_doubling", "split_allgather", "dsar")
 ALL_ALGORITHMS = (*SPARSE_ALGORITHMS, "dense")
 QUANTIZED_ALGORITHMS = ("allgather", "reduce_scatter_allgather", "shared_scale")
+#: The quantized family's algorithms for plain ``FP16`` only (float16 values on the
+#: wire, no payload framing: :func:`sparcomm.comm._ring.half_allreduce`); ``auto`` takes
+#: it for plain FP16 on host buffers (measured: docs/benchmarks.md, issue 11).
+HALF_ALGORITHMS = ("pipelined",)
 
 _CALIBRATION_ELEMENTS = 1 << 17
 
@@ -661,8 +666,9 @@ def predict_quantized(algorithm: str, codec: Any, n: int, dtype: Any, size: int)
     size : int
         Number of ranks.
     """
-    if algorithm not in QUANTIZED_ALGORITHMS:
-        raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {QUANTIZED_ALGORITHMS}")
+    known = (*QUANTIZED_ALGORITHMS, *HALF_ALGORITHMS)
+    if algorithm not in known:
+        raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {known}")
     dtype = np.dtype(dtype)
     log = math.ceil(math.log2(size)) if size > 1 else 0
     prediction = Prediction(algorithm)
@@ -674,6 +680,19 @@ def predict_quantized(algorithm: str, codec: Any, n: int, dtype: Any, size: int)
         add(Phase("encode", 0, zeros, zeros, compute={"encode": n}))
         add(Phase("allgather", size - 1, *_direct(np.full(size, payload), size)))
         add(Phase("decode", 0, zeros, zeros, compute={"decode": n, "decode_add": (size - 1) * n}))
+        return prediction
+    if algorithm == "pipelined":  # float16 values, no status in the blocks
+        lengths = np.diff(ring_chunk_bounds(n, size))
+        chunk = 2.0 * lengths
+        busiest = float(lengths.max())
+        add(Phase("encode", 0, zeros, zeros, compute={"encode": n}))
+        add(Phase("reduce_scatter", size - 1, *_alltoall(np.tile(chunk, (size, 1)))))
+        compute = {"decode": busiest, "decode_add": (size - 1) * busiest, "encode": busiest}
+        add(Phase("owner_sum", 0, zeros, zeros, compute=compute))
+        add(Phase("allgather", size - 1, *_direct(chunk, size)))
+        status = float(ring_allreduce_bytes(8, size))
+        add(Phase("status", 2 * log, np.full(size, status), np.full(size, status)))
+        add(Phase("decode", 0, zeros, zeros, compute={"decode": n}))
         return prediction
     if algorithm == "reduce_scatter_allgather":
         bounds = chunk_bounds(n, size, chunk_alignment(codec))

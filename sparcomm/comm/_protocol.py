@@ -68,11 +68,15 @@ SPARSE_ALGORITHM_CODES: dict[str, int] = {
     "dsar": 4,
     "dense": 5,
 }
+#: The dense family's requests: ``dense`` (= ``auto``: the measured choice), MPI's own
+#: ``Allreduce`` or the pipelined ring of :mod:`sparcomm.comm._ring`.
+DENSE_ALGORITHM_CODES: dict[str, int] = {"auto": 0, "dense": 5, "mpi": 6, "ring": 7}
 QUANTIZED_ALGORITHM_CODES: dict[str, int] = {
     "auto": 0,
     "allgather": 100,
     "reduce_scatter_allgather": 101,
     "shared_scale": 102,
+    "pipelined": 103,
 }
 LOWRANK_ALGORITHM_CODES: dict[str, int] = {
     "auto": 0,
@@ -81,7 +85,12 @@ LOWRANK_ALGORITHM_CODES: dict[str, int] = {
 #: code -> algorithm name, every family (for messages).
 ALGORITHM_NAMES: dict[int, str] = {
     code: name
-    for table in (SPARSE_ALGORITHM_CODES, QUANTIZED_ALGORITHM_CODES, LOWRANK_ALGORITHM_CODES)
+    for table in (
+        SPARSE_ALGORITHM_CODES,
+        DENSE_ALGORITHM_CODES,
+        QUANTIZED_ALGORITHM_CODES,
+        LOWRANK_ALGORITHM_CODES,
+    )
     for name, code in table.items()
 }
 

@@ -50,7 +50,9 @@ def test_algorithm_codes_are_pinned():
         "allgather": 100,
         "reduce_scatter_allgather": 101,
         "shared_scale": 102,
+        "pipelined": 103,
     }
+    assert _protocol.DENSE_ALGORITHM_CODES == {"auto": 0, "dense": 5, "mpi": 6, "ring": 7}
     assert _protocol.LOWRANK_ALGORITHM_CODES == {"auto": 0, "powersgd": 200}
     assert _protocol.code(_protocol.SPARSE_ALGORITHM_CODES, "bogus") == -1
     assert _protocol.code(_protocol.SPARSE_ALGORITHM_CODES, None) == -1

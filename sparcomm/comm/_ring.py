@@ -1,0 +1,277 @@
+"""Pipelined allreduces of our own over nonblocking point-to-point (issue 11).
+
+Two bandwidth-optimal schedules (each rank sends and receives ``2 (P - 1) / P`` of the
+buffer), cut into segments so that the arithmetic on one segment overlaps the transfer
+of the next, as gloo's ring does:
+
+:func:`ring_allreduce` (float32 / float64, ``NoCompression``'s ``"ring"``)
+    The buffer is cut into ``P`` chunks and every chunk into segments.  Reduce-scatter:
+    in step ``s = 0 .. P-2`` rank ``r`` sends chunk ``(r - s) mod P`` to rank ``r + 1``
+    and adds what rank ``r - 1`` sends (chunk ``(r - s - 1) mod P``) into its buffer;
+    allgather: in step ``t = 0 .. P-2`` it forwards chunk ``(r + 1 - t) mod P`` and
+    receives chunk ``(r - t) mod P`` in place.  Each segment travels on as soon as it is
+    summed (the segment's message of step ``s + 1`` depends on its message of step
+    ``s`` only), so the ring streams.  **Summation order**: chunk ``c`` is the left fold
+    ``((x_c + x_{c+1}) + x_{c+2}) + ... + x_{c-1}`` over ranks in ring order starting at
+    rank ``c`` (indices mod ``P``); its last rank (``c - 1``) holds the sum and the
+    allgather copies those bits to every rank, so the result is identical on every rank,
+    and exact wherever the float sum is (integers, for example).  It differs from MPI's
+    own ``Allreduce`` in the last bits only where rounding depends on the order.
+
+:func:`half_allreduce` (``FP16``'s ``"pipelined"``)
+    The quantized family's reduce-scatter + allgather with float16 on the wire and no
+    payload framing: every rank rounds its buffer to float16 segment by segment and
+    sends segment ``i`` of chunk ``j`` straight to chunk ``j``'s owner; the owner sums
+    the ``P`` float16 values in float32 **in rank order** (``x_0 + x_1 + ... + x_{P-1}``,
+    each decoded exactly; the same sum, bit for bit, as the ``reduce_scatter_allgather``
+    algorithm's), rounds the sum to float16 once and sends it to every rank, which
+    decodes it into the output: one encode pass, the owner's sum, one decode pass, and
+    the sends of a segment leave while the next is encoded and summed.
+
+Both keep every posted message's buffer untouched until its request completes: a
+region of the buffer is overwritten by the ring's allgather only after the send that
+read it has completed.  Messages go on the caller's private communicator with tags of
+their own (``_TAG_RING``), so they cannot match another collective's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from mpi4py import MPI
+
+from sparcomm._backend import kernels_for
+
+#: Tag base of the ring's messages (the private communicator's other exchanges use
+#: ``1 << 10`` and ``2 << 10``).
+_TAG_RING = 3 << 10
+_TAG_HALF_SCATTER = 4 << 10
+_TAG_HALF_GATHER = 5 << 10
+#: Default segment of the pipelines in bytes (of the wire dtype).  Measured in the
+#: emulated 1 Gbit/s cluster (docs/benchmarks.md, issue 11): 128 KiB segments were
+#: 1.2-1.6x gloo, 512 KiB 1.0-1.2x, 2 MiB 1.0-1.14x; every MPI message over libfabric's
+#: tcp provider costs a handshake, and larger segments only shorten the pipeline.
+DEFAULT_SEGMENT_BYTES = 2 << 20
+
+_MPI_TYPES = {
+    np.dtype(np.float16): MPI.UINT16_T,  # moved as bits: MPI has no standard float16
+    np.dtype(np.float32): MPI.FLOAT,
+    np.dtype(np.float64): MPI.DOUBLE,
+}
+
+
+def chunk_bounds(n: int, size: int) -> np.ndarray:
+    """``size + 1`` offsets of near-equal chunks (the first ``n % size`` one longer)."""
+    base, extra = divmod(n, size)
+    lengths = np.full(size, base, dtype=np.int64)
+    lengths[:extra] += 1
+    bounds = np.zeros(size + 1, dtype=np.int64)
+    np.cumsum(lengths, out=bounds[1:])
+    return bounds
+
+
+def _segments(start: int, stop: int, segment: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` cut into pieces of at most ``segment`` elements (at least one
+    piece, possibly empty, so that every chunk has the same number of messages on both
+    sides of a link when the chunk lengths agree)."""
+    return [(a, min(stop, a + segment)) for a in range(start, stop, segment)] or [(start, start)]
+
+
+def _segment_elements(segment_bytes: int, itemsize: int) -> int:
+    if segment_bytes < itemsize:
+        raise ValueError(f"segment_bytes must be at least {itemsize}, got {segment_bytes}")
+    return segment_bytes // itemsize
+
+
+def ring_allreduce_inplace(
+    comm: MPI.Comm, buffer: np.ndarray, *, segment_bytes: int = DEFAULT_SEGMENT_BYTES
+) -> tuple[int, int]:
+    """Sum ``buffer`` (1-D, float32 or float64, contiguous) over ``comm`` in place with
+    the pipelined ring; returns the (sent, received) bytes of this rank.
+
+    Every rank must call it with the same ``buffer.size`` and dtype.  See the module
+    docstring for the schedule and the summation order.
+    """
+    size, rank = comm.Get_size(), comm.Get_rank()
+    if size == 1 or buffer.size == 0:
+        return 0, 0
+    datatype = _MPI_TYPES[buffer.dtype]
+    bounds = chunk_bounds(buffer.size, size)
+    segment = _segment_elements(segment_bytes, buffer.itemsize)
+    # Every chunk cut the same way: a chunk's pieces by index (chunks differ by at most
+    # one element, so they have the same number of pieces unless a boundary falls
+    # exactly; cut each chunk into the same count to keep the stream aligned).
+    pieces = max(1, -(-int(bounds[1] - bounds[0]) // segment))
+    cuts = [
+        [
+            (int(bounds[c]) + (int(bounds[c + 1] - bounds[c]) * i) // pieces,
+             int(bounds[c]) + (int(bounds[c + 1] - bounds[c]) * (i + 1)) // pieces)
+            for i in range(pieces)
+        ]
+        for c in range(size)
+    ]  # fmt: skip
+    steps = size - 1
+    total = 2 * steps * pieces  # messages each way: reduce-scatter, then allgather
+    right, left = (rank + 1) % size, (rank - 1) % size
+
+    def region(message: int, sending: bool) -> tuple[int, int]:
+        step, piece = divmod(message, pieces)
+        if step < steps:  # reduce-scatter
+            chunk = (rank - step) % size if sending else (rank - step - 1) % size
+        else:
+            step -= steps
+            chunk = (rank + 1 - step) % size if sending else (rank - step) % size
+        return cuts[chunk][piece]
+
+    largest = max(b - a for a, b in cuts[0])
+    # Reduce-scatter receives land in a scratch slot and are added; the allgather's
+    # receive straight into the buffer.  One slot per reduce-scatter message: no reuse.
+    slots = np.empty(steps * pieces * largest, dtype=buffer.dtype)
+    sends: list[Any] = [None] * total
+    recvs: list[Any] = [None] * total
+    sent = received = 0
+
+    def post_send(message: int) -> None:
+        nonlocal sent
+        a, b = region(message, True)
+        sends[message] = comm.Isend([buffer[a:b], datatype], right, _TAG_RING)
+        sent += (b - a) * buffer.itemsize
+
+    def post_recv(message: int) -> None:
+        nonlocal received
+        a, b = region(message, False)
+        if message < steps * pieces:
+            target = slots[message * largest : message * largest + (b - a)]
+        else:
+            # The allgather overwrites a region this rank sent in reduce-scatter step
+            # (message - steps * pieces): that send must have completed.
+            sends[message - steps * pieces].Wait()
+            target = buffer[a:b]
+        recvs[message] = comm.Irecv([target, datatype], left, _TAG_RING)
+        received += (b - a) * buffer.itemsize
+
+    for message in range(steps * pieces):
+        post_recv(message)
+    for message in range(pieces):
+        post_send(message)
+    posted = steps * pieces
+    for message in range(total):
+        recvs[message].Wait()
+        if message < steps * pieces:
+            a, b = region(message, False)
+            part = buffer[a:b]
+            np.add(part, slots[message * largest : message * largest + (b - a)], out=part)
+        if message + pieces < total:
+            post_send(message + pieces)
+        # Keep the allgather's receives a step ahead (posting waits on an old send).
+        while posted < total and posted <= message + pieces:
+            post_recv(posted)
+            posted += 1
+    MPI.Request.Waitall([request for request in sends if request is not None])
+    return sent, received
+
+
+def half_allreduce(
+    comm: MPI.Comm,
+    x: np.ndarray,
+    out: np.ndarray,
+    *,
+    segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+    scratch: Any = None,
+) -> tuple[int, int, int, int]:
+    """Sum ``x`` (1-D float32/float64) into ``out`` with float16 on the wire.
+
+    Returns ``(sent, received, bad, failed)``: this rank's bytes, the number of
+    non-finite float16 values this rank produced (its input's NaN, Inf or values past
+    float16's range, and its owned sums that overflowed), and the highest rank that
+    produced any (-1: none; the same on every rank).  ``failed >= 0`` means every rank
+    must raise: ``out`` holds garbage.  ``out``
+    may be ``x``.  ``scratch(name, size, dtype)`` gives reusable work buffers.
+    """
+    size, rank = comm.Get_size(), comm.Get_rank()
+    n = x.size
+    kernels = kernels_for(np)
+    if scratch is None:
+
+        def scratch(name: str, count: int, dtype: Any) -> np.ndarray:
+            return np.empty(count, dtype=dtype)
+
+    # This rank's float16 values (the scatter's sends read them) and the owners' sums
+    # (the gather's receives write them): two buffers, so no receive lands in a region
+    # that a pending send reads.
+    encoded = scratch("half_encoded", n, np.float16)
+    sums = scratch("half_sums", n, np.float16)
+    if size == 1:
+        bad = int(kernels.fp16_encode(x, encoded))
+        kernels.fp16_decode(encoded, out, 0)
+        return 0, 0, bad, (0 if bad else -1)
+    bits, sum_bits = encoded.view(np.uint16), sums.view(np.uint16)
+    bounds = chunk_bounds(n, size)
+    segment = _segment_elements(segment_bytes, 2)
+    own_a, own_b = int(bounds[rank]), int(bounds[rank + 1])
+    pieces = [_segments(int(bounds[j]), int(bounds[j + 1]), segment) for j in range(size)]
+    mine = pieces[rank]
+    # The other ranks' float16 values of my chunk, one row per rank (my own row unused).
+    length = own_b - own_a
+    incoming = scratch("half_incoming", size * length, np.float16).reshape(size, length)
+    incoming_bits = incoming.view(np.uint16)
+    total = scratch("half_total", min(segment, max(length, 1)), x.dtype)
+    datatype = MPI.UINT16_T
+    requests: list[Any] = []
+    scatter_recvs: list[list[Any]] = [[] for _ in mine]
+    gather_recvs: list[Any] = []
+    sent = received = 0
+    # Post every receive first: my chunk's pieces from every rank, then every sum.
+    for offset in range(1, size):
+        source = (rank - offset) % size
+        for i, (a, b) in enumerate(mine):
+            if b > a:
+                view = incoming_bits[source, a - own_a : b - own_a]
+                scatter_recvs[i].append(comm.Irecv([view, datatype], source, _TAG_HALF_SCATTER))
+                received += 2 * (b - a)
+    for offset in range(1, size):
+        source = (rank - offset) % size
+        for a, b in pieces[source]:
+            if b > a:
+                view = sum_bits[a:b]
+                gather_recvs.append(comm.Irecv([view, datatype], source, _TAG_HALF_GATHER))
+                received += 2 * (b - a)
+    bad = 0
+    # Encode and send piece by piece, the owners in ring order from the right
+    # neighbour (the senders spread over the owners instead of queueing at one).
+    for i in range(max(len(p) for p in pieces)):
+        for offset in range(1, size + 1):
+            dest = (rank + offset) % size
+            if i >= len(pieces[dest]):
+                continue
+            a, b = pieces[dest][i]
+            if b == a:
+                continue
+            bad += kernels.fp16_encode(x[a:b], encoded[a:b])
+            if dest != rank:
+                requests.append(comm.Isend([bits[a:b], datatype], dest, _TAG_HALF_SCATTER))
+                sent += 2 * (b - a)
+    for i, (a, b) in enumerate(mine):
+        if b == a:
+            continue
+        MPI.Request.Waitall(scatter_recvs[i])
+        part = total[: b - a]
+        for source in range(size):  # rank order: the same sum on every rank
+            values = encoded[a:b] if source == rank else incoming[source, a - own_a : b - own_a]
+            kernels.fp16_decode(values, part, 0 if source == 0 else 1)
+        with np.errstate(over="ignore"):
+            bad += kernels.fp16_encode(part, sums[a:b])
+        for offset in range(1, size):
+            dest = (rank + offset) % size
+            requests.append(comm.Isend([sum_bits[a:b], datatype], dest, _TAG_HALF_GATHER))
+            sent += 2 * (b - a)
+    # Every rank learns which rank (the highest) met a non-finite value, its input's or
+    # an owned sum's, while the gather completes: one small nonblocking reduction.
+    status = np.array([rank if bad else -1], dtype=np.int64)
+    failed = np.empty(1, dtype=np.int64)
+    requests.append(comm.Iallreduce(status, failed, op=MPI.MAX))
+    MPI.Request.Waitall(gather_recvs)
+    MPI.Request.Waitall(requests)
+    kernels.fp16_decode(sums, out, 0)
+    return sent, received, int(bad), int(failed[0])
