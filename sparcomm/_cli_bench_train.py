@@ -900,6 +900,9 @@ def render_report(path: str) -> dict[str, Any]:
         batch=report["batch"],
         local_costs=report.get("local_costs_s"),
     )
+    # The measurements are the run's (``source``); the predictions and byte curves now
+    # come from this version of the code.
+    report["rendered_source"] = _source_version()
     return report
 
 

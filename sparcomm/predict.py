@@ -530,9 +530,11 @@ def from_benchmark(
     contender's compression compute as it ran in training: for sparcomm, its collectives'
     encode and merge phases and the time inside them no phase names; for DDP's hooks,
     ``hook_compute_s`` (the hook's body and callbacks, less their waits for its
-    allreduces, timed in every step); reports without it fall back to ``local_costs``
-    (each hook timed on a one-rank group apart from training).  Bytes and message steps come from
-    :func:`traffic`, never from the measured step.  A
+    allreduces, timed in every step) plus DDP's own bucket work, ``local_costs["ddp"]``
+    (plain DDP on a one-rank group against the bare backward, timed apart from training,
+    as plain DDP is charged); reports without ``hook_compute_s`` fall back to
+    ``local_costs`` of the hook (DDP with the hook on a one-rank group, timed apart).
+    Bytes and message steps come from :func:`traffic`, never from the measured step.  A
     sparcomm contender's signature checks are charged as measured (``agreement``): on an
     oversubscribed machine they are waiting for the slowest rank, which no latency
     constant measured in lock-step describes.
@@ -564,7 +566,10 @@ def from_benchmark(
             if spec is not None and codec is not None:
                 _at_scheduled_level(codec, spec.optimizer_options(), entry)
         elif entry.get("hook_compute_s") is not None:
-            codec_s = entry["hook_compute_s"]
+            # The hook's own work as it ran, and DDP's bucket work around it (copies into
+            # and out of its buckets, which every DDP contender does and plain DDP is
+            # charged): the same DDP, without a hook, timed apart.
+            codec_s = entry["hook_compute_s"] + local_costs.get("ddp", 0.0)
         elif cid in local_costs:
             codec_s = local_costs[cid]
         elif cid == "ddp-fp16" and fp16 is not None:
