@@ -27,7 +27,9 @@ Contenders (``--contenders`` picks some):
 * ``dense-mpi``, ``fp16-rsag``: the same forced to the algorithms they used before
   issue 11 (``"mpi"`` / ``"reduce_scatter_allgather"``);
 * ``ring``, ``ring16``: :mod:`sparcomm.comm._ring` directly (float32, and float16 on
-  the wire with float32 sums); ``ring:128``, ``ring16:2048``: with that segment (KiB).
+  the wire with float32 sums), default segments and waits; ``ring:128``,
+  ``ring16:2048``: with that segment (KiB); ``ring:2048:100``, ``ring::100``: waiting by
+  polling with 100 us sleeps (0: MPI's own wait).
 
 Reported per size: the slowest rank's median milliseconds per contender, the ratio to
 ``gloo`` (float32 contenders) or ``hook16`` (float16 ones), the wire time of the bytes
@@ -123,16 +125,19 @@ def _contenders(names: list[str], n: int, comm: Any) -> dict[str, Any]:
 
         return run
 
-    def ring(kib: int) -> Any:
-        def run() -> None:  # with the copy the dense path makes (x stays unchanged)
-            np.copyto(out, base)
-            _ring.ring_allreduce_inplace(private, out, segment_bytes=kib << 10)
+    def ring(kib: int | None, pause: float | None) -> Any:
+        segment = None if kib is None else kib << 10
+
+        def run() -> None:
+            _ring.ring_allreduce(private, base, out, segment_bytes=segment, pause_s=pause)
 
         return run
 
-    def ring16(kib: int) -> Any:
+    def ring16(kib: int | None, pause: float | None) -> Any:
+        segment = None if kib is None else kib << 10
+
         def run() -> None:
-            _ring.half_allreduce(private, base, out, segment_bytes=kib << 10)
+            _ring.half_allreduce(private, base, out, segment_bytes=segment, pause_s=pause)
 
         return run
 
@@ -146,11 +151,13 @@ def _contenders(names: list[str], n: int, comm: Any) -> dict[str, Any]:
         "fp16": call(sparcomm.FP16(), "auto"),
         "fp16-rsag": call(sparcomm.FP16(), "reduce_scatter_allgather"),
     }
-    default_kib = _ring.DEFAULT_SEGMENT_BYTES >> 10
-    for name in names:  # "ring", "ring16", or with a segment size: "ring:128" (KiB)
-        kind, _, kib = name.partition(":")
+    for name in names:  # "ring", "ring16", with a segment size "ring:128" (KiB), and a
+        # pause between polls "ring:128:100" (microseconds; 0: MPI's own wait)
+        kind, _, rest = name.partition(":")
+        kib, _, micros = rest.partition(":")
+        pause = (float(micros) * 1e-6 or None) if micros else _ring.DEFAULT_PAUSE_S
         if kind in ("ring", "ring16"):
-            table[name] = (ring if kind == "ring" else ring16)(int(kib or default_kib))
+            table[name] = (ring if kind == "ring" else ring16)(int(kib) if kib else None, pause)
     return {name: table[name] for name in names}
 
 
@@ -265,7 +272,10 @@ def main(argv: list[str] | None = None) -> int:
         name
         for name in args.contenders
         if name not in ALL_CONTENDERS
-        and not (name.partition(":")[0] in ("ring", "ring16") and name.partition(":")[2].isdigit())
+        and not (
+            name.partition(":")[0] in ("ring", "ring16")
+            and name.partition(":")[2].replace(":", "").isdigit()
+        )
     )
     if unknown:
         parser.error(f"unknown contenders {unknown}; choose from {list(ALL_CONTENDERS)}")

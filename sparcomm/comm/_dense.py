@@ -56,6 +56,12 @@ _REQUESTABLE = ("auto", "dense", "mpi", "ring")
 RING_MIN_BYTES = 1 << 20
 
 
+def _runs_ring(algorithm: str, nbytes: int, size: int, device: bool) -> bool:
+    if algorithm in ("auto", "dense"):
+        algorithm = choose_dense(nbytes, size, device)
+    return algorithm == "ring" and size > 1
+
+
 def choose_dense(nbytes: int, size: int, device: bool) -> str:
     """``auto``'s dense algorithm: ``"ring"`` or ``"mpi"`` (the same on every rank: it
     depends on agreed inputs only)."""
@@ -93,8 +99,15 @@ def dense_allreduce(
         check_step(step)  # unused here, but refused like the other families do
         check_out(out, array.size, array.dtype, device)
         check_no_partial_overlap(out, array)
-        with stats._phase("encode"):  # the checked copy: the dense family's encode
-            holder["result"] = _checked_copy(array, out, device)
+        ring = _runs_ring(algorithm, array.nbytes, channel.size, device)
+        with stats._phase("encode"):  # the check (and copy): the dense family's encode
+            if ring and out is not array:
+                # The ring reads x and writes the sums into out: no copy, one read.
+                _checked_copy(array, array, device)
+                holder["source"] = array
+                holder["result"] = np.empty(array.shape, array.dtype) if out is None else out
+            else:
+                holder["result"] = holder["source"] = _checked_copy(array, out, device)
         return Local(array.size, array.dtype, index_dtype(array.size).itemsize, array.size)
 
     # The dense path never consults the cost model.
@@ -108,14 +121,11 @@ def dense_allreduce(
     if call.failed:  # steady state (_call.agreed_layout): send zeros, raise at settle
         _, _, algorithm, op = call.agreed()
         result, device = call.placeholder(), False
+        source = result
     else:
-        result = holder["result"]
+        result, source = holder["result"], holder["source"]
     n = result.size
-    name = (
-        choose_dense(n * result.dtype.itemsize, channel.size, device)
-        if algorithm in ("auto", "dense")
-        else algorithm
-    )
+    ring = _runs_ring(algorithm, result.nbytes, channel.size, device)
     # ``algorithm`` stays the family's ("dense": what the byte model and the step
     # predictor key on); which one ran shows in the phases: "allreduce" (MPI) or
     # "exchange" (the ring).
@@ -129,9 +139,9 @@ def dense_allreduce(
     try:
         if device:
             result = _dense_allreduce_device(result, channel, state.staging, op, stats)
-        elif name == "ring" and channel.size > 1:
+        elif ring:
             with stats._phase("exchange"):
-                _ring.ring_allreduce_inplace(channel.comm, flat)
+                _ring.ring_allreduce(channel.comm, source.reshape(-1), flat, scratch=state.buffer)
             # Counted as for MPI's Allreduce (the byte model's convention: 2 m (P-1)/P);
             # the ring's own count differs by the rounding of uneven chunks.
             moved = ring_allreduce_bytes(flat.nbytes, channel.size)

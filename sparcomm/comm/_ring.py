@@ -36,6 +36,8 @@ their own (``_TAG_RING``), so they cannot match another collective's.
 
 from __future__ import annotations
 
+import os
+import time
 from typing import Any
 
 import numpy as np
@@ -48,17 +50,60 @@ from sparcomm._backend import kernels_for
 _TAG_RING = 3 << 10
 _TAG_HALF_SCATTER = 4 << 10
 _TAG_HALF_GATHER = 5 << 10
-#: Default segment of the pipelines in bytes (of the wire dtype).  Measured in the
-#: emulated 1 Gbit/s cluster (docs/benchmarks.md, issue 11): 128 KiB segments were
-#: 1.2-1.6x gloo, 512 KiB 1.0-1.2x, 2 MiB 1.0-1.14x; every MPI message over libfabric's
-#: tcp provider costs a handshake, and larger segments only shorten the pipeline.
-DEFAULT_SEGMENT_BYTES = 2 << 20
+#: The pipelines cut each rank's chunk into this many segments (more overlap of the
+#: sums with the transfers, but every MPI message over libfabric's tcp provider costs a
+#: handshake), within [MIN_SEGMENT_BYTES, MAX_SEGMENT_BYTES] of wire data.  Measured in
+#: the emulated 1 Gbit/s cluster (docs/benchmarks.md, issue 11) on 16-24 MiB buckets:
+#: 128 KiB segments were 1.2-1.6x gloo, 512 KiB 1.0-1.2x, 1-4 MiB 1.0-1.1x; float16
+#: chunks in 3-4 segments 1.02x DDP's fp16 hook, in 1-2 segments 1.13-1.39x.
+SEGMENTS_PER_CHUNK = 4
+MIN_SEGMENT_BYTES = 256 << 10
+MAX_SEGMENT_BYTES = 4 << 20
+
+
+def default_segment_bytes(chunk_bytes: int) -> int:
+    """The segment of a pipeline whose chunks hold ``chunk_bytes`` of wire data."""
+    return max(MIN_SEGMENT_BYTES, min(MAX_SEGMENT_BYTES, -(-chunk_bytes // SEGMENTS_PER_CHUNK)))
+
+
+#: Seconds a waiting rank sleeps between polls (doubling up to 4 times this), or
+#: ``None``: wait inside MPI, which polls without sleeping.  Where ranks share cores
+#: (``MPIR_CVAR_ENABLE_HEAVY_YIELD=1``, which the emulated cluster and the test harness
+#: set), a polling rank takes the core from the ranks that sum and from the kernel's TCP
+#: work: measured, 50 us brought the float16 pipeline from 1.19-1.39x DDP's fp16 hook
+#: to 1.13-1.25x at the same segments.  With a core per rank, MPI's own wait is better.
+DEFAULT_PAUSE_S: float | None = (
+    50e-6 if os.environ.get("MPIR_CVAR_ENABLE_HEAVY_YIELD", "0") not in ("", "0") else None
+)
+PAUSE_GROWTH = 4
+
 
 _MPI_TYPES = {
     np.dtype(np.float16): MPI.UINT16_T,  # moved as bits: MPI has no standard float16
     np.dtype(np.float32): MPI.FLOAT,
     np.dtype(np.float64): MPI.DOUBLE,
 }
+
+
+def _wait(request: Any, pause: float | None) -> None:
+    """``request.Wait()``, or poll it with sleeps in between (``pause`` seconds, growing
+    to ``PAUSE_GROWTH * pause``) so that a rank that waits leaves the core to ranks
+    that work."""
+    if pause is None:
+        request.Wait()
+        return
+    delay = pause
+    while not request.Test():
+        time.sleep(delay)
+        delay = min(2 * delay, PAUSE_GROWTH * pause)
+
+
+def _waitall(requests: list[Any], pause: float | None) -> None:
+    if pause is None:
+        MPI.Request.Waitall(requests)
+        return
+    for request in requests:
+        _wait(request, pause)
 
 
 def chunk_bounds(n: int, size: int) -> np.ndarray:
@@ -85,19 +130,45 @@ def _segment_elements(segment_bytes: int, itemsize: int) -> int:
 
 
 def ring_allreduce_inplace(
-    comm: MPI.Comm, buffer: np.ndarray, *, segment_bytes: int = DEFAULT_SEGMENT_BYTES
+    comm: MPI.Comm,
+    buffer: np.ndarray,
+    *,
+    segment_bytes: int | None = None,
+    pause_s: float | None = DEFAULT_PAUSE_S,
 ) -> tuple[int, int]:
-    """Sum ``buffer`` (1-D, float32 or float64, contiguous) over ``comm`` in place with
-    the pipelined ring; returns the (sent, received) bytes of this rank.
+    """:func:`ring_allreduce` of ``buffer`` into itself."""
+    return ring_allreduce(comm, buffer, buffer, segment_bytes=segment_bytes, pause_s=pause_s)
 
-    Every rank must call it with the same ``buffer.size`` and dtype.  See the module
-    docstring for the schedule and the summation order.
+
+def ring_allreduce(
+    comm: MPI.Comm,
+    x: np.ndarray,
+    out: np.ndarray,
+    *,
+    segment_bytes: int | None = None,
+    pause_s: float | None = DEFAULT_PAUSE_S,
+    scratch: Any = None,
+) -> tuple[int, int]:
+    """Sum ``x`` (1-D, float32 or float64, contiguous) over ``comm`` into ``out`` (``x``'s
+    size and dtype; may be ``x``) with the pipelined ring; returns this rank's (sent,
+    received) bytes.
+
+    ``x`` is only read (unless it is ``out``): its first chunk is sent from it and the
+    reduce-scatter writes ``x + received`` into ``out``, so no copy of ``x`` is made.
+    Every rank must call it with the same size and dtype.  See the module docstring for
+    the schedule and the summation order.  ``scratch(name, size, dtype)`` optionally
+    gives a reusable buffer for the reduce-scatter's receives.
     """
     size, rank = comm.Get_size(), comm.Get_rank()
-    if size == 1 or buffer.size == 0:
+    if size == 1 or x.size == 0:
+        if out is not x:
+            out[...] = x
         return 0, 0
+    buffer = out
     datatype = _MPI_TYPES[buffer.dtype]
     bounds = chunk_bounds(buffer.size, size)
+    if segment_bytes is None:
+        segment_bytes = default_segment_bytes(int(bounds[1]) * buffer.itemsize)
     segment = _segment_elements(segment_bytes, buffer.itemsize)
     # Every chunk cut the same way: a chunk's pieces by index (chunks differ by at most
     # one element, so they have the same number of pieces unless a boundary falls
@@ -127,7 +198,9 @@ def ring_allreduce_inplace(
     largest = max(b - a for a, b in cuts[0])
     # Reduce-scatter receives land in a scratch slot and are added; the allgather's
     # receive straight into the buffer.  One slot per reduce-scatter message: no reuse.
-    slots = np.empty(steps * pieces * largest, dtype=buffer.dtype)
+    count = steps * pieces * largest
+    dtype = buffer.dtype
+    slots = np.empty(count, dtype) if scratch is None else scratch("ring", count, dtype)
     sends: list[Any] = [None] * total
     recvs: list[Any] = [None] * total
     sent = received = 0
@@ -135,7 +208,9 @@ def ring_allreduce_inplace(
     def post_send(message: int) -> None:
         nonlocal sent
         a, b = region(message, True)
-        sends[message] = comm.Isend([buffer[a:b], datatype], right, _TAG_RING)
+        # Step 0 sends this rank's own values; later steps what it summed into out.
+        source = x if message < pieces else buffer
+        sends[message] = comm.Isend([source[a:b], datatype], right, _TAG_RING)
         sent += (b - a) * buffer.itemsize
 
     def post_recv(message: int) -> None:
@@ -146,7 +221,7 @@ def ring_allreduce_inplace(
         else:
             # The allgather overwrites a region this rank sent in reduce-scatter step
             # (message - steps * pieces): that send must have completed.
-            sends[message - steps * pieces].Wait()
+            _wait(sends[message - steps * pieces], pause_s)
             target = buffer[a:b]
         recvs[message] = comm.Irecv([target, datatype], left, _TAG_RING)
         received += (b - a) * buffer.itemsize
@@ -157,18 +232,18 @@ def ring_allreduce_inplace(
         post_send(message)
     posted = steps * pieces
     for message in range(total):
-        recvs[message].Wait()
+        _wait(recvs[message], pause_s)
         if message < steps * pieces:
             a, b = region(message, False)
-            part = buffer[a:b]
-            np.add(part, slots[message * largest : message * largest + (b - a)], out=part)
+            received_part = slots[message * largest : message * largest + (b - a)]
+            np.add(x[a:b], received_part, out=buffer[a:b])
         if message + pieces < total:
             post_send(message + pieces)
         # Keep the allgather's receives a step ahead (posting waits on an old send).
         while posted < total and posted <= message + pieces:
             post_recv(posted)
             posted += 1
-    MPI.Request.Waitall([request for request in sends if request is not None])
+    _waitall([request for request in sends if request is not None], pause_s)
     return sent, received
 
 
@@ -177,8 +252,9 @@ def half_allreduce(
     x: np.ndarray,
     out: np.ndarray,
     *,
-    segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+    segment_bytes: int | None = None,
     scratch: Any = None,
+    pause_s: float | None = DEFAULT_PAUSE_S,
 ) -> tuple[int, int, int, int]:
     """Sum ``x`` (1-D float32/float64) into ``out`` with float16 on the wire.
 
@@ -208,6 +284,8 @@ def half_allreduce(
         return 0, 0, bad, (0 if bad else -1)
     bits, sum_bits = encoded.view(np.uint16), sums.view(np.uint16)
     bounds = chunk_bounds(n, size)
+    if segment_bytes is None:
+        segment_bytes = default_segment_bytes(2 * int(bounds[1]))
     segment = _segment_elements(segment_bytes, 2)
     own_a, own_b = int(bounds[rank]), int(bounds[rank + 1])
     pieces = [_segments(int(bounds[j]), int(bounds[j + 1]), segment) for j in range(size)]
@@ -255,7 +333,7 @@ def half_allreduce(
     for i, (a, b) in enumerate(mine):
         if b == a:
             continue
-        MPI.Request.Waitall(scatter_recvs[i])
+        _waitall(scatter_recvs[i], pause_s)
         part = total[: b - a]
         for source in range(size):  # rank order: the same sum on every rank
             values = encoded[a:b] if source == rank else incoming[source, a - own_a : b - own_a]
@@ -271,7 +349,7 @@ def half_allreduce(
     status = np.array([rank if bad else -1], dtype=np.int64)
     failed = np.empty(1, dtype=np.int64)
     requests.append(comm.Iallreduce(status, failed, op=MPI.MAX))
-    MPI.Request.Waitall(gather_recvs)
-    MPI.Request.Waitall(requests)
+    _waitall(gather_recvs, pause_s)
+    _waitall(requests, pause_s)
     kernels.fp16_decode(sums, out, 0)
     return sent, received, int(bad), int(failed[0])

@@ -52,6 +52,18 @@ def test_ring_equals_mpi_on_integer_sums(n, segment, dtype):
     assert _same_everywhere(buffer)
 
 
+@pytest.mark.parametrize("pause", [None, 1e-5])
+@pytest.mark.parametrize("n", SIZES)
+def test_ring_into_another_buffer_leaves_x_alone(n, pause):
+    x = np.random.default_rng(RANK).integers(-9, 9, n).astype(np.float32)
+    kept = x.copy()
+    out = np.full_like(x, np.nan)
+    expected = np.empty_like(x)
+    COMM.Allreduce(x, expected)
+    _ring.ring_allreduce(COMM, x, out, segment_bytes=64, pause_s=pause)
+    assert np.array_equal(out, expected) and np.array_equal(x, kept)
+
+
 @pytest.mark.parametrize("segment", SEGMENTS)
 @pytest.mark.parametrize("n", SIZES)
 def test_ring_summation_order_is_the_documented_fold(n, segment):
@@ -139,7 +151,8 @@ def test_fp16_pipelined_equals_reduce_scatter_allgather(n, dtype):
 def test_half_allreduce_segments(n, segment):
     x = np.random.default_rng(RANK).standard_normal(n).astype(np.float32)
     out = np.empty_like(x)
-    _, _, bad, failed = _ring.half_allreduce(COMM, x, out, segment_bytes=segment)
+    pause = 1e-5 if segment == 64 else None  # polling with sleeps, on one segment size
+    _, _, bad, failed = _ring.half_allreduce(COMM, x, out, segment_bytes=segment, pause_s=pause)
     assert bad == 0 and failed == -1
     assert np.array_equal(out, _fp16_reference(x))
     in_place = x.copy()
