@@ -602,7 +602,9 @@ def quantized_allreduce(
     problem = _Problem(
         channel,
         bare,
-        memory,
+        # The placeholder never goes through error feedback: its encode would move this
+        # rank's residual (worker and owner side) into a call whose result is discarded.
+        None if call.failed else memory,
         x.reshape(-1),
         key,
         step,
