@@ -186,7 +186,7 @@ class DGC(ErrorFeedback):
         threshold = self.clip_threshold()
         gradient = flat
         if threshold is not None:
-            norm = float(xp.linalg.norm(flat))
+            norm = _l2_norm(xp, flat)
             if norm > threshold:  # False for NaN: the codec reports it as non-finite
                 gradient = flat * (threshold / norm)
         # A key without a residual starts afresh (the reducer's warm-up drops residuals
@@ -342,6 +342,17 @@ class DGC(ErrorFeedback):
             moved[key] = value if same else (value.get() if xp is np else xp.asarray(value))
         self._momenta = moved
         self._momentum_scratch = {}
+
+
+def _l2_norm(xp: Any, flat: Any) -> float:
+    """``||flat||_2`` as a Python float: one BLAS dot product (``numpy.linalg.norm``'s
+    own method; CuPy's cuBLAS), in float64 where a float32 sum of squares overflows."""
+    with np.errstate(over="ignore"):  # an overflow is handled below
+        squares = float(xp.dot(flat, flat))
+    if math.isinf(squares) and flat.dtype != np.float64:
+        wide = flat.astype(np.float64)
+        squares = float(xp.dot(wide, wide))
+    return math.sqrt(squares)
 
 
 def _checked_float(value: Any, name: str, expected: str, ok: Callable[[float], bool]) -> float:

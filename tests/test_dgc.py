@@ -32,7 +32,7 @@ def _reference(gradients, *, k, momentum, masking, clip_norm=None, world_size=1)
     for g in gradients:
         if clip_norm is not None:
             threshold = clip_norm / math.sqrt(world_size)
-            norm = float(np.linalg.norm(g))
+            norm = math.sqrt(float(g @ g))
             if norm > threshold:
                 g = g * (threshold / norm)
         u = momentum * u + g
@@ -343,3 +343,12 @@ def test_check_setup_with_a_torch_optimizer():
     with pytest.raises(ValueError, match="construct the optimizer with momentum=0"):
         check_setup(DGC(TopK(k=1)), optimizer=torch.optim.SGD([parameter], lr=0.1, momentum=0.9))
     check_setup(DGC(TopK(k=1)), optimizer=torch.optim.SGD([parameter], lr=0.1))
+
+
+def test_clipping_a_float32_gradient_whose_sum_of_squares_overflows():
+    # 1e20 squared overflows float32: the norm is taken in float64 instead of scaling the
+    # gradient to zero.
+    g = np.full(16, 1e20, np.float32)
+    dgc = DGC(TopK(k=16), momentum=0.0, clip_norm=4.0, world_size=1)
+    sent = dgc.decode(dgc.encode(g, key="w"))
+    np.testing.assert_allclose(sent, np.full(16, 1.0, np.float32), rtol=1e-6)
