@@ -435,6 +435,9 @@ class _Engine:
 
         #: The compressing codecs, by a bucket's ``codec`` index (one, or a policy's).
         self.codecs = tuple(codecs)
+        #: What keeps each codec's state (its error-feedback memory, or PowerSGD
+        #: itself), None for a stateless codec: a failed step restores it.
+        self.state_holders = tuple(_state_holder(codec) for codec in self.codecs)
         self.dense_codec = NoCompression()
         self.op = op
         self.comm = comm
@@ -476,6 +479,9 @@ class _Engine:
             self.park()  # the communicator is no longer in use: free it collectively later
 
     def reduce_all(self, run: _StepRun) -> None:
+        # Before the step's first encode, on the thread that encodes: a step that fails
+        # puts every codec's state back (see snapshot()).
+        saved = self.snapshot() if any(b.compressed for b in run.plan.buckets) else None
         try:
             for bucket in run.plan.buckets:
                 with run.condition:
@@ -486,8 +492,34 @@ class _Engine:
                 self._reduce_bucket(run, bucket)
         except BaseException as error:  # handed to wait() on the caller's thread
             run.error = error
+            if saved is not None:
+                try:
+                    self.restore(saved)
+                except BaseException as failure:  # the step's error is its __context__
+                    run.error = failure
         finally:
             run.done.set()
+
+    def snapshot(self) -> list[Any]:
+        """A handle on every codec's state (error-feedback residuals, DGC's velocities,
+        PowerSGD's residuals and warm-start ``Q``) for :meth:`restore`.
+
+        A collective that fails raises on every rank, but only after the other ranks
+        (and, in steady state, all of them) have encoded: their residuals have moved the
+        encoded mass into a sum that is discarded, and the buckets reduced earlier in the
+        step have committed theirs.  So the step as a whole is undone, on every rank
+        alike.  The built-in codecs keep each key's previous state alive until its next
+        encode, so the handle holds references: a dict per codec, no copy (an
+        ErrorFeedback around a codec with neither ``residual_into`` nor a fused decode
+        copies its residuals, see :meth:`~sparcomm.ErrorFeedback.snapshot`).
+        """
+        return [None if holder is None else holder.snapshot() for holder in self.state_holders]
+
+    def restore(self, saved: list[Any]) -> None:
+        """Put every codec's state back as :meth:`snapshot` found it."""
+        for holder, handle in zip(self.state_holders, saved, strict=True):
+            if holder is not None:
+                holder.restore(handle)
 
     def _reduce_bucket(self, run: _StepRun, bucket: _Bucket) -> None:
         if run.device is None:
@@ -635,6 +667,18 @@ class _Engine:
         stats.algorithms.append(info.algorithm)
         for category, seconds in info.by_category().items():
             stats.phases[category] += seconds
+
+
+def _state_holder(codec: Any) -> Any:
+    """The object whose ``snapshot()`` / ``restore()`` cover ``codec``'s state, or None."""
+    from sparcomm.feedback import unwrap
+
+    memory = unwrap(codec)[1]
+    if memory is not None:
+        return memory
+    if callable(getattr(codec, "snapshot", None)) and callable(getattr(codec, "restore", None)):
+        return codec  # keeps its state itself (PowerSGD)
+    return None
 
 
 def _layout_head(run: _StepRun, bucket: _Bucket) -> tuple[Any, ...]:

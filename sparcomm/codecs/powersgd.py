@@ -474,6 +474,37 @@ class PowerSGD(Codec, codec_id=7, family="low-rank"):
         """The error-feedback residual of ``key`` (1-D; None before its first step)."""
         return self._residuals.get(key)
 
+    def snapshot(self) -> tuple[dict[Hashable, Any], ...]:
+        """A handle on the state as it is now, for :meth:`restore` (no copy).
+
+        A step commits a key's state by replacing its arrays (the new residual is the
+        step's compensated buffer, the new ``Q`` a fresh array); the old residual is
+        kept as the key's spare buffer until its next step, so references suffice.
+        """
+        return dict(self._residuals), dict(self._q), dict(self._calls), dict(self._shapes)
+
+    def restore(self, snapshot: tuple[dict[Hashable, Any], ...]) -> None:
+        """Put back the state of :meth:`snapshot`: the steps since leave no trace.
+
+        Raises
+        ------
+        RuntimeError
+            If a key took more than one step since the snapshot (its old residual was
+            reused as a buffer): restore undoes one step.
+        """
+        residuals, q, calls, shapes = snapshot
+        twice = [key for key, count in self._calls.items() if count > calls.get(key, 0) + 1]
+        if twice:
+            raise RuntimeError(
+                f"PowerSGD state of key {twice[0]!r} took more than one step since the "
+                "snapshot; restore() undoes one step only"
+            )
+        for key, new in self._residuals.items():
+            if new is not residuals.get(key):
+                self._scratch[key] = new  # the spare buffer again, as after any step
+        self._residuals, self._q = dict(residuals), dict(q)
+        self._calls, self._shapes = dict(calls), dict(shapes)
+
     def state_dict(self) -> dict[str, Any]:
         """Host copies of the residuals, warm-start ``Q`` and step counts, by key.
 
