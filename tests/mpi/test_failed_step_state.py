@@ -174,3 +174,60 @@ def test_steady_placeholder_does_not_go_through_error_feedback(make_codec):
             allreduce(x, codec=codec, comm=COMM, key="k", step=3)
     if RANK == BAD:
         _assert_same(memory.state_dict(), before)
+
+
+def _train_torch(torch, poisoned: bool):
+    """Five SGD steps through DistributedOptimizer with a policy (TopK+EF, PowerSGD for
+    the matrices); with ``poisoned``, step 3 is first tried with a NaN in the first
+    layer's weight gradient on the last rank (reduced last: the other buckets of the
+    step have been reduced when it fails), then retried with the good gradients."""
+    from sparcomm.torch import DistributedOptimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 40), torch.nn.Linear(40, 4)
+    )
+    codec = CodecPolicy(ErrorFeedback(TopK(density=0.1)), rules=[("2.weight", PowerSGD(rank=2))])
+    optimizer = DistributedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        model.named_parameters(),
+        codec=codec,
+        dense_below=16,
+        fusion_threshold_bytes=0,
+    )
+    poison = {"on": False}
+
+    def maybe_poison(grad):
+        if poison["on"] and RANK == BAD:
+            grad = grad.clone()
+            grad[0, 0] = float("nan")
+        return grad
+
+    model[0].weight.register_hook(maybe_poison)
+    try:
+        for step in range(5):
+            rng = np.random.default_rng([step, RANK, 3])
+            data = torch.from_numpy(rng.standard_normal((8, 20)).astype(np.float32))
+            for attempt in [True, False] if poisoned and step == 3 else [False]:
+                optimizer.zero_grad()
+                poison["on"] = attempt
+                before = optimizer.reducer.state_dict() if optimizer.reducer._specs else None
+                model(data).square().mean().backward()
+                if attempt:
+                    with pytest.raises(NonFiniteError):
+                        optimizer.step()
+                    _assert_same(optimizer.reducer.state_dict(), before)
+                else:
+                    optimizer.step()
+        parameters = np.concatenate([p.detach().numpy().ravel() for p in model.parameters()])
+        return parameters, optimizer.reducer.state_dict()
+    finally:
+        optimizer.close()
+
+
+def test_distributed_optimizer_failed_step_is_retried_exactly():
+    torch = pytest.importorskip("torch")
+    clean_parameters, clean_state = _train_torch(torch, poisoned=False)
+    parameters, state = _train_torch(torch, poisoned=True)
+    assert np.array_equal(parameters, clean_parameters)
+    _assert_same(state, clean_state, "final state")
