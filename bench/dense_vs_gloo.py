@@ -244,7 +244,13 @@ def _print_report(report: dict[str, Any]) -> None:
                 + (f"{wire32 * 1e3:.0f} ms (fp16 {wire16 * 1e3:.0f} ms)" if wire32 else "n/a")
             )
             for name, seconds in medians.items():
-                half = name.partition(":")[0] in ("gloo16", "hook16", "fp16", "fp16-rsag", "ring16")
+                half = name.partition(":")[0] in (
+                    "gloo16",
+                    "hook16",
+                    "fp16",
+                    "fp16-rsag",
+                    "ring16",
+                )
                 reference = FP16_REFERENCE if half else "gloo"
                 ratio = (
                     f"{seconds / medians[reference]:.2f}x {reference}"

@@ -37,7 +37,6 @@ their own (``_TAG_RING``), so they cannot match another collective's.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from typing import Any
 
@@ -105,44 +104,6 @@ def _waitall(requests: list[Any], pause: float | None) -> None:
         return
     for request in requests:
         _wait(request, pause)
-
-
-class _HalfConversions:
-    """float32/64 <-> float16 for the float16 pipeline: the ``fp16_encode`` /
-    ``fp16_decode`` kernels, or, for float32 when the process has imported torch
-    already (a DDP or ``DistributedOptimizer`` user), torch's conversions, which use the
-    CPU's F16C instructions: measured 4x faster to float16 and 2x back than the
-    kernels (one thread).  Both round to nearest even, bit for bit NumPy's ``astype``
-    (IEEE conversions have one correct result; float64 always takes the kernels, as
-    torch rounds it through float32).  torch is never imported here."""
-
-    def __init__(self, dtype: np.dtype) -> None:
-        self.kernels = kernels_for(np)
-        torch = sys.modules.get("torch")
-        self.torch = torch if dtype == np.float32 and hasattr(torch, "from_numpy") else None
-
-    def encode(self, x: np.ndarray, out: np.ndarray) -> int:
-        """``out = float16(x)``; returns the number of non-finite results."""
-        torch = self.torch
-        if torch is None or not x.flags.writeable:  # from_numpy warns on read-only
-            return int(self.kernels.fp16_encode(x, out))
-        half = torch.from_numpy(out)
-        half.copy_(torch.from_numpy(x))
-        if bool(torch.isfinite(half).all()):
-            return 0
-        return int((~torch.isfinite(half)).sum())
-
-    def decode(self, half: np.ndarray, out: np.ndarray, accumulate: int) -> None:
-        """``out = out.dtype(half)`` (``accumulate=0``) or ``out += ...`` (1)."""
-        torch = self.torch
-        if torch is None:
-            self.kernels.fp16_decode(half, out, accumulate)
-            return
-        target = torch.from_numpy(out)
-        if accumulate:
-            target.add_(torch.from_numpy(half))  # one float32 add of the exact value
-        else:
-            target.copy_(torch.from_numpy(half))
 
 
 def chunk_bounds(n: int, size: int) -> np.ndarray:
@@ -306,7 +267,7 @@ def half_allreduce(
     """
     size, rank = comm.Get_size(), comm.Get_rank()
     n = x.size
-    convert = _HalfConversions(x.dtype)
+    kernels = kernels_for(np)
     if scratch is None:
 
         def scratch(name: str, count: int, dtype: Any) -> np.ndarray:
@@ -318,8 +279,8 @@ def half_allreduce(
     encoded = scratch("half_encoded", n, np.float16)
     sums = scratch("half_sums", n, np.float16)
     if size == 1:
-        bad = int(convert.encode(x, encoded))
-        convert.decode(encoded, out, 0)
+        bad = int(kernels.fp16_encode(x, encoded))
+        kernels.fp16_decode(encoded, out, 0)
         return 0, 0, bad, (0 if bad else -1)
     bits, sum_bits = encoded.view(np.uint16), sums.view(np.uint16)
     bounds = chunk_bounds(n, size)
@@ -365,7 +326,7 @@ def half_allreduce(
             a, b = pieces[dest][i]
             if b == a:
                 continue
-            bad += convert.encode(x[a:b], encoded[a:b])
+            bad += kernels.fp16_encode(x[a:b], encoded[a:b])
             if dest != rank:
                 requests.append(comm.Isend([bits[a:b], datatype], dest, _TAG_HALF_SCATTER))
                 sent += 2 * (b - a)
@@ -376,9 +337,9 @@ def half_allreduce(
         part = total[: b - a]
         for source in range(size):  # rank order: the same sum on every rank
             values = encoded[a:b] if source == rank else incoming[source, a - own_a : b - own_a]
-            convert.decode(values, part, 0 if source == 0 else 1)
+            kernels.fp16_decode(values, part, 0 if source == 0 else 1)
         with np.errstate(over="ignore"):
-            bad += convert.encode(part, sums[a:b])
+            bad += kernels.fp16_encode(part, sums[a:b])
         for offset in range(1, size):
             dest = (rank + offset) % size
             requests.append(comm.Isend([sum_bits[a:b], datatype], dest, _TAG_HALF_GATHER))
@@ -390,5 +351,5 @@ def half_allreduce(
     requests.append(comm.Iallreduce(status, failed, op=MPI.MAX))
     _waitall(gather_recvs, pause_s)
     _waitall(requests, pause_s)
-    convert.decode(sums, out, 0)
+    kernels.fp16_decode(sums, out, 0)
     return sent, received, int(bad), int(failed[0])
