@@ -828,7 +828,7 @@ def format_table(report: dict[str, Any]) -> str:
     if hooks:
         lines.append(
             "DDP hooks' own work per step, timed in training (inside fwd+bwd; the "
-            "predictor's codec time): " + ", ".join(hooks)
+            "predictor adds DDP's own bucket work): " + ", ".join(hooks)
         )
     bad = [e["label"] for e in contenders.values() if not e["ranks_agree"]]
     if bad:
@@ -1060,19 +1060,31 @@ def _rank_argv(args: argparse.Namespace, result: str) -> list[str]:
     return argv
 
 
+def _stop(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _run_job(command_line: list[str], env: dict[str, str], timeout: float) -> int:
+    """Run the job in a session of its own; kill it on a timeout, an exception, or
+    SIGTERM/SIGHUP (turned into SystemExit here, as the emulated cluster does, so that
+    the ranks never outlive the command)."""
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(signum) is signal.SIG_DFL:
+                previous[signum] = signal.signal(signum, _stop)
     process = subprocess.Popen(command_line, env=env, start_new_session=True)
     try:
         return process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         print(f"sparcomm bench train: job exceeded {timeout:g} s; killed", file=sys.stderr)
         return 124
-    except BaseException:
-        raise
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _source_version() -> str:

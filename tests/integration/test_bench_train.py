@@ -278,3 +278,47 @@ def test_small_emulated_run_reports_every_figure(tmp_path, capsys):
     assert hook["predicted_split_s"]["codec"] == pytest.approx(hook["hook_compute_s"] + ddp_own)
     prefix = f"{_emulate.PREFIX}{os.getpid()}x"
     assert not [name for name in _emulate._namespaces() if name.startswith(prefix)]
+
+
+def _ranks_with(marker: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    words = f.read().split(b"\0")
+            except OSError:
+                continue
+            if b"--rank-main" in words and marker.encode() in words:
+                found.append(int(entry))
+    return found
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_sigterm_ends_the_job_without_emulation():
+    import signal
+    import subprocess
+
+    marker = str(900_000 + os.getpid() % 99_999)  # a seed no other job uses
+    command = [
+        sys.executable, "-m", "sparcomm", "bench", "train", "-np", "2", "--inputs", "64",
+        "--width", "64", "--depth", "1", "--steps", "100000", "--eval-every", "100000",
+        "--test-samples", "64", "--contenders", "ddp", "--no-progress", "--seed", marker,
+        "--timeout", "120",
+    ]  # fmt: skip
+    parent = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while len(_ranks_with(marker)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert len(_ranks_with(marker)) >= 2, "the ranks never started"  # and mpiexec
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(timeout=30) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 10
+        while _ranks_with(marker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _ranks_with(marker) == []  # no rank outlives the command
+    finally:
+        parent.kill()
+        for pid in _ranks_with(marker):
+            os.kill(pid, signal.SIGKILL)
