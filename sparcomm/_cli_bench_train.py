@@ -1070,9 +1070,9 @@ def _run_job(command_line: list[str], env: dict[str, str], timeout: float) -> in
     the ranks never outlive the command)."""
     previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGTERM, signal.SIGHUP):
-            if signal.getsignal(signum) is signal.SIG_DFL:
-                previous[signum] = signal.signal(signum, _stop)
+        for caught in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(caught) is signal.SIG_DFL:
+                previous[caught] = signal.signal(caught, _stop)
     process = subprocess.Popen(command_line, env=env, start_new_session=True)
     try:
         return process.wait(timeout=timeout)
