@@ -12,10 +12,11 @@ Contenders (SGD, ``--lr``; TopK at ``--density`` for every compressed one):
 
 - ``dense``: no compression, SGD momentum ``--momentum`` (the reference);
 - ``topk-ef``: ``ErrorFeedback(TopK)``, SGD momentum ``--momentum``;
-- ``dgc``: ``DGC(TopK, momentum=--momentum)`` (momentum correction, factor masking),
+- ``dgc``: ``DGC(TopK, momentum=--momentum, masking=True)`` (momentum correction, factor
+  masking),
   SGD without momentum (DGC's rule);
 - ``dgc-nomask``: the same without factor masking;
-- ``dgc-clip``: ``dgc`` with local gradient clipping at ``--clip-norm`` (per tensor,
+- ``dgc-clip``: ``dgc`` (masking on) with local gradient clipping at ``--clip-norm`` (per tensor,
   ``clip_norm / sqrt(P)`` per worker).
 
 Prints the test accuracy of each contender at every ``--eval-every`` steps, for each seed,
@@ -94,11 +95,15 @@ def _contenders(args: argparse.Namespace) -> dict[str, tuple[Callable[[], Any] |
     return {
         "dense": (None, m),
         "topk-ef": (lambda: ErrorFeedback(TopK(density=density)), m),
-        "dgc": (lambda: DGC(TopK(density=density), momentum=m), 0.0),
+        "dgc": (lambda: DGC(TopK(density=density), momentum=m, masking=True), 0.0),
         "dgc-nomask": (lambda: DGC(TopK(density=density), momentum=m, masking=False), 0.0),
         "dgc-clip": (
             lambda: DGC(
-                TopK(density=density), momentum=m, clip_norm=args.clip_norm, world_size=workers
+                TopK(density=density),
+                momentum=m,
+                masking=True,
+                clip_norm=args.clip_norm,
+                world_size=workers,
             ),
             0.0,
         ),

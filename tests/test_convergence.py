@@ -155,9 +155,18 @@ CODEC_CASES: dict[str, Callable[[], Any]] = {
 
 #: The DGC options (rate factor 1 - m where momentum correction lengthens the steps).
 DGC_CASES: dict[str, tuple[Callable[[], Any], float]] = {
-    "momentum-masking": (lambda: DGC(TopK(density=0.1), momentum=MOMENTUM), 1 - MOMENTUM),
+    "momentum-masking": (
+        lambda: DGC(TopK(density=0.1), momentum=MOMENTUM, masking=True),
+        1 - MOMENTUM,
+    ),
     "momentum-masking-clipping": (
-        lambda: DGC(TopK(density=0.1), momentum=MOMENTUM, clip_norm=CLIP_NORM, world_size=WORKERS),
+        lambda: DGC(
+            TopK(density=0.1),
+            momentum=MOMENTUM,
+            masking=True,
+            clip_norm=CLIP_NORM,
+            world_size=WORKERS,
+        ),
         1 - MOMENTUM,
     ),
     "clipping-only": (

@@ -267,7 +267,8 @@ def test_to_device_numpy_keeps_the_state(rng):
 
 def test_repr_and_codec_questions():
     dgc = DGC(TopK(density=0.01))
-    assert repr(dgc) == "DGC(TopK(density=0.01), momentum=0.9, masking=True, clip_norm=None)"
+    # Measured defaults: momentum correction on, masking and clipping off.
+    assert repr(dgc) == "DGC(TopK(density=0.01), momentum=0.9, masking=False, clip_norm=None)"
     assert "world_size=3" in repr(DGC(TopK(k=1), clip_norm=1.0, world_size=3))
     assert dgc.family == "sparse" and dgc.is_sparse and not dgc.is_unbiased
     assert dgc.encoded_nbytes(1000) == TopK(density=0.01).encoded_nbytes(1000)
