@@ -478,6 +478,46 @@ def _hook_costs(specs: list[ContenderSpec], task: Any, batch: int) -> dict[str, 
     return costs
 
 
+class _DDPOwnWork:
+    """DDP's own work in a step (its bucket copies in and out, on a one-rank group: no
+    network), timed once per round of blocks through the run, as the load moves.
+
+    Every rank builds it (``new_subgroups`` is collective) and samples at the same
+    moment, after each round: a backward pass of a bare model and of the same model under
+    DDP.  :meth:`median` is what plain DDP adds per step, and what every DDP contender
+    adds around its hook.
+    """
+
+    def __init__(self, task: Any, batch: int, bucket_mb: float) -> None:
+        import torch
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+
+        group, _ = dist.new_subgroups(group_size=1)
+        x, y = task.batch(dist.get_rank(), 0, batch)
+        loss = torch.nn.CrossEntropyLoss()
+        bare = task.model()
+        ddp = DistributedDataParallel(task.model(), process_group=group, bucket_cap_mb=bucket_mb)
+
+        def backward(model: Any) -> float:
+            start = time.perf_counter()
+            model.zero_grad()
+            loss(model(x), y).backward()
+            return time.perf_counter() - start
+
+        self._backward = backward
+        self._models = (bare, ddp)
+        backward(bare), backward(ddp)  # first allocations
+        self.samples: list[float] = []
+
+    def sample(self) -> None:
+        bare, ddp = self._models
+        self.samples.append(self._backward(ddp) - self._backward(bare))
+
+    def median(self) -> float | None:
+        return max(0.0, statistics.median(self.samples)) if self.samples else None
+
+
 def _calibrated(comm: Any) -> dict[str, Any]:
     """sparcomm's cost model calibrated on this network (its constants, or the error)."""
     import dataclasses
@@ -514,6 +554,11 @@ def run_ranks(args: argparse.Namespace) -> int:
     x_test, y_test = task.test_set(args.test_samples)
     x_test, y_test = x_test[rank::size], y_test[rank::size]
     runners = [_Runner(spec, task, args, comm, hooks) for spec in specs]
+    ddp_own = (
+        _DDPOwnWork(task, args.batch, args.ddp_bucket_mb)
+        if any(s.kind == "ddp" for s in specs)
+        else None
+    )
     records: dict[str, list[list[dict]]] = {s.id: [] for s in specs}  # per step: per rank
     curves: dict[str, list[tuple[int, float]]] = {s.id: [] for s in specs}  # (step, accuracy)
     loads: list[float] = []
@@ -550,6 +595,8 @@ def run_ranks(args: argparse.Namespace) -> int:
                 if bar is not None:
                     bar.set_postfix_str(runner.spec.id)
                     bar.update(block)
+        if ddp_own is not None:
+            ddp_own.sample()
         if rank == 0:
             loads.append(os.getloadavg()[0])
         done += block
@@ -567,6 +614,8 @@ def run_ranks(args: argparse.Namespace) -> int:
         cid: comm.allreduce(t, op=MPI.MAX)
         for cid, t in _hook_costs(specs, task, args.batch).items()
     }
+    own = ddp_own.median() if ddp_own is not None else None
+    ddp_own_s = comm.allreduce(own, op=MPI.MAX) if own is not None else None
     dist.destroy_process_group()
     if rank == 0:
         result = {
@@ -575,6 +624,7 @@ def run_ranks(args: argparse.Namespace) -> int:
             "latency_s": latency,
             "cost_model": cost_model,
             "local_costs_s": local_costs,
+            "ddp_own_s": ddp_own_s,
             "loads_during": loads,
             "contenders": {},
         }
@@ -734,6 +784,16 @@ def _iqr(values: list[float]) -> float:
         return float("nan")
     q = statistics.quantiles(values, n=4)
     return float(q[2] - q[0])
+
+
+def _predictor_costs(report: dict[str, Any]) -> dict[str, float]:
+    """The costs timed apart from the steps that the predictor takes: the hooks' (at the
+    end of the job), and DDP's own work timed through the run where a report has it
+    (``ddp_own_s``, the median of one sample per round) instead of at the end."""
+    costs = dict(report.get("local_costs_s") or {})
+    if report.get("ddp_own_s") is not None:
+        costs["ddp"] = report["ddp_own_s"]
+    return costs
 
 
 def attach_predictions(
@@ -898,7 +958,7 @@ def render_report(path: str) -> dict[str, Any]:
         ranks=report["ranks"],
         task=task,
         batch=report["batch"],
-        local_costs=report.get("local_costs_s"),
+        local_costs=_predictor_costs(report),
     )
     # The measurements are the run's (``source``); the predictions and byte curves now
     # come from this version of the code.
@@ -1158,7 +1218,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         rate_bps=rate,
         latency_s=raw["latency_s"],
         cost_model=raw.get("cost_model", {}).get("constants"),
-        local_costs=raw.get("local_costs_s"),
+        local_costs=_predictor_costs(raw),
         ranks=args.nprocs,
         task=task,
         batch=args.batch,
@@ -1187,6 +1247,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "latency_s": raw["latency_s"],
         "cost_model": raw.get("cost_model"),
         "local_costs_s": raw.get("local_costs_s"),
+        "ddp_own_s": raw.get("ddp_own_s"),
         "wire_counted": args.emulate is not None,
         "load_before": load_before,
         "load_after": load_after,
