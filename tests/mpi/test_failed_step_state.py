@@ -44,6 +44,7 @@ CODECS = {
     "terngrad-ef": lambda: ErrorFeedback(TernGrad()),
     "powersgd": lambda: PowerSGD(rank=2),
     "dgc": lambda: DGC(TopK(density=0.1), momentum=0.9),
+    "dgc-masking": lambda: DGC(TopK(density=0.1), momentum=0.9, masking=True),
     "policy": lambda: CodecPolicy(
         ErrorFeedback(TopK(density=0.1)),
         rules=[("w2", PowerSGD(rank=2)), ("w3", OneBit())],
