@@ -6,8 +6,8 @@ point-to-point, segments summed while the next ones travel).  ``"auto"`` (and
 ``"dense"``) take the ring for host buffers of at least :data:`RING_MIN_BYTES` on more
 than one rank, MPI otherwise: measured in the emulated cluster at 1 Gbit/s (MPICH 5.0
 over libfabric's tcp provider), MPICH's ``Allreduce`` of the training benchmark's 16-24
-MiB buckets took 1.17-1.31x gloo's ring whatever its algorithm CVAR, the ring of
-``_ring`` 1.01-1.14x (docs/benchmarks.md, "Dense and FP16 against gloo").  The ring's
+MiB buckets took 1.12-1.46x gloo's allreduce whatever its algorithm CVAR, the ring of
+``_ring`` 1.05-1.12x (docs/benchmarks.md, "Dense and FP16 against gloo").  The ring's
 float sums are in ring order (documented in ``_ring``); every rank gets the same bits.
 
 The input is copied into the output with the ``copy_finite`` kernel while preparing
