@@ -444,12 +444,16 @@ def shared_scale(problem: _Problem) -> None:
 # ------------------------------------------------------------------ pipelined (FP16)
 
 
+#: The codec class ``pipelined`` runs, by module and name (comm reads codecs, never
+#: imports their classes: tests/test_imports.py).
+_HALF_CODEC = ("sparcomm.codecs.baselines", "FP16")
+
+
 def plain_half(bare: Any, memory: Any) -> bool:
     """Whether ``pipelined`` can run the codec: ``FP16`` itself (not a subclass, whose
     encode may differ), without error feedback (it needs owner-side residuals)."""
-    from sparcomm.codecs.baselines import FP16  # comm imports no codec at module level
-
-    return type(bare) is FP16 and memory is None
+    cls = type(bare)
+    return (cls.__module__, cls.__qualname__) == _HALF_CODEC and memory is None
 
 
 def pipelined(problem: _Problem) -> None:
