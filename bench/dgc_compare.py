@@ -6,7 +6,7 @@ trains its own copy of the same student from the same initial weights on the sam
 batches, one step of each contender in turn.  Each of ``--workers`` simulated workers
 computes the gradient of its own batch, encodes it with its own codec instance (one key
 per parameter), and the step applies the mean of the workers' decoded payloads (what
-``sparcomm.allreduce(op="mean")`` computes; tests/mpi/test_dgc.py checks that).
+``sparcomm.allreduce(op="mean")`` computes; tests/mpi/test_dgc_collectives.py checks that).
 
 Contenders (SGD, ``--lr``; TopK at ``--density`` for every compressed one):
 
