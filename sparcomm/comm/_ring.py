@@ -7,7 +7,8 @@ of the next, as gloo's ring does:
 :func:`ring_allreduce` (float32 / float64, ``NoCompression``'s ``"ring"``)
     The buffer is cut into ``P`` chunks and every chunk into segments.  Reduce-scatter:
     in step ``s = 0 .. P-2`` rank ``r`` sends chunk ``(r - s) mod P`` to rank ``r + 1``
-    and adds what rank ``r - 1`` sends (chunk ``(r - s - 1) mod P``) into its buffer;
+    and writes its own values plus what rank ``r - 1`` sends (chunk ``(r - s - 1) mod
+    P``) into the output (``x`` is only read);
     allgather: in step ``t = 0 .. P-2`` it forwards chunk ``(r + 1 - t) mod P`` and
     receives chunk ``(r - t) mod P`` in place.  Each segment travels on as soon as it is
     summed (the segment's message of step ``s + 1`` depends on its message of step
@@ -25,8 +26,9 @@ of the next, as gloo's ring does:
     the ``P`` float16 values in float32 **in rank order** (``x_0 + x_1 + ... + x_{P-1}``,
     each decoded exactly; the same sum, bit for bit, as the ``reduce_scatter_allgather``
     algorithm's), rounds the sum to float16 once and sends it to every rank, which
-    decodes it into the output: one encode pass, the owner's sum, one decode pass, and
-    the sends of a segment leave while the next is encoded and summed.
+    decodes it into the output: one encode pass, the owner's sum, one decode pass; the
+    sends of a segment leave while the next segment is encoded, and an owner's sum of a
+    segment leaves while it sums the next.
 
 Both keep every posted message's buffer untouched until its request completes: a
 region of the buffer is overwritten by the ring's allgather only after the send that
