@@ -139,9 +139,6 @@ class GradientRouting:
         self.dense: list[torch.Tensor] = list(ordered)
         self._sparse_dims: dict[torch.Tensor, int] = {}
         self._snapshot: Any = None
-        from sparcomm.feedback import unwrap
-
-        self._memory = unwrap(reducer.codec)[1]
 
     # -- the plan, at the first synchronize ------------------------------------------------
     def plan(self) -> None:
@@ -182,8 +179,9 @@ class GradientRouting:
             return
         reducer = self.reducer
         if not reducer.in_flight and self.options.non_finite == "propagate":
-            # Before the step's first encode: a skipped step restores the residuals.
-            self._snapshot = self._memory.snapshot() if self._memory is not None else None
+            # Before the step's first encode: a skipped step restores the state of every
+            # codec (each of a policy's, PowerSGD's own), as a failed reducer step does.
+            self._snapshot = reducer._engine.snapshot()
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         grad = p.grad
@@ -260,8 +258,8 @@ class GradientRouting:
     def _skip(self) -> None:
         """Every rank: residuals as before the step, every gradient NaN (GradScaler's
         ``unscale_`` finds them and the step is skipped everywhere)."""
-        if self._snapshot is not None and self._memory is not None:
-            self._memory.restore(self._snapshot)
+        if self._snapshot is not None:
+            self.reducer._engine.restore(self._snapshot)
         self._snapshot = None
         with torch.no_grad():
             for p in self.ordered:

@@ -27,7 +27,7 @@ combination.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 import numpy as np
@@ -296,14 +296,18 @@ class DGC(ErrorFeedback):
         self._momenta = momenta
         self._momentum_scratch = {}
 
-    def snapshot(self) -> Any:
+    def snapshot(self, keys: Iterable[Hashable] | None = None) -> Any:
         """A handle on ``v`` and ``u`` as they are now, for :meth:`restore` (by
-        reference where error feedback's is; copies otherwise)."""
-        base = super().snapshot()
-        copied = base[0]
-        if copied:
-            return base, {key: value.copy() for key, value in self._momenta.items()}
-        return base, dict(self._momenta)
+        reference where error feedback's is; copies otherwise); ``keys`` as in
+        :meth:`ErrorFeedback.snapshot`."""
+        base = super().snapshot(keys)
+        if base.keys is None:
+            table = self._momenta
+        else:
+            table = {key: self._momenta.get(key) for key in base.keys}
+        if base.copied:
+            return base, {k: None if v is None else v.copy() for k, v in table.items()}
+        return base, dict(table)
 
     def restore(self, snapshot: Any) -> None:
         """Put back ``v`` and ``u`` of :meth:`snapshot`: encodes since then leave no trace.
@@ -316,19 +320,24 @@ class DGC(ErrorFeedback):
         """
         base, momenta = snapshot
         super().restore(base)
-        copied = base[0]
+        copied = base.copied
         for key, old in momenta.items():
             new = self._momenta.get(key)
             if new is old:
+                continue
+            if old is None:  # first encoded after the snapshot
+                del self._momenta[key]
+                self._momentum_scratch.pop(key, None)
                 continue
             self._momenta[key] = old
             if new is not None and not copied:
                 self._momentum_scratch[key] = new
             else:
                 self._momentum_scratch.pop(key, None)
-        for key in [key for key in self._momenta if key not in momenta]:
-            del self._momenta[key]
-            self._momentum_scratch.pop(key, None)
+        if base.keys is None:
+            for key in [key for key in self._momenta if key not in momenta]:
+                del self._momenta[key]
+                self._momentum_scratch.pop(key, None)
 
     def set_residual(self, key: Hashable, value: Any) -> None:
         """As :meth:`ErrorFeedback.set_residual`; the key's velocity restarts at zero

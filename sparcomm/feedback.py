@@ -17,14 +17,28 @@ the others stay untouched); for quantising codecs up to one float rounding per e
 
 from __future__ import annotations
 
-from collections.abc import Hashable
-from typing import Any
+from collections.abc import Hashable, Iterable
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from sparcomm._backend import array_module, kernels_for
 from sparcomm.codecs._base import Codec, check_array
 from sparcomm.payload import Payload
+
+
+class FeedbackSnapshot(NamedTuple):
+    """What :meth:`ErrorFeedback.snapshot` returns, for :meth:`ErrorFeedback.restore`."""
+
+    #: Whether ``residuals`` holds copies (True) or the live arrays (False).
+    copied: bool
+    #: Key -> residual at the snapshot (a listed key without one maps to None).
+    residuals: dict[Hashable, Any]
+    #: Key -> number of encodes committed at the snapshot (0 for a key never encoded).
+    encodes: dict[Hashable, int]
+    #: The keys covered, or None for every key (then keys absent from ``residuals``
+    #: had no residual and lose the one they gained since).
+    keys: tuple[Hashable, ...] | None
 
 
 class ErrorFeedback:
@@ -60,6 +74,10 @@ class ErrorFeedback:
         self.codec = codec
         self._residuals: dict[Hashable, Any] = {}
         self._scratch: dict[Hashable, Any] = {}
+        # Encodes committed per key: restore() tells one encode since a by-reference
+        # snapshot (its old residual is intact in the spare buffer) from several (the
+        # two buffers have swapped again, so the old residual was overwritten).
+        self._encodes: dict[Hashable, int] = {}
 
     def __repr__(self) -> str:
         return f"ErrorFeedback({self.codec!r})"
@@ -160,6 +178,7 @@ class ErrorFeedback:
         if residual is not None:
             self._scratch[key] = residual
         self._residuals[key] = compensated
+        self._encodes[key] = self._encodes.get(key, 0) + 1
         return payload
 
     def _compensate(self, key: Hashable, flat: Any, residual: Any, out: Any) -> None:
@@ -242,46 +261,78 @@ class ErrorFeedback:
         self._residuals = residuals
         self._scratch = {}
 
-    def snapshot(self) -> tuple[bool, dict[Hashable, Any]]:
+    def snapshot(self, keys: Iterable[Hashable] | None = None) -> FeedbackSnapshot:
         """A handle on the residuals as they are now, for :meth:`restore`.
 
-        A step that is then abandoned (a skipped mixed-precision step) undoes its
-        encodes with it.  Each key's previous residual survives its next encode in the
-        spare buffer when the codec has TopK's ``residual_into`` or a fused decode, so
-        the handle holds references (no copy); other codecs decode into the old
-        residual, so their residuals are copied here.
-        """
-        if self._keeps_old_residual():
-            return False, dict(self._residuals)
-        return True, {key: value.copy() for key, value in self._residuals.items()}
+        A step that is then abandoned (a failed collective, a skipped mixed-precision
+        step) undoes its encodes with it.  Each key's previous residual survives its
+        next encode in the spare buffer when the codec has TopK's ``residual_into`` or a
+        fused decode (every built-in codec), so the handle holds references (no copy);
+        other codecs decode into the old residual, so their residuals are copied here.
 
-    def restore(self, snapshot: tuple[bool, dict[Hashable, Any]]) -> None:
+        Parameters
+        ----------
+        keys : iterable of keys, optional
+            Cover these keys only (one allreduce call: a dict lookup per key instead of
+            a copy of the whole table); :meth:`restore` then leaves every other key
+            alone.  None covers every key.
+        """
+        copied = not self._keeps_old_residual()
+        if keys is None:
+            table = self._residuals
+            encodes = dict(self._encodes)
+            covered = None
+        else:
+            covered = tuple(dict.fromkeys(keys))
+            table = {key: self._residuals.get(key) for key in covered}
+            encodes = {key: self._encodes.get(key, 0) for key in covered}
+        if copied:
+            residuals = {k: None if v is None else v.copy() for k, v in table.items()}
+        else:
+            residuals = dict(table)
+        return FeedbackSnapshot(copied, residuals, encodes, covered)
+
+    def restore(self, snapshot: FeedbackSnapshot) -> None:
         """Put back the residuals of :meth:`snapshot`: encodes since then leave no trace.
 
         Raises
         ------
         RuntimeError
             If a key was encoded more than once since a by-reference snapshot (its old
-            residual was overwritten): restore undoes one step.
+            residual was overwritten): restore undoes one step.  Nothing is changed then.
         """
-        copied, residuals = snapshot
+        copied, residuals, encodes, covered = snapshot
+        if not copied:
+            for key in residuals:
+                if self._encodes.get(key, 0) > encodes.get(key, 0) + 1:
+                    raise RuntimeError(
+                        f"residual of key {key!r} was encoded more than once since the "
+                        "snapshot; restore() undoes one step only"
+                    )
         for key, old in residuals.items():
             new = self._residuals.get(key)
+            count = encodes.get(key, 0)
+            if count:
+                self._encodes[key] = count
+            else:
+                self._encodes.pop(key, None)
             if new is old:
                 continue
-            if not copied and self._scratch.get(key) is not old:
-                raise RuntimeError(
-                    f"residual of key {key!r} was encoded more than once since the "
-                    "snapshot; restore() undoes one step only"
-                )
+            if old is None:  # first encoded after the snapshot: it had no residual then
+                del self._residuals[key]
+                self._scratch.pop(key, None)
+                continue
             self._residuals[key] = old
             if new is not None and not copied:
                 self._scratch[key] = new  # the spare buffer again, as after any encode
-            elif copied:
+            else:
                 self._scratch.pop(key, None)
-        for key in [key for key in self._residuals if key not in residuals]:
-            # First encoded after the snapshot: it had no residual then.
-            del self._residuals[key]
+        if covered is None:
+            for key in [key for key in self._residuals if key not in residuals]:
+                # First encoded after the snapshot: it had no residual then.
+                del self._residuals[key]
+                self._scratch.pop(key, None)
+                self._encodes.pop(key, None)
 
     def set_residual(self, key: Hashable, value: Any) -> None:
         """Replace the residual of ``key`` by the 1-D float array ``value`` (None removes

@@ -29,7 +29,7 @@ collective run the same code; the collective only inserts the two allreduces.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -45,6 +45,8 @@ from sparcomm.payload import Payload, wire_nbytes
 
 #: Header parameters of a PowerSGD payload: rows, columns and the rank used (0: dense).
 _NPARAMS = 3
+#: A key's entry in a per-key snapshot when the key had no state then.
+_MISSING: Any = object()
 
 
 def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -474,14 +476,22 @@ class PowerSGD(Codec, codec_id=7, family="low-rank"):
         """The error-feedback residual of ``key`` (1-D; None before its first step)."""
         return self._residuals.get(key)
 
-    def snapshot(self) -> tuple[dict[Hashable, Any], ...]:
+    def snapshot(self, keys: Iterable[Hashable] | None = None) -> tuple[Any, ...]:
         """A handle on the state as it is now, for :meth:`restore` (no copy).
 
         A step commits a key's state by replacing its arrays (the new residual is the
         step's compensated buffer, the new ``Q`` a fresh array); the old residual is
         kept as the key's spare buffer until its next step, so references suffice.
+        ``keys`` (optional) limits the handle to those keys (one allreduce call):
+        :meth:`restore` then leaves every other key alone.
         """
-        return dict(self._residuals), dict(self._q), dict(self._calls), dict(self._shapes)
+        tables = (self._residuals, self._q, self._calls, self._shapes)
+        if keys is None:
+            return (*(dict(table) for table in tables), None)
+        covered = tuple(dict.fromkeys(keys))
+        # _MISSING marks a key without an entry then (restore removes the one it gained).
+        picked = ({key: table.get(key, _MISSING) for key in covered} for table in tables)
+        return (*picked, covered)
 
     def restore(self, snapshot: tuple[dict[Hashable, Any], ...]) -> None:
         """Put back the state of :meth:`snapshot`: the steps since leave no trace.
@@ -492,18 +502,39 @@ class PowerSGD(Codec, codec_id=7, family="low-rank"):
             If a key took more than one step since the snapshot (its old residual was
             reused as a buffer): restore undoes one step.
         """
-        residuals, q, calls, shapes = snapshot
-        twice = [key for key, count in self._calls.items() if count > calls.get(key, 0) + 1]
+        residuals, q, calls, shapes, covered = snapshot
+        keys = list(self._calls) if covered is None else covered
+
+        def before(key: Hashable) -> int:
+            count = calls.get(key, 0)
+            return 0 if count is _MISSING else count
+
+        twice = [key for key in keys if self._calls.get(key, 0) > before(key) + 1]
         if twice:
             raise RuntimeError(
                 f"PowerSGD state of key {twice[0]!r} took more than one step since the "
                 "snapshot; restore() undoes one step only"
             )
-        for key, new in self._residuals.items():
-            if new is not residuals.get(key):
+        for key in self._residuals if covered is None else covered:
+            new, old = self._residuals.get(key), residuals.get(key)
+            if new is not None and new is not old:
                 self._scratch[key] = new  # the spare buffer again, as after any step
-        self._residuals, self._q = dict(residuals), dict(q)
-        self._calls, self._shapes = dict(calls), dict(shapes)
+        if covered is None:
+            self._residuals, self._q = dict(residuals), dict(q)
+            self._calls, self._shapes = dict(calls), dict(shapes)
+            return
+        tables: tuple[dict[Hashable, Any], ...] = (
+            self._residuals,
+            self._q,
+            self._calls,
+            self._shapes,
+        )
+        for mine, saved in zip(tables, (residuals, q, calls, shapes), strict=True):
+            for key in covered:
+                if saved[key] is _MISSING:
+                    mine.pop(key, None)
+                else:
+                    mine[key] = saved[key]
 
     def state_dict(self) -> dict[str, Any]:
         """Host copies of the residuals, warm-start ``Q`` and step counts, by key.

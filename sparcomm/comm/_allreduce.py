@@ -5,6 +5,11 @@ It only dispatches: the codec's family picks the collective (:mod:`._dispatch`),
 ``dense_phase=`` picks Q-DSAR (:mod:`._quantized_dsar`).  Every collective starts the
 same way (:mod:`._call`: prepare locally, agree, reduce), so a mistake on one rank is
 an error on every rank, never a hang.
+
+A call that fails loses no gradient mass: in steady state the other ranks have encoded
+(moved mass out of their error-feedback residuals) before they learn of the failure, so
+the entry point takes a per-key snapshot of the codec's state before the call and puts
+it back on every rank before the error propagates (:func:`_state_holder`).
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ from mpi4py import MPI
 
 from sparcomm.comm._dispatch import lookup, register_collective, register_family
 from sparcomm.comm._quantized_dsar import qdsar_allreduce
+from sparcomm.comm._quantized_layout import owner_key
 from sparcomm.comm._sparse_allreduce import sparse_allreduce
 from sparcomm.comm._stats import AllreduceStats
+from sparcomm.feedback import unwrap
 
 __all__ = ["allreduce", "register_collective", "register_family", "sparse_allreduce"]
 
@@ -79,13 +86,31 @@ def allreduce(
     ------
     TypeError, ValueError, NotImplementedError
         On every rank, when any rank's input is invalid or ranks disagree on size,
-        dtype, codec, op or algorithm.
+        dtype, codec, op or algorithm.  The codec's state for ``key`` (error-feedback
+        residuals, worker- and owner-side; DGC's velocities; PowerSGD's residual and
+        warm-start ``Q``) is then, on every rank, what it was before the call.
     """
-    if dense_phase is not None:  # Q-DSAR: sparcomm.comm._quantized_dsar
-        return qdsar_allreduce(
+    holder = _state_holder(codec)
+    # By reference for the built-in codecs: a dict lookup per key, no copy.
+    saved = None if holder is None else holder.snapshot((key, owner_key(key)))
+    try:
+        if dense_phase is not None:  # Q-DSAR: sparcomm.comm._quantized_dsar
+            return qdsar_allreduce(
+                x,
+                codec,
+                dense_phase,
+                comm=comm,
+                op=op,
+                algorithm=algorithm,
+                key=key,
+                step=step,
+                stats=stats,
+                out=out,
+            )
+        collective = lookup(codec)
+        return collective(
             x,
             codec,
-            dense_phase,
             comm=comm,
             op=op,
             algorithm=algorithm,
@@ -94,7 +119,22 @@ def allreduce(
             stats=stats,
             out=out,
         )
-    collective = lookup(codec)
-    return collective(
-        x, codec, comm=comm, op=op, algorithm=algorithm, key=key, step=step, stats=stats, out=out
-    )
+    except BaseException:
+        if saved is not None:
+            holder.restore(saved)  # a failure here keeps the call's error as __context__
+        raise
+
+
+def _state_holder(codec: Any) -> Any:
+    """The object whose ``snapshot(keys)`` / ``restore()`` cover ``codec``'s state (its
+    error-feedback memory, or the codec itself: PowerSGD), or None for a stateless codec.
+
+    The keys a call touches are its ``key`` and the owner-side key of
+    ``reduce_scatter_allgather`` (:func:`~sparcomm.comm._quantized_layout.owner_key`).
+    """
+    memory = unwrap(codec)[1]
+    if memory is not None:
+        return memory
+    if callable(getattr(codec, "snapshot", None)) and callable(getattr(codec, "restore", None)):
+        return codec
+    return None
