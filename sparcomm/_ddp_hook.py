@@ -353,7 +353,7 @@ class DDPCommState:
                     offset += numel
                 memory.set_residual(key, None)
                 if self._snapshot is not None:
-                    self._snapshot[1].pop(key, None)
+                    _snapshot_set(self._snapshot, key, None)
         self._layouts[index] = layout
         pieces = [self._orphans.pop(param, None) for param, _ in layout]
         if memory is None or all(piece is None for piece in pieces):
@@ -367,8 +367,7 @@ class DDPCommState:
         )
         memory.set_residual(_bucket_key(index), residual)
         if self._snapshot is not None:
-            copied, saved = self._snapshot
-            saved[_bucket_key(index)] = residual.copy() if copied else residual
+            _snapshot_set(self._snapshot, _bucket_key(index), residual)
 
     # -- end of life -----------------------------------------------------------------------------
     def close(self) -> None:
@@ -386,6 +385,23 @@ class DDPCommState:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _snapshot_set(snapshot: Any, key: Any, residual: Any) -> None:
+    """Make an iteration's snapshot follow :meth:`ErrorFeedback.set_residual` of a
+    rebuilt bucket: ``key`` had ``residual`` (None: nothing) and, under DGC, no velocity
+    (set_residual restarts it), so a restore brings back the new layout's state."""
+    from sparcomm.feedback import FeedbackSnapshot
+
+    momenta = None
+    if not isinstance(snapshot, FeedbackSnapshot):  # DGC's: (error feedback's, velocities)
+        snapshot, momenta = snapshot
+    if residual is None:
+        snapshot.residuals.pop(key, None)
+    else:
+        snapshot.residuals[key] = residual.copy() if snapshot.copied else residual
+    if momenta is not None:
+        momenta.pop(key, None)
 
 
 def _any_rank(comm: Any, flag: bool) -> bool:
