@@ -90,7 +90,10 @@ class DDPCommState:
         the hook and logs a warning.
     non_finite : {"raise", "propagate"}
         What a non-finite gradient on any rank does.  ``"raise"``: the collective's error
-        on every rank (DDP's backward raises).  ``"propagate"`` (for
+        on every rank (DDP's backward raises); at the iteration's last bucket every
+        rank's residuals are restored to their state before the iteration (the buckets
+        reduced before the failure moved mass into sums DDP discards) and
+        ``iteration`` does not advance.  ``"propagate"`` (for
         ``torch.amp.GradScaler``): every rank's reduced buckets of that iteration are
         filled with NaN, so the scaler skips the step on every rank and backs off, and
         error-feedback residuals are restored to their state before the iteration.
@@ -178,6 +181,7 @@ class DDPCommState:
         self._orphans: dict[int, np.ndarray] = {}
         self._snapshot: Any = None
         self._iteration_non_finite = False
+        self._iteration_failed = False
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         # -- statistics
@@ -247,39 +251,57 @@ class DDPCommState:
     def _reduce(self, job: _Job) -> None:
         """Steps of one bucket:
 
-        1. at the first bucket of an iteration, remember the residuals (for a skip);
+        1. at the first bucket of an iteration, remember the residuals (for a skip or a
+           failure: by reference for the built-in codecs, no copy);
         2. carry residuals over to buckets that DDP rebuilt;
         3. widen fp16/bf16 to float32; for ``op="mean"`` multiply by 1/P (DDP's
            arithmetic without a hook);
         4. reduce (sum) with the codec's collective; on a non-finite gradient in
            ``"propagate"`` mode, agree across ranks and fill the bucket with NaN;
-        5. write the result into DDP's buffer; at the last bucket of a skipped
-           iteration, restore the residuals.
+        5. write the result into DDP's buffer; at the last bucket of a skipped or
+           failed iteration, restore the residuals.
+
+        A bucket that fails does so on every rank (the collective's agreement), so every
+        rank restores at the same bucket.
         """
         if job.index == 0:
             self._iteration_non_finite = False
-            if self.non_finite == "propagate" and self._memory is not None:
+            self._iteration_failed = False
+            if self._memory is not None:
                 self._snapshot = self._memory.snapshot()
-        if self._layouts.get(job.index) != job.layout:
-            self._relayout(job.index, job.layout)
-        buffer = job.buffer
-        work = buffer if buffer.dtype in _REDUCED_DTYPES else buffer.float()
-        if self.op == "mean" and self.world_size > 1:
-            # DDP without a hook multiplies by the reciprocal (reducer.cpp,
-            # mark_variable_ready_dense: at::mul_out(bucket_view, grad, 1. / div_factor)).
-            work.mul_(1.0 / self.world_size)
-        if self._iteration_non_finite:
-            work.fill_(float("nan"))
-        else:
-            self._reduce_array(job, work.numpy())
-        if work is not buffer:
-            buffer.copy_(work)
-        if job.is_last:
+        try:
+            if self._layouts.get(job.index) != job.layout:
+                self._relayout(job.index, job.layout)
+            buffer = job.buffer
+            work = buffer if buffer.dtype in _REDUCED_DTYPES else buffer.float()
+            if self.op == "mean" and self.world_size > 1:
+                # DDP without a hook multiplies by the reciprocal (reducer.cpp,
+                # mark_variable_ready_dense: at::mul_out(bucket_view, grad, 1. / div_factor)).
+                work.mul_(1.0 / self.world_size)
             if self._iteration_non_finite:
-                self.skipped_iterations += 1
-                if self._snapshot is not None and self._memory is not None:
-                    self._memory.restore(self._snapshot)
-            self._snapshot = None
+                work.fill_(float("nan"))
+            else:
+                self._reduce_array(job, work.numpy())
+            if work is not buffer:
+                buffer.copy_(work)
+        except BaseException:
+            self._iteration_failed = True
+            if job.is_last:
+                self._end_iteration()
+            raise
+        if job.is_last:
+            self._end_iteration()
+
+    def _end_iteration(self) -> None:
+        """After the last bucket: a skipped iteration counts and restores the residuals;
+        a failed one restores them and does not count (its retry is the same step)."""
+        if self._iteration_non_finite and not self._iteration_failed:
+            self.skipped_iterations += 1
+        if self._iteration_non_finite or self._iteration_failed:
+            if self._snapshot is not None and self._memory is not None:
+                self._memory.restore(self._snapshot)
+        self._snapshot = None
+        if not self._iteration_failed:
             self.iteration += 1
 
     def _reduce_array(self, job: _Job, x: np.ndarray) -> None:
