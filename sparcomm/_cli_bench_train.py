@@ -1029,7 +1029,9 @@ def plot_report(report: dict[str, Any], path: str) -> None:
     medians = [1e3 * contenders[c]["step_s"] for c in labels]
     axes[2].scatter(medians, labels, marker="|", color="k", s=200, label="median step")
     predicted = [1e3 * contenders[c].get("predicted_step_s", float("nan")) for c in labels]
-    axes[2].scatter(predicted, labels, marker="x", color="red", label="predicted")
+    if any(math.isfinite(p) for p in predicted):  # none without a link rate (no --emulate)
+        # (matplotlib's legend cannot place an all-NaN scatter: tight_layout raises.)
+        axes[2].scatter(predicted, labels, marker="x", color="red", label="predicted")
     axes[2].set_xlabel("ms per step, slowest rank (DDP waits inside backward)")
     axes[2].legend(fontsize=7)
     axes[2].invert_yaxis()
