@@ -324,3 +324,28 @@ def test_sigterm_ends_the_job_without_emulation():
         parent.kill()
         for pid in _ranks_with(marker):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_plot_without_a_link_rate_has_no_predicted_marks(tmp_path):
+    pytest.importorskip("matplotlib")
+    from sparcomm._cli_bench_train import attach_bytes, plot_report
+
+    shapes = [(64, 32), (32,)]
+    raw = {
+        "contenders": {
+            "ddp": {
+                "label": "DDP", "kind": "ddp", "ranks_agree": True,
+                "steps": _records([(1.0, 1.0)] * 4),
+                "accuracy": [(0, 10.0), (2, 30.0), (4, 40.0)],
+            }
+        }
+    }  # fmt: skip
+    summary = summarise(raw, warmup=0, target=None, budget=None)
+    attach_bytes(summary, shapes=shapes, ranks=2)
+    report = {
+        "summary": summary, "model": "MLP", "ranks": 2, "batch": 8, "link": "shared memory",
+        "measured_rate": "not measured", "load_text": "1.0-1.0",
+    }  # fmt: skip
+    path = tmp_path / "plot.png"
+    plot_report(report, str(path))  # no predicted_step_s anywhere: no scatter of NaNs
+    assert path.stat().st_size > 10_000
