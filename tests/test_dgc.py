@@ -180,6 +180,11 @@ def test_snapshot_restore_undoes_one_step(rng, make):
         b = dgc.encode(gradients[step], key="w")
         assert _same(a, b)
     np.testing.assert_array_equal(reference.momentum_buffer("w"), dgc.momentum_buffer("w"))
+    handle = dgc.snapshot()
+    dgc.encode(gradients[0], key="w")
+    dgc.encode(gradients[1], key="w")  # twice: the old u and v were overwritten
+    with pytest.raises(RuntimeError, match="more than once"):
+        dgc.restore(handle)
 
 
 @pytest.mark.parametrize("as_lists", [False, True])
