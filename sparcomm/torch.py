@@ -377,7 +377,6 @@ def DistributedOptimizer(  # noqa: N802 - a factory named like the class it retu
     op = normalize_op(op)
     options = GradOptions(sparse_as_dense, gradient_predivide_factor, num_groups, non_finite)
     check_options(options, op)
-    _check_policy_options(codec, non_finite)
     reducer = GradientReducer(
         codec,
         comm,
@@ -400,18 +399,6 @@ def DistributedOptimizer(  # noqa: N802 - a factory named like the class it retu
     if optimizer.state:
         torch.optim.Optimizer.load_state_dict(wrapped, optimizer.state_dict())
     return wrapped
-
-
-def _check_policy_options(codec: Any, non_finite: str) -> None:
-    """Refuse what a codec policy does not support yet."""
-    from sparcomm.policy import CodecPolicy
-
-    if isinstance(codec, CodecPolicy) and non_finite == "propagate":
-        raise NotImplementedError(
-            "non_finite='propagate' restores one codec's error-feedback residuals after a "
-            f"skipped step, and {codec!r} has several codecs; use non_finite='raise' with "
-            "a policy, or a single codec"
-        )
 
 
 def broadcast_parameters(
