@@ -800,6 +800,7 @@ class GradientReducer:
     ) -> None:
         from sparcomm._abort import install_abort_hook
         from sparcomm.codecs import Codec, NoCompression
+        from sparcomm.dgc import check_setup
         from sparcomm.feedback import ErrorFeedback
         from sparcomm.policy import CodecPolicy
 
@@ -842,6 +843,8 @@ class GradientReducer:
         self.layer_fuse_below = int(layer_fuse_below)
         self.compression = compression
         parent = _default_comm(comm)
+        for each in codecs:  # DGC's clipping takes P from the communicator
+            check_setup(each, comm=parent)
         install_abort_hook()  # from here on a rank that dies must not leave others hanging
         duplicates = _Duplicates.of(parent)
         duplicate, number = duplicates.duplicate(parent)

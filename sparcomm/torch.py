@@ -377,6 +377,7 @@ def DistributedOptimizer(  # noqa: N802 - a factory named like the class it retu
     op = normalize_op(op)
     options = GradOptions(sparse_as_dense, gradient_predivide_factor, num_groups, non_finite)
     check_options(options, op)
+    _check_codecs_with(codec, optimizer)
     reducer = GradientReducer(
         codec,
         comm,
@@ -399,6 +400,16 @@ def DistributedOptimizer(  # noqa: N802 - a factory named like the class it retu
     if optimizer.state:
         torch.optim.Optimizer.load_state_dict(wrapped, optimizer.state_dict())
     return wrapped
+
+
+def _check_codecs_with(codec: Any, optimizer: torch.optim.Optimizer) -> None:
+    """Refuse an optimizer that applies momentum under DGC's momentum correction (the
+    momentum would count twice), for the codec or any codec of a policy."""
+    from sparcomm.dgc import check_setup
+    from sparcomm.policy import CodecPolicy
+
+    for each in codec.codecs if isinstance(codec, CodecPolicy) else (codec,):
+        check_setup(each, optimizer=optimizer)
 
 
 def broadcast_parameters(

@@ -139,22 +139,29 @@ def error_class(value: int) -> type[Exception]:
 def describe_codec(codec: Any) -> str:
     """A rank-independent description of a codec: class and scalar parameters.
 
-    ``ErrorFeedback(c)`` is described as ``ErrorFeedback(<c>)``; per-rank state
-    (residuals) is left out.
+    ``ErrorFeedback(c)`` is described as ``ErrorFeedback(<c>)``; a wrapper derived from
+    it (``DGC``) adds its public scalar options (``momentum``, ``masking``, ...), so
+    ranks whose options differ disagree; per-rank state (residuals) is left out.
     """
     from sparcomm.feedback import ErrorFeedback
 
     if codec is None:
         return "dense"
     if isinstance(codec, ErrorFeedback):
-        return f"ErrorFeedback({describe_codec(codec.codec)})"
+        options = "".join(
+            f", {name}={value!r}"
+            for name, value in sorted(vars(codec).items())
+            if not name.startswith("_") and isinstance(value, _SCALARS)
+        )
+        return f"{type(codec).__qualname__}({describe_codec(codec.codec)}{options})"
     params = {
-        name: value
-        for name, value in sorted(vars(codec).items())
-        if isinstance(value, (int, float, str, bool, type(None)))
+        name: value for name, value in sorted(vars(codec).items()) if isinstance(value, _SCALARS)
     }
     body = ", ".join(f"{name.lstrip('_')}={value!r}" for name, value in params.items())
     return f"{type(codec).__qualname__}({body})"
+
+
+_SCALARS = (int, float, str, bool, type(None))
 
 
 def fingerprint(text: str) -> int:

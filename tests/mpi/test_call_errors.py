@@ -111,3 +111,18 @@ def test_negative_step_on_one_rank(codec):
         # The quantized family encodes after the agreement: its status words report it.
         elsewhere="failed to encode its part" if isinstance(codec, QSGD) else "rejected its",
     )
+
+
+def test_dgc_options_that_differ_between_ranks_are_named():
+    # DGC's options change what each rank sends (momentum, masking): the agreement sees
+    # them, not only the TopK inside.
+    if SIZE == 1:
+        pytest.skip("needs two ranks")
+    from sparcomm import DGC
+
+    codec = _on_last(DGC(TopK(k=3), momentum=0.5), DGC(TopK(k=3), momentum=0.9))
+    with pytest.raises(ValueError) as caught:
+        allreduce(np.ones(20), codec=codec, comm=COMM, key="dgc-mismatch")
+    message = str(caught.value)
+    assert "ranks disagree on codec" in message
+    assert "momentum=0.9" in message and "momentum=0.5" in message
