@@ -855,7 +855,13 @@ def local_seconds(codec: Any, n: int, dtype: Any, model: CostModel) -> float:
     from sparcomm.feedback import unwrap
 
     bare, memory = unwrap(codec)
-    entry = (describe_codec(bare), np.dtype(dtype).str, memory is not None)
+    # A codec that takes a level (TopK's density under a schedule) is timed once per
+    # class, not per level: a density ramp would time every step's new density (most of
+    # the step, measured) and grow this cache without bound, while the encode's cost per
+    # element barely depends on the level.
+    leveled = getattr(bare, "level_parameter", None) is not None
+    described = type(bare).__qualname__ if leveled else describe_codec(bare)
+    entry = (described, np.dtype(dtype).str, memory is not None)
     costs = _LOCAL_COSTS.get(entry)
     if costs is None:
         try:
