@@ -152,7 +152,7 @@ class _HookTimer:
         self.allreduces = 0
         original = dist.all_reduce
         if getattr(original, "_sparcomm_bench_wrapped", False):
-            original = original.__wrapped__  # type: ignore[attr-defined]
+            original = original.__wrapped__  # type: ignore[attr-defined, unused-ignore]
 
         def all_reduce(*args: Any, **kwargs: Any) -> Any:
             work = original(*args, **kwargs)

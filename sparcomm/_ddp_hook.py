@@ -244,7 +244,7 @@ class DDPCommState:
         try:
             self._reduce(job)
         except BaseException as error:  # DDP raises it from backward on this rank
-            job.future.set_exception(error)  # type: ignore[arg-type]  # stub says Tensor
+            job.future.set_exception(error)  # type: ignore[arg-type, unused-ignore]  # stub says Tensor
         else:
             job.future.set_result(job.buffer)
 

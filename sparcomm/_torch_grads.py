@@ -233,7 +233,7 @@ class GradientRouting:
                 else:
                     grad.copy_(result)
                 if scale != 1.0:
-                    p.grad.mul_(scale)  # type: ignore[union-attr]
+                    p.grad.mul_(scale)  # type: ignore[union-attr, unused-ignore]
             for p in self.sparse:
                 try:
                     p.grad = self._reduce_sparse(p, scale)

@@ -81,7 +81,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
     ) -> None:
         # The next class in the MRO is the user's optimizer, whose param_groups already
         # carry every hyper-parameter.
-        super().__init__(params)  # type: ignore[call-arg]
+        super().__init__(params)  # type: ignore[call-arg, unused-ignore]
         self._sparcomm_reducer = reducer
         self._passes = backward_passes_per_step
         self._names = _parameter_names(self.param_groups, named_parameters)

@@ -16,7 +16,8 @@ the decoding and summing happens:
     in DeepSpeed's compressed allreduce (Tang et al., "1-bit Adam: Communication
     Efficient Large-Scale Training with Adam's Convergence Speed", ICML 2021).  Bytes
     ``~ 2 (P - 1) / P C``.
-``pipelined`` (plain ``FP16`` only, host buffers; ``auto``'s choice for it)
+``pipelined`` (plain ``FP16`` only, ``auto``'s choice for it; a device input is
+    staged to the host once)
     The reduce-scatter + allgather above with float16 values on the wire and no payload
     framing, pipelined in segments (:func:`sparcomm.comm._ring.half_allreduce`): the
     same float32 sums in rank order, rounded once, so the result is bit for bit
@@ -499,11 +500,11 @@ def _check_request(
                 "'reduce_scatter_allgather'"
             )
         sum_dtype(size)
-    if algorithm == "pipelined" and (not plain_half(bare, memory) or device):
+    if algorithm == "pipelined" and not plain_half(bare, memory):
         raise NotImplementedError(
-            f"algorithm 'pipelined' runs plain FP16() on host buffers, got "
-            f"{describe_codec(bare if memory is None else ErrorFeedback(bare))} on a "
-            f"{'CuPy' if device else 'NumPy'} buffer: use 'reduce_scatter_allgather' or 'auto'"
+            f"algorithm 'pipelined' runs plain FP16() (no error feedback), got "
+            f"{describe_codec(bare if memory is None else ErrorFeedback(bare))}: use "
+            "'reduce_scatter_allgather' or 'auto'"
         )
     if x.size == 0:
         raise ValueError(f"x is empty (shape {x.shape}); there is nothing to reduce: skip it")
@@ -585,8 +586,11 @@ def quantized_allreduce(
         name = algorithm
     elif size == 1:
         name = "allgather"  # every algorithm is one local encode and decode at P = 1
-    elif plain_half(bare, memory) and not device:
-        name = "pipelined"  # measured: never slower than the others (issue 11)
+    elif plain_half(bare, memory):
+        # Measured: never slower than the others on host buffers (issue 11).  A device
+        # input runs it too, staged to the host once: every rank then runs the same
+        # schedule whatever its buffers (the choice is not agreed), with the same bits.
+        name = "pipelined"
     else:
         with stats._phase("choose"):
             costs = _cost.codec_costs(state.comm, bare, dtype, describe_codec(bare))
@@ -602,6 +606,9 @@ def quantized_allreduce(
     else:
         result = np.empty(x.shape, dtype=dtype) if out is None else out
         flat = result.reshape(-1)
+    source = x.reshape(-1)
+    if device and name == "pipelined":  # the pipeline reads host memory: one copy
+        source = state.staging.array_to_host(source, "pipelined")
     # Encode the flat view: payload sizes then follow chunk_nbytes (a 1-D header).
     problem = _Problem(
         channel,
@@ -609,7 +616,7 @@ def quantized_allreduce(
         # The placeholder never goes through error feedback: its encode would move this
         # rank's residual (worker and owner side) into a call whose result is discarded.
         None if call.failed else memory,
-        x.reshape(-1),
+        source,
         key,
         step,
         flat,
