@@ -42,7 +42,9 @@ def test_wheel_installs_into_a_fresh_venv_and_round_trips(tmp_path):
             "pip",
             "wheel",
             "--no-deps",
-            "--no-build-isolation",
+            # Built in pip's isolated environment from pyproject's build requirements, as
+            # a user's `pip install` builds it: the test environment's own setuptools may
+            # predate them (Python 3.11's venv ships setuptools 65 without `wheel`).
             "-q",
             "-w",
             str(dist),
