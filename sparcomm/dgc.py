@@ -34,7 +34,7 @@ import numpy as np
 
 from sparcomm._backend import array_module, kernels_for
 from sparcomm.codecs._base import Codec
-from sparcomm.feedback import ErrorFeedback, _checked_residual, unwrap
+from sparcomm.feedback import ErrorFeedback, _checked_residual, keyed_on_device, unwrap
 from sparcomm.payload import Payload
 
 
@@ -210,20 +210,7 @@ class DGC(ErrorFeedback):
 
     def _momentum_for(self, key: Hashable, flat: Any) -> Any:
         """The velocity of ``key`` on ``flat``'s device (moved there once), or None."""
-        velocity = self._momenta.get(key)
-        if velocity is None:
-            return None
-        if velocity.size != flat.size or velocity.dtype != flat.dtype:
-            raise ValueError(
-                f"the momentum for key {key!r} holds {velocity.size} x {velocity.dtype}, "
-                f"got {flat.size} x {flat.dtype}; give every tensor its own key"
-            )
-        xp = array_module(flat)
-        if array_module(velocity) is not xp:
-            velocity = xp.asarray(velocity) if xp is not np else velocity.get()
-            self._momenta[key] = velocity
-            self._momentum_scratch.pop(key, None)
-        return velocity
+        return keyed_on_device(self._momenta, self._momentum_scratch, key, flat, "momentum")
 
     def momentum_buffer(self, key: Hashable = None) -> Any:
         """The velocity ``u`` kept for ``key`` (None before its first encode)."""

@@ -115,20 +115,7 @@ class ErrorFeedback:
         ValueError
             If the residual does not have ``flat``'s size and dtype.
         """
-        residual = self._residuals.get(key)
-        if residual is None:
-            return None
-        if residual.size != flat.size or residual.dtype != flat.dtype:
-            raise ValueError(
-                f"the residual for key {key!r} holds {residual.size} x {residual.dtype}, got "
-                f"{flat.size} x {flat.dtype}; give every tensor its own key"
-            )
-        xp = array_module(flat)
-        if array_module(residual) is not xp:
-            residual = xp.asarray(residual) if xp is not np else residual.get()
-            self._residuals[key] = residual
-            self._scratch.pop(key, None)
-        return residual
+        return keyed_on_device(self._residuals, self._scratch, key, flat, "residual")
 
     def keys(self) -> list[Hashable]:
         return list(self._residuals)
@@ -420,6 +407,33 @@ def _checked_residual(key: Hashable, value: Any, saved: Any) -> np.ndarray:
             "residuals and dtypes of one ErrorFeedback.state_dict()"
         )
     return array
+
+
+def keyed_on_device(
+    table: dict[Hashable, Any], scratch: dict[Hashable, Any], key: Hashable, flat: Any, what: str
+) -> Any:
+    """``table[key]`` on ``flat``'s device (moved there once, its ``scratch`` spare
+    dropped), or None; for per-key state such as residuals and DGC's velocities.
+
+    Raises
+    ------
+    ValueError
+        If the kept array does not have ``flat``'s size and dtype.
+    """
+    value = table.get(key)
+    if value is None:
+        return None
+    if value.size != flat.size or value.dtype != flat.dtype:
+        raise ValueError(
+            f"the {what} for key {key!r} holds {value.size} x {value.dtype}, got "
+            f"{flat.size} x {flat.dtype}; give every tensor its own key"
+        )
+    xp = array_module(flat)
+    if array_module(value) is not xp:
+        value = xp.asarray(value) if xp is not np else value.get()
+        table[key] = value
+        scratch.pop(key, None)
+    return value
 
 
 def unwrap(codec: Any) -> tuple[Codec, ErrorFeedback | None]:

@@ -14,6 +14,7 @@ it back on every rank before the error propagates (:func:`_state_holder`).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -93,21 +94,11 @@ def allreduce(
     holder = _state_holder(codec)
     # By reference for the built-in codecs: a dict lookup per key, no copy.
     saved = None if holder is None else holder.snapshot((key, owner_key(key)))
-    try:
-        if dense_phase is not None:  # Q-DSAR: sparcomm.comm._quantized_dsar
-            return qdsar_allreduce(
-                x,
-                codec,
-                dense_phase,
-                comm=comm,
-                op=op,
-                algorithm=algorithm,
-                key=key,
-                step=step,
-                stats=stats,
-                out=out,
-            )
+    if dense_phase is not None:  # Q-DSAR: sparcomm.comm._quantized_dsar
+        collective: Any = functools.partial(qdsar_allreduce, dense_phase=dense_phase)
+    else:
         collective = lookup(codec)
+    try:
         return collective(
             x,
             codec,
