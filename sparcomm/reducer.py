@@ -23,7 +23,9 @@ dense (the warm-up of DGC, Lin et al., ICLR 2018; PowerSGD, Vogels et al., NeurI
 its own (per-layer top-k and residuals, one collective each) except tensors below
 ``layer_fuse_below`` elements, which fuse as in the other mode (a collective's
 fixed cost would dwarf their few values); ``compression="bucket"`` compresses each fused
-bucket as one vector (fewer, larger collectives).
+bucket as one vector (fewer, larger collectives).  Element-wise codecs (``FP16``,
+:attr:`~sparcomm.codecs.Codec.is_elementwise`) fuse in either mode, as dense tensors do:
+a fused bucket gives each element the bits it would get alone.
 
 ``codec=`` may be a :class:`~sparcomm.policy.CodecPolicy` that chooses a codec per
 tensor (PowerSGD for matrices, TopK for embedding tables, ...): buckets never mix codecs,
@@ -272,6 +274,22 @@ def _family(codec: Any) -> str | None:
 def _is_low_rank(codec: Any) -> bool:
     """Whether ``codec`` is of the low-rank family (PowerSGD), reduced per bucket."""
     return getattr(codec, "family", None) == "low-rank"
+
+
+def _is_elementwise(codec: Any) -> bool:
+    """Whether ``codec`` is a bare stateless element-wise codec (``FP16``): fusing its
+    tensors changes no element's result (:attr:`sparcomm.codecs.Codec.is_elementwise`),
+    so they fuse into buckets whatever the compression mode.  Not under ErrorFeedback
+    or DGC, whose residuals and random streams are keyed per tensor."""
+    from sparcomm.feedback import unwrap
+
+    bare, memory = unwrap(codec)
+    return (
+        bare is codec
+        and memory is None
+        and getattr(codec, "is_elementwise", False) is True
+        and not getattr(codec, "is_stochastic", False)
+    )
 
 
 def _default_comm(comm: Any) -> Any:
@@ -734,6 +752,8 @@ class GradientReducer:
     compression : {"layer", "bucket"}
         Compress each tensor separately (tensors below ``layer_fuse_below`` elements
         fuse into shared compressed buckets), or each fused bucket as one vector.
+        Element-wise codecs (``FP16``) and PowerSGD fuse in either mode (FP16's buckets
+        give the bits of its tensors reduced one by one).
     overlap : bool
         Reduce buckets in a background thread as they fill (needs
         ``MPI_THREAD_MULTIPLE``; without it the reducer logs a warning and reduces in
@@ -970,9 +990,10 @@ class GradientReducer:
         self._specs = cleaned
         self._plan_generation += 1
         # A low-rank codec compresses each tensor as its own matrix and sums a whole
-        # bucket's factors in one call: fuse its tensors into buckets.
+        # bucket's factors in one call, and an element-wise one (FP16) gives each element
+        # the same bits fused or not: fuse their tensors into buckets, as dense ones.
         modes = {
-            index: "bucket" if _is_low_rank(codec) else self.compression
+            index: "bucket" if _is_low_rank(codec) or _is_elementwise(codec) else self.compression
             for index, codec in enumerate(self.codecs)
         }
         for compressing in (True, False):

@@ -116,6 +116,17 @@ class Codec:
     #: ``encode(x, scale=S)``, whose ``packed`` array holds 2-bit ternary codes
     #: (0 -> 0, 1 -> +S, 2 -> -S) that the ranks' owners sum exactly as integers.
     shares_scale: ClassVar[bool] = False
+    #: Stateless and element-wise: each element's payload and decoded value depend on
+    #: that element alone (no per-tensor or per-bucket scale, no selection, no random
+    #: draw, no residual), and the family's collective sums each element across ranks on
+    #: its own.  Tensors concatenated into one vector then reduce to their own results,
+    #: so :class:`~sparcomm.GradientReducer` fuses such a codec's tensors into buckets in
+    #: either ``compression`` mode, as it fuses dense tensors: bit for bit for ``FP16``
+    #: (its ``pipelined`` collective sums in rank order), and for ``NoCompression`` up to
+    #: the order of the dense collective's float sum, as for any dense bucket.  Not
+    #: inherited: a subclass declares it again, as its encode may differ (and
+    #: ``pipelined`` runs ``FP16`` itself only).
+    is_elementwise: ClassVar[bool] = False
 
     seed: int = 0
     rank: int = 0
@@ -124,6 +135,8 @@ class Codec:
         cls, *, codec_id: int | None = None, family: str | None = None, **kwargs: Any
     ) -> None:
         super().__init_subclass__(**kwargs)
+        if "is_elementwise" not in cls.__dict__:
+            cls.is_elementwise = False  # a claim about this class's own algorithm
         if codec_id is None:
             if family is not None:
                 raise TypeError(f"{cls.__name__}: family= needs a codec_id= as well")

@@ -25,6 +25,8 @@ class NoCompression(Codec, codec_id=1, family="dense"):
     wire = (Wire("values", INPUT, Elements()),)
     presets = (preset("dense", lambda: NoCompression(), "bench", "demo", "test"),)
     is_unbiased = True
+    #: The identity: the reducer fuses it as it fuses dense tensors.
+    is_elementwise = True
 
     def _params(self, n: int) -> tuple[int, ...]:
         return ()
@@ -56,6 +58,11 @@ class FP16(Codec, codec_id=2, family="quantized"):
     wire = (Wire("values", np.float16, Elements()),)
     presets = (preset("fp16", lambda: FP16(), "bench", "allreduce", "test"),)
     dense_phase_capable = True
+    #: Each element rounds on its own, and ``pipelined`` (``auto``'s choice for plain
+    #: FP16 on more than one rank) sums each element's float16 values in rank order and
+    #: rounds once, wherever the element sits: a fused bucket reduces bit for bit as its
+    #: tensors one by one, so the reducer fuses FP16 tensors in either mode.
+    is_elementwise = True
 
     def _params(self, n: int) -> tuple[int, ...]:
         return ()
