@@ -658,15 +658,22 @@ def _median(values: list[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
 
-def summarise(raw: dict[str, Any], warmup: int, target: float | None, budget: float | None) -> dict:
+def summarise(
+    raw: dict[str, Any],
+    warmup: int,
+    target: float | None,
+    budget: float | None,
+    target_step: int | None = None,
+) -> dict:
     """From the ranks' per-step records: medians, splits, curves and time-to-accuracy.
 
     A step's time is its slowest rank's; its split is that rank's.  The first ``warmup``
     steps (compilation, calibration, first allocation) are left out of the medians, and
     count at the median on the wall-time axis (their one-off excess is reported as
     ``first_steps_extra_s``).  ``target`` defaults to the final accuracy of ``ddp`` (or of
-    the first synchronous contender), ``budget`` to the shortest wall time of the
-    synchronous contenders.
+    the first synchronous contender), or with ``target_step`` to its accuracy at that
+    step (what dense reaches in a budget of that many steps); ``budget`` defaults to the
+    shortest wall time of the synchronous contenders.
     """
     summary: dict[str, Any] = {}
     for cid, data in raw["contenders"].items():
@@ -713,9 +720,33 @@ def summarise(raw: dict[str, Any], warmup: int, target: float | None, budget: fl
         _count_bytes(entry, data["steps"])
         entry["final_accuracy"] = data["accuracy"][-1][1]
         summary[cid] = entry
+    return apply_target(summary, target, budget, target_step)
+
+
+def apply_target(
+    summary: dict[str, Any],
+    target: float | None,
+    budget: float | None,
+    target_step: int | None = None,
+) -> dict[str, Any]:
+    """Time, steps and accuracy against a target accuracy and a time budget, from each
+    contender's curve (defaults as in :func:`summarise`)."""
     synchronous = [c for c, e in summary.items() if e["kind"] != "local"]
-    if target is None and synchronous:
-        reference = "ddp" if "ddp" in summary else synchronous[0]
+    reference = ("ddp" if "ddp" in summary else synchronous[0]) if synchronous else None
+    if target is not None and target_step is not None:
+        raise ValueError("give --target or --target-step, not both")
+    if target_step is not None:
+        if reference is None:
+            raise ValueError("--target-step needs a synchronous contender (ddp, say)")
+        points = [p for p in summary[reference]["curve"] if p["step"] == target_step]
+        if not points:
+            steps = [p["step"] for p in summary[reference]["curve"]]
+            raise ValueError(
+                f"--target-step {target_step}: {reference} was evaluated at steps {steps}; "
+                "give one of them (a multiple of --eval-every up to --steps)"
+            )
+        target = points[0]["accuracy"]
+    elif target is None and reference is not None:
         target = summary[reference]["final_accuracy"]
     if budget is None and synchronous:
         budget = min(summary[c]["curve"][-1]["time_s"] for c in synchronous)
@@ -727,7 +758,13 @@ def summarise(raw: dict[str, Any], warmup: int, target: float | None, budget: fl
             p for p in entry["curve"] if budget is not None and p["time_s"] <= budget * 1.0001
         ]
         entry["accuracy_at_budget"] = within[-1]["accuracy"] if within else None
-    return {"target_accuracy": target, "budget_s": budget, "contenders": summary}
+    return {
+        "target_accuracy": target,
+        "target_step": target_step,
+        "target_reference": reference,
+        "budget_s": budget,
+        "contenders": summary,
+    }
 
 
 def _count_bytes(entry: dict[str, Any], steps: list[list[dict[str, Any]]]) -> None:
@@ -849,8 +886,8 @@ def format_table(report: dict[str, Any]) -> str:
         f"{report['ranks']} ranks, batch {report['batch']} per rank, {report['steps']} steps",
         f"link: {report['link']}; measured {report['measured_rate']}; MPI latency "
         f"{report['latency_s'] * 1e6:.0f} us; load {report['load_text']}",
-        f"target accuracy {_fmt(summary['target_accuracy'], 1, '.1f')} %, budget "
-        f"{_fmt(summary['budget_s'], 1, '.1f')} s of steps",
+        f"target accuracy {_fmt(summary['target_accuracy'], 1, '.1f')} %{_target_origin(summary)}"
+        f", budget {_fmt(summary['budget_s'], 1, '.1f')} s of steps",
     ]
     header = (
         f"{'contender':<32} {'step ms':>8} {'x floor':>7} {'pred ms':>8} {'fwd+bwd':>8} "
@@ -935,11 +972,29 @@ def markdown_table(report: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def render_report(path: str) -> dict[str, Any]:
-    """A saved report, its predictions recomputed with this version of the predictor."""
+def _target_origin(summary: dict[str, Any]) -> str:
+    """Where the target accuracy came from, as the table's header says it."""
+    if summary.get("target_step") is not None:
+        return f" ({summary['target_reference']}'s at step {summary['target_step']})"
+    return ""
+
+
+def render_report(
+    path: str,
+    target: float | None = None,
+    budget: float | None = None,
+    target_step: int | None = None,
+) -> dict[str, Any]:
+    """A saved report, its predictions recomputed with this version of the predictor;
+    its time to target and accuracy at budget recomputed from the curves when ``target``,
+    ``budget`` or ``target_step`` is given."""
     from sparcomm._train_tasks import make_task
 
     report = json.loads(Path(path).read_text())
+    if target is not None or budget is not None or target_step is not None:
+        report["summary"] = apply_target(
+            report["summary"]["contenders"], target, budget, target_step
+        )
     for entry in report["summary"]["contenders"].values():
         phases = entry.get("phases_s")
         if phases is not None and not phases.get("other"):
@@ -1075,6 +1130,13 @@ def _configure(parser: argparse.ArgumentParser) -> None:
         "--contenders", nargs="+", metavar="ID", help="ids or globs (e.g. ddp* sparcomm-topk)"
     )
     parser.add_argument("--target", type=float, default=None, help="target accuracy, percent")
+    parser.add_argument(
+        "--target-step",
+        type=int,
+        default=None,
+        metavar="N",
+        help="target accuracy: ddp's at step N (dense's accuracy in a budget of N steps)",
+    )
     parser.add_argument("--budget", type=float, default=None, help="time budget, seconds")
     parser.add_argument("--ddp-bucket-mb", type=float, default=25.0)
     parser.add_argument("--threads-per-rank", type=int, default=1)
@@ -1104,6 +1166,15 @@ def _validate(args: argparse.Namespace) -> None:
     if args.test_samples < args.nprocs:
         raise ValueError("--test-samples must be at least the number of ranks")
     select_contenders(args.contenders)
+    if args.target is not None and args.target_step is not None:
+        raise ValueError("give --target or --target-step, not both")
+    if args.target_step is not None and (
+        not 1 <= args.target_step <= args.steps or args.target_step % args.eval_every
+    ):
+        raise ValueError(
+            f"--target-step must be a multiple of --eval-every ({args.eval_every}) in "
+            f"[1, --steps={args.steps}], got {args.target_step}"
+        )
 
 
 def _rank_argv(args: argparse.Namespace, result: str) -> list[str]:
@@ -1213,7 +1284,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             )
         raw = json.loads(Path(result_path).read_text())
     load_after = os.getloadavg()
-    summary = summarise(raw, args.warmup, args.target, args.budget)
+    summary = summarise(raw, args.warmup, args.target, args.budget, args.target_step)
     attach_bytes(summary, shapes=task.parameter_shapes(), ranks=args.nprocs)
     attach_predictions(
         summary,
@@ -1270,7 +1341,11 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 @arguments(_configure)
 def bench_train(args: argparse.Namespace) -> int:
     try:
-        report = render_report(args.render) if args.render else run_benchmark(args)
+        report = (
+            render_report(args.render, args.target, args.budget, args.target_step)
+            if args.render
+            else run_benchmark(args)
+        )
     except (ValueError, TypeError, PermissionError, FileNotFoundError, NotImplementedError) as e:
         print(f"sparcomm bench train: {e}", file=sys.stderr)
         return 2

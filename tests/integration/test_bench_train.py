@@ -116,6 +116,33 @@ def test_summary_takes_the_slowest_rank_skips_warmup_and_reads_the_curves():
     assert ddp["bytes_source"] == "wire"
 
 
+def test_target_step_is_ddps_accuracy_at_that_step_and_render_recomputes_it(tmp_path):
+    from sparcomm._cli_bench_train import apply_target
+
+    def contender(kind, accuracy, step_s):
+        curve = [{"step": s, "time_s": s * step_s, "accuracy": a} for s, a in accuracy]
+        return {"kind": kind, "curve": curve, "final_accuracy": accuracy[-1][1]}
+
+    contenders = {
+        "ddp": contender("ddp", [(0, 10.0), (10, 40.0), (20, 50.0)], 3.0),
+        "fast": contender("sparcomm", [(0, 10.0), (10, 35.0), (20, 42.0)], 1.0),
+    }
+    summary = apply_target(contenders, None, None, target_step=10)
+    assert summary["target_accuracy"] == 40.0 and summary["target_reference"] == "ddp"
+    assert contenders["ddp"]["time_to_target_s"] == 30.0
+    assert (
+        contenders["fast"]["steps_to_target"] == 20
+        and contenders["fast"]["time_to_target_s"] == 20.0
+    )
+    with pytest.raises(ValueError, match="evaluated at steps"):
+        apply_target(contenders, None, None, target_step=15)
+    with pytest.raises(ValueError, match="not both"):
+        apply_target(contenders, 40.0, None, target_step=10)
+    # Without it: DDP's final accuracy, which "fast" never reaches.
+    assert apply_target(contenders, None, None)["target_accuracy"] == 50.0
+    assert contenders["fast"]["time_to_target_s"] is None
+
+
 def test_bytes_to_target_from_counts_or_from_the_algorithm():
     from sparcomm._cli_bench_train import attach_bytes
     from sparcomm.predict import traffic
