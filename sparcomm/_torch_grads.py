@@ -235,7 +235,10 @@ class GradientRouting:
                     # result's memory instead of a copy (a pass over every gradient, 8-12
                     # ms a step at 10.5 M parameters).  The reducer never reuses an output
                     # it has handed out, so the memory is the gradient's alone.
-                    grad.set_(result.view(grad.shape))
+                    view = result.view(grad.shape)
+                    grad.set_(
+                        view.untyped_storage(), view.storage_offset(), view.size(), view.stride()
+                    )
                 else:
                     grad.copy_(result)
                 if scale != 1.0:
