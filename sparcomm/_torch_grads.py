@@ -193,7 +193,8 @@ class GradientRouting:
         if factor != 1.0:
             with torch.no_grad():
                 grad = grad.mul(1.0 / factor) if grad is p.grad else grad.mul_(1.0 / factor)
-        reducer.submit(self.names[p], _as_array(grad))
+        # The gradient is ours until the step: the reducer may write its result into it.
+        reducer.submit(self.names[p], _as_array(grad), in_place=True)
 
     def submit_missing(self) -> None:
         for p in self.dense:

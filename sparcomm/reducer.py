@@ -325,6 +325,8 @@ class _StepRun:
         self.step = step
         self.pending = [len(bucket.slots) for bucket in plan.buckets]
         self.inputs: dict[Hashable, Any] = {}
+        #: Names whose input the caller gave up (``submit(..., in_place=True)``).
+        self.in_place: set[Hashable] = set()
         self.outputs: dict[Hashable, Any] = {}
         self.condition = threading.Condition()
         self.done = threading.Event()
@@ -635,8 +637,12 @@ class _Engine:
         info = AllreduceStats()
         start = time.perf_counter()
         names = [slot.name for slot in bucket.slots]
+        inputs = [run.inputs[name] for name in names]
+        # An input given up by the caller takes its own result: no new array (whose first
+        # touch would fault in fresh pages) per tensor and step.
+        outs = [x if name in run.in_place else None for name, x in zip(names, inputs, strict=True)]
         results = powersgd_allreduce(
-            [run.inputs[name] for name in names], codec, names, self.comm, op=self.op, stats=info
+            inputs, codec, names, self.comm, op=self.op, stats=info, outs=outs
         )
         run.outputs.update(zip(names, results, strict=True))
         stats = run.stats
@@ -1219,11 +1225,17 @@ class GradientReducer:
         """Whether ``name`` was submitted in the step in flight."""
         return self._run is not None and name in self._run.inputs
 
-    def submit(self, name: Hashable, grad: Any) -> None:
+    def submit(self, name: Hashable, grad: Any, *, in_place: bool = False) -> None:
         """Hand over the gradient ``name`` for this step; its bucket starts when full.
 
         The array must not be modified until :meth:`wait` returns (it is read in place,
         without a copy, when it forms a bucket of its own).
+
+        With ``in_place=True`` the caller gives the array up, as Horovod's
+        ``allreduce_``: the reducer may write the result into it (and :meth:`wait`
+        then returns it) instead of a new array.  PowerSGD's buckets do; other
+        collectives return new arrays.  After a failed step such an array may hold the
+        reduced values (the codecs' state is restored as always).
 
         Raises
         ------
@@ -1258,6 +1270,8 @@ class GradientReducer:
                     "between steps"
                 )
             run.inputs[name] = grad
+            if in_place:
+                run.in_place.add(name)
             run.pending[bucket_index] -= 1
             if run.pending[bucket_index] == 0:
                 run.condition.notify_all()

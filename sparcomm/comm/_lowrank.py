@@ -84,8 +84,9 @@ def powersgd_allreduce(
         Filled in place (``n`` elements, ``k`` values sent per rank, bytes, phases
         ``check``, ``encode``, ``allreduce_p``, ``orthogonalize``, ``allreduce_q``,
         ``decode``).
-    outs : sequence of arrays, optional
-        Output buffers shaped like ``arrays`` (new arrays when omitted).
+    outs : sequence of arrays or None, optional
+        Output buffers shaped like ``arrays`` (new arrays when omitted, or for a None
+        entry); an out may be its input array itself (computed in place).
 
     Returns
     -------
@@ -220,6 +221,8 @@ def _check_inputs(
         if len(outs) != len(arrays):
             raise ValueError(f"give one out per array: {len(arrays)} arrays, {len(outs)} outs")
         for i, (a, o) in enumerate(zip(arrays, outs, strict=True)):
+            if o is None:
+                continue
             if (
                 array_module(o) is not xp
                 or o.dtype != a.dtype

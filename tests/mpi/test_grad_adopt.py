@@ -105,3 +105,40 @@ def test_adopted_gradients_equal_the_reducers_outputs(name: str) -> None:
                 assert torch.equal(a, b), (name, step, n)
     gathered = COMM.allgather(b"".join(p.detach().numpy().tobytes() for p in model.parameters()))
     assert all(g == gathered[0] for g in gathered)
+
+
+@pytest.mark.parametrize("error_feedback", [True, False])
+def test_in_place_submission_takes_the_result_where_the_collective_can(
+    error_feedback: bool,
+) -> None:
+    """``submit(..., in_place=True)``: PowerSGD's buckets write each result into the
+    given array (wait() returns that array); the values are the same bits as a reducer
+    that returns new arrays; other codecs return new arrays."""
+    rng = np.random.default_rng(7 + COMM.Get_rank())
+    shapes = {"w1": (48, 20), "b1": (48,), "w2": (5, 48), "b2": (5,)}
+
+    def reducer(codec):
+        return sparcomm.GradientReducer(codec, fusion_threshold_bytes=1 << 20, dense_below=0)
+
+    given = reducer(sparcomm.PowerSGD(rank=2, error_feedback=error_feedback))
+    fresh = reducer(sparcomm.PowerSGD(rank=2, error_feedback=error_feedback))
+    plain = reducer(sparcomm.ErrorFeedback(sparcomm.TopK(density=0.2)))
+    with given, fresh, plain:
+        for r in (given, fresh, plain):
+            r.setup([(n, s, np.float32) for n, s in shapes.items()])
+        for _ in range(3):
+            grads = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+            copies = {n: g.copy() for n, g in grads.items()}
+            for n, g in grads.items():
+                given.submit(n, g, in_place=True)
+                fresh.submit(n, copies[n])
+            got, want = given.wait(), fresh.wait()
+            for n in shapes:
+                assert got[n] is grads[n]  # the given array, holding the result
+                np.testing.assert_array_equal(got[n], want[n])
+                assert not np.shares_memory(want[n], copies[n])
+            topk_in = {n: g.copy() for n, g in grads.items()}
+            for n, g in topk_in.items():
+                plain.submit(n, g, in_place=True)
+            for n, out in plain.wait().items():
+                assert not np.shares_memory(out, topk_in[n])
