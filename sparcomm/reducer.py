@@ -645,14 +645,7 @@ class _Engine:
             inputs, codec, names, self.comm, op=self.op, stats=info, outs=outs
         )
         run.outputs.update(zip(names, results, strict=True))
-        stats = run.stats
-        stats.seconds += time.perf_counter() - start
-        stats.buckets += 1
-        stats.compressed_buckets += 1
-        stats.elements += bucket.size
-        stats.bytes_sent += info.bytes_sent
-        stats.bytes_received += info.bytes_received
-        stats.algorithms.append(info.algorithm)
+        self._account(run, bucket, info, start)
 
     def _allreduce(
         self, run: _StepRun, bucket: _Bucket, codec: Any, x: Any, parent: _Bucket | None = None

@@ -133,6 +133,9 @@ def test_in_place_submission_takes_the_result_where_the_collective_can(
                 given.submit(n, g, in_place=True)
                 fresh.submit(n, copies[n])
             got, want = given.wait(), fresh.wait()
+            # PowerSGD's steps show in the reducer's per-phase split.
+            phases = given.last_stats.phases
+            assert phases["encode"] > 0 and phases["exchange"] > 0 and phases["merge"] > 0
             for n in shapes:
                 assert got[n] is grads[n]  # the given array, holding the result
                 np.testing.assert_array_equal(got[n], want[n])
