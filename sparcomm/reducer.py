@@ -632,6 +632,7 @@ class _Engine:
         """PowerSGD: the bucket's tensors, each its own matrix keyed by its name, share
         one allreduce of their P factors and one of their Q factors."""
         from sparcomm.comm import AllreduceStats
+        from sparcomm.comm._call import agreed_layout
         from sparcomm.comm._lowrank import powersgd_allreduce
 
         info = AllreduceStats()
@@ -641,9 +642,12 @@ class _Engine:
         # An input given up by the caller takes its own result: no new array (whose first
         # touch would fault in fresh pages) per tensor and step.
         outs = [x if name in run.in_place else None for name, x in zip(names, inputs, strict=True)]
-        results = powersgd_allreduce(
-            inputs, codec, names, self.comm, op=self.op, stats=info, outs=outs
-        )
+        # After the bucket's first full check, its calls check locally and the status
+        # travels with the P factors (no round trip per step: sparcomm.comm._call).
+        with agreed_layout((*_layout_head(run, bucket), bucket.index)):
+            results = powersgd_allreduce(
+                inputs, codec, names, self.comm, op=self.op, stats=info, outs=outs
+            )
         run.outputs.update(zip(names, results, strict=True))
         self._account(run, bucket, info, start)
 

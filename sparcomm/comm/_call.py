@@ -208,6 +208,12 @@ class Call:
         self.stats._add_bytes(moved, moved)
         return table
 
+    @property
+    def in_steady_state(self) -> bool:
+        """True after :meth:`agree` checked locally (an agreed layout): the status is in
+        flight until :meth:`settle`."""
+        return self._request is not None
+
     def agreed(self) -> tuple[int, np.dtype, str, str]:
         """The agreed ``(n, dtype, algorithm, op)`` of the call (after :meth:`agree`)."""
         assert self.table is not None

@@ -48,6 +48,9 @@ class _CommState:
     # layouts whose k changed (full checks from then on).
     agreed: dict = field(default_factory=dict)
     unsteady: set = field(default_factory=set)
+    # sparcomm.comm._lowrank: layout -> (P, Q) buffer sizes, for a rank that sends
+    # placeholders in steady state.
+    factor_sizes: dict = field(default_factory=dict)
     staging: DeviceStaging = field(default_factory=DeviceStaging)  # pinned, for CuPy inputs
 
     def buffer(self, name: str, size: int, dtype: np.dtype) -> np.ndarray:

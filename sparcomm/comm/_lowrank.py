@@ -31,7 +31,7 @@ from mpi4py import MPI
 
 from sparcomm._backend import array_module
 from sparcomm._errors import non_finite_error
-from sparcomm.comm._call import Local, begin_call
+from sparcomm.comm._call import Call, Local, begin_call
 from sparcomm.comm._context import Channel
 from sparcomm.comm._protocol import (
     LOWRANK_ALGORITHM_CODES,
@@ -126,18 +126,26 @@ def powersgd_allreduce(
         codec_text=codec_text,
         algorithm=code(LOWRANK_ALGORITHM_CODES, algorithm),
         op=op,
+        steady=True,
     )
-    column = table[:, _K_FIELD]
-    if np.any(column != column[0]):
-        raise ValueError(
-            f"allreduce: ranks disagree on the tensors' shapes or keys (rank "
-            f"{int(np.flatnonzero(column != column[0])[0])} differs from rank 0); every rank "
-            "must reduce the same tensors in the same order"
-        )
+    if call.failed:  # steady state: take part with zeros, every rank raises at settle
+        _, agreed_dtype, _, _ = call.agreed()
+        sent = np.zeros(call.state.factor_sizes[call.layout][0], dtype=agreed_dtype)
+    else:
+        if not call.in_steady_state:
+            _check_layouts(table)
+        assert p_buffer is not None and q_buffer is not None
+        _remember_sizes(call, p_buffer, q_buffer)
+        sent = p_buffer
+    _exchange_p(call, sent)
+    if call.settle():  # a rank's tensors changed: every rank redoes with a full check
+        _check_layouts(call.recheck())
+        with stats._phase("encode"):
+            works, p_buffer, q_buffer = _start_all(codec, list(arrays), list(keys))
+        _remember_sizes(call, p_buffer, q_buffer)
+        _exchange_p(call, p_buffer)
     assert p_buffer is not None and q_buffer is not None
     size = channel.size
-    with stats._phase("allreduce_p"):
-        _allreduce(channel, p_buffer)
     with stats._phase("orthogonalize"):
         for work in works:
             codec.project(work)
@@ -182,6 +190,33 @@ def lowrank_allreduce(
         stats=stats,
         outs=None if out is None else [out],
     )[0]
+
+
+def _check_layouts(table: np.ndarray) -> None:
+    """Every rank's fingerprint of its tensors' keys and shapes (the k column) agrees."""
+    column = table[:, _K_FIELD]
+    if np.any(column != column[0]):
+        raise ValueError(
+            f"allreduce: ranks disagree on the tensors' shapes or keys (rank "
+            f"{int(np.flatnonzero(column != column[0])[0])} differs from rank 0); every "
+            "rank must reduce the same tensors in the same order"
+        )
+
+
+def _remember_sizes(call: Call, p_buffer: Any, q_buffer: Any) -> None:
+    """The layout's factor sizes, for a rank that sends placeholders in steady state."""
+    if call.layout is not None:
+        call.state.factor_sizes[call.layout] = (int(p_buffer.size), int(q_buffer.size))
+
+
+def _exchange_p(call: Call, buffer: Any) -> None:
+    """The first allreduce (the P factors), with the steady-state status in flight."""
+    try:
+        with call.stats._phase("allreduce_p"):
+            _allreduce(call.channel, buffer)
+    except BaseException:
+        call.drain()
+        raise
 
 
 def _check_inputs(

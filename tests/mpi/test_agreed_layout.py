@@ -176,3 +176,93 @@ def test_reducer_failure_in_steady_state_raises_on_every_rank_and_recovers():
             root = COMM.bcast(reduced if rank == 0 else None, root=0)
             for name in shapes:
                 assert np.array_equal(reduced[name], root[name])
+
+
+# -- PowerSGD (the low-rank family): the status travels with the P factors -------------
+
+
+def test_powersgd_checks_once_per_layout_and_equals_the_checked_result(signature_rows):
+    from sparcomm import PowerSGD
+
+    comm = COMM.Dup()
+    rng = np.random.default_rng(3 + COMM.Get_rank())
+    xs = [rng.standard_normal((30, 20)) for _ in range(4)]
+    steady, checked = PowerSGD(rank=2), PowerSGD(rank=2)
+    for step, x in enumerate(xs):
+        with agreed_layout(("powersgd", 0)):
+            got = allreduce(x, codec=steady, comm=comm, key="w")
+        want = allreduce(x, codec=checked, comm=comm, key="w")  # no layout: full checks
+        assert np.array_equal(got, want), step
+    assert len(signature_rows) == 1 + len(xs)  # the layout's first call, and each unagreed
+    comm.Free()
+
+
+def test_powersgd_failure_in_steady_state_raises_on_every_rank_and_keeps_state():
+    from sparcomm import PowerSGD
+
+    comm = COMM.Dup()
+    rank, size = COMM.Get_rank(), COMM.Get_size()
+    rng = np.random.default_rng(11 + rank)
+    codec, twin = PowerSGD(rank=2), PowerSGD(rank=2)
+    bad = size - 1
+    for step in range(4):
+        x = rng.standard_normal((16, 24))
+        if step == 2:
+            poisoned = x.copy()
+            if rank == bad:
+                poisoned[3, 4] = np.nan
+            with agreed_layout(("powersgd-fail", 0)), pytest.raises(ValueError) as info:
+                allreduce(poisoned, codec=codec, comm=comm, key="w")
+            assert (f"rank {bad}" if rank != bad else "non-finite") in str(info.value)
+            continue  # the twin skips this step too: the states must still match
+        with agreed_layout(("powersgd-fail", 0)):
+            result = allreduce(x, codec=codec, comm=comm, key="w")
+        assert np.array_equal(result, allreduce(x, codec=twin, comm=comm, key="w"))
+        root = COMM.bcast(result if rank == 0 else None, root=0)
+        assert np.array_equal(result, root)
+    comm.Free()
+
+
+def test_powersgd_changed_tensors_in_steady_state_raise_on_every_rank(signature_rows):
+    from sparcomm import PowerSGD
+    from sparcomm.comm._lowrank import powersgd_allreduce
+
+    comm = COMM.Dup()
+    rank, size = COMM.Get_rank(), COMM.Get_size()
+    codec = PowerSGD(rank=1)
+    for step in range(3):
+        # The last rank renames its tensor at step 1 (same sizes: only the fingerprint).
+        key = "v" if (step == 1 and rank == size - 1) else "u"
+        x = np.full((8, 6), float(rank + 1))
+        with agreed_layout(("powersgd-changed", 0)):
+            if step == 1 and size > 1:
+                with pytest.raises(ValueError, match="disagree on the tensors"):
+                    powersgd_allreduce([x], codec, [key], comm)
+            else:
+                powersgd_allreduce([x], codec, [key], comm)
+    # step 0: the first check; step 1: the redo; step 2: full checks from then on.
+    assert len(signature_rows) == 3
+    comm.Free()
+
+
+def test_reducer_powersgd_buckets_check_once():
+    from sparcomm import PowerSGD
+
+    rank = COMM.Get_rank()
+    shapes = {"w1": (64, 32), "b1": (32,), "w2": (32, 10)}
+    calls = []
+    original = _call.check_signature
+
+    def counting(channel, row, *args):
+        calls.append(row.size)
+        return original(channel, row, *args)
+
+    with GradientReducer(codec=PowerSGD(rank=2), fusion_threshold_bytes=1 << 20) as reducer:
+        for step in range(3):
+            if step == 1:
+                _call.check_signature = counting
+            rng = np.random.default_rng(100 * step + rank)
+            reducer.reduce({name: rng.standard_normal(shape) for name, shape in shapes.items()})
+    _call.check_signature = original
+    # The matrices' PowerSGD bucket and the bias's dense one: no signature check.
+    assert sorted(reducer.last_stats.algorithms) == ["dense", "powersgd"] and calls == []
