@@ -264,9 +264,16 @@ def format_table(result: dict[str, Any]) -> str:
         if result.get("input", "sparse") == "dense"
         else "sparse_allreduce of ready streams (no encode)"
     )
+    machine = result.get("machine", {})
+    load = ""
+    if "loadavg_start" in machine:
+        load = (
+            f"; load {machine['loadavg_start'][0]:.1f} -> {machine['loadavg_end'][0]:.1f} "
+            f"(1-min avg) on {machine.get('cpus', '?')} cores"
+        )
     return (
         f"{result['ranks']} ranks, {result['dtype']}, {what}, median of {result['repeats']} "
-        f"(slowest rank per repeat), times in ms\n{render(lines)}\n\n"
+        f"(slowest rank per repeat), times in ms{load}\n{render(lines)}\n\n"
         f"MiB sent per rank (mean over ranks)\n{render(bytes_lines)}"
     )
 

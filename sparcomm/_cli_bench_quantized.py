@@ -48,12 +48,15 @@ def bench_codec(comm, n: int, name: str, dtype: np.dtype, repeats: int, seed: in
     """Measure one (n, codec) point on every rank; returns the row (on every rank)."""
     from sparcomm.comm import AllreduceStats, allreduce
     from sparcomm.comm._cost import candidates
+    from sparcomm.comm._quantized import plain_half
 
     rank, size = comm.Get_rank(), comm.Get_size()
     codec = CODECS[name]()
     x = np.random.default_rng([seed, rank, n]).standard_normal(n).astype(dtype)
     reduced = np.empty_like(x)
     algorithms = list(candidates(codec, size))
+    if plain_half(codec, None):
+        algorithms.append("pipelined")  # FP16's own schedule: auto's choice for it
     stats = {a: AllreduceStats() for a in (*algorithms, "auto")}
     steps = {a: 0 for a in stats}
 
@@ -137,6 +140,7 @@ def format_quantized(rows: list[dict], ranks: int) -> str:
         "allgather": "allgather",
         "reduce_scatter_allgather": "rs+ag",
         "shared_scale": "shared",
+        "pipelined": "pipelined",
     }
     head = [
         "n",
@@ -145,6 +149,7 @@ def format_quantized(rows: list[dict], ranks: int) -> str:
         "allgather",
         "rs+ag",
         "shared",
+        "pipelined",
         "auto",
         "choice",
         "MPI/best",
@@ -155,11 +160,11 @@ def format_quantized(rows: list[dict], ranks: int) -> str:
         algorithms = row["algorithms"]
         best = row["fastest"]
         cells = [f"2^{int(np.log2(row['n']))}", row["codec"], f"{1e3 * row['mpi_allreduce_s']:.2f}"]
-        for a in ("allgather", "reduce_scatter_allgather", "shared_scale"):
+        for a in short:
             cells.append(f"{1e3 * algorithms[a]['median_s']:.2f}" if a in algorithms else "-")
         cells += [
             f"{1e3 * row['auto']['median_s']:.2f}",
-            short[row["auto"]["choice"]],
+            short.get(row["auto"]["choice"], row["auto"]["choice"]),
             f"{algorithms[best]['speedup_vs_mpi']:.2f}x",
             f"{algorithms[row['fewest_bytes']]['fewer_bytes_than_dense']:.1f}x",
         ]
