@@ -50,3 +50,15 @@ def test_bench_allreduce_reports_the_quantized_codecs():
 def test_bench_allreduce_refuses_unknown_codecs(capsys):
     assert main(["bench", "allreduce", "--codecs", "qsgd3"]) == 2
     assert "--codecs must be among" in capsys.readouterr().err
+
+
+def test_fp16_is_timed_with_its_pipelined_schedule_and_the_table_prints():
+    """FP16's own schedule is one of its measured algorithms, and the terminal table
+    (printed after the grid) names whatever auto chose."""
+    command = [sys.executable, "-c", ENTRY, "bench", "allreduce", "-np", "2", "--sizes", "12"]
+    command += ["--densities", "--codecs", "fp16", "--repeats", "1", "--no-progress"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    header, row = done.stdout.strip().splitlines()[-2:]
+    assert "pipelined" in header.split() and row.split()[1] == "fp16"
+    assert row.split()[-3] in {"allgather", "rs+ag", "pipelined"}  # auto's choice
