@@ -136,20 +136,36 @@ class ErrorFeedback:
         compensated = self._scratch.pop(key, None)
         if compensated is None:
             compensated = xp.empty_like(flat)
+        # The codec adds the residual in its own pass where it can (TopK on the host:
+        # one pass over memory less), when what is encoded is the plain x + residual.
+        fuse = (
+            residual is not None
+            and type(self)._compensate is ErrorFeedback._compensate
+            and getattr(self.codec, "fuses_compensation", False)
+        )
         try:
-            self._compensate(key, flat, residual, compensated)
-        except BaseException:
-            self._scratch[key] = compensated
-            raise
-        try:
-            payload = self.codec.encode(
-                compensated.reshape(x.shape), key=key, step=step, rank=rank, **options
-            )
+            if fuse:
+                payload = self.codec.encode(
+                    flat.reshape(x.shape),  # a view: the payload keeps x's shape
+                    key=key,
+                    step=step,
+                    rank=rank,
+                    residual=residual,
+                    compensated=compensated,
+                    **options,
+                )
+            else:
+                self._compensate(key, flat, residual, compensated)
+                payload = self.codec.encode(
+                    compensated.reshape(x.shape), key=key, step=step, rank=rank, **options
+                )
         except BaseException:
             self._scratch[key] = compensated
             raise
         residual_into = getattr(self.codec, "residual_into", None)
-        if residual_into is not None:
+        if fuse and getattr(self.codec, "fuses_feedback", False):
+            pass  # the codec's pass left compensated - decode(payload) in compensated
+        elif residual_into is not None:
             residual_into(compensated, payload)
         elif self.codec.fused_accumulate:
             # compensated -= decode(payload) in the decode pass itself (same bits as

@@ -24,4 +24,11 @@ for _name, _family in FAMILIES.items():
     globals()[_name] = getattr(import_module(f".{_family}", __name__), _name)
 del _name, _family
 
+#: Host-only fusions beyond the contract (error feedback's passes in one): the codecs
+#: look them up with ``getattr`` and run the contract's kernels where they are absent.
+#: ``topk`` of ``add``'s result:
+topk_of_sum = import_module(".topk", __name__).topk_of_sum
+#: Host-only fusion of error feedback's add, 1-bit encode and decode-subtract.
+onebit_encode_feedback = import_module(".onebit", __name__).onebit_encode_feedback
+
 __all__ = list(CONTRACT + EXTRA)

@@ -22,6 +22,8 @@ import numpy as np
 from numba import njit
 from sparcomm.kernels import reference
 
+from ._stores import LINE_BYTES, store_fence, stream_line
+
 # ---------------------------------------------------------------------------- merge
 
 
@@ -179,6 +181,80 @@ def scatter_assign(indices, values, offset, out):
 def scatter_assign_reference(indices, values, offset, out):
     """NumPy reference of :func:`scatter_assign`."""
     out[np.asarray(indices, dtype=np.int64) - offset] = values
+
+
+@njit(cache=True, nogil=True)
+def _put(out, i, v, divide, divisor):
+    out[i] = v / divisor if divide else v
+
+
+@njit(cache=True, nogil=True)
+def scatter_dense(indices, values, offset, out, divide, divisor):
+    """``out[:] = 0; out[indices[j] - offset] = values[j]`` (divided by ``divisor`` when
+    ``divide``), in one streaming pass over ``out``.
+
+    Bit for bit zeroing ``out``, :func:`scatter_assign` and, with ``divide``, ``out /=
+    divisor`` (``0 / d`` is ``+0``; each kept value divided once, rounded once), but
+    ``out`` is written once, a cache line at a time, with non-temporal stores (see
+    ``_stores.py``): no read of ``out``'s old contents and no second pass over the
+    entries.  ``indices`` in ``[offset, offset + out.size)``; ascending ones take the
+    one pass, any others (unsorted, duplicates: the last one wins, as in
+    :func:`scatter_assign`) are written again afterwards.  ``divisor`` has ``out``'s dtype.
+    """
+    n = out.size
+    lanes = LINE_BYTES // out.itemsize
+    line = np.zeros(lanes, dtype=out.dtype)
+    zero = line[0]
+    m = indices.size
+    address = out.ctypes.data
+    head = n
+    if address % out.itemsize == 0:
+        head = min(n, (LINE_BYTES - address % LINE_BYTES) % LINE_BYTES // out.itemsize)
+    j = 0
+    previous = -1
+    ordered = True
+    for t in range(head):
+        out[t] = zero
+    while j < m and indices[j] - offset < head:
+        i = indices[j] - offset
+        ordered = ordered and i > previous
+        previous = i
+        _put(out, i, values[j], divide, divisor)
+        j += 1
+    a = head
+    while a + lanes <= n:
+        b = a + lanes
+        for t in range(lanes):
+            line[t] = zero
+        while j < m and indices[j] - offset < b:
+            i = indices[j] - offset
+            ordered = ordered and i > previous
+            previous = i
+            if i >= a:
+                _put(line, i - a, values[j], divide, divisor)
+            j += 1
+        stream_line(line, out, a)
+        a = b
+    store_fence()
+    for t in range(a, n):
+        out[t] = zero
+    while j < m:
+        i = indices[j] - offset
+        ordered = ordered and i > previous
+        previous = i
+        _put(out, i, values[j], divide, divisor)
+        j += 1
+    if not ordered:  # rare (callers pass sorted streams): the plain scatter, in order
+        for j in range(m):
+            _put(out, indices[j] - offset, values[j], divide, divisor)
+
+
+def scatter_dense_reference(indices, values, offset, out, divide, divisor):
+    """NumPy reference of :func:`scatter_dense`."""
+    out[:] = 0
+    out[np.asarray(indices, dtype=np.int64) - offset] = values
+    if divide:
+        out /= out.dtype.type(divisor)
 
 
 @njit(cache=True, nogil=True)

@@ -143,6 +143,85 @@ def onebit_encode(x, bucket, out_packed, out_means):
 
 
 @njit(cache=True, nogil=True)
+def _feedback_task(x, residual, a, b, bucket, out_packed, out_means, compensated):
+    """:func:`_fused_task` of ``c = x + residual`` on the whole buckets ``[a, b)``, then
+    ``c -= decode`` there: error feedback's three passes over a task, from cache."""
+    cs = compensated[a:b]
+    xs = x[a:b]
+    rs = residual[a:b]
+    for t in range(cs.size):
+        cs[t] = xs[t] + rs[t]
+    scratch = np.zeros((b - a + 7) // 8, dtype=np.uint64)
+    lanes = scratch.view(np.uint8)
+    for bk in range(a // bucket, (b + bucket - 1) // bucket):
+        s = bk * bucket
+        e = min(b, s + bucket)
+        _bucket_means(compensated, s, e, out_means, bk)
+        _sign_bits(compensated, s, e, lanes, a)
+        positive = out_means[2 * bk]
+        negative = out_means[2 * bk + 1]
+        fs = lanes[s - a : e - a]
+        os = compensated[s:e]
+        for t in range(fs.size):
+            os[t] = os[t] - (negative if fs[t] else positive)
+    _pack_task(scratch, a, b, out_packed)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _onebit_feedback(x, residual, bucket, out_packed, out_means, compensated):
+    n = x.size
+    task = bucket * 8 // math.gcd(bucket, 8)
+    task = task * (CHUNK // task)
+    for c in prange(n_chunks(n, task)):
+        _feedback_task(
+            x,
+            residual,
+            c * task,
+            min(n, (c + 1) * task),
+            bucket,
+            out_packed,
+            out_means,
+            compensated,
+        )
+
+
+def onebit_encode_feedback(
+    x: np.ndarray,
+    residual: np.ndarray,
+    bucket: int,
+    out_packed: np.ndarray,
+    out_means: np.ndarray,
+    compensated: np.ndarray,
+) -> None:
+    """Error feedback's encode of 1-bit SGD in one pass over memory.
+
+    Bit for bit ``add(x, residual, compensated)``, ``onebit_encode(compensated, ...)``
+    and ``onebit_decode(..., compensated, accumulate=-1)``: ``compensated`` ends as the
+    new residual ``(x + residual) - decode``.  Each task's buckets are added, encoded
+    and decoded while they sit in cache.  Host only (not part of the kernel contract:
+    the GPU path runs the three kernels).  ``compensated`` must not overlap ``x`` or
+    ``residual``.
+    """
+    for name, array in (("residual", residual), ("compensated", compensated)):
+        if array.dtype != x.dtype or array.size != x.size:
+            raise ValueError(
+                f"{name} must have x's dtype and size ({x.dtype}, {x.size}), got "
+                f"{array.dtype}, {array.size}"
+            )
+    if np.may_share_memory(compensated, x) or np.may_share_memory(compensated, residual):
+        raise ValueError("compensated must not overlap x or residual; pass a separate buffer")
+    bucket = int(bucket)
+    if bucket * 8 // math.gcd(bucket, 8) > CHUNK:  # large buckets: no task holds a bucket
+        from .elementwise import add
+
+        add(x, residual, compensated)
+        onebit_encode(compensated, bucket, out_packed, out_means)
+        onebit_decode(out_packed, out_means, bucket, compensated, -1)
+        return
+    _onebit_feedback(x, residual, bucket, out_packed, out_means, compensated)
+
+
+@njit(cache=True, nogil=True)
 def _decode_task(packed, means, bucket, accumulate, a, b, out):
     scratch = np.empty((b - a + 7) // 8, dtype=np.uint64)
     unpack_groups(packed, 1, a // 8, scratch.size, scratch)

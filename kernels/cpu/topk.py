@@ -118,11 +118,8 @@ def kth_largest(keys, r):
 
 
 @njit(cache=True, nogil=True)
-def _sample_bound(bits, mask, n, k):
-    """A threshold key at or below the k-th largest, from a strided sample (usually).
-
-    Returns the bound and a capacity per scan chunk for the candidates above it.
-    """
+def _sample_keys(bits, mask, n):
+    """The strided sample of keys behind :func:`_sample_bound`."""
     size = min(n, SAMPLE)
     stride = n // size
     sample = np.empty(size, dtype=bits.dtype)
@@ -130,6 +127,37 @@ def _sample_bound(bits, mask, n, k):
     # costs on a busy machine.
     for j in range(size):
         sample[j] = bits[j * stride] & mask
+    return sample
+
+
+@njit(cache=True, nogil=True)
+def _sample_keys_of_sum(a, b, mask, n, keys):
+    """The keys of :func:`_sample_keys` for ``x = a + b`` (not yet written): the same
+    positions, each ``a[i] + b[i]`` rounded once in the dtype, as ``add`` writes it."""
+    size = min(n, SAMPLE)
+    stride = n // size
+    sample = np.empty(size, dtype=keys.dtype)
+    one = np.empty(1, dtype=a.dtype)
+    one_bits = abs_bits(one)
+    for j in range(size):
+        one[0] = a[j * stride] + b[j * stride]
+        sample[j] = one_bits[0] & mask
+    return sample
+
+
+@njit(cache=True, nogil=True)
+def _sample_bound(bits, mask, n, k):
+    """A threshold key at or below the k-th largest, from a strided sample (usually).
+
+    Returns the bound and a capacity per scan chunk for the candidates above it.
+    """
+    return _bound_of_sample(_sample_keys(bits, mask, n), n, k)
+
+
+@njit(cache=True, nogil=True)
+def _bound_of_sample(sample, n, k):
+    """:func:`_sample_bound` given the sample of keys."""
+    size = sample.size
     if size == n:
         return kth_largest(sample, k), SCAN_CHUNK
     expected = k * (size / n)
@@ -322,6 +350,36 @@ def _scan_chunk(bits, mask, bound, inf, a, b, cand_idx, cand_key, base, cap):
     return above, equal, bad
 
 
+@njit(cache=True, nogil=True)
+def _add_chunk(a, b, out, start, stop):
+    """``out = a + b`` on ``[start, stop)``: the contract's ``add``, one rounding each."""
+    xa = a[start:stop]
+    xb = b[start:stop]
+    xo = out[start:stop]
+    for t in range(xo.size):
+        xo[t] = xa[t] + xb[t]
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _add_all(a, b, out):
+    n = out.size
+    for c in prange(n_chunks(n, SCAN_CHUNK)):
+        _add_chunk(a, b, out, c * SCAN_CHUNK, min(n, (c + 1) * SCAN_CHUNK))
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _scan_sum(a, b, x, bits, mask, bound, inf, n, cand_idx, cand_key, cap, above, equal, bad):
+    """:func:`_scan` of ``x = a + b``, each chunk written to ``x`` just before it is
+    scanned (from cache): one pass over memory instead of an add and then a scan."""
+    for c in prange(above.size):
+        start = c * SCAN_CHUNK
+        stop = min(n, start + SCAN_CHUNK)
+        _add_chunk(a, b, x, start, stop)
+        above[c], equal[c], bad[c] = _scan_chunk(
+            bits, mask, bound, inf, start, stop, cand_idx, cand_key, c * cap, cap
+        )
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def _scan(bits, mask, bound, inf, n, cand_idx, cand_key, cap, above, equal, bad):
     for c in prange(above.size):
@@ -474,23 +532,31 @@ def _keep_all_or_none(x, keep_all, out_indices, out_values):
 
 
 @njit(cache=True, nogil=True)
-def _topk(x, k, out_indices, out_values, spare_idx, spare_key):
+def _topk(x, k, out_indices, out_values, spare_idx, spare_key, a, b, fused):
     """The kernel behind :func:`topk`; ``spare_*`` are reusable candidate buffers.
 
-    Returns ``(non_finite, spare_idx, spare_key)``: the spare buffers, grown if this
-    call needed more, for the next call.
+    With ``fused``, ``x`` is first written as ``a + b`` (error feedback's compensated
+    gradient), chunk by chunk inside the candidate pass; otherwise ``a`` and ``b`` are
+    not read.  Returns ``(non_finite, spare_idx, spare_key)``: the spare buffers, grown
+    if this call needed more, for the next call.
     """
     n = x.size
     bits = abs_bits(x)
     mask = abs_mask(x)
     inf = inf_bits(x)
     if k == 0 or k == n:
+        if fused:
+            _add_all(a, b, x)
         return _keep_all_or_none(x, k == n, out_indices, out_values), spare_idx, spare_key
     nc = n_chunks(n, SCAN_CHUNK)
     above = np.empty(nc, dtype=np.int64)
     equal = np.empty(nc, dtype=np.int64)
     bad = np.empty(nc, dtype=np.int64)
-    bound, cap = _sample_bound(bits, mask, n, k)
+    if fused:
+        sample = _sample_keys_of_sum(a, b, mask, n, bits)
+    else:
+        sample = _sample_keys(bits, mask, n)
+    bound, cap = _bound_of_sample(sample, n, k)
     bound = min(bound, inf)
     # Candidate slots: chunk c writes at c * cap, so no atomics.  Sized from the sample
     # and kept between calls: fresh pages (zeroed huge pages, with transparent huge
@@ -500,7 +566,10 @@ def _topk(x, k, out_indices, out_values, spare_idx, spare_key):
         spare_key = np.empty(nc * cap, dtype=bits.dtype)
     cand_idx = spare_idx
     cand_key = spare_key
-    _scan(bits, mask, bound, inf, n, cand_idx, cand_key, cap, above, equal, bad)
+    if fused:
+        _scan_sum(a, b, x, bits, mask, bound, inf, n, cand_idx, cand_key, cap, above, equal, bad)
+    else:
+        _scan(bits, mask, bound, inf, n, cand_idx, cand_key, cap, above, equal, bad)
     short = above.sum() + equal.sum() < k
     if short or above.max() > cap:
         if short:
@@ -548,6 +617,41 @@ def topk(x: np.ndarray, k: int, out_indices: np.ndarray, out_values: np.ndarray)
     zero).  See the module docstring for the algorithm.  The candidate buffers (a few
     percent of ``x``) are kept per thread and dtype between calls.
     """
+    return _run_topk(x, k, out_indices, out_values, x, x, False)
+
+
+def topk_of_sum(
+    a: np.ndarray,
+    b: np.ndarray,
+    out_sum: np.ndarray,
+    k: int,
+    out_indices: np.ndarray,
+    out_values: np.ndarray,
+) -> int:
+    """:func:`topk` of ``x = a + b``, with ``x`` written to ``out_sum`` on the way.
+
+    Bit for bit ``add(a, b, out_sum)`` then ``topk(out_sum, k, ...)`` (error feedback's
+    compensated gradient and its selection), in one pass over memory: each chunk of the
+    sum is written and scanned while it is in cache.  ``a``, ``b`` and ``out_sum`` are
+    1-D C-contiguous of one dtype and size; ``out_sum`` must not overlap ``a`` or ``b``.
+    A host-only fusion (not part of the kernel contract): the GPU path runs ``add`` and
+    ``topk``.
+    """
+    if a.dtype != out_sum.dtype or b.dtype != out_sum.dtype:
+        raise TypeError(
+            f"a, b and out_sum must share one dtype, got {a.dtype}, {b.dtype}, {out_sum.dtype}"
+        )
+    if a.size != out_sum.size or b.size != out_sum.size:
+        raise ValueError(
+            f"a, b and out_sum must have one size, got {a.size}, {b.size}, {out_sum.size}"
+        )
+    if np.may_share_memory(out_sum, a) or np.may_share_memory(out_sum, b):
+        raise ValueError("out_sum must not overlap a or b; pass a separate buffer")
+    return _run_topk(out_sum, k, out_indices, out_values, a, b, True)
+
+
+def _run_topk(x, k, out_indices, out_values, a, b, fused) -> int:
+    """Call :func:`_topk` with this thread's candidate buffers for ``x.dtype``."""
     spares = getattr(_spare, "buffers", None)
     if spares is None:
         spares = _spare.buffers = {}
@@ -555,6 +659,8 @@ def topk(x: np.ndarray, k: int, out_indices: np.ndarray, out_values: np.ndarray)
     spare_idx, spare_key = spares.get(
         x.dtype, (np.empty(0, dtype=np.int32), np.empty(0, dtype=key_dtype))
     )
-    bad, spare_idx, spare_key = _topk(x, int(k), out_indices, out_values, spare_idx, spare_key)
+    bad, spare_idx, spare_key = _topk(
+        x, int(k), out_indices, out_values, spare_idx, spare_key, a, b, fused
+    )
     spares[x.dtype] = (spare_idx, spare_key)
     return int(bad)

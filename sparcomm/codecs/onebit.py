@@ -92,12 +92,34 @@ class OneBit(Codec, codec_id=6, family="quantized"):
             return
         self._memory.load_state_dict(state)
 
+    @property
+    def fuses_compensation(self) -> bool:
+        """Whether ``encode(x, residual=r, compensated=c)`` encodes ``c = x + r`` and
+        leaves ``c`` as the new residual ``c - decode(payload)`` (``fuses_feedback``), in
+        one pass over host memory (:class:`~sparcomm.ErrorFeedback` uses it; bit for
+        bit ``add``, ``onebit_encode`` and the decode with ``accumulate=-1``).  False
+        for a subclass with its own ``_encode_flat``."""
+        return type(self)._encode_flat is OneBit._encode_flat
+
+    fuses_feedback = fuses_compensation
+
     def _encode_flat(
         self, xp: ModuleType, kernels: ModuleType, flat: Any, stream: int, **options: Any
     ) -> dict[str, Any]:
         means = xp.empty(2 * n_buckets(flat.size, self.bucket_size), dtype=flat.dtype)
         packed = xp.empty(packed_nbytes(flat.size, 1), dtype=np.uint8)
-        kernels.onebit_encode(flat, self.bucket_size, packed, means)
+        residual = options.get("residual")
+        if residual is None:
+            kernels.onebit_encode(flat, self.bucket_size, packed, means)
+        else:
+            compensated = options["compensated"].reshape(-1)
+            fused = getattr(kernels, "onebit_encode_feedback", None)  # the host kernels
+            if fused is not None:
+                fused(flat, residual, self.bucket_size, packed, means, compensated)
+            else:
+                kernels.add(flat, residual, compensated)
+                kernels.onebit_encode(compensated, self.bucket_size, packed, means)
+                kernels.onebit_decode(packed, means, self.bucket_size, compensated, -1)
         if not bool(xp.isfinite(means).all()):
             raise non_finite_error()
         return {"means": means, "packed": packed}

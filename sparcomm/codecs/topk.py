@@ -131,13 +131,31 @@ class TopK(Codec, codec_id=3, family="sparse"):
     def _params(self, n: int) -> tuple[int, ...]:
         return (self.k_for(n),)
 
+    @property
+    def fuses_compensation(self) -> bool:
+        """Whether ``encode(x, residual=r, compensated=c)`` selects from ``c = x + r``
+        (written to ``c``) in one pass over host memory: error feedback's compensation
+        fused with the selection (:class:`~sparcomm.ErrorFeedback` uses it; bit for bit
+        ``add`` then ``topk``).  False for a subclass with its own ``_encode_flat``."""
+        return type(self)._encode_flat is TopK._encode_flat
+
     def _encode_flat(
         self, xp: ModuleType, kernels: ModuleType, flat: Any, stream: int, **options: Any
     ) -> dict[str, Any]:
         k = self.k_for(flat.size)
         indices = xp.empty(k, dtype=index_dtype(flat.size))
         values = xp.empty(k, dtype=flat.dtype)
-        bad = kernels.topk(flat, k, indices, values)
+        residual = options.get("residual")
+        if residual is None:
+            bad = kernels.topk(flat, k, indices, values)
+        else:
+            compensated = options["compensated"].reshape(-1)
+            fused = getattr(kernels, "topk_of_sum", None)  # the host kernels have it
+            if fused is not None:
+                bad = fused(flat, residual, compensated, k, indices, values)
+            else:
+                kernels.add(flat, residual, compensated)
+                bad = kernels.topk(compensated, k, indices, values)
         if bad:
             raise non_finite_error(int(bad))
         return {"indices": indices, "values": values}

@@ -184,6 +184,7 @@ def load_kernels(index_dtype: np.dtype, value_dtype: np.dtype) -> None:
     _merge.range_offsets(i, offsets, np.empty(2, np.int64))
     _merge.scatter_assign(i, v, 0, np.zeros(1, value_dtype))
     _merge.scatter_accumulate(i, v, 0, np.zeros(1, value_dtype))
+    _merge.scatter_dense(i, v, 0, np.zeros(1, value_dtype), False, value_dtype.type(1))
 
 
 def _sends(stream: _Stream, dest: int, tag: int, index_dtype: np.dtype) -> list:
@@ -477,16 +478,19 @@ def finish(
     if dense_output:
         if out is None:
             out = np.empty(n, dtype=dtype)
+        # A sparse piece is written in one streaming pass, divided there for a mean
+        # (the bits of zeroing, scattering and dividing after); dense ones are divided after.
+        divide = scale is not None and all(not p.dense for p in pieces)
+        divisor = dtype.type(1 if scale is None else scale)
         for p in pieces:
             target = out[p.start : p.stop]
             if p.dense:
                 if not np.shares_memory(target, p.values):  # dense: may be out already
                     target[:] = p.values
             else:
-                target[:] = 0
-                _merge.scatter_assign(p.indices, p.values, p.start, target)
-        if scale is not None:
-            out /= dtype.type(scale)
+                _merge.scatter_dense(p.indices, p.values, p.start, target, divide, divisor)
+        if scale is not None and not divide:
+            out /= divisor
         return out
     parts_i, parts_v = [], []
     for p in pieces:

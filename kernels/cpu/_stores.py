@@ -1,0 +1,71 @@
+"""Non-temporal (streaming) stores of whole cache lines, for kernels that write a large
+output once and do not read it back.
+
+A plain store to a line that is not in cache first reads the line from memory (the
+read-for-ownership), so writing an n-element output moves ``2 n`` elements through the
+memory bus; a non-temporal store writes the whole line straight to memory and moves
+``n``.  Ranks that share memory bandwidth (several ranks per socket) pay for every pass,
+so the dense outputs of the collectives are written this way.
+
+The stores are weakly ordered: a kernel that streams calls :func:`store_fence` before it
+returns, so that the data is visible to any thread that later synchronises with this one.
+"""
+
+from __future__ import annotations
+
+import platform
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+LINE_BYTES = 64
+"""Bytes per cache line (x86-64, AArch64): the unit of :func:`stream_line`."""
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+
+@intrinsic
+def stream_line(typingctx, line, out, first):
+    """Store ``line[0:L]`` to ``out[first:first+L]`` with one non-temporal store.
+
+    ``L = LINE_BYTES // out.itemsize``; ``line`` has ``out``'s dtype and at least ``L``
+    elements; the caller guarantees that ``out[first]`` is ``LINE_BYTES``-aligned and
+    that ``first + L <= out.size``.
+    """
+    signature = types.void(line, out, types.int64)
+
+    def codegen(context, builder, sig, args):
+        line_v, out_v, first_v = args
+        source = context.make_array(sig.args[0])(context, builder, line_v)
+        target = context.make_array(sig.args[1])(context, builder, out_v)
+        element = context.get_data_type(sig.args[1].dtype)
+        itemsize = context.get_abi_sizeof(element)
+        vector = ir.VectorType(element, LINE_BYTES // itemsize)
+        value = builder.load(builder.bitcast(source.data, vector.as_pointer()), align=1)
+        pointer = builder.bitcast(builder.gep(target.data, [first_v]), vector.as_pointer())
+        store = builder.store(value, pointer, align=LINE_BYTES)
+        flag = builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)])
+        store.set_metadata("nontemporal", flag)
+        return context.get_dummy_value()
+
+    return signature, codegen
+
+
+@intrinsic
+def store_fence(typingctx):
+    """Order the non-temporal stores before every later store (x86 ``sfence``; a full
+    fence elsewhere, where LLVM has no ``sfence``)."""
+    signature = types.void()
+
+    def codegen(context, builder, sig, args):
+        if _X86:
+            sfence = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse.sfence"
+            )
+            builder.call(sfence, [])
+        else:
+            builder.fence("seq_cst")
+        return context.get_dummy_value()
+
+    return signature, codegen
