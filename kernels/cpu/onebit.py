@@ -25,6 +25,7 @@ from ._common import (
     lane_rows_by_sign,
     n_chunks,
 )
+from ._stores import STREAM_MIN, store_fence, stream_copy
 from .packing import pack_groups, pack_tail, unpack_groups
 
 
@@ -145,26 +146,28 @@ def onebit_encode(x, bucket, out_packed, out_means):
 @njit(cache=True, nogil=True)
 def _feedback_task(x, residual, a, b, bucket, out_packed, out_means, compensated):
     """:func:`_fused_task` of ``c = x + residual`` on the whole buckets ``[a, b)``, then
-    ``c -= decode`` there: error feedback's three passes over a task, from cache."""
-    cs = compensated[a:b]
+    ``c -= decode`` there: error feedback's three passes over a task, in a buffer that
+    stays in cache, streamed to ``compensated`` at the end (its old contents unread)."""
+    block = np.empty(b - a, dtype=compensated.dtype)
     xs = x[a:b]
     rs = residual[a:b]
-    for t in range(cs.size):
-        cs[t] = xs[t] + rs[t]
+    for t in range(block.size):
+        block[t] = xs[t] + rs[t]
     scratch = np.zeros((b - a + 7) // 8, dtype=np.uint64)
     lanes = scratch.view(np.uint8)
     for bk in range(a // bucket, (b + bucket - 1) // bucket):
-        s = bk * bucket
-        e = min(b, s + bucket)
-        _bucket_means(compensated, s, e, out_means, bk)
-        _sign_bits(compensated, s, e, lanes, a)
+        s = bk * bucket - a
+        e = min(b, bk * bucket + bucket) - a
+        _bucket_means(block, s, e, out_means, bk)
+        _sign_bits(block, s, e, lanes, 0)
         positive = out_means[2 * bk]
         negative = out_means[2 * bk + 1]
-        fs = lanes[s - a : e - a]
-        os = compensated[s:e]
+        fs = lanes[s:e]
+        os = block[s:e]
         for t in range(fs.size):
             os[t] = os[t] - (negative if fs[t] else positive)
     _pack_task(scratch, a, b, out_packed)
+    stream_copy(block, compensated, a, b - a)
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -183,6 +186,7 @@ def _onebit_feedback(x, residual, bucket, out_packed, out_means, compensated):
             out_means,
             compensated,
         )
+    store_fence()
 
 
 def onebit_encode_feedback(
@@ -222,17 +226,20 @@ def onebit_encode_feedback(
 
 
 @njit(cache=True, nogil=True)
-def _decode_task(packed, means, bucket, accumulate, a, b, out):
+def _decode_task(packed, means, bucket, accumulate, a, b, out, stream):
     scratch = np.empty((b - a + 7) // 8, dtype=np.uint64)
     unpack_groups(packed, 1, a // 8, scratch.size, scratch)
     lanes = scratch.view(np.uint8)
+    # A large plain decode goes through a buffer in cache, streamed out (see STREAM_MIN).
+    streamed = stream and accumulate == 0
+    block = np.empty(b - a if streamed else 0, dtype=out.dtype)
     for bk in range(a // bucket, (b - 1) // bucket + 1):
         s = max(a, bk * bucket)
         e = min(b, (bk + 1) * bucket)
         positive = as_dtype(means[2 * bk], out)
         negative = as_dtype(means[2 * bk + 1], out)
         fs = lanes[s - a : e - a]
-        os = out[s:e]
+        os = block[s - a : e - a] if streamed else out[s:e]
         # One loop per mode, the test outside: each loop stays branch-free.
         if accumulate == 0:
             for t in range(fs.size):
@@ -243,13 +250,20 @@ def _decode_task(packed, means, bucket, accumulate, a, b, out):
         else:
             for t in range(fs.size):
                 os[t] = os[t] - (negative if fs[t] else positive)
+    if streamed:
+        stream_copy(block, out, a, b - a)
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def _onebit_decode(packed, means, bucket, accumulate, out):
     n = out.size
+    stream = n >= STREAM_MIN
     for c in prange(n_chunks(n, CHUNK)):
-        _decode_task(packed, means, bucket, accumulate, c * CHUNK, min(n, (c + 1) * CHUNK), out)
+        _decode_task(
+            packed, means, bucket, accumulate, c * CHUNK, min(n, (c + 1) * CHUNK), out, stream
+        )
+    if stream:
+        store_fence()
 
 
 def onebit_decode(

@@ -37,6 +37,7 @@ from ._random import (
     stream_halves,
     word_end,
 )
+from ._stores import STREAM_MIN, store_fence, stream_copy
 from .packing import pack_groups, pack_tail, unpack_groups
 from .reduce import max_abs, max_bits
 
@@ -206,16 +207,19 @@ def _qsgd_value(f, step, out):
 
 
 @njit(cache=True, nogil=True)
-def _qsgd_decode_task(packed, scales, levels, bits, bucket, accumulate, a, b, out):
+def _qsgd_decode_task(packed, scales, levels, bits, bucket, accumulate, a, b, out, stream):
     scratch = np.empty((b - a + 7) // 8, dtype=np.uint64)
     unpack_groups(packed, bits, a // 8, scratch.size, scratch)
     lanes = scratch.view(np.uint8)
+    # A large plain decode goes through a buffer in cache, streamed out (see STREAM_MIN).
+    streamed = stream and accumulate == 0
+    block = np.empty(b - a if streamed else 0, dtype=out.dtype)
     for bk in range(a // bucket, (b - 1) // bucket + 1):
         s = max(a, bk * bucket)
         e = min(b, (bk + 1) * bucket)
         step = as_dtype(scales[bk], out) / as_dtype(levels, out)
         fs = lanes[s - a : e - a]
-        os = out[s:e]
+        os = block[s - a : e - a] if streamed else out[s:e]
         # One loop per mode, the test outside: each loop stays branch-free and vectorises.
         if accumulate == 0:
             for t in range(fs.size):
@@ -226,11 +230,14 @@ def _qsgd_decode_task(packed, scales, levels, bits, bucket, accumulate, a, b, ou
         else:
             for t in range(fs.size):
                 os[t] = os[t] - _qsgd_value(fs[t], step, out)
+    if streamed:
+        stream_copy(block, out, a, b - a)
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def _qsgd_decode(packed, scales, levels, bits, bucket, accumulate, out):
     n = out.size
+    stream = n >= STREAM_MIN
     for c in prange(n_chunks(n, CHUNK)):
         _qsgd_decode_task(
             packed,
@@ -242,7 +249,10 @@ def _qsgd_decode(packed, scales, levels, bits, bucket, accumulate, out):
             c * CHUNK,
             min(n, (c + 1) * CHUNK),
             out,
+            stream,
         )
+    if stream:
+        store_fence()
 
 
 def qsgd_decode(

@@ -36,6 +36,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._common import abs_bits, abs_mask, as_key, inf_bits, n_chunks
+from ._stores import store_fence, stream_copy
 
 SCAN_CHUNK = 1 << 16
 """Elements per parallel task of the candidate pass."""
@@ -367,17 +368,79 @@ def _add_all(a, b, out):
         _add_chunk(a, b, out, c * SCAN_CHUNK, min(n, (c + 1) * SCAN_CHUNK))
 
 
+_BLOCK = 2048
+"""Elements of ``a + b`` computed, scanned and streamed out together (8-16 KiB: L1)."""
+
+
+@njit(cache=True, nogil=True)
+def _scan_chunk_of_sum(a, b, x, mask, bound, inf, start, stop, cand_idx, cand_key, base, cap):
+    """:func:`_scan_chunk` of ``x = a + b`` on ``[start, stop)``, writing ``x`` too.
+
+    Block by block: the sum goes to a small buffer that stays in L1, is scanned there
+    (the candidates exactly as :func:`_scan_chunk` stores them: ascending offsets within
+    the chunk) and is then streamed to ``x`` (non-temporal stores: ``x``'s old contents
+    are never read).  ``_BLOCK`` is a multiple of the row, so rows never straddle blocks.
+    """
+    block = np.empty(_BLOCK, dtype=x.dtype)
+    block_bits = abs_bits(block)
+    out_idx = cand_idx[base : base + cap]
+    out_raw = cand_key[base : base + cap]
+    mask = as_key(mask, block_bits)
+    bound = as_key(bound, block_bits)
+    inf = as_key(inf, block_bits)
+    above = 0
+    equal = 0
+    bad = 0
+    for s in range(start, stop, _BLOCK):
+        m = min(stop, s + _BLOCK) - s
+        xa = a[s : s + m]
+        xb = b[s : s + m]
+        for t in range(m):
+            block[t] = xa[t] + xb[t]
+        offset = s - start
+        rows = m // _ROW
+        for row in range(rows):
+            first = row * _ROW
+            if above + _ROW <= cap:
+                stored, same, nonfinite = _compress_row(
+                    block_bits, first, mask, bound, inf, out_idx, out_raw, above, offset
+                )
+            else:  # out of slots: count only (the scan is redone)
+                stored = 0
+                same = 0
+                nonfinite = 0
+                for j in range(first, first + _ROW):
+                    key = block_bits[j] & mask
+                    stored += key > bound
+                    same += key == bound
+                    nonfinite += key >= inf
+            above += stored
+            equal += same
+            bad += nonfinite
+        for j in range(rows * _ROW, m):
+            key = block_bits[j] & mask
+            if key > bound and above < cap:
+                out_idx[above] = offset + j
+                out_raw[above] = block_bits[j]
+            above += key > bound
+            equal += key == bound
+            bad += key >= inf
+        stream_copy(block, x, s, m)
+    return above, equal, bad
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def _scan_sum(a, b, x, bits, mask, bound, inf, n, cand_idx, cand_key, cap, above, equal, bad):
-    """:func:`_scan` of ``x = a + b``, each chunk written to ``x`` just before it is
-    scanned (from cache): one pass over memory instead of an add and then a scan."""
+    """:func:`_scan` of ``x = a + b``, each block of the sum scanned while it is in
+    cache and then streamed to ``x``: one pass over memory instead of an add and a scan,
+    and no read of ``x``'s old contents."""
     for c in prange(above.size):
         start = c * SCAN_CHUNK
         stop = min(n, start + SCAN_CHUNK)
-        _add_chunk(a, b, x, start, stop)
-        above[c], equal[c], bad[c] = _scan_chunk(
-            bits, mask, bound, inf, start, stop, cand_idx, cand_key, c * cap, cap
+        above[c], equal[c], bad[c] = _scan_chunk_of_sum(
+            a, b, x, mask, bound, inf, start, stop, cand_idx, cand_key, c * cap, cap
         )
+    store_fence()
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -532,13 +595,22 @@ def _keep_all_or_none(x, keep_all, out_indices, out_values):
 
 
 @njit(cache=True, nogil=True)
+def _clear_kept(bits, indices, k):
+    """Set the ``k`` kept entries to +0 (error feedback's residual keeps the rest)."""
+    zero = as_key(0, bits)
+    for j in range(k):
+        bits[indices[j]] = zero
+
+
+@njit(cache=True, nogil=True)
 def _topk(x, k, out_indices, out_values, spare_idx, spare_key, a, b, fused):
     """The kernel behind :func:`topk`; ``spare_*`` are reusable candidate buffers.
 
     With ``fused``, ``x`` is first written as ``a + b`` (error feedback's compensated
-    gradient), chunk by chunk inside the candidate pass; otherwise ``a`` and ``b`` are
-    not read.  Returns ``(non_finite, spare_idx, spare_key)``: the spare buffers, grown
-    if this call needed more, for the next call.
+    gradient), chunk by chunk inside the candidate pass, and ends with the kept entries
+    set to +0 (the new residual); otherwise ``a`` and ``b`` are not read.  Returns
+    ``(non_finite, spare_idx, spare_key)``: the spare buffers, grown if this call needed
+    more, for the next call.
     """
     n = x.size
     bits = abs_bits(x)
@@ -547,7 +619,10 @@ def _topk(x, k, out_indices, out_values, spare_idx, spare_key, a, b, fused):
     if k == 0 or k == n:
         if fused:
             _add_all(a, b, x)
-        return _keep_all_or_none(x, k == n, out_indices, out_values), spare_idx, spare_key
+        bad_all = _keep_all_or_none(x, k == n, out_indices, out_values)
+        if fused:
+            _clear_kept(bits, out_indices, k)
+        return bad_all, spare_idx, spare_key
     nc = n_chunks(n, SCAN_CHUNK)
     above = np.empty(nc, dtype=np.int64)
     equal = np.empty(nc, dtype=np.int64)
@@ -603,6 +678,8 @@ def _topk(x, k, out_indices, out_values, spare_idx, spare_key, a, b, fused):
         out_indices,
         out_values,
     )
+    if fused:
+        _clear_kept(bits, out_indices, k)
     return bad.sum(), spare_idx, spare_key
 
 
@@ -628,11 +705,12 @@ def topk_of_sum(
     out_indices: np.ndarray,
     out_values: np.ndarray,
 ) -> int:
-    """:func:`topk` of ``x = a + b``, with ``x`` written to ``out_sum`` on the way.
+    """:func:`topk` of ``x = a + b``, and ``out_sum`` = ``x`` with the kept entries +0.
 
-    Bit for bit ``add(a, b, out_sum)`` then ``topk(out_sum, k, ...)`` (error feedback's
-    compensated gradient and its selection), in one pass over memory: each chunk of the
-    sum is written and scanned while it is in cache.  ``a``, ``b`` and ``out_sum`` are
+    Bit for bit ``add(a, b, out_sum)``, ``topk(out_sum, k, ...)`` and
+    ``out_sum[out_indices] = 0``: error feedback's compensated gradient, its selection
+    and its new residual, in one pass over memory: each block of the sum is scanned
+    while it is in cache and streamed to ``out_sum``.  ``a``, ``b`` and ``out_sum`` are
     1-D C-contiguous of one dtype and size; ``out_sum`` must not overlap ``a`` or ``b``.
     A host-only fusion (not part of the kernel contract): the GPU path runs ``add`` and
     ``topk``.

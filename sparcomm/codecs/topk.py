@@ -134,10 +134,14 @@ class TopK(Codec, codec_id=3, family="sparse"):
     @property
     def fuses_compensation(self) -> bool:
         """Whether ``encode(x, residual=r, compensated=c)`` selects from ``c = x + r``
-        (written to ``c``) in one pass over host memory: error feedback's compensation
-        fused with the selection (:class:`~sparcomm.ErrorFeedback` uses it; bit for bit
-        ``add`` then ``topk``).  False for a subclass with its own ``_encode_flat``."""
+        and leaves ``c`` as the new residual (the kept entries +0: ``fuses_feedback``),
+        in one pass over host memory: error feedback's compensation fused with the
+        selection (:class:`~sparcomm.ErrorFeedback` uses it; bit for bit ``add``,
+        ``topk`` and :meth:`residual_into`).  False for a subclass with its own
+        ``_encode_flat``."""
         return type(self)._encode_flat is TopK._encode_flat
+
+    fuses_feedback = fuses_compensation
 
     def _encode_flat(
         self, xp: ModuleType, kernels: ModuleType, flat: Any, stream: int, **options: Any
@@ -156,6 +160,7 @@ class TopK(Codec, codec_id=3, family="sparse"):
             else:
                 kernels.add(flat, residual, compensated)
                 bad = kernels.topk(compensated, k, indices, values)
+                compensated[indices] = 0
         if bad:
             raise non_finite_error(int(bad))
         return {"indices": indices, "values": values}

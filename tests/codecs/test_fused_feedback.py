@@ -6,6 +6,8 @@ decode), step after step, for every shape of input."""
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pytest
 from sparcomm.kernels import cpu
@@ -85,6 +87,7 @@ def test_topk_of_sum_kernel_checks_and_matches_add_then_topk():
     cpu.add(a, b, expected)
     idx2, val2 = np.empty_like(idx), np.empty_like(val)
     cpu.topk(expected, 2000, idx2, val2)
+    expected[idx2] = 0  # the new residual
     assert total.tobytes() == expected.tobytes()
     assert idx.tobytes() == idx2.tobytes() and val.tobytes() == val2.tobytes()
     with pytest.raises(ValueError, match="overlap"):
@@ -128,3 +131,25 @@ def test_onebit_encode_feedback_kernel_checks_overlap():
         cpu.onebit_encode_feedback(x, x.copy(), 64, packed, means, x)
     with pytest.raises(ValueError, match="dtype and size"):
         cpu.onebit_encode_feedback(x, np.ones(63, np.float32), 64, packed, means, x.copy())
+
+
+def test_codecs_without_the_host_fusion_give_the_same_bits():
+    """Where the kernels lack the fused kernel (the GPU's), the codecs run the
+    contract's kernels in sequence and leave the same payload and residual."""
+    rng = np.random.default_rng(5)
+    flat = rng.standard_normal(50_000).astype(np.float32)
+    residual = rng.standard_normal(50_000).astype(np.float32)
+    contract = types.SimpleNamespace(
+        **{name: getattr(cpu, name) for name in ("add", "topk", "onebit_encode", "onebit_decode")}
+    )
+    for codec in (TopK(density=0.01), OneBit(error_feedback=False)):
+        results = []
+        for kernels in (cpu, contract):
+            compensated = np.full_like(flat, np.nan)
+            arrays = codec._encode_flat(
+                np, kernels, flat, 0, residual=residual, compensated=compensated
+            )
+            results.append((arrays, compensated))
+        (fused, c1), (plain, c2) = results
+        assert c1.tobytes() == c2.tobytes()
+        assert all(fused[name].tobytes() == plain[name].tobytes() for name in fused)

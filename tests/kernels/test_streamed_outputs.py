@@ -63,3 +63,32 @@ def test_finish_dense_output_is_zero_scatter_divide(scale):
         out = np.full(n, np.nan, np.float32)
         got = _sparse.finish(pieces, n, np.dtype(np.float32), np.dtype(np.int32), True, scale, out)
         assert got is out and out.tobytes() == expected.tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shift", [0, 1])
+def test_large_decodes_stream_the_same_bits(dtype, shift):
+    """From ``STREAM_MIN`` elements a plain decode streams its output through a buffer:
+    the same bits as the reference, into an output off the cache-line alignment."""
+    from sparcomm.kernels import cpu, reference
+    from sparcomm.kernels.cpu._stores import STREAM_MIN
+
+    n = STREAM_MIN + 37
+    x = np.random.default_rng(shift).standard_normal(n).astype(dtype)
+    base = np.empty(n + shift, dtype)
+    out = base[shift:]
+    scales = np.empty(-(-n // 512), dtype)
+    packed = np.empty(-(-n * 4 // 8), np.uint8)
+    cpu.qsgd_encode(x, 7, 4, 512, 0, 99, scales, packed)
+    expected = np.empty(n, dtype)
+    reference.qsgd_decode(packed, scales, 7, 4, 512, expected)
+    out[:] = np.nan
+    cpu.qsgd_decode(packed, scales, 7, 4, 512, out)
+    assert out.tobytes() == expected.tobytes()
+    means = np.empty(2 * -(-n // 512), dtype)
+    bits = np.empty(-(-n // 8), np.uint8)
+    cpu.onebit_encode(x, 512, bits, means)
+    reference.onebit_decode(bits, means, 512, expected)
+    out[:] = np.nan
+    cpu.onebit_decode(bits, means, 512, out)
+    assert out.tobytes() == expected.tobytes()
