@@ -7,8 +7,9 @@ memory bus; a non-temporal store writes the whole line straight to memory and mo
 ``n``.  Ranks that share memory bandwidth (several ranks per socket) pay for every pass,
 so the dense outputs of the collectives are written this way.
 
-The stores are weakly ordered: a kernel that streams calls :func:`store_fence` before it
-returns, so that the data is visible to any thread that later synchronises with this one.
+The stores are weakly ordered: each task that streams calls :func:`store_fence` at its
+end, on the thread that stored, so that the data is visible to any thread that later
+synchronises with this one (the parallel loop's own join included).
 """
 
 from __future__ import annotations
@@ -83,8 +84,8 @@ def stream_line_from(typingctx, source, source_first, out, first):
 @njit(cache=True, nogil=True)
 def stream_copy(source, out, first, count):
     """``out[first:first+count] = source[:count]``, the whole lines of ``out`` with
-    non-temporal stores (the partial lines at both ends with plain ones).  The caller
-    runs :func:`store_fence` once after its last streaming store."""
+    non-temporal stores (the partial lines at both ends with plain ones).  The calling
+    task runs :func:`store_fence` after its last streaming store."""
     lanes = LINE_BYTES // out.itemsize
     address = out.ctypes.data + first * out.itemsize
     head = count

@@ -168,6 +168,7 @@ def _feedback_task(x, residual, a, b, bucket, out_packed, out_means, compensated
             os[t] = os[t] - (negative if fs[t] else positive)
     _pack_task(scratch, a, b, out_packed)
     stream_copy(block, compensated, a, b - a)
+    store_fence()  # on this task's thread, before the parallel loop joins
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -186,7 +187,6 @@ def _onebit_feedback(x, residual, bucket, out_packed, out_means, compensated):
             out_means,
             compensated,
         )
-    store_fence()
 
 
 def onebit_encode_feedback(
@@ -252,6 +252,7 @@ def _decode_task(packed, means, bucket, accumulate, a, b, out, stream):
                 os[t] = os[t] - (negative if fs[t] else positive)
     if streamed:
         stream_copy(block, out, a, b - a)
+        store_fence()  # on this task's thread, before the parallel loop joins
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -262,8 +263,6 @@ def _onebit_decode(packed, means, bucket, accumulate, out):
         _decode_task(
             packed, means, bucket, accumulate, c * CHUNK, min(n, (c + 1) * CHUNK), out, stream
         )
-    if stream:
-        store_fence()
 
 
 def onebit_decode(

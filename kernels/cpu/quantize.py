@@ -232,6 +232,7 @@ def _qsgd_decode_task(packed, scales, levels, bits, bucket, accumulate, a, b, ou
                 os[t] = os[t] - _qsgd_value(fs[t], step, out)
     if streamed:
         stream_copy(block, out, a, b - a)
+        store_fence()  # on this task's thread, before the parallel loop joins
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -251,8 +252,6 @@ def _qsgd_decode(packed, scales, levels, bits, bucket, accumulate, out):
             out,
             stream,
         )
-    if stream:
-        store_fence()
 
 
 def qsgd_decode(

@@ -426,6 +426,7 @@ def _scan_chunk_of_sum(a, b, x, mask, bound, inf, start, stop, cand_idx, cand_ke
             equal += key == bound
             bad += key >= inf
         stream_copy(block, x, s, m)
+    store_fence()  # on this task's thread, before the parallel loop joins
     return above, equal, bad
 
 
@@ -440,7 +441,6 @@ def _scan_sum(a, b, x, bits, mask, bound, inf, n, cand_idx, cand_key, cap, above
         above[c], equal[c], bad[c] = _scan_chunk_of_sum(
             a, b, x, mask, bound, inf, start, stop, cand_idx, cand_key, c * cap, cap
         )
-    store_fence()
 
 
 @njit(cache=True, nogil=True, parallel=True)
