@@ -179,6 +179,7 @@ class DDPCommState:
         # Residual pieces of buckets that DDP rebuilt, per parameter, waiting for the
         # new bucket that holds their parameter.
         self._orphans: dict[int, np.ndarray] = {}
+        self._orphan_momenta: dict[int, np.ndarray] = {}  # DGC's velocities, likewise
         self._snapshot: Any = None
         self._iteration_non_finite = False
         self._iteration_failed = False
@@ -359,6 +360,10 @@ class DDPCommState:
         skipped step) follows the same moves.
         """
         memory = self._memory
+        # DGC keeps a velocity beside each residual: it moves the same way.
+        from sparcomm.dgc import DGC
+
+        dgc = memory if isinstance(memory, DGC) else None
         old = self._layouts.get(index)
         if old is not None:
             for other in sorted(i for i in self._layouts if i >= index):
@@ -367,29 +372,31 @@ class DDPCommState:
                 residual = memory.residual(key) if memory is not None else None
                 if memory is None or residual is None:
                     continue
-                if not isinstance(residual, np.ndarray):
-                    residual = residual.get()
-                offset = 0
-                for param, numel in other_layout:
-                    self._orphans[param] = residual[offset : offset + numel]
-                    offset += numel
+                velocity = dgc.momentum_buffer(key) if dgc is not None else None
+                for table, state in ((self._orphans, residual), (self._orphan_momenta, velocity)):
+                    if state is None:
+                        continue
+                    state = state if isinstance(state, np.ndarray) else state.get()
+                    offset = 0
+                    for param, numel in other_layout:
+                        table[param] = state[offset : offset + numel]
+                        offset += numel
                 memory.set_residual(key, None)
                 if self._snapshot is not None:
                     _snapshot_set(self._snapshot, key, None)
         self._layouts[index] = layout
         pieces = [self._orphans.pop(param, None) for param, _ in layout]
+        moving = [self._orphan_momenta.pop(param, None) for param, _ in layout]
         if memory is None or all(piece is None for piece in pieces):
             return
-        dtype = next(piece.dtype for piece in pieces if piece is not None)
-        residual = np.concatenate(
-            [
-                piece if piece is not None else np.zeros(numel, dtype=dtype)
-                for piece, (_, numel) in zip(pieces, layout, strict=True)
-            ]
-        )
-        memory.set_residual(_bucket_key(index), residual)
+        residual = _joined(pieces, layout)
+        velocity = None if all(v is None for v in moving) else _joined(moving, layout)
+        key = _bucket_key(index)
+        memory.set_residual(key, residual)
+        if dgc is not None:
+            dgc.set_momentum_buffer(key, velocity)
         if self._snapshot is not None:
-            _snapshot_set(self._snapshot, _bucket_key(index), residual)
+            _snapshot_set(self._snapshot, key, residual, velocity)
 
     # -- end of life -----------------------------------------------------------------------------
     def close(self) -> None:
@@ -409,10 +416,21 @@ class DDPCommState:
         self.close()
 
 
-def _snapshot_set(snapshot: Any, key: Any, residual: Any) -> None:
-    """Make an iteration's snapshot follow :meth:`ErrorFeedback.set_residual` of a
-    rebuilt bucket: ``key`` had ``residual`` (None: nothing) and, under DGC, no velocity
-    (set_residual restarts it), so a restore brings back the new layout's state."""
+def _joined(pieces: list[Any], layout: tuple[tuple[int, int], ...]) -> np.ndarray:
+    """A rebuilt bucket's state from its parameters' pieces (zeros where none)."""
+    dtype = next(piece.dtype for piece in pieces if piece is not None)
+    return np.concatenate(
+        [
+            piece if piece is not None else np.zeros(numel, dtype=dtype)
+            for piece, (_, numel) in zip(pieces, layout, strict=True)
+        ]
+    )
+
+
+def _snapshot_set(snapshot: Any, key: Any, residual: Any, velocity: Any = None) -> None:
+    """Make an iteration's snapshot follow a rebuilt bucket: ``key`` had ``residual``
+    (None: nothing) and, under DGC, ``velocity`` (None: none), so a restore brings back
+    the new layout's state."""
     from sparcomm.feedback import FeedbackSnapshot
 
     momenta = None
@@ -423,7 +441,10 @@ def _snapshot_set(snapshot: Any, key: Any, residual: Any) -> None:
     else:
         snapshot.residuals[key] = residual.copy() if snapshot.copied else residual
     if momenta is not None:
-        momenta.pop(key, None)
+        if velocity is None:
+            momenta.pop(key, None)
+        else:
+            momenta[key] = velocity.copy() if snapshot.copied else velocity
 
 
 def _any_rank(comm: Any, flag: bool) -> bool:

@@ -216,6 +216,16 @@ class DGC(ErrorFeedback):
         """The velocity ``u`` kept for ``key`` (None before its first encode)."""
         return self._momenta.get(key) if key in self._residuals else None
 
+    def set_momentum_buffer(self, key: Hashable, value: Any) -> None:
+        """Replace the velocity ``u`` of ``key`` (None: it restarts at zero); call it
+        after :meth:`set_residual`, which restarts the velocity.  DDP's bucket rebuild
+        carries velocities over this way, parameter by parameter."""
+        self._momentum_scratch.pop(key, None)
+        if value is None:
+            self._momenta.pop(key, None)
+        else:
+            self._momenta[key] = value
+
     # -- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Error feedback's state (the accumulations ``v`` as ``"residuals"``) plus the

@@ -162,6 +162,65 @@ def case_topk_converges():
     print("topk ok", first, last)
 
 
+def case_dgc_carries_velocities():
+    """DGC through the hook: DDP's bucket rebuild carries both the residuals ``v`` and
+    the velocities ``u`` over to the new buckets (their totals are unchanged by every
+    relayout), the ranks stay identical and the loss falls."""
+    import torch
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from sparcomm import DGC, TopK
+    from sparcomm.torch import DDPCommState, ddp_comm_hook
+
+    comm = _torch_dist.init_gloo()
+    steps = 40
+    batches = _data(comm, steps, torch.float32, seed=3)
+    ddp = DDP(_model(torch.float32), bucket_cap_mb=0.05)
+    state = DDPCommState(DGC(TopK(density=0.1), momentum=0.9), dense_below=0)
+    carried = []
+    relayout = state._relayout
+
+    def checked_relayout(index, layout):
+        def mass(get, orphans):
+            memory = state._memory
+            kept = [get(k) for k in memory.keys()]
+            total = sum(float(np.sum(v, dtype=np.float64)) for v in kept if v is not None)
+            return total + sum(float(np.sum(p, dtype=np.float64)) for p in orphans.values())
+
+        def both():
+            memory = state._memory
+            return (
+                mass(memory.residual, state._orphans),
+                mass(memory.momentum_buffer, state._orphan_momenta),
+            )
+
+        before = both()
+        relayout(index, layout)
+        carried.append((before, both()))
+
+    state._relayout = checked_relayout
+    try:
+        ddp.register_comm_hook(state, ddp_comm_hook)
+        # DGC's momentum correction replaces the optimizer's momentum.
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.02)
+        losses = []
+        for x, y in batches:
+            optimizer.zero_grad()
+            loss = torch.nn.functional.mse_loss(ddp(x), y)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    finally:
+        state.close()
+    _same_on_all_ranks(comm, _flat(ddp))
+    assert any(before[1] != 0.0 for before, _ in carried), "no velocity was carried over"
+    for before, after in carried:
+        assert after == pytest.approx(before, rel=1e-12, abs=1e-12)
+    first, last = np.mean(losses[:10]), np.mean(losses[-10:])
+    assert last < 0.5 * first, (first, last)
+    print("dgc ok", first, last)
+
+
 def case_mismatched_ranks():
     from mpi4py import MPI
 
@@ -182,6 +241,7 @@ def case_mismatched_ranks():
 CASES = {
     "dense": case_dense_equals_ddp,
     "topk": case_topk_converges,
+    "dgc": case_dgc_carries_velocities,
     "mismatch": case_mismatched_ranks,
 }
 
@@ -196,6 +256,10 @@ def test_dense_hook_equals_ddp_without_hook(ranks):
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_topk_error_feedback_identical_on_all_ranks_and_converges(ranks):
     _torch_dist.run_script(__file__, "topk", ranks)
+
+
+def test_dgc_velocities_survive_ddps_bucket_rebuild():
+    _torch_dist.run_script(__file__, "dgc", 2)
 
 
 def test_communicator_and_process_group_must_agree():
