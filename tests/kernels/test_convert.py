@@ -266,3 +266,41 @@ def test_decode_rejects_accumulate(bad, got, kind, n):
             module.fp16_decode(np.zeros(n, np.float16), out, bad)
         assert not out.any()
     cpu.fp16_decode(np.ones(5, np.float16), np.zeros(5), np.int64(-1))  # numpy ints are fine
+
+
+# ------------------------------------------------------- the F16C path and the integer one
+
+
+@pytest.mark.parametrize("n", [7, 8, 9, _CHUNK + 3, 3 * _CHUNK + 5])
+def test_conversion_instructions_and_integer_path_give_the_same_bits(n, monkeypatch):
+    """Where the CPU has F16C (``_half_simd.AVAILABLE``), float32 encodes and
+    accumulating decodes run in its instructions; both paths must give NumPy's bits
+    (NaN payloads included in the encode), whichever one a machine takes."""
+    from sparcomm.kernels.cpu import _half_simd
+
+    rng = np.random.default_rng(n)
+    x = np.concatenate([near_halves(np.float32), random_patterns(np.float32, n, seed=n)])[-n:]
+    x = x.copy()
+    x[: min(n, 3)] = np.array([np.nan, -np.inf, 70000.0], np.float32)[: min(n, 3)]
+    start = rng.standard_normal(n).astype(np.float32)
+    results = {}
+    for simd in (False, True):
+        if simd and not _half_simd.AVAILABLE:
+            continue
+        monkeypatch.setattr(_half_simd, "AVAILABLE", simd)
+        half = np.empty(n, np.float16)
+        bad = cpu.fp16_encode(x, half)
+        finite = np.where(np.isfinite(half), half, np.float16(0))
+        sums = []
+        for accumulate in (1, -1):
+            out = start.copy()
+            cpu.fp16_decode(finite, out, accumulate)
+            sums.append(out)
+        results[simd] = (half, bad, sums)
+    want = np.empty(n, np.float16)
+    want_bad = ref.fp16_encode(x, want)
+    finite = np.where(np.isfinite(want), want, np.float16(0))
+    for half, bad, (added, subtracted) in results.values():
+        assert same_bits(half, want) and bad == want_bad
+        assert np.array_equal(added, start + finite.astype(np.float32))
+        assert np.array_equal(subtracted, start - finite.astype(np.float32))
