@@ -37,6 +37,17 @@ def _numpy_copy_finite(x: np.ndarray) -> tuple[np.ndarray, bool]:
     return x.copy(), bool(np.isfinite(x).all())
 
 
+def _integer_path(call):
+    """``call()`` with the F16C kernels (``kernels/cpu/_half_simd.py``) switched off."""
+    from sparcomm.kernels.cpu import _half_simd
+
+    available, _half_simd.AVAILABLE = _half_simd.AVAILABLE, False
+    try:
+        return call()
+    finally:
+        _half_simd.AVAILABLE = available
+
+
 def run(log2n: int, repeats: int, seed: int) -> dict[str, object]:
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(1 << log2n).astype(np.float32)
@@ -45,6 +56,13 @@ def run(log2n: int, repeats: int, seed: int) -> dict[str, object]:
     cases = {
         "astype(float16) + isfinite": lambda: _numpy_fp16_encode(x),
         "kernels.cpu.fp16_encode(x, half)": lambda: cpu.fp16_encode(x, np.empty_like(half)),
+        # The integer path, which CPUs without F16C take (and this one did before it).
+        "fp16_encode, integer path": lambda: _integer_path(
+            lambda: cpu.fp16_encode(x, np.empty_like(half))
+        ),
+        "fp16_decode(half, out, -1), integer path": lambda: _integer_path(
+            lambda: cpu.fp16_decode(half, out, -1)
+        ),
         "out[...] = half": lambda: out.__setitem__(Ellipsis, half),
         "kernels.cpu.fp16_decode(half, out)": lambda: cpu.fp16_decode(half, out),
         "out -= half.astype(float32)": lambda: np.subtract(out, half.astype(np.float32), out=out),
@@ -66,8 +84,19 @@ def run(log2n: int, repeats: int, seed: int) -> dict[str, object]:
         "speedup_fp16_decode_subtract": net["out -= half.astype(float32)"]
         / net["kernels.cpu.fp16_decode(half, out, -1)"],
         "speedup_copy_finite": net["x.copy() + isfinite"] / net["kernels.cpu.copy_finite(x, out)"],
+        "f16c": _f16c(),
+        "speedup_f16c_encode": net["fp16_encode, integer path"]
+        / net["kernels.cpu.fp16_encode(x, half)"],
+        "speedup_f16c_decode_subtract": net["fp16_decode(half, out, -1), integer path"]
+        / net["kernels.cpu.fp16_decode(half, out, -1)"],
         "machine": platform.processor() or platform.machine(),
     }
+
+
+def _f16c() -> bool:
+    from sparcomm.kernels.cpu import _half_simd
+
+    return _half_simd.AVAILABLE
 
 
 def main() -> None:
