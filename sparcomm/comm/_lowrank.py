@@ -9,7 +9,9 @@ reduces any number of tensors (a fusion bucket) with exactly two allreduces:
    held back (a non-finite input shows up as a non-finite ``P``, which is checked).
 2. *Check*: the signature row of :mod:`sparcomm.comm._allreduce` (so a failing rank
    raises on every rank instead of hanging), plus a fingerprint of the tensors' shapes
-   and keys.
+   and keys.  On an agreed layout (a reducer's bucket after its first step) the check is
+   local and a status travels beside the ``P`` allreduce: a failing rank sends zeros and
+   every rank raises after it, before anything is committed (:mod:`._call`).
 3. ``Allreduce`` of the P buffer (dense tensors are summed here too); every rank
    orthogonalises the same sums; ``Q = M^T P`` into the Q buffer; ``Allreduce`` of it.
 4. Each tensor's result ``P Q^T`` (mean or sum), residuals and warm-start ``Q`` committed.
