@@ -19,31 +19,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("mpi4py.MPI")
 
+from _state_checks import assert_same, codec_state  # noqa: E402
+
 from sparcomm import CodecPolicy, ErrorFeedback, PowerSGD, TopK  # noqa: E402
-from sparcomm.feedback import unwrap  # noqa: E402
 
 BAD_STEP = 2
 STEPS = 4
-
-
-def _state(codec):
-    memory = unwrap(codec)[1]
-    return (memory if memory is not None else codec).state_dict()
-
-
-def _assert_same(actual, expected, where="state"):
-    if isinstance(expected, dict):
-        assert isinstance(actual, dict) and list(actual) == list(expected), where
-        for key in expected:
-            _assert_same(actual[key], expected[key], f"{where}[{key!r}]")
-    elif isinstance(expected, (list, tuple)):
-        assert isinstance(actual, (list, tuple)) and len(actual) == len(expected), where
-        for number, (a, e) in enumerate(zip(actual, expected, strict=True)):
-            _assert_same(a, e, f"{where}[{number}]")
-    elif isinstance(expected, np.ndarray):
-        assert np.array_equal(actual, expected), f"{where} changed"
-    else:
-        assert actual == expected, where
 
 
 def _train(make_codec, skip: bool):
@@ -82,17 +63,17 @@ def _train(make_codec, skip: bool):
         codecs = optimizer.reducer.codecs
         for step in range(STEPS):
             if skip and step == BAD_STEP:
-                before = [_state(codec) for codec in codecs]
+                before = [codec_state(codec) for codec in codecs]
                 backward(step, 1e4)
                 optimizer.synchronize()  # GradScaler would find the NaN and skip step()
                 assert all(bool(torch.isnan(p.grad).all()) for p in model.parameters())
                 for codec, state in zip(codecs, before, strict=True):
-                    _assert_same(_state(codec), state, f"{codec!r} after the skipped step")
+                    assert_same(codec_state(codec), state, f"{codec!r} after the skipped step")
             backward(step, 1.0)
             optimizer.step()
             for p in model.parameters():
                 assert bool(torch.isfinite(p).all()), "a good step overflowed: adjust the test"
-        states = [_state(codec) for codec in codecs]
+        states = [codec_state(codec) for codec in codecs]
     return [p.detach().float().numpy().copy() for p in model.parameters()], states
 
 
@@ -101,7 +82,7 @@ def _assert_skip_is_invisible(make_codec):
     params, states = _train(make_codec, skip=True)
     for number, (got, want) in enumerate(zip(params, clean_params, strict=True)):
         assert np.array_equal(got, want), f"parameter {number} differs"
-    _assert_same(states, clean_states, "final codec states")
+    assert_same(states, clean_states, "final codec states")
     assert clean_states and any(state for state in clean_states)
 
 

@@ -16,15 +16,15 @@ import pytest
 
 MPI = pytest.importorskip("mpi4py.MPI")
 
+from _state_checks import STATEFUL_CODECS, assert_same  # noqa: E402
+
 from sparcomm import (  # noqa: E402
     DGC,
-    QSGD,
     CodecPolicy,
     ErrorFeedback,
     NonFiniteError,
     OneBit,
     PowerSGD,
-    TernGrad,
     TopK,
 )
 from sparcomm.reducer import GradientReducer  # noqa: E402
@@ -38,12 +38,7 @@ SHAPES = {"w1": (24, 20), "w2": (30, 16), "bias": (6,), "w3": (20, 12)}
 GOOD_STEPS = 3  # before the failed step: step 0 agrees the layouts, later ones are steady
 
 CODECS = {
-    "topk-ef": lambda: ErrorFeedback(TopK(density=0.1)),
-    "qsgd-ef": lambda: ErrorFeedback(QSGD(bucket_size=64)),
-    "onebit": lambda: OneBit(),
-    "terngrad-ef": lambda: ErrorFeedback(TernGrad()),
-    "powersgd": lambda: PowerSGD(rank=2),
-    "dgc": lambda: DGC(TopK(density=0.1), momentum=0.9),
+    **STATEFUL_CODECS,
     "dgc-masking": lambda: DGC(TopK(density=0.1), momentum=0.9, masking=True),
     "policy": lambda: CodecPolicy(
         ErrorFeedback(TopK(density=0.1)),
@@ -55,23 +50,6 @@ CODECS = {
 def _grads(step: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng([step, RANK, 11])
     return {name: rng.standard_normal(shape).astype(np.float32) for name, shape in SHAPES.items()}
-
-
-def _assert_same(actual, expected, where="state"):
-    """Equal nested dicts/lists of arrays, bit for bit."""
-    if isinstance(expected, dict):
-        assert isinstance(actual, dict) and list(actual) == list(expected), where
-        for key in expected:
-            _assert_same(actual[key], expected[key], f"{where}[{key!r}]")
-    elif isinstance(expected, (list, tuple)):
-        assert isinstance(actual, (list, tuple)) and len(actual) == len(expected), where
-        for number, (a, e) in enumerate(zip(actual, expected, strict=True)):
-            _assert_same(a, e, f"{where}[{number}]")
-    elif isinstance(expected, np.ndarray):
-        assert actual.dtype == expected.dtype and actual.shape == expected.shape, where
-        assert np.array_equal(actual, expected), f"{where} changed"
-    else:
-        assert actual == expected, where
 
 
 def _run(make_codec, poisoned=None, expected=NonFiniteError, **options):
@@ -90,7 +68,7 @@ def _run(make_codec, poisoned=None, expected=NonFiniteError, **options):
             with pytest.raises(expected):
                 reducer.reduce(grads)
             assert reducer.step == GOOD_STEPS  # the failed step does not count
-            _assert_same(reducer.state_dict(), before)
+            assert_same(reducer.state_dict(), before)
         for step in range(GOOD_STEPS, GOOD_STEPS + 2):
             outputs.append(reducer.reduce(_grads(step)))
         return outputs, reducer.state_dict()
@@ -100,8 +78,8 @@ def _assert_identical_runs(make_codec, poisoned, expected=NonFiniteError, **opti
     clean_outputs, clean_state = _run(make_codec, **options)
     outputs, state = _run(make_codec, poisoned, expected, **options)
     for step, (result, expected) in enumerate(zip(outputs, clean_outputs, strict=True)):
-        _assert_same(result, expected, f"step {step}'s result")
-    _assert_same(state, clean_state, "final state")
+        assert_same(result, expected, f"step {step}'s result")
+    assert_same(state, clean_state, "final state")
 
 
 @pytest.mark.parametrize("poisoned", ["w1", "w3"])
@@ -174,7 +152,7 @@ def test_steady_placeholder_does_not_go_through_error_feedback(make_codec):
         with pytest.raises(ValueError):
             allreduce(x, codec=codec, comm=COMM, key="k", step=3)
     if RANK == BAD:
-        _assert_same(memory.state_dict(), before)
+        assert_same(memory.state_dict(), before)
 
 
 def _train_torch(torch, poisoned: bool):
@@ -217,7 +195,7 @@ def _train_torch(torch, poisoned: bool):
                 if attempt:
                     with pytest.raises(NonFiniteError):
                         optimizer.step()
-                    _assert_same(optimizer.reducer.state_dict(), before)
+                    assert_same(optimizer.reducer.state_dict(), before)
                 else:
                     optimizer.step()
         parameters = np.concatenate([p.detach().numpy().ravel() for p in model.parameters()])
@@ -231,4 +209,4 @@ def test_distributed_optimizer_failed_step_is_retried_exactly():
     clean_parameters, clean_state = _train_torch(torch, poisoned=False)
     parameters, state = _train_torch(torch, poisoned=True)
     assert np.array_equal(parameters, clean_parameters)
-    _assert_same(state, clean_state, "final state")
+    assert_same(state, clean_state, "final state")
