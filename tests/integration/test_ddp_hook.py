@@ -82,6 +82,31 @@ def _same_on_all_ranks(comm, values):
     assert np.array_equal(values, root), "ranks hold different parameters"
 
 
+def _record_relayouts(state, tables):
+    """Wrap ``state._relayout`` to record the total of each per-bucket state around every
+    relayout; ``tables`` names (the memory's getter of a key's array, the state's dict of
+    pieces waiting for their new bucket).  Returns the list of (before, after) totals."""
+    carried = []
+    relayout = state._relayout
+
+    def totals():
+        sums = []
+        for getter, orphans in tables:
+            kept = [getattr(state._memory, getter)(k) for k in state._memory.keys()]
+            held = sum(float(np.sum(v, dtype=np.float64)) for v in kept if v is not None)
+            waiting = getattr(state, orphans).values()
+            sums.append(held + sum(float(np.sum(p, dtype=np.float64)) for p in waiting))
+        return tuple(sums)
+
+    def checked_relayout(index, layout):
+        before = totals()
+        relayout(index, layout)
+        carried.append((before, totals()))
+
+    state._relayout = checked_relayout
+    return carried
+
+
 # ----------------------------------------------------------------- cases (under mpiexec)
 
 
@@ -130,22 +155,9 @@ def case_topk_converges():
     batches = _data(comm, steps, torch.float32, seed=2)
     ddp = DDP(_model(torch.float32), bucket_cap_mb=0.05)
     state = DDPCommState(ErrorFeedback(TopK(density=0.1)), dense_below=0)
-    carried = []
-    relayout = state._relayout
-
-    def checked_relayout(index, layout):
-        # The residual mass (all buckets + pieces waiting for their new bucket) is the
-        # same before and after every relayout: nothing is lost in DDP's rebuild.
-        def mass():
-            memory = state._memory
-            total = sum(float(np.sum(memory.residual(k), dtype=np.float64)) for k in memory.keys())
-            return total + sum(float(np.sum(p, dtype=np.float64)) for p in state._orphans.values())
-
-        before = mass()
-        relayout(index, layout)
-        carried.append((before, mass()))
-
-    state._relayout = checked_relayout
+    # The residual mass (all buckets + pieces waiting for their new bucket) is the same
+    # before and after every relayout: nothing is lost in DDP's rebuild.
+    carried = _record_relayouts(state, [("residual", "_orphans")])
     try:
         ddp.register_comm_hook(state, ddp_comm_hook)
         losses = _train(ddp, batches, lr=0.05)
@@ -153,7 +165,7 @@ def case_topk_converges():
     finally:
         state.close()
     _same_on_all_ranks(comm, _flat(ddp))
-    assert any(before != 0.0 for before, _ in carried), "no residual was carried over"
+    assert any(before[0] != 0.0 for before, _ in carried), "no residual was carried over"
     for before, after in carried:
         assert after == pytest.approx(before, rel=1e-12, abs=1e-12)
     # Converges: the last 10 steps' loss is well below the first 10 steps'.
@@ -177,28 +189,9 @@ def case_dgc_carries_velocities():
     batches = _data(comm, steps, torch.float32, seed=3)
     ddp = DDP(_model(torch.float32), bucket_cap_mb=0.05)
     state = DDPCommState(DGC(TopK(density=0.1), momentum=0.9), dense_below=0)
-    carried = []
-    relayout = state._relayout
-
-    def checked_relayout(index, layout):
-        def mass(get, orphans):
-            memory = state._memory
-            kept = [get(k) for k in memory.keys()]
-            total = sum(float(np.sum(v, dtype=np.float64)) for v in kept if v is not None)
-            return total + sum(float(np.sum(p, dtype=np.float64)) for p in orphans.values())
-
-        def both():
-            memory = state._memory
-            return (
-                mass(memory.residual, state._orphans),
-                mass(memory.momentum_buffer, state._orphan_momenta),
-            )
-
-        before = both()
-        relayout(index, layout)
-        carried.append((before, both()))
-
-    state._relayout = checked_relayout
+    carried = _record_relayouts(
+        state, [("residual", "_orphans"), ("momentum_buffer", "_orphan_momenta")]
+    )
     try:
         ddp.register_comm_hook(state, ddp_comm_hook)
         # DGC's momentum correction replaces the optimizer's momentum.
