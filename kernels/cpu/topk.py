@@ -318,33 +318,38 @@ def _scan_chunk(bits, mask, bound, inf, a, b, cand_idx, cand_key, base, cap):
     mask = as_key(mask, bits)
     bound = as_key(bound, bits)
     inf = as_key(inf, bits)
-    above = 0
-    equal = 0
-    bad = 0
-    rows = part.size // _ROW
+    return _scan_keys(part, part.size, 0, mask, bound, inf, out_idx, out_raw, cap, 0, 0, 0)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _scan_keys(keys, m, offset, mask, bound, inf, out_idx, out_raw, cap, above, equal, bad):
+    """The scan of :func:`_scan_chunk` over ``keys[:m]`` (their offsets in the chunk
+    start at ``offset``), continuing the counts ``above``, ``equal``, ``bad``; returns
+    them.  Rows of 16 through :func:`_compress_row`, the last ``< 16`` one by one."""
+    rows = m // _ROW
     for row in range(rows):
         first = row * _ROW
         if above + _ROW <= cap:
             stored, same, nonfinite = _compress_row(
-                part, first, mask, bound, inf, out_idx, out_raw, above, 0
+                keys, first, mask, bound, inf, out_idx, out_raw, above, offset
             )
         else:  # out of slots: count only (the scan is redone)
             stored = 0
             same = 0
             nonfinite = 0
             for j in range(first, first + _ROW):
-                key = part[j] & mask
+                key = keys[j] & mask
                 stored += key > bound
                 same += key == bound
                 nonfinite += key >= inf
         above += stored
         equal += same
         bad += nonfinite
-    for j in range(rows * _ROW, part.size):
-        key = part[j] & mask
+    for j in range(rows * _ROW, m):
+        key = keys[j] & mask
         if key > bound and above < cap:
-            out_idx[above] = j
-            out_raw[above] = part[j]
+            out_idx[above] = offset + j
+            out_raw[above] = keys[j]
         above += key > bound
         equal += key == bound
         bad += key >= inf
@@ -397,34 +402,9 @@ def _scan_chunk_of_sum(a, b, x, mask, bound, inf, start, stop, cand_idx, cand_ke
         xb = b[s : s + m]
         for t in range(m):
             block[t] = xa[t] + xb[t]
-        offset = s - start
-        rows = m // _ROW
-        for row in range(rows):
-            first = row * _ROW
-            if above + _ROW <= cap:
-                stored, same, nonfinite = _compress_row(
-                    block_bits, first, mask, bound, inf, out_idx, out_raw, above, offset
-                )
-            else:  # out of slots: count only (the scan is redone)
-                stored = 0
-                same = 0
-                nonfinite = 0
-                for j in range(first, first + _ROW):
-                    key = block_bits[j] & mask
-                    stored += key > bound
-                    same += key == bound
-                    nonfinite += key >= inf
-            above += stored
-            equal += same
-            bad += nonfinite
-        for j in range(rows * _ROW, m):
-            key = block_bits[j] & mask
-            if key > bound and above < cap:
-                out_idx[above] = offset + j
-                out_raw[above] = block_bits[j]
-            above += key > bound
-            equal += key == bound
-            bad += key >= inf
+        above, equal, bad = _scan_keys(
+            block_bits, m, s - start, mask, bound, inf, out_idx, out_raw, cap, above, equal, bad
+        )
         stream_copy(block, x, s, m)
     store_fence()  # on this task's thread, before the parallel loop joins
     return above, equal, bad
