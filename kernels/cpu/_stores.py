@@ -22,7 +22,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 LINE_BYTES = 64
-"""Bytes per cache line (x86-64, AArch64): the unit of :func:`stream_line`."""
+"""Bytes per cache line (x86-64, AArch64): the unit of :func:`stream_line_from`."""
 STREAM_MIN = 1 << 21
 """Elements from which a decode streams its output: well beyond the per-core caches, so
 the output would leave the cache before it is read again anyway.  Smaller outputs (the
@@ -31,36 +31,11 @@ _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
 
 @intrinsic
-def stream_line(typingctx, line, out, first):
-    """Store ``line[0:L]`` to ``out[first:first+L]`` with one non-temporal store.
-
-    ``L = LINE_BYTES // out.itemsize``; ``line`` has ``out``'s dtype and at least ``L``
-    elements; the caller guarantees that ``out[first]`` is ``LINE_BYTES``-aligned and
-    that ``first + L <= out.size``.
-    """
-    signature = types.void(line, out, types.int64)
-
-    def codegen(context, builder, sig, args):
-        line_v, out_v, first_v = args
-        source = context.make_array(sig.args[0])(context, builder, line_v)
-        target = context.make_array(sig.args[1])(context, builder, out_v)
-        element = context.get_data_type(sig.args[1].dtype)
-        itemsize = context.get_abi_sizeof(element)
-        vector = ir.VectorType(element, LINE_BYTES // itemsize)
-        value = builder.load(builder.bitcast(source.data, vector.as_pointer()), align=1)
-        pointer = builder.bitcast(builder.gep(target.data, [first_v]), vector.as_pointer())
-        store = builder.store(value, pointer, align=LINE_BYTES)
-        flag = builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)])
-        store.set_metadata("nontemporal", flag)
-        return context.get_dummy_value()
-
-    return signature, codegen
-
-
-@intrinsic
 def stream_line_from(typingctx, source, source_first, out, first):
-    """:func:`stream_line` of ``source[source_first:source_first+L]`` (any alignment of
-    the source; ``out[first]`` ``LINE_BYTES``-aligned, ``source`` of ``out``'s dtype)."""
+    """Store ``source[source_first:source_first+L]`` to ``out[first:first+L]`` with one
+    non-temporal store, ``L = LINE_BYTES // out.itemsize`` (any alignment of the source;
+    the caller guarantees that ``out[first]`` is ``LINE_BYTES``-aligned, that
+    ``first + L <= out.size`` and that ``source`` has ``out``'s dtype)."""
     signature = types.void(source, types.int64, out, types.int64)
 
     def codegen(context, builder, sig, args):

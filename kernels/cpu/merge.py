@@ -22,7 +22,7 @@ import numpy as np
 from numba import njit
 from sparcomm.kernels import reference
 
-from ._stores import LINE_BYTES, store_fence, stream_line
+from ._stores import LINE_BYTES, store_fence, stream_line_from
 
 # ---------------------------------------------------------------------------- merge
 
@@ -233,7 +233,7 @@ def scatter_dense(indices, values, offset, out, divide, divisor):
             if i >= a:
                 _put(line, i - a, values[j], divide, divisor)
             j += 1
-        stream_line(line, out, a)
+        stream_line_from(line, 0, out, a)
         a = b
     store_fence()
     for t in range(a, n):
