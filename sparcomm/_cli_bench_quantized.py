@@ -44,6 +44,19 @@ def _timed(comm, function) -> float:
     return comm.allreduce(time.perf_counter() - start, op=MPI.MAX)
 
 
+def settle_auto(function: Callable[[], Any], stats: Any, limit: int = 64) -> int:
+    """Call ``auto`` until its tuner (:mod:`sparcomm.comm._tune`) has measured its
+    choice, as a training loop's first steps do; returns the calls made (the same on
+    every rank: the tuner decides on agreed figures)."""
+    calls = 0
+    while calls < limit:
+        function()
+        calls += 1
+        if stats.tuning == "measured" or (stats.tuning == "model" and calls >= 2):
+            break  # measured, or nothing to measure (one candidate, tuning off)
+    return calls
+
+
 def bench_codec(comm, n: int, name: str, dtype: np.dtype, repeats: int, seed: int) -> dict:
     """Measure one (n, codec) point on every rank; returns the row (on every rank)."""
     from sparcomm.comm import AllreduceStats, allreduce
@@ -81,6 +94,8 @@ def bench_codec(comm, n: int, name: str, dtype: np.dtype, repeats: int, seed: in
     times: dict[str, list[float]] = {a: [] for a in functions}
     for function in functions.values():
         function()  # warm-up: compilation, buffers, calibration for auto
+    # auto's exploration (its first calls of a shape), counted and left out of the timing
+    tuning_calls = settle_auto(functions["auto"], stats["auto"])
     for _ in range(repeats):
         for a, function in functions.items():
             times[a].append(_timed(comm, function))
@@ -109,6 +124,8 @@ def bench_codec(comm, n: int, name: str, dtype: np.dtype, repeats: int, seed: in
             **rows["auto"],
             "choice": stats["auto"].algorithm,
             "predicted_s": stats["auto"].predicted,
+            "tuning": stats["auto"].tuning,
+            "tuning_calls": tuning_calls,
         },
         "fastest": best,
         "fewest_bytes": min(algorithms, key=lambda a: rows[a]["bytes_sent_per_rank"]),

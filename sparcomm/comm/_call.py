@@ -49,6 +49,7 @@ from sparcomm.comm._protocol import (
     signature_row,
 )
 from sparcomm.comm._stats import AllreduceStats
+from sparcomm.comm._tune import Decision
 
 
 @dataclass
@@ -111,6 +112,9 @@ class Call:
     _status: np.ndarray = field(default_factory=lambda: np.zeros(3, dtype=np.int64))
     _what: str = "allreduce"
     _codec_text: str = ""
+    #: ``auto``'s decision when the tuner times this call (sparcomm.comm._tune): the
+    #: collective records it once the call has succeeded on every rank.
+    tuning: Decision | None = None
     #: An argument error found by :func:`begin_call` (``stats=1``): raised by
     #: :meth:`agree` in place of ``prepare``'s result, so it reaches every rank.
     pending: BaseException | None = None

@@ -30,6 +30,7 @@ from sparcomm.comm._stats import AllreduceStats
 
 if TYPE_CHECKING:
     from sparcomm.comm._cost import CostModel
+    from sparcomm.comm._tune import Tuner
 
 _KEYVAL: int | None = None
 _SCRATCH_LIMIT_BYTES = 64 << 20  # larger temporaries are allocated per call
@@ -52,6 +53,7 @@ class _CommState:
     # placeholders in steady state.
     factor_sizes: dict = field(default_factory=dict)
     staging: DeviceStaging = field(default_factory=DeviceStaging)  # pinned, for CuPy inputs
+    tuner: Tuner = field(default_factory=lambda: _new_tuner())  # auto's measured choices
 
     def buffer(self, name: str, size: int, dtype: np.dtype) -> np.ndarray:
         """A reusable scratch buffer of ``size`` elements (contents undefined).
@@ -67,6 +69,12 @@ class _CommState:
             array = np.empty(size, dtype=dtype)
             self.scratch[key] = array
         return array[:size]
+
+
+def _new_tuner() -> Tuner:
+    from sparcomm.comm._tune import Tuner  # imports this module (ring_allreduce_bytes)
+
+    return Tuner()
 
 
 def _free_duplicate(comm: MPI.Comm, keyval: int, state: Any) -> None:

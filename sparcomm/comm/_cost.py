@@ -755,12 +755,19 @@ def predict_quantized(algorithm: str, codec: Any, n: int, dtype: Any, size: int)
 
 
 def choose_quantized(
-    model: CostModel, costs: CodecCosts, codec: Any, n: int, dtype: Any, size: int
+    model: CostModel,
+    costs: CodecCosts,
+    codec: Any,
+    n: int,
+    dtype: Any,
+    size: int,
+    names: tuple[str, ...] | None = None,
 ) -> tuple[str, dict[str, float]]:
-    """The candidate with the least predicted time, and every candidate's prediction."""
+    """The candidate with the least predicted time, and every candidate's prediction
+    (``names``: the candidates, by default :func:`candidates`)."""
     predicted = {
         name: predict_quantized(name, codec, n, dtype, size).time(model, costs)
-        for name in candidates(codec, size)
+        for name in (candidates(codec, size) if names is None else names)
     }
     return min(predicted, key=predicted.__getitem__), predicted
 

@@ -157,6 +157,8 @@ class _Problem:
     staging: DeviceStaging | None = None  # set for CuPy inputs: device payloads go through it
     device_out: Any = None  # CuPy inputs: the flat device result, where the decodes can go
     result_on_device: bool = False  # set by an algorithm that decoded into device_out
+    # Plain FP16 (plain_half): allgather rounds its sum to float16 as the owners do.
+    round_half: bool = False
 
     @property
     def n(self) -> int:
@@ -264,8 +266,33 @@ def allgather(problem: _Problem) -> None:
                 codec, payloads_to_device(payloads, recv), problem.device_out, blocked=False
             )
             problem.result_on_device = True
+            if problem.round_half:
+                _round_half(problem.device_out, None)
             return
         _decode_sum(codec, payloads, problem.out)
+        if problem.round_half:
+            _round_half(problem.out, problem.scratch.get("half_sum", problem.n, np.float16))
+
+
+def _round_half(total: Any, half: Any) -> None:
+    """Plain ``FP16``'s result whatever the algorithm: the rank-order sum rounded once to
+    float16, as the owners of ``reduce_scatter_allgather`` and ``pipelined`` send it, so
+    all three give the same bits (and ``auto`` may pick any).  The sum is the same on
+    every rank, so an overflow is found, and raised, on every rank alike."""
+    xp = array_module(total)
+    if half is None:
+        half = xp.empty(total.size, dtype=xp.float16)
+    kernels = kernels_for(xp)
+    with np.errstate(over="ignore"):
+        bad = int(kernels.fp16_encode(total, half))
+    if bad:
+        raise NonFiniteError(
+            f"allreduce: the sum of the FP16 values has {bad} non-finite entries (beyond "
+            "float16's range, +-65504); expected sums within it; the result was discarded "
+            "on every rank; scale the gradients down (op='mean', a loss scale) or use a "
+            "codec with a wider range"
+        )
+    kernels.fp16_decode(half, total, 0)
 
 
 # ----------------------------------------------------- reduce-scatter + allgather
@@ -586,17 +613,21 @@ def quantized_allreduce(
         name = algorithm
     elif size == 1:
         name = "allgather"  # every algorithm is one local encode and decode at P = 1
-    elif plain_half(bare, memory):
-        # Measured: never slower than the others on host buffers (issue 11).  A device
-        # input runs it too, staged to the host once: every rank then runs the same
-        # schedule whatever its buffers (the choice is not agreed), with the same bits.
-        name = "pipelined"
     else:
         with stats._phase("choose"):
-            costs = _cost.codec_costs(state.comm, bare, dtype, describe_codec(bare))
-            name, stats.predicted = _cost.choose_quantized(
-                _cost.cost_model(call.comm), costs, bare, n, dtype, size
-            )
+            text = describe_codec(bare)
+            costs = _cost.codec_costs(state.comm, bare, dtype, text)
+            names = _cost.candidates(bare, size)
+            if plain_half(bare, memory):
+                # Plain FP16: every algorithm gives the same bits (see allgather), so the
+                # choice is free; a device input's pipeline is staged to the host once.
+                names = (*names, "pipelined")
+            fitted = _cost.cost_model(call.comm)
+            _, stats.predicted = _cost.choose_quantized(fitted, costs, bare, n, dtype, size, names)
+            # The model proposes, the calls decide (sparcomm.comm._tune).
+            shape = ("quantized", text, memory is None, n, dtype.str, fitted.fingerprint())
+            call.tuning = state.tuner.decide(shape, stats.predicted)
+            name, stats.tuning = call.tuning.name, call.tuning.mode
     stats.algorithm = name
     stats.predicted_bytes = _cost.predict_quantized(name, bare, n, dtype, size).bytes(rank)
     result: Any
@@ -623,6 +654,7 @@ def quantized_allreduce(
         _scratch(state.comm),
         state.staging if device else None,
         result.reshape(-1) if device else None,
+        round_half=plain_half(bare, memory),
     )
     try:
         ALGORITHMS[name](problem)
@@ -639,4 +671,6 @@ def quantized_allreduce(
                 flat /= dtype.type(size)
             if device:
                 dense_to_device(flat, result)
+    if call.tuning is not None:  # every rank got here: the call succeeded everywhere
+        state.tuner.record(state.comm, call.tuning, stats)
     return result

@@ -105,18 +105,34 @@ def run_sparse(
     size = channel.size
     mean = float(size) if op == "mean" else None
     with stats._phase("output"):
-        if not device:
-            return _sparse.finish(
-                pieces, n, values.dtype, indices.dtype, dense_output, mean, host_out
-            )
-        # The cheapest host form; a sparse sum is scattered on the device.
-        form = False if dense_output is False else None
-        result = _sparse.finish(pieces, n, values.dtype, indices.dtype, form, mean, None)
-        if isinstance(result, tuple) and dense_output is not True:
-            cupy = sys.modules["cupy"]
-            return cupy.asarray(result[0]), cupy.asarray(result[1])
-        target = _device.device_output(out, (n,), values.dtype)
-        return _device.result_to_device(result, target)
+        result = _output(pieces, n, values.dtype, indices.dtype, dense_output, mean, out, device)
+    if call.tuning is not None:  # every rank got here: the call succeeded everywhere
+        state.tuner.record(state.comm, call.tuning, stats)
+    return result
+
+
+def _output(
+    pieces: list,
+    n: int,
+    dtype: np.dtype,
+    index_type: np.dtype,
+    dense_output: bool | None,
+    mean: float | None,
+    out: Any,
+    device: bool,
+) -> Any:
+    """The result in the form asked for, on the host or back on the device."""
+    host_out = None if device or dense_output is False else out
+    if not device:
+        return _sparse.finish(pieces, n, dtype, index_type, dense_output, mean, host_out)
+    # The cheapest host form; a sparse sum is scattered on the device.
+    form = False if dense_output is False else None
+    result = _sparse.finish(pieces, n, dtype, index_type, form, mean, None)
+    if isinstance(result, tuple) and dense_output is not True:
+        cupy = sys.modules["cupy"]
+        return cupy.asarray(result[0]), cupy.asarray(result[1])
+    target = _device.device_output(out, (n,), dtype)
+    return _device.result_to_device(result, target)
 
 
 def _reduce_stream(
@@ -146,7 +162,10 @@ def _reduce_stream(
                 state.choices[key] = _cost.choose(
                     model, n, k_all, values.dtype.itemsize, indices.dtype.itemsize
                 )
-            name, predicted = state.choices[key]
+            _, predicted = state.choices[key]
+            # The model proposes, the calls decide (sparcomm.comm._tune).
+            call.tuning = state.tuner.decide(key, predicted)
+            name, stats.tuning = call.tuning.name, call.tuning.mode
             # The encode and the dense output: the same for every candidate.
             local = 0.0 if codec is None else _cost.local_seconds(codec, n, values.dtype, model)
             stats.predicted = {candidate: t + local for candidate, t in predicted.items()}

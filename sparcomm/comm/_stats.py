@@ -25,6 +25,7 @@ PHASE_CATEGORIES: dict[str, str] = {
     "orthogonalize": "encode",
     "check": "check",
     "choose": "check",
+    "tune": "check",
     "allgather": "exchange",
     "allreduce": "exchange",
     "allreduce_p": "exchange",
@@ -73,6 +74,11 @@ class AllreduceStats:
         ``allgather``, ``exchange``, ``densify`` ...), in the order they ran.
     predicted : dict of str to float
         Predicted seconds of each candidate when ``auto`` chose (empty otherwise).
+    tuning : str
+        How ``auto`` chose (:mod:`sparcomm.comm._tune`): ``"model"`` (the cost model's
+        choice: a key's first call, a single candidate, or tuning off), ``"explore"``
+        (a candidate's timed trial) or ``"measured"`` (the measured fastest); empty for
+        a requested algorithm.
     predicted_bytes : tuple of int
         The cost model's (sent, received) bytes for the algorithm that ran.
     dense_ranges : int
@@ -95,6 +101,7 @@ class AllreduceStats:
     bytes_received: int = 0
     phases: dict[str, float] = field(default_factory=dict)
     predicted: dict[str, float] = field(default_factory=dict)
+    tuning: str = ""
     dense_ranges: int = 0
     rank: int = 0
     _predicted_bytes: tuple[int, int] | None = field(default=None, repr=False)

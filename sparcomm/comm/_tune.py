@@ -1,0 +1,154 @@
+"""``auto``'s measured choice: the cost model proposes, the calls decide (issue 11).
+
+The cost model (:mod:`._cost`) is calibrated once, on a machine whose load changes, and
+its predictions of two algorithms are often within a few per cent of each other; a
+model chosen that way was up to 1.2-1.4x slower than the fastest algorithm in the
+allreduce grid, and stayed wrong when the load changed.  So ``auto`` measures, as
+MPI libraries' run-time tuners and Horovod's autotuner do, on the user's own calls:
+
+1. **First sighting** of a *key* (the agreed shape of a call: sizes, every rank's
+   non-zero count, dtype, codec, ranks): the model's choice, untimed.  A key that never
+   repeats (a codec whose ``k`` changes every step) never pays for tuning.
+2. **Exploring**, from the second call of the key: the candidates (every algorithm the
+   model predicts within :data:`EXPLORE_WITHIN` of its best, at most
+   :data:`MAX_CANDIDATES`, best first) take turns, :data:`TRIALS` timed calls each.
+3. **Measured**: the candidate with the least median time runs from then on.  Every
+   :data:`CHECK_EVERY`-th call is timed again; when two checks in a row find it more
+   than :data:`DRIFT` times slower or faster than when it was chosen (the load
+   changed), the candidates are explored again.
+
+A timed call's seconds (from the algorithm's start to its output, this rank) travel in
+one 8-byte ``Allreduce`` (maximum) after the call, so every rank decides on the same
+figure: the slowest rank's, which is what the collective cost.  Every decision depends
+only on agreed values (the key, the call count of the key, the agreed seconds), so
+every rank chooses alike, and a call that raises (on every rank, as the agreement
+guarantees) records nothing anywhere.  Timed calls are the exploring ones and one in
+:data:`CHECK_EVERY` afterwards; the others add nothing.
+
+Results are identical on every rank whatever the choice; for the codecs whose
+algorithms round differently (QSGD's ``reduce_scatter_allgather`` re-quantizes at the
+owners), the choice, and so the last bits, can differ from one run to the next, as a
+model calibrated on a different day would make it.  :func:`set_tuning` turns the
+measurement off for a communicator (the model's choice, always).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+import numpy as np
+from mpi4py import MPI
+
+from sparcomm.comm._context import ring_allreduce_bytes
+from sparcomm.comm._stats import AllreduceStats
+
+#: Candidates are the algorithms predicted within this factor of the model's best.
+EXPLORE_WITHIN = 2.0
+#: At most this many candidates (the best predicted first).
+MAX_CANDIDATES = 3
+#: Timed calls per candidate while exploring (their median decides).
+TRIALS = 3
+#: Once chosen, every this-many-th call of the key is timed again.
+CHECK_EVERY = 32
+#: Two checks in a row this many times slower (or faster) than the chosen candidate's
+#: median when it was chosen start a new exploration.
+DRIFT = 1.5
+#: Keys remembered per communicator (a program with more distinct shapes starts over).
+MAX_KEYS = 4096
+
+
+@dataclass
+class _Entry:
+    """What the tuner knows of one key."""
+
+    seen: int = 0
+    candidates: tuple[str, ...] = ()
+    times: dict[str, list[float]] = field(default_factory=dict)
+    choice: str | None = None
+    baseline: float = 0.0
+    since: int = 0  # calls since the choice
+    drifted: int = 0  # checks in a row beyond DRIFT
+
+
+@dataclass
+class Decision:
+    """The algorithm a call runs and whether it is timed (:meth:`Tuner.record`)."""
+
+    name: str
+    timed: bool
+    mode: str  # "model" (first sighting, one candidate, or tuning off), "explore", "measured"
+    key: Hashable = None
+    start: float = 0.0
+
+
+class Tuner:
+    """The measured choices of one communicator (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.enabled = True
+        self._entries: dict[Hashable, _Entry] = {}
+
+    def decide(self, key: Hashable, predicted: dict[str, float]) -> Decision:
+        """The algorithm for this call of ``key``, given the model's ``predicted``
+        seconds per candidate (every rank passes the same)."""
+        best = min(predicted, key=predicted.__getitem__)
+        if not self.enabled:
+            return Decision(best, False, "model")
+        entry = self._entries.get(key)
+        if entry is None:
+            if len(self._entries) >= MAX_KEYS:
+                self._entries.clear()
+            ranked = sorted(predicted, key=predicted.__getitem__)
+            limit = EXPLORE_WITHIN * predicted[best]
+            entry = _Entry(
+                candidates=tuple(n for n in ranked if predicted[n] <= limit)[:MAX_CANDIDATES]
+            )
+            self._entries[key] = entry
+        entry.seen += 1
+        if entry.seen == 1 or len(entry.candidates) < 2:
+            return Decision(best, False, "model")
+        if entry.choice is None:
+            done = sum(len(entry.times.get(name, ())) for name in entry.candidates)
+            name = entry.candidates[done % len(entry.candidates)]
+            return Decision(name, True, "explore", key, time.perf_counter())
+        entry.since += 1
+        timed = entry.since % CHECK_EVERY == 0
+        return Decision(entry.choice, timed, "measured", key, time.perf_counter())
+
+    def record(self, comm: MPI.Comm, decision: Decision, stats: AllreduceStats) -> None:
+        """After a timed call succeeded on every rank: agree on its seconds (the
+        slowest rank's) and update the key; the agreement is the ``tune`` phase."""
+        if not decision.timed:
+            return
+        local = np.array([time.perf_counter() - decision.start], dtype=np.float64)
+        slowest = np.empty(1, dtype=np.float64)
+        with stats._phase("tune"):
+            comm.Allreduce(local, slowest, op=MPI.MAX)
+        moved = ring_allreduce_bytes(local.nbytes, comm.Get_size())
+        stats._add_bytes(moved, moved)
+        seconds = float(slowest[0])
+        entry = self._entries.get(decision.key)
+        if entry is None:  # forgotten (MAX_KEYS) since the decision: nothing to update
+            return
+        if entry.choice is None:
+            entry.times.setdefault(decision.name, []).append(seconds)
+            if all(len(entry.times.get(n, ())) >= TRIALS for n in entry.candidates):
+                medians = {n: float(np.median(entry.times[n])) for n in entry.candidates}
+                entry.choice = min(entry.candidates, key=medians.__getitem__)
+                entry.baseline = medians[entry.choice]
+                entry.since = entry.drifted = 0
+            return
+        ratio = seconds / entry.baseline if entry.baseline > 0 else 1.0
+        entry.drifted = entry.drifted + 1 if (ratio > DRIFT or ratio < 1 / DRIFT) else 0
+        if entry.drifted >= 2:  # the load changed: try the candidates again
+            entry.choice, entry.times, entry.since, entry.drifted = None, {}, 0, 0
+
+    def choices(self) -> dict[Hashable, str | None]:
+        """Each key's measured choice (None: not measured yet)."""
+        return {key: entry.choice for key, entry in self._entries.items()}
+
+    def reset(self) -> None:
+        """Forget every measurement (the next calls explore again)."""
+        self._entries.clear()

@@ -1,0 +1,139 @@
+"""auto's measured choice (sparcomm.comm._tune) on one process: which calls it times,
+what it chooses from the times, when it explores again.  Times are injected through
+each decision's start, so nothing here depends on the machine's speed."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+MPI = pytest.importorskip("mpi4py.MPI")
+
+from sparcomm.comm import AllreduceStats  # noqa: E402
+from sparcomm.comm import _tune  # noqa: E402
+from sparcomm.comm._tune import (  # noqa: E402
+    CHECK_EVERY,
+    DRIFT,
+    MAX_CANDIDATES,
+    TRIALS,
+    Tuner,
+)
+
+PREDICTED = {"a": 1.0, "b": 1.2, "c": 1.9, "d": 2.5, "e": 1.5}
+#: What each candidate "takes" in these tests: b is the fastest, against the model.
+SECONDS = {"a": 0.010, "b": 0.004, "c": 0.020, "e": 0.012}
+
+
+def _run(tuner: Tuner, key="k", seconds=SECONDS, stats=None):
+    """One call: decide, pretend the algorithm took ``seconds[name]``, record."""
+    decision = tuner.decide(key, PREDICTED)
+    if decision.timed:
+        decision.start = time.perf_counter() - seconds[decision.name]
+    tuner.record(MPI.COMM_SELF, decision, AllreduceStats() if stats is None else stats)
+    return decision
+
+
+def _explore(tuner: Tuner, key="k", seconds=SECONDS) -> list[str]:
+    """The first call and the whole exploration; the names explored, in order."""
+    first = _run(tuner, key, seconds)
+    assert (first.name, first.mode, first.timed) == ("a", "model", False)
+    explored = []
+    while True:
+        decision = _run(tuner, key, seconds)
+        if decision.mode != "explore":
+            return explored
+        assert decision.timed
+        explored.append(decision.name)
+
+
+def test_first_call_is_the_models_then_close_candidates_take_turns():
+    tuner = Tuner()
+    explored = _explore(tuner)
+    # Within EXPLORE_WITHIN (2x) of the best: a, b, e, c (d is 2.5x); at most 3, best first.
+    candidates = ["a", "b", "e", "c"][:MAX_CANDIDATES]
+    assert explored == candidates * TRIALS
+    assert tuner.choices() == {"k": "b"}  # the measured fastest, not the predicted one
+
+
+def test_measured_choice_runs_and_is_timed_every_check_every_calls():
+    tuner = Tuner()
+    _explore(tuner)  # its last call was the first "measured" one (since = 1)
+    timed = []
+    for call in range(2, 3 * CHECK_EVERY + 1):
+        decision = _run(tuner)
+        assert (decision.name, decision.mode) == ("b", "measured")
+        if decision.timed:
+            timed.append(call)
+    assert timed == [CHECK_EVERY, 2 * CHECK_EVERY, 3 * CHECK_EVERY]
+
+
+def test_timed_calls_count_their_agreement_in_the_stats():
+    tuner = Tuner()
+    untimed = AllreduceStats()
+    _run(tuner, stats=untimed)  # first sighting
+    assert "tune" not in untimed.phases and untimed.bytes_sent == 0
+    timed = AllreduceStats()
+    decision = _run(tuner, stats=timed)
+    assert decision.timed and "tune" in timed.phases
+    assert timed.bytes_sent == 0  # one rank sends nothing; at P ranks 2 (P-1)/P 8 bytes
+    assert timed.by_category()["check"] == timed.phases["tune"]
+
+
+def test_one_drifted_check_is_noise_two_in_a_row_explore_again():
+    tuner = Tuner()
+    _explore(tuner)
+    slow = dict(SECONDS, b=SECONDS["b"] * DRIFT * 2)  # 12 ms: slower than a (10 ms)
+
+    def until_check(seconds):
+        while not (decision := _run(tuner, seconds=seconds)).timed:
+            assert decision.mode == "measured"
+        return decision
+
+    until_check(slow)
+    until_check(SECONDS)  # back to normal: the count of drifted checks restarts
+    until_check(slow)
+    assert tuner.choices() == {"k": "b"}
+    until_check(slow)  # the second in a row
+    assert tuner.choices() == {"k": None}
+    # Exploring again finds the new fastest: b is now slower than a.
+    explored = []
+    while (decision := _run(tuner, seconds=slow)).mode == "explore":
+        explored.append(decision.name)
+    assert len(explored) == MAX_CANDIDATES * TRIALS
+    assert tuner.choices() == {"k": "a"}
+
+
+def test_a_faster_check_also_drifts():
+    tuner = Tuner()
+    _explore(tuner)
+    fast = dict(SECONDS, b=SECONDS["b"] / DRIFT / 1.5)
+    checks = 0
+    while checks < 2:
+        decision = _run(tuner, seconds=fast)
+        checks += decision.timed
+    assert tuner.choices() == {"k": None}
+
+
+def test_one_candidate_or_tuning_off_is_the_models_choice_untimed():
+    lone = Tuner()
+    for _ in range(5):
+        decision = lone.decide("k", {"a": 1.0, "b": 9.0})  # b is beyond EXPLORE_WITHIN
+        assert (decision.name, decision.mode, decision.timed) == ("a", "model", False)
+    off = Tuner()
+    off.enabled = False
+    for _ in range(5):
+        decision = off.decide("k", PREDICTED)
+        assert (decision.name, decision.mode, decision.timed) == ("a", "model", False)
+
+
+def test_keys_are_tuned_separately_and_forgotten_past_the_limit(monkeypatch):
+    tuner = Tuner()
+    _explore(tuner, "k")
+    assert _run(tuner, "other").mode == "model"  # a new key starts at its first sighting
+    assert tuner.choices() == {"k": "b", "other": None}
+    monkeypatch.setattr(_tune, "MAX_KEYS", 2)
+    _run(tuner, "third")
+    assert tuner.choices() == {"third": None}
+    tuner.reset()
+    assert tuner.choices() == {}
