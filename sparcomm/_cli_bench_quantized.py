@@ -69,7 +69,7 @@ def bench_codec(comm, n: int, name: str, dtype: np.dtype, repeats: int, seed: in
     reduced = np.empty_like(x)
     algorithms = list(candidates(codec, size))
     if plain_half(codec, None):
-        algorithms.append("pipelined")  # FP16's own schedule: auto's choice for it
+        algorithms.append("pipelined")  # FP16's own schedule, one of auto's candidates
     stats = {a: AllreduceStats() for a in (*algorithms, "auto")}
     steps = {a: 0 for a in stats}
 

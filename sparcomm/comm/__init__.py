@@ -40,6 +40,7 @@ from sparcomm.comm._cost import (
 )
 from sparcomm.comm._lowrank import powersgd_allreduce
 from sparcomm.comm._stats import AllreduceStats
+from sparcomm.comm._tune import set_tuning
 
 __all__ = [
     "ALL_ALGORITHMS",
@@ -55,5 +56,6 @@ __all__ = [
     "register_collective",
     "register_family",
     "set_cost_model",
+    "set_tuning",
     "sparse_allreduce",
 ]

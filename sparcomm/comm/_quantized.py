@@ -16,13 +16,14 @@ the decoding and summing happens:
     in DeepSpeed's compressed allreduce (Tang et al., "1-bit Adam: Communication
     Efficient Large-Scale Training with Adam's Convergence Speed", ICML 2021).  Bytes
     ``~ 2 (P - 1) / P C``.
-``pipelined`` (plain ``FP16`` only, ``auto``'s choice for it; a device input is
-    staged to the host once)
+``pipelined`` (plain ``FP16`` only; a device input is staged to the host once)
     The reduce-scatter + allgather above with float16 values on the wire and no payload
     framing, pipelined in segments (:func:`sparcomm.comm._ring.half_allreduce`): the
     same float32 sums in rank order, rounded once, so the result is bit for bit
     ``reduce_scatter_allgather``'s, with one encode and one decode pass and no copies
-    into payload buffers.  A non-finite input or an owner's overflow travels as one
+    into payload buffers.  (Plain ``FP16``'s ``allgather`` rounds its sum once too, so
+    its three algorithms agree bit for bit and ``auto`` may measure and pick any.)  A
+    non-finite input or an owner's overflow travels as one
     rank number in a nonblocking reduction beside the gather; every rank raises.
 ``shared_scale`` (TernGrad only)
     TernGrad's scaler sharing (Wen et al., NeurIPS 2017): one max-``Allreduce`` of the
@@ -564,8 +565,8 @@ def quantized_allreduce(
     comm : mpi4py.MPI.Comm or None
         Communicator (``MPI.COMM_WORLD`` by default).
     op : {"sum", "mean"}
-    algorithm : {"auto", "allgather", "reduce_scatter_allgather", "shared_scale"}
-        ``auto`` chooses the least predicted time (:mod:`._cost`);
+    algorithm : {"auto", "allgather", "reduce_scatter_allgather", "shared_scale", "pipelined"}
+        ``auto`` chooses by the cost model, then by measurement (:mod:`._tune`);
         ``shared_scale`` is for codecs that share a scale (``shares_scale``: TernGrad).
     key, step :
         Tensor key (residual and random stream) and training step (random stream).

@@ -29,11 +29,13 @@ Results are identical on every rank whatever the choice; for the codecs whose
 algorithms round differently (QSGD's ``reduce_scatter_allgather`` re-quantizes at the
 owners), the choice, and so the last bits, can differ from one run to the next, as a
 model calibrated on a different day would make it.  :func:`set_tuning` turns the
-measurement off for a communicator (the model's choice, always).
+measurement off for a communicator (the model's choice, always), and
+``SPARCOMM_TUNE=0`` in every rank's environment for every communicator.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -41,7 +43,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from mpi4py import MPI
 
-from sparcomm.comm._context import ring_allreduce_bytes
+from sparcomm.comm._context import comm_state, ring_allreduce_bytes
 from sparcomm.comm._stats import AllreduceStats
 
 #: Candidates are the algorithms predicted within this factor of the model's best.
@@ -87,7 +89,7 @@ class Tuner:
     """The measured choices of one communicator (see the module docstring)."""
 
     def __init__(self) -> None:
-        self.enabled = True
+        self.enabled = os.environ.get("SPARCOMM_TUNE", "1").strip() not in ("0", "")
         self._entries: dict[Hashable, _Entry] = {}
 
     def decide(self, key: Hashable, predicted: dict[str, float]) -> Decision:
@@ -152,3 +154,34 @@ class Tuner:
     def reset(self) -> None:
         """Forget every measurement (the next calls explore again)."""
         self._entries.clear()
+
+
+def set_tuning(comm: MPI.Comm | None = None, enabled: bool = True) -> None:
+    """Measure ``auto``'s choices on ``comm`` (the default) or keep the cost model's.
+
+    Collective: every rank of ``comm`` must pass the same ``enabled`` (ranks that chose
+    differently would run different schedules), else every rank raises ``ValueError``.
+    Turning it off forgets the measurements.  It applies to ``comm`` itself, not to
+    duplicates made before or after (a ``GradientReducer`` duplicates its communicator:
+    set ``SPARCOMM_TUNE=0`` in every rank's environment to turn tuning off everywhere).
+    """
+    comm = MPI.COMM_WORLD if comm is None else comm
+    if not isinstance(enabled, bool):
+        flag = -1
+    else:
+        flag = int(enabled)
+    flags = comm.allgather(flag)
+    if -1 in flags:
+        raise TypeError(
+            f"enabled must be True or False on every rank, got {enabled!r} on this rank "
+            f"(ranks' flags {flags}, -1: not a bool); pass a bool"
+        )
+    if len(set(flags)) != 1:
+        raise ValueError(
+            f"set_tuning: ranks disagree on enabled ({[bool(f) for f in flags]} by rank); "
+            "every rank must pass the same value, or auto would choose differently on them"
+        )
+    tuner = comm_state(comm).tuner
+    tuner.enabled = enabled
+    if not enabled:
+        tuner.reset()

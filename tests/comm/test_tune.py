@@ -10,8 +10,7 @@ import pytest
 
 MPI = pytest.importorskip("mpi4py.MPI")
 
-from sparcomm.comm import AllreduceStats  # noqa: E402
-from sparcomm.comm import _tune  # noqa: E402
+from sparcomm.comm import AllreduceStats, _tune  # noqa: E402
 from sparcomm.comm._tune import (  # noqa: E402
     CHECK_EVERY,
     DRIFT,
@@ -137,3 +136,9 @@ def test_keys_are_tuned_separately_and_forgotten_past_the_limit(monkeypatch):
     assert tuner.choices() == {"third": None}
     tuner.reset()
     assert tuner.choices() == {}
+
+
+@pytest.mark.parametrize(("value", "enabled"), [("0", False), ("", False), ("1", True)])
+def test_environment_turns_tuning_off(monkeypatch, value, enabled):
+    monkeypatch.setenv("SPARCOMM_TUNE", value)
+    assert Tuner().enabled is enabled

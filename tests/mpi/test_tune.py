@@ -14,7 +14,14 @@ MPI = pytest.importorskip("mpi4py.MPI")
 
 from sparcomm import FP16, QSGD, TopK  # noqa: E402
 from sparcomm._errors import NonFiniteError  # noqa: E402
-from sparcomm.comm import AllreduceStats, _quantized, _sparse, _tune, allreduce  # noqa: E402
+from sparcomm.comm import (  # noqa: E402
+    AllreduceStats,
+    _quantized,
+    _sparse,
+    _tune,
+    allreduce,
+    set_tuning,
+)
 from sparcomm.comm._context import comm_state  # noqa: E402
 
 COMM = MPI.COMM_WORLD
@@ -105,3 +112,20 @@ def test_fp16_allgather_sum_overflow_raises_on_every_rank(comm):
     # The communicator still works afterwards on every rank.
     result = allreduce(np.ones(8, np.float32), codec=FP16(), comm=comm, algorithm="allgather")
     assert np.all(result == SIZE)
+
+
+def test_set_tuning_is_agreed_and_keeps_the_models_choice(comm):
+    x = np.random.default_rng([4, RANK]).standard_normal(1 << 12).astype(np.float32)
+    set_tuning(comm, False)
+    stats = AllreduceStats()
+    for _ in range(4):
+        allreduce(x, codec=TopK(density=0.01), comm=comm, stats=stats)
+        assert stats.tuning == "model" and "tune" not in stats.phases
+    if SIZE > 1:  # (one rank always agrees with itself)
+        with pytest.raises(ValueError, match="ranks disagree on enabled"):
+            set_tuning(comm, RANK == 0)  # True on rank 0 only: every rank raises
+    with pytest.raises(TypeError, match="enabled must be True or False"):
+        set_tuning(comm, "no" if RANK == 0 else False)  # every rank raises
+    set_tuning(comm, True)
+    allreduce(x, codec=TopK(density=0.01), comm=comm, stats=stats)
+    assert stats.tuning in ("explore", "model")  # tuning again (model: one candidate)
