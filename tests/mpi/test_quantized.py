@@ -348,7 +348,8 @@ def test_statistics_name_algorithm_and_phases():
     assert COMM.allgather(auto.algorithm) == [auto.algorithm] * SIZE
     if SIZE > 1:
         assert set(auto.predicted) == set(QUANTIZED_ALGORITHMS)
-        assert auto.algorithm == min(auto.predicted, key=auto.predicted.get)
+        if auto.tuning == "model":  # this shape's first call (else a measured choice)
+            assert auto.algorithm == min(auto.predicted, key=auto.predicted.get)
 
 
 # ------------------------------------------------------------------ errors
