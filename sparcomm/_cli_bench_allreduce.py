@@ -208,6 +208,7 @@ def bench_point(
             "phases_s": stats["auto"].by_category(),
             "tuning": stats["auto"].tuning,
             "tuning_calls": tuning_calls["auto"],
+            "measured_s": stats["auto"].measured,
         },
     }
     fastest = min(algorithms, key=lambda name: median[name])

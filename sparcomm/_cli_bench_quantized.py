@@ -126,6 +126,7 @@ def bench_codec(comm, n: int, name: str, dtype: np.dtype, repeats: int, seed: in
             "predicted_s": stats["auto"].predicted,
             "tuning": stats["auto"].tuning,
             "tuning_calls": tuning_calls,
+            "measured_s": stats["auto"].measured,
         },
         "fastest": best,
         "fewest_bytes": min(algorithms, key=lambda a: rows[a]["bytes_sent_per_rank"]),

@@ -629,6 +629,7 @@ def quantized_allreduce(
             shape = ("quantized", text, memory is None, n, dtype.str, fitted.fingerprint())
             call.tuning = state.tuner.decide(shape, stats.predicted)
             name, stats.tuning = call.tuning.name, call.tuning.mode
+            stats.measured = dict(call.tuning.medians)
     stats.algorithm = name
     stats.predicted_bytes = _cost.predict_quantized(name, bare, n, dtype, size).bytes(rank)
     result: Any

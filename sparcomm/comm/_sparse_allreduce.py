@@ -166,6 +166,7 @@ def _reduce_stream(
             # The model proposes, the calls decide (sparcomm.comm._tune).
             call.tuning = state.tuner.decide(key, predicted)
             name, stats.tuning = call.tuning.name, call.tuning.mode
+            stats.measured = dict(call.tuning.medians)
             # The encode and the dense output: the same for every candidate.
             local = 0.0 if codec is None else _cost.local_seconds(codec, n, values.dtype, model)
             stats.predicted = {candidate: t + local for candidate, t in predicted.items()}

@@ -79,6 +79,9 @@ class AllreduceStats:
         choice: a key's first call, a single candidate, or tuning off), ``"explore"``
         (a candidate's timed trial) or ``"measured"`` (the measured fastest); empty for
         a requested algorithm.
+    measured : dict of str to float
+        With ``tuning == "measured"``: each candidate's median seconds (the slowest
+        rank's) in the exploration that chose it.
     predicted_bytes : tuple of int
         The cost model's (sent, received) bytes for the algorithm that ran.
     dense_ranges : int
@@ -102,6 +105,7 @@ class AllreduceStats:
     phases: dict[str, float] = field(default_factory=dict)
     predicted: dict[str, float] = field(default_factory=dict)
     tuning: str = ""
+    measured: dict[str, float] = field(default_factory=dict)
     dense_ranges: int = 0
     rank: int = 0
     _predicted_bytes: tuple[int, int] | None = field(default=None, repr=False)

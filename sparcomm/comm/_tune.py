@@ -50,8 +50,10 @@ from sparcomm.comm._stats import AllreduceStats
 EXPLORE_WITHIN = 2.0
 #: At most this many candidates (the best predicted first).
 MAX_CANDIDATES = 3
-#: Timed calls per candidate while exploring (their median decides).
-TRIALS = 3
+#: Timed calls per candidate while exploring (their median decides).  Five: on 4 ranks
+#: sharing 2 cores, single calls of a few milliseconds swing by 20-30 % under load, and
+#: with three trials the allreduce grid chose a 1.2-1.3x slower candidate in 3 of 30 cells.
+TRIALS = 5
 #: Once chosen, every this-many-th call of the key is timed again.
 CHECK_EVERY = 32
 #: Two checks in a row this many times slower (or faster) than the chosen candidate's
@@ -69,6 +71,7 @@ class _Entry:
     candidates: tuple[str, ...] = ()
     times: dict[str, list[float]] = field(default_factory=dict)
     choice: str | None = None
+    medians: dict[str, float] = field(default_factory=dict)
     baseline: float = 0.0
     since: int = 0  # calls since the choice
     drifted: int = 0  # checks in a row beyond DRIFT
@@ -83,6 +86,8 @@ class Decision:
     mode: str  # "model" (first sighting, one candidate, or tuning off), "explore", "measured"
     key: Hashable = None
     start: float = 0.0
+    #: The medians (agreed seconds) of the exploration that chose ("measured" only).
+    medians: dict[str, float] = field(default_factory=dict)
 
 
 class Tuner:
@@ -117,7 +122,7 @@ class Tuner:
             return Decision(name, True, "explore", key, time.perf_counter())
         entry.since += 1
         timed = entry.since % CHECK_EVERY == 0
-        return Decision(entry.choice, timed, "measured", key, time.perf_counter())
+        return Decision(entry.choice, timed, "measured", key, time.perf_counter(), entry.medians)
 
     def record(self, comm: MPI.Comm, decision: Decision, stats: AllreduceStats) -> None:
         """After a timed call succeeded on every rank: agree on its seconds (the
@@ -139,6 +144,7 @@ class Tuner:
             if all(len(entry.times.get(n, ())) >= TRIALS for n in entry.candidates):
                 medians = {n: float(np.median(entry.times[n])) for n in entry.candidates}
                 entry.choice = min(entry.candidates, key=medians.__getitem__)
+                entry.medians = medians
                 entry.baseline = medians[entry.choice]
                 entry.since = entry.drifted = 0
             return

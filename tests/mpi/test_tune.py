@@ -72,6 +72,8 @@ def test_a_slowed_algorithm_is_measured_and_left_on_every_rank(family, comm, mon
     assert all(mode == "explore" for _, mode in seen[:-1]), seen
     assert len({name for name, _ in seen[:-1]}) == candidates, seen
     assert seen[-1][1] == "measured" and seen[-1][0] != first.algorithm, seen
+    assert len(stats.measured) == candidates  # the exploration's medians, the chosen least
+    assert min(stats.measured, key=stats.measured.get) == stats.algorithm
     choices = comm_state(comm).tuner.choices()
     assert len(choices) == 1 and next(iter(choices.values())) == seen[-1][0]
     assert COMM.allgather(seen) == [seen] * SIZE  # the same decisions on every rank
