@@ -29,6 +29,7 @@ from then on.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -115,6 +116,8 @@ class Call:
     #: ``auto``'s decision when the tuner times this call (sparcomm.comm._tune): the
     #: collective records it once the call has succeeded on every rank.
     tuning: Decision | None = None
+    #: ``time.perf_counter()`` when the call began (the tuner times whole calls).
+    started: float = field(default_factory=time.perf_counter)
     #: An argument error found by :func:`begin_call` (``stats=1``): raised by
     #: :meth:`agree` in place of ``prepare``'s result, so it reaches every rank.
     pending: BaseException | None = None

@@ -627,7 +627,7 @@ def quantized_allreduce(
             _, stats.predicted = _cost.choose_quantized(fitted, costs, bare, n, dtype, size, names)
             # The model proposes, the calls decide (sparcomm.comm._tune).
             shape = ("quantized", text, memory is None, n, dtype.str, fitted.fingerprint())
-            call.tuning = state.tuner.decide(shape, stats.predicted)
+            call.tuning = state.tuner.decide(shape, stats.predicted, call.started)
             name, stats.tuning = call.tuning.name, call.tuning.mode
             stats.measured = dict(call.tuning.medians)
     stats.algorithm = name

@@ -164,7 +164,7 @@ def _reduce_stream(
                 )
             _, predicted = state.choices[key]
             # The model proposes, the calls decide (sparcomm.comm._tune).
-            call.tuning = state.tuner.decide(key, predicted)
+            call.tuning = state.tuner.decide(key, predicted, call.started)
             name, stats.tuning = call.tuning.name, call.tuning.mode
             stats.measured = dict(call.tuning.medians)
             # The encode and the dense output: the same for every candidate.

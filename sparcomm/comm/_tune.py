@@ -11,13 +11,15 @@ MPI libraries' run-time tuners and Horovod's autotuner do, on the user's own cal
    repeats (a codec whose ``k`` changes every step) never pays for tuning.
 2. **Exploring**, from the second call of the key: the candidates (every algorithm the
    model predicts within :data:`EXPLORE_WITHIN` of its best, at most
-   :data:`MAX_CANDIDATES`, best first) take turns, :data:`TRIALS` timed calls each.
+   :data:`MAX_CANDIDATES`, best first) run :data:`TRIALS` timed calls each, one
+   candidate's calls back to back.
 3. **Measured**: the candidate with the least median time runs from then on.  Every
    :data:`CHECK_EVERY`-th call is timed again; when two checks in a row find it more
    than :data:`DRIFT` times slower or faster than when it was chosen (the load
    changed), the candidates are explored again.
 
-A timed call's seconds (from the algorithm's start to its output, this rank) travel in
+A timed call's seconds (the whole call, agreement and encode included, as a training
+loop or a benchmark sees it back to back; this rank's) travel in
 one 8-byte ``Allreduce`` (maximum) after the call, so every rank decides on the same
 figure: the slowest rank's, which is what the collective cost.  Every decision depends
 only on agreed values (the key, the call count of the key, the agreed seconds), so
@@ -97,9 +99,10 @@ class Tuner:
         self.enabled = os.environ.get("SPARCOMM_TUNE", "1").strip() not in ("0", "")
         self._entries: dict[Hashable, _Entry] = {}
 
-    def decide(self, key: Hashable, predicted: dict[str, float]) -> Decision:
+    def decide(self, key: Hashable, predicted: dict[str, float], started: float) -> Decision:
         """The algorithm for this call of ``key``, given the model's ``predicted``
-        seconds per candidate (every rank passes the same)."""
+        seconds per candidate (every rank passes the same); ``started``: the
+        ``time.perf_counter()`` at which the call began (a timed call counts from it)."""
         best = min(predicted, key=predicted.__getitem__)
         if not self.enabled:
             return Decision(best, False, "model")
@@ -117,12 +120,15 @@ class Tuner:
         if entry.seen == 1 or len(entry.candidates) < 2:
             return Decision(best, False, "model")
         if entry.choice is None:
+            # In blocks (a candidate's trials back to back): the part of a call's time
+            # that the previous call leaves behind (ranks it left out of step, waiting
+            # in the next agreement) is then charged to the candidate that caused it.
             done = sum(len(entry.times.get(name, ())) for name in entry.candidates)
-            name = entry.candidates[done % len(entry.candidates)]
-            return Decision(name, True, "explore", key, time.perf_counter())
+            name = entry.candidates[(done // TRIALS) % len(entry.candidates)]
+            return Decision(name, True, "explore", key, started)
         entry.since += 1
         timed = entry.since % CHECK_EVERY == 0
-        return Decision(entry.choice, timed, "measured", key, time.perf_counter(), entry.medians)
+        return Decision(entry.choice, timed, "measured", key, started, entry.medians)
 
     def record(self, comm: MPI.Comm, decision: Decision, stats: AllreduceStats) -> None:
         """After a timed call succeeded on every rank: agree on its seconds (the

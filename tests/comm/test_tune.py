@@ -26,7 +26,7 @@ SECONDS = {"a": 0.010, "b": 0.004, "c": 0.020, "e": 0.012}
 
 def _run(tuner: Tuner, key="k", seconds=SECONDS, stats=None):
     """One call: decide, pretend the algorithm took ``seconds[name]``, record."""
-    decision = tuner.decide(key, PREDICTED)
+    decision = tuner.decide(key, PREDICTED, time.perf_counter())
     if decision.timed:
         decision.start = time.perf_counter() - seconds[decision.name]
     tuner.record(MPI.COMM_SELF, decision, AllreduceStats() if stats is None else stats)
@@ -51,7 +51,7 @@ def test_first_call_is_the_models_then_close_candidates_take_turns():
     explored = _explore(tuner)
     # Within EXPLORE_WITHIN (2x) of the best: a, b, e, c (d is 2.5x); at most 3, best first.
     candidates = ["a", "b", "e", "c"][:MAX_CANDIDATES]
-    assert explored == candidates * TRIALS
+    assert explored == [name for name in candidates for _ in range(TRIALS)]  # in blocks
     assert tuner.choices() == {"k": "b"}  # the measured fastest, not the predicted one
 
 
@@ -117,12 +117,12 @@ def test_a_faster_check_also_drifts():
 def test_one_candidate_or_tuning_off_is_the_models_choice_untimed():
     lone = Tuner()
     for _ in range(5):
-        decision = lone.decide("k", {"a": 1.0, "b": 9.0})  # b is beyond EXPLORE_WITHIN
+        decision = lone.decide("k", {"a": 1.0, "b": 9.0}, 0.0)  # b is beyond EXPLORE_WITHIN
         assert (decision.name, decision.mode, decision.timed) == ("a", "model", False)
     off = Tuner()
     off.enabled = False
     for _ in range(5):
-        decision = off.decide("k", PREDICTED)
+        decision = off.decide("k", PREDICTED, 0.0)
         assert (decision.name, decision.mode, decision.timed) == ("a", "model", False)
 
 
