@@ -83,6 +83,344 @@ def _bucket_sizes() -> list[int]:
     return [bucket.size for bucket in plan.buckets]
 
 
+# ------------------------------------------------- float16 schedules tried (issue 11)
+#
+# Alternatives to ``_ring.half_allreduce``'s direct reduce-scatter + allgather, measured
+# against it and not adopted (docs/benchmarks.md, "Float16 schedules"); every one
+# returns the same bits (the owner sums in float32 in rank order, rounds once).
+
+
+def half_schedule(
+    comm: Any,
+    x: Any,
+    out: Any,
+    *,
+    schedule: str,
+    segment_bytes: int | None = None,
+    window: int = 0,
+    pause_s: float | None = None,
+) -> tuple[int, int, int, int]:
+    """``_ring.half_allreduce`` with ``schedule`` ``"paired"`` (ring gather),
+    ``"looped"`` (direct gather, polling loop), ``"rounds"`` (direct gather, one send
+    in flight) or ``"lockstep"``; ``window``: scatter sends in flight (0: no limit)."""
+    import numpy as np
+
+    from sparcomm.comm import _ring
+
+    size = comm.Get_size()
+    if size == 1 or x.size == 0:
+        return _ring.half_allreduce(comm, x, out, segment_bytes=segment_bytes, pause_s=pause_s)
+
+    def scratch(name: str, count: int, dtype: Any) -> Any:
+        return np.empty(count, dtype=dtype)
+
+    bounds = _ring.chunk_bounds(x.size, size)
+    if segment_bytes is None:
+        segment_bytes = _ring.default_segment_bytes(2 * int(bounds[1]))
+    segment = _ring._segment_elements(segment_bytes, 2)
+    if schedule == "lockstep":
+        return _half_lockstep(comm, x, out, segment, scratch, pause_s)
+    gather = "ring" if schedule == "paired" else "direct"
+    gather_window = 1 if schedule == "rounds" else 1 << 30
+    return _half_paired(
+        comm, x, out, segment, window or 1 << 30, gather, gather_window, scratch, pause_s
+    )
+
+
+def _half_paired(
+    comm: Any,
+    x: Any,
+    out: Any,
+    segment: int,
+    window: int,
+    gather: str,
+    gather_window: int,
+    scratch: Any,
+    pause_s: float | None,
+) -> tuple[int, int, int, int]:
+    """Float16 allreduce, bits of ``half_allreduce``: the direct scatter (at most
+    ``window`` sends in flight), the gather ``"ring"`` (forwarded to the right neighbour)
+    or ``"direct"`` (at most ``gather_window`` sends in flight), in one polling loop that
+    keeps MPI progressing between the sums and decodes every arrival into ``out``."""
+    import numpy as np
+    from mpi4py import MPI
+
+    from sparcomm._backend import kernels_for
+    from sparcomm.comm._ring import (
+        _TAG_HALF_GATHER,
+        _TAG_HALF_SCATTER,
+        PAUSE_GROWTH,
+        _segments,
+        _waitall,
+        chunk_bounds,
+    )
+
+    size, rank = comm.Get_size(), comm.Get_rank()
+    n = x.size
+    kernels = kernels_for(np)
+    encoded = scratch("half_encoded", n, np.float16)
+    sums = scratch("half_sums", n, np.float16)
+    bits, sum_bits = encoded.view(np.uint16), sums.view(np.uint16)
+    bounds = chunk_bounds(n, size)
+    own_a, own_b = int(bounds[rank]), int(bounds[rank + 1])
+    pieces = [_segments(int(bounds[j]), int(bounds[j + 1]), segment) for j in range(size)]
+    mine = pieces[rank]
+    length = own_b - own_a
+    incoming = scratch("half_incoming", size * length, np.float16).reshape(size, length)
+    incoming_bits = incoming.view(np.uint16)
+    total = scratch("half_total", min(segment, max(length, 1)), x.dtype)
+    datatype = MPI.UINT16_T
+    right, left = (rank + 1) % size, (rank - 1) % size
+    depth = max(len(p) for p in pieces)
+    sent = received = 0
+
+    # Scatter: piece i of every chunk, the owners in shifted rounds (round s to rank
+    # r + s while rank r - s sends here); my own piece last (encoded, not sent).
+    scatter_plan = [
+        ((rank + offset) % size, i, *pieces[(rank + offset) % size][i])
+        for i in range(depth)
+        for offset in range(1, size + 1)
+        if i < len(pieces[(rank + offset) % size])
+        and pieces[(rank + offset) % size][i][1] > pieces[(rank + offset) % size][i][0]
+    ]
+    scatter_recvs: list[list[Any]] = [[] for _ in mine]
+    for i, (a, b) in enumerate(mine):
+        for offset in range(1, size):
+            source = (rank - offset) % size
+            if b > a:
+                view = incoming_bits[source, a - own_a : b - own_a]
+                scatter_recvs[i].append(comm.Irecv([view, datatype], source, _TAG_HALF_SCATTER))
+                received += 2 * (b - a)
+
+    # Gather, a ring: in step t of piece i a rank sends the sums of owner r - t (its
+    # own at t = 0, then what came from the left at step t - 1) to the right.  Sends
+    # and receives follow one fixed order per link, so one tag matches them.
+    def nonempty(owner: int, i: int) -> bool:
+        return i < len(pieces[owner]) and pieces[owner][i][1] > pieces[owner][i][0]
+
+    if gather == "ring":
+        gather_plan = [
+            (i, (rank - t) % size, right)
+            for i in range(depth)
+            for t in range(size - 1)
+            if nonempty((rank - t) % size, i)
+        ]
+        gather_keys = [
+            (i, (rank - 1 - t) % size, left)
+            for i in range(depth)
+            for t in range(size - 1)
+            if nonempty((rank - 1 - t) % size, i)
+        ]
+    else:  # direct: each owner sends its sums to every rank
+        gather_plan = [
+            (i, rank, (rank + t) % size)
+            for i in range(depth)
+            for t in range(1, size)
+            if nonempty(rank, i)
+        ]
+        gather_keys = [
+            (i, (rank - t) % size, (rank - t) % size)
+            for i in range(depth)
+            for t in range(1, size)
+            if nonempty((rank - t) % size, i)
+        ]
+    arrived = {key[:2]: index for index, key in enumerate(gather_keys)}
+    gather_recvs = []
+    for i, owner, source in gather_keys:
+        a, b = pieces[owner][i]
+        gather_recvs.append(comm.Irecv([sum_bits[a:b], datatype], source, _TAG_HALF_GATHER))
+        received += 2 * (b - a)
+    own_encoded = [b == a for a, b in mine]  # an empty piece needs no encode
+    in_flight: list[Any] = []
+    gather_sends: list[Any] = []
+    status = np.array([-1], dtype=np.int64)
+    failed = np.full(1, -1, dtype=np.int64)
+    reduction: Any = None
+    bad = 0
+    next_send = next_gather_send = gathered = 0
+    summed = 0
+    delay = pause_s or 0.0
+    while True:
+        progressed = False
+        # Scatter sends, at most `window` in flight (encoded just before they leave).
+        while in_flight and in_flight[0].Test():
+            in_flight.pop(0)
+        while next_send < len(scatter_plan) and len(in_flight) < window:
+            dest, i, a, b = scatter_plan[next_send]
+            bad += kernels.fp16_encode(x[a:b], encoded[a:b])
+            if dest == rank:
+                own_encoded[i] = True
+            else:
+                in_flight.append(comm.Isend([bits[a:b], datatype], dest, _TAG_HALF_SCATTER))
+                sent += 2 * (b - a)
+            next_send += 1
+            progressed = True
+        # Gather receives, in their order: decode each into the output as it lands
+        # (every rank's encode of that region preceded the owner's sum, so ``out`` may
+        # be ``x``).
+        while gathered < len(gather_recvs) and gather_recvs[gathered].Test():
+            i, owner, _ = gather_keys[gathered]
+            a, b = pieces[owner][i]
+            kernels.fp16_decode(sums[a:b], out[a:b], 0)
+            gathered += 1
+            progressed = True
+        # Sum my next piece once every rank's values are here: rank order, one rounding.
+        if (
+            summed < len(mine)
+            and own_encoded[summed]
+            and MPI.Request.Testall(scatter_recvs[summed])
+        ):
+            a, b = mine[summed]
+            if b > a:
+                part = total[: b - a]
+                for source in range(size):  # rank order: the same sum on every rank
+                    values = (
+                        encoded[a:b] if source == rank else incoming[source, a - own_a : b - own_a]
+                    )
+                    kernels.fp16_decode(values, part, 0 if source == 0 else 1)
+                with np.errstate(over="ignore"):
+                    bad += kernels.fp16_encode(part, sums[a:b])
+                kernels.fp16_decode(sums[a:b], out[a:b], 0)
+            summed += 1
+            progressed = True
+        # Gather sends whose sums are here (mine summed, or received from the left).
+        while gather_sends and gather_sends[0].Test():
+            gather_sends.pop(0)
+        while next_gather_send < len(gather_plan) and len(gather_sends) < gather_window:
+            i, owner, dest = gather_plan[next_gather_send]
+            ready = i < summed if owner == rank else arrived[(i, owner)] < gathered
+            if not ready:
+                break
+            a, b = pieces[owner][i]
+            gather_sends.append(comm.Isend([sum_bits[a:b], datatype], dest, _TAG_HALF_GATHER))
+            sent += 2 * (b - a)
+            next_gather_send += 1
+            progressed = True
+        if reduction is None and next_send == len(scatter_plan) and summed == len(mine):
+            # Every rank learns which rank (the highest) met a non-finite value, its
+            # input's or an owned sum's, while the gather completes.
+            status[0] = rank if bad else -1
+            reduction = comm.Iallreduce(status, failed, op=MPI.MAX)
+            progressed = True
+        if (
+            reduction is not None
+            and gathered == len(gather_recvs)
+            and next_gather_send == len(gather_plan)
+        ):
+            break
+        if progressed:
+            delay = pause_s or 0.0
+        elif pause_s is not None:
+            time.sleep(delay)
+            delay = min(2 * delay, PAUSE_GROWTH * pause_s)
+    _waitall(in_flight + gather_sends + [reduction], pause_s)
+    return sent, received, int(bad), int(failed[0])
+
+
+def _half_lockstep(
+    comm: Any,
+    x: Any,
+    out: Any,
+    segment: int,
+    scratch: Any,
+    pause_s: float | None,
+) -> tuple[int, int, int, int]:
+    """Float16 allreduce, bits of ``half_allreduce``, in shifted rounds: in round ``s``
+    of step ``k`` rank ``r`` sends rank ``r + s`` its values of that rank's piece ``k``
+    and its own sums of piece ``k - 1``, receives the same from ``r - s``, and waits
+    for all four messages: one flow in and one out per rank at any time."""
+    import numpy as np
+    from mpi4py import MPI
+
+    from sparcomm._backend import kernels_for
+    from sparcomm.comm._ring import (
+        _TAG_HALF_GATHER,
+        _TAG_HALF_SCATTER,
+        _segments,
+        _wait,
+        _waitall,
+        chunk_bounds,
+    )
+
+    size, rank = comm.Get_size(), comm.Get_rank()
+    n = x.size
+    kernels = kernels_for(np)
+    encoded = scratch("half_encoded", n, np.float16)
+    sums = scratch("half_sums", n, np.float16)
+    bits, sum_bits = encoded.view(np.uint16), sums.view(np.uint16)
+    bounds = chunk_bounds(n, size)
+    own_a, own_b = int(bounds[rank]), int(bounds[rank + 1])
+    pieces = [_segments(int(bounds[j]), int(bounds[j + 1]), segment) for j in range(size)]
+    length = own_b - own_a
+    incoming = scratch("half_incoming", size * length, np.float16).reshape(size, length)
+    incoming_bits = incoming.view(np.uint16)
+    total = scratch("half_total", min(segment, max(length, 1)), x.dtype)
+    datatype = MPI.UINT16_T
+    depth = max(len(p) for p in pieces)
+    sent = received = 0
+    bad = 0
+
+    def piece(owner: int, i: int) -> tuple[int, int] | None:
+        if 0 <= i < len(pieces[owner]) and pieces[owner][i][1] > pieces[owner][i][0]:
+            return pieces[owner][i]
+        return None
+
+    status = np.array([-1], dtype=np.int64)
+    failed = np.full(1, -1, dtype=np.int64)
+    reduction: Any = None
+    for k in range(depth + 1):
+        own = piece(rank, k)
+        if own is not None:
+            a, b = own
+            bad += kernels.fp16_encode(x[a:b], encoded[a:b])
+        for s in range(1, size):
+            dest, source = (rank + s) % size, (rank - s) % size
+            requests = []
+            region = piece(dest, k)
+            if region is not None:  # scatter: my values of dest's piece k
+                a, b = region
+                bad += kernels.fp16_encode(x[a:b], encoded[a:b])
+                requests.append(comm.Isend([bits[a:b], datatype], dest, _TAG_HALF_SCATTER))
+                sent += 2 * (b - a)
+            region = piece(rank, k)
+            if region is not None:
+                a, b = region
+                view = incoming_bits[source, a - own_a : b - own_a]
+                requests.append(comm.Irecv([view, datatype], source, _TAG_HALF_SCATTER))
+                received += 2 * (b - a)
+            done = piece(rank, k - 1)
+            if s == 1 and done is not None:  # every rank's values of my piece k-1 are here
+                a, b = done
+                part = total[: b - a]
+                for other in range(size):  # rank order: the same sum on every rank
+                    values = (
+                        encoded[a:b] if other == rank else incoming[other, a - own_a : b - own_a]
+                    )
+                    kernels.fp16_decode(values, part, 0 if other == 0 else 1)
+                with np.errstate(over="ignore"):
+                    bad += kernels.fp16_encode(part, sums[a:b])
+                kernels.fp16_decode(sums[a:b], out[a:b], 0)
+            if s == 1 and k == depth:
+                status[0] = rank if bad else -1
+                reduction = comm.Iallreduce(status, failed, op=MPI.MAX)
+            if done is not None:  # gather: my sums of piece k-1
+                a, b = done
+                requests.append(comm.Isend([sum_bits[a:b], datatype], dest, _TAG_HALF_GATHER))
+                sent += 2 * (b - a)
+            theirs = piece(source, k - 1)
+            if theirs is not None:
+                a, b = theirs
+                view = sum_bits[a:b]
+                requests.append(comm.Irecv([view, datatype], source, _TAG_HALF_GATHER))
+                received += 2 * (b - a)
+            _waitall(requests, pause_s)
+            if theirs is not None:
+                a, b = theirs
+                kernels.fp16_decode(sums[a:b], out[a:b], 0)
+    _wait(reduction, pause_s)
+    return sent, received, int(bad), int(failed[0])
+
+
 # ----------------------------------------------------------------------------- ranks
 
 
@@ -133,11 +471,19 @@ def _contenders(names: list[str], n: int, comm: Any) -> dict[str, Any]:
 
         return run
 
-    def ring16(kib: int | None, pause: float | None) -> Any:
+    def ring16(
+        kib: int | None, pause: float | None, schedule: str = "direct", window: int = 0
+    ) -> Any:
         segment = None if kib is None else kib << 10
 
         def run() -> None:
-            _ring.half_allreduce(private, base, out, segment_bytes=segment, pause_s=pause)
+            if schedule == "direct":
+                _ring.half_allreduce(private, base, out, segment_bytes=segment, pause_s=pause)
+            else:
+                half_schedule(
+                    private, base, out, schedule=schedule, segment_bytes=segment,
+                    window=window, pause_s=pause,
+                )  # fmt: skip
 
         return run
 
@@ -158,6 +504,12 @@ def _contenders(names: list[str], n: int, comm: Any) -> dict[str, Any]:
         pause = (float(micros) * 1e-6 or None) if micros else _ring.DEFAULT_PAUSE_S
         if kind in ("ring", "ring16"):
             table[name] = (ring if kind == "ring" else ring16)(int(kib) if kib else None, pause)
+        elif kind == "ring16l":
+            table[name] = ring16(int(kib) if kib else None, pause, "lockstep")
+        elif kind[:7] in ("ring16w", "ring16d", "ring16r"):  # window W (0: none)
+            window = int(kind[len("ring16w") :] or 0)
+            schedule = {"w": "paired", "d": "looped", "r": "rounds"}[kind[6]]
+            table[name] = ring16(int(kib) if kib else None, pause, schedule, window)
     return {name: table[name] for name in names}
 
 
@@ -241,15 +593,18 @@ def _print_report(report: dict[str, Any]) -> None:
             wire16 = _wire_seconds(n_int, 2, report["ranks"], report["rate_bps"])
             print(
                 f"  n = {n_int} ({n_int * 4 / 2**20:.1f} MiB float32); wire time "
-                + (f"{wire32 * 1e3:.0f} ms (fp16 {wire16 * 1e3:.0f} ms)" if wire32 else "n/a")
+                + (
+                    f"{wire32 * 1e3:.0f} ms (fp16 {wire16 * 1e3:.0f} ms)"
+                    if wire32 and wire16
+                    else "n/a"
+                )
             )
             for name, seconds in medians.items():
-                half = name.partition(":")[0] in (
+                half = name.startswith("ring16") or name.partition(":")[0] in (
                     "gloo16",
                     "hook16",
                     "fp16",
                     "fp16-rsag",
-                    "ring16",
                 )
                 reference = FP16_REFERENCE if half else "gloo"
                 ratio = (
@@ -279,8 +634,12 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.contenders
         if name not in ALL_CONTENDERS
         and not (
-            name.partition(":")[0] in ("ring", "ring16")
-            and name.partition(":")[2].replace(":", "").isdigit()
+            (
+                name.partition(":")[0] in ("ring", "ring16", "ring16l")
+                or name.partition(":")[0][len("ring16w") :].isdigit()
+                and name[:7] in ("ring16w", "ring16d", "ring16r")
+            )
+            and name.partition(":")[2].replace(":", "").isdigit() | (":" not in name)
         )
     )
     if unknown:
