@@ -14,9 +14,9 @@ MPI libraries' run-time tuners and Horovod's autotuner do, on the user's own cal
    :data:`MAX_CANDIDATES`, best first) run :data:`TRIALS` timed calls each, one
    candidate's calls back to back.
 3. **Measured**: the candidate with the least median time runs from then on.  Every
-   :data:`CHECK_EVERY`-th call is timed again; when two checks in a row find it more
-   than :data:`DRIFT` times slower or faster than when it was chosen (the load
-   changed), the candidates are explored again.
+   :data:`CHECK_EVERY`-th call is timed again; when the median of the last
+   :data:`CHECKS` checks is more than :data:`DRIFT` times slower or faster than when
+   it was chosen (the load changed), the candidates are explored again.
 
 A timed call's seconds (the whole call, agreement and encode included, as a training
 loop or a benchmark sees it back to back; this rank's) travel in
@@ -58,9 +58,12 @@ MAX_CANDIDATES = 3
 TRIALS = 5
 #: Once chosen, every this-many-th call of the key is timed again.
 CHECK_EVERY = 32
-#: Two checks in a row this many times slower (or faster) than the chosen candidate's
-#: median when it was chosen start a new exploration.
+#: The median of the last CHECKS checks this many times slower (or faster) than the
+#: chosen candidate's median when it was chosen starts a new exploration.  A median of
+#: three: on 4 ranks sharing 2 cores under load, single calls swing past 1.5x often
+#: enough that "two checks in a row" re-explored inside steady state (grid run 3).
 DRIFT = 1.5
+CHECKS = 3
 #: Keys remembered per communicator (a program with more distinct shapes starts over).
 MAX_KEYS = 4096
 
@@ -76,7 +79,7 @@ class _Entry:
     medians: dict[str, float] = field(default_factory=dict)
     baseline: float = 0.0
     since: int = 0  # calls since the choice
-    drifted: int = 0  # checks in a row beyond DRIFT
+    checks: list[float] = field(default_factory=list)  # the last CHECKS checks
 
 
 @dataclass
@@ -152,12 +155,14 @@ class Tuner:
                 entry.choice = min(entry.candidates, key=medians.__getitem__)
                 entry.medians = medians
                 entry.baseline = medians[entry.choice]
-                entry.since = entry.drifted = 0
+                entry.since, entry.checks = 0, []
             return
-        ratio = seconds / entry.baseline if entry.baseline > 0 else 1.0
-        entry.drifted = entry.drifted + 1 if (ratio > DRIFT or ratio < 1 / DRIFT) else 0
-        if entry.drifted >= 2:  # the load changed: try the candidates again
-            entry.choice, entry.times, entry.since, entry.drifted = None, {}, 0, 0
+        entry.checks = [*entry.checks, seconds][-CHECKS:]
+        if len(entry.checks) < CHECKS or entry.baseline <= 0:
+            return
+        ratio = float(np.median(entry.checks)) / entry.baseline
+        if ratio > DRIFT or ratio < 1 / DRIFT:  # the load changed: try the candidates again
+            entry.choice, entry.times, entry.since, entry.checks = None, {}, 0, []
 
     def choices(self) -> dict[Hashable, str | None]:
         """Each key's measured choice (None: not measured yet)."""

@@ -13,6 +13,7 @@ MPI = pytest.importorskip("mpi4py.MPI")
 from sparcomm.comm import AllreduceStats, _tune  # noqa: E402
 from sparcomm.comm._tune import (  # noqa: E402
     CHECK_EVERY,
+    CHECKS,
     DRIFT,
     MAX_CANDIDATES,
     TRIALS,
@@ -79,7 +80,7 @@ def test_timed_calls_count_their_agreement_in_the_stats():
     assert timed.by_category()["check"] == timed.phases["tune"]
 
 
-def test_one_drifted_check_is_noise_two_in_a_row_explore_again():
+def test_the_median_of_three_checks_drifted_explores_again():
     tuner = Tuner()
     _explore(tuner)
     slow = dict(SECONDS, b=SECONDS["b"] * DRIFT * 2)  # 12 ms: slower than a (10 ms)
@@ -89,11 +90,10 @@ def test_one_drifted_check_is_noise_two_in_a_row_explore_again():
             assert decision.mode == "measured"
         return decision
 
-    until_check(slow)
-    until_check(SECONDS)  # back to normal: the count of drifted checks restarts
-    until_check(slow)
-    assert tuner.choices() == {"k": "b"}
-    until_check(slow)  # the second in a row
+    for seconds in (slow, SECONDS, SECONDS, slow):  # medians of the last three: normal
+        until_check(seconds)
+        assert tuner.choices() == {"k": "b"}
+    until_check(slow)  # the last three: normal, slow, slow
     assert tuner.choices() == {"k": None}
     # Exploring again finds the new fastest: b is now slower than a.
     explored = []
@@ -108,7 +108,7 @@ def test_a_faster_check_also_drifts():
     _explore(tuner)
     fast = dict(SECONDS, b=SECONDS["b"] / DRIFT / 1.5)
     checks = 0
-    while checks < 2:
+    while checks < CHECKS:
         decision = _run(tuner, seconds=fast)
         checks += decision.timed
     assert tuner.choices() == {"k": None}
