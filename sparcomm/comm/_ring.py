@@ -26,9 +26,17 @@ of the next, as gloo's ring does:
     the ``P`` float16 values in float32 **in rank order** (``x_0 + x_1 + ... + x_{P-1}``,
     each decoded exactly; the same sum, bit for bit, as the ``reduce_scatter_allgather``
     algorithm's), rounds the sum to float16 once and sends it to every rank, which
-    decodes it into the output: one encode pass, the owner's sum, one decode pass; the
-    sends of a segment leave while the next segment is encoded, and an owner's sum of a
-    segment leaves while it sums the next.
+    decodes it into the output: one encode pass, the owner's sum, one decode pass.
+    **Schedule**: every receive is posted first; the scatter's sends of every segment
+    are posted as they are encoded (each leaves while the next is encoded, the owners
+    in ring order from the right neighbour); then one polling loop sums each of the
+    owner's segments as soon as its ``P - 1`` pieces are in, sends the sum to every
+    rank at once, and decodes every sum that arrived, testing the requests between
+    these steps, so that MPI's progress engine keeps the sockets fed while a rank sums
+    or decodes.  Measured against the same pipeline waiting on one segment at a time,
+    and against schedules with one flow in and one out per rank (a window of scatter
+    sends, a ring or one-at-a-time allgather, lockstep shifted rounds), in
+    docs/benchmarks.md ("Float16 schedules"): the flows' incast was not what slowed it.
 
 Both keep every posted message's buffer untouched until its request completes: a
 region of the buffer is overwritten by the ring's allgather only after the send that
@@ -301,8 +309,11 @@ def half_allreduce(
     requests: list[Any] = []
     scatter_recvs: list[list[Any]] = [[] for _ in mine]
     gather_recvs: list[Any] = []
+    gathering: list[tuple[int, int]] = []  # the region of each gather receive
+    depth = max(len(p) for p in pieces)
     sent = received = 0
-    # Post every receive first: my chunk's pieces from every rank, then every sum.
+    # Post every receive first: my chunk's pieces from every rank, then every owner's
+    # sums, piece by piece (the order in which they are decoded).
     for offset in range(1, size):
         source = (rank - offset) % size
         for i, (a, b) in enumerate(mine):
@@ -310,17 +321,18 @@ def half_allreduce(
                 view = incoming_bits[source, a - own_a : b - own_a]
                 scatter_recvs[i].append(comm.Irecv([view, datatype], source, _TAG_HALF_SCATTER))
                 received += 2 * (b - a)
-    for offset in range(1, size):
-        source = (rank - offset) % size
-        for a, b in pieces[source]:
-            if b > a:
-                view = sum_bits[a:b]
-                gather_recvs.append(comm.Irecv([view, datatype], source, _TAG_HALF_GATHER))
+    for i in range(depth):
+        for offset in range(1, size):
+            source = (rank - offset) % size
+            if i < len(pieces[source]) and pieces[source][i][1] > pieces[source][i][0]:
+                a, b = pieces[source][i]
+                gather_recvs.append(comm.Irecv([sum_bits[a:b], datatype], source, _TAG_HALF_GATHER))
+                gathering.append((a, b))
                 received += 2 * (b - a)
     bad = 0
     # Encode and send piece by piece, the owners in ring order from the right
     # neighbour (the senders spread over the owners instead of queueing at one).
-    for i in range(max(len(p) for p in pieces)):
+    for i in range(depth):
         for offset in range(1, size + 1):
             dest = (rank + offset) % size
             if i >= len(pieces[dest]):
@@ -332,26 +344,51 @@ def half_allreduce(
             if dest != rank:
                 requests.append(comm.Isend([bits[a:b], datatype], dest, _TAG_HALF_SCATTER))
                 sent += 2 * (b - a)
-    for i, (a, b) in enumerate(mine):
-        if b == a:
-            continue
-        _waitall(scatter_recvs[i], pause_s)
-        part = total[: b - a]
-        for source in range(size):  # rank order: the same sum on every rank
-            values = encoded[a:b] if source == rank else incoming[source, a - own_a : b - own_a]
-            kernels.fp16_decode(values, part, 0 if source == 0 else 1)
-        with np.errstate(over="ignore"):
-            bad += kernels.fp16_encode(part, sums[a:b])
-        for offset in range(1, size):
-            dest = (rank + offset) % size
-            requests.append(comm.Isend([sum_bits[a:b], datatype], dest, _TAG_HALF_GATHER))
-            sent += 2 * (b - a)
-    # Every rank learns which rank (the highest) met a non-finite value, its input's or
-    # an owned sum's, while the gather completes: one small nonblocking reduction.
-    status = np.array([rank if bad else -1], dtype=np.int64)
-    failed = np.empty(1, dtype=np.int64)
-    requests.append(comm.Iallreduce(status, failed, op=MPI.MAX))
-    _waitall(gather_recvs, pause_s)
-    _waitall(requests, pause_s)
-    kernels.fp16_decode(sums, out, 0)
+    # One loop sums my pieces as they complete, sends each sum to every rank and decodes
+    # every arrived sum into ``out``, testing the requests in between: MPI progresses
+    # while this rank sums and decodes, instead of waiting for one piece at a time.
+    # (``out`` may be ``x``: a region's sum arrives after every rank encoded it.)
+    status = np.array([-1], dtype=np.int64)
+    failed = np.full(1, -1, dtype=np.int64)
+    reduction: Any = None
+    summed = gathered = 0
+    delay = pause_s or 0.0
+    while reduction is None or gathered < len(gather_recvs):
+        progressed = False
+        while gathered < len(gather_recvs) and gather_recvs[gathered].Test():
+            a, b = gathering[gathered]
+            kernels.fp16_decode(sums[a:b], out[a:b], 0)
+            gathered += 1
+            progressed = True
+        if summed < len(mine) and MPI.Request.Testall(scatter_recvs[summed]):
+            a, b = mine[summed]
+            if b > a:
+                part = total[: b - a]
+                for source in range(size):  # rank order: the same sum on every rank
+                    values = (
+                        encoded[a:b] if source == rank else incoming[source, a - own_a : b - own_a]
+                    )
+                    kernels.fp16_decode(values, part, 0 if source == 0 else 1)
+                with np.errstate(over="ignore"):
+                    bad += kernels.fp16_encode(part, sums[a:b])
+                for offset in range(1, size):
+                    dest = (rank + offset) % size
+                    requests.append(comm.Isend([sum_bits[a:b], datatype], dest, _TAG_HALF_GATHER))
+                    sent += 2 * (b - a)
+                kernels.fp16_decode(sums[a:b], out[a:b], 0)
+            summed += 1
+            progressed = True
+        if reduction is None and summed == len(mine):
+            # Every rank learns which rank (the highest) met a non-finite value, its
+            # input's or an owned sum's, while the gather completes: one small
+            # nonblocking reduction.
+            status[0] = rank if bad else -1
+            reduction = comm.Iallreduce(status, failed, op=MPI.MAX)
+            progressed = True
+        if progressed:
+            delay = pause_s or 0.0
+        elif pause_s is not None:
+            time.sleep(delay)
+            delay = min(2 * delay, PAUSE_GROWTH * pause_s)
+    _waitall([*requests, reduction], pause_s)
     return sent, received, int(bad), int(failed[0])
