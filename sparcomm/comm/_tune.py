@@ -9,11 +9,14 @@ MPI libraries' run-time tuners and Horovod's autotuner do, on the user's own cal
 1. **First sighting** of a *key* (the agreed shape of a call: sizes, every rank's
    non-zero count, dtype, codec, ranks): the model's choice, untimed.  A key that never
    repeats (a codec whose ``k`` changes every step) never pays for tuning.
-2. **Exploring**, from the second call of the key: the candidates (every algorithm the
-   model predicts within :data:`EXPLORE_WITHIN` of its best, at most
-   :data:`MAX_CANDIDATES`, best first) run :data:`TRIALS` timed calls each, one
-   candidate's calls back to back.
-3. **Measured**: the candidate with the least median time runs from then on.  Every
+2. **Exploring**, from the second call of the key, as a race: the candidates (every
+   algorithm the model predicts within :data:`EXPLORE_WITHIN` of its best, at most
+   :data:`MAX_CANDIDATES`, best first) run :data:`SCREEN_TRIALS` timed calls each;
+   the :data:`FINALISTS` fastest of them run on to :data:`TRIALS` timed calls each.
+   One candidate's calls run back to back: the part of a call's time that the
+   previous call leaves behind (ranks it left out of step, waiting in the next
+   agreement) is then charged to the candidate that caused it.
+3. **Measured**: the finalist with the least median time runs from then on.  Every
    :data:`CHECK_EVERY`-th call is timed again; when the median of the last
    :data:`CHECKS` checks is more than :data:`DRIFT` times slower or faster than when
    it was chosen (the load changed), the candidates are explored again.
@@ -50,11 +53,17 @@ from sparcomm.comm._stats import AllreduceStats
 
 #: Candidates are the algorithms predicted within this factor of the model's best.
 EXPLORE_WITHIN = 2.0
-#: At most this many candidates (the best predicted first).
-MAX_CANDIDATES = 3
-#: Timed calls per candidate while exploring (their median decides).  Five: on 4 ranks
-#: sharing 2 cores, single calls of a few milliseconds swing by 20-30 % under load, and
-#: with three trials the allreduce grid chose a 1.2-1.3x slower candidate in 3 of 30 cells.
+#: At most this many candidates (the best predicted first): every sparse algorithm.  With
+#: three, the fastest (the model's fifth, 1.5x its best) was left out of the race in a
+#: cell of the allreduce grid, chosen 1.18x slower in two runs.
+MAX_CANDIDATES = 5
+#: Timed calls of every candidate in the first round of the race.
+SCREEN_TRIALS = 2
+#: The candidates that run on after the first round.
+FINALISTS = 2
+#: Timed calls of each finalist in all (their median decides).  Five: on 4 ranks sharing
+#: 2 cores, single calls of a few milliseconds swing by 20-30 % under load, and with
+#: three the allreduce grid chose a 1.2-1.3x slower candidate in 3 of 30 cells.
 TRIALS = 5
 #: Once chosen, every this-many-th call of the key is timed again.
 CHECK_EVERY = 32
@@ -74,6 +83,7 @@ class _Entry:
 
     seen: int = 0
     candidates: tuple[str, ...] = ()
+    finalists: tuple[str, ...] = ()  # empty during the first round
     times: dict[str, list[float]] = field(default_factory=dict)
     choice: str | None = None
     medians: dict[str, float] = field(default_factory=dict)
@@ -93,6 +103,15 @@ class Decision:
     start: float = 0.0
     #: The medians (agreed seconds) of the exploration that chose ("measured" only).
     medians: dict[str, float] = field(default_factory=dict)
+
+
+def _start_race(entry: _Entry) -> None:
+    """Few candidates need no first round: all of them are finalists."""
+    entry.finalists = entry.candidates if len(entry.candidates) <= FINALISTS else ()
+
+
+def _medians(times: dict[str, list[float]]) -> dict[str, float]:
+    return {name: float(np.median(values)) for name, values in times.items()}
 
 
 class Tuner:
@@ -119,15 +138,16 @@ class Tuner:
                 candidates=tuple(n for n in ranked if predicted[n] <= limit)[:MAX_CANDIDATES]
             )
             self._entries[key] = entry
+            _start_race(entry)
         entry.seen += 1
         if entry.seen == 1 or len(entry.candidates) < 2:
             return Decision(best, False, "model")
-        if entry.choice is None:
-            # In blocks (a candidate's trials back to back): the part of a call's time
-            # that the previous call leaves behind (ranks it left out of step, waiting
-            # in the next agreement) is then charged to the candidate that caused it.
-            done = sum(len(entry.times.get(name, ())) for name in entry.candidates)
-            name = entry.candidates[(done // TRIALS) % len(entry.candidates)]
+        if entry.choice is None:  # one candidate's trials back to back (see above)
+            if entry.finalists:
+                name = next(n for n in entry.finalists if len(entry.times.get(n, ())) < TRIALS)
+            else:
+                done = sum(len(entry.times.get(n, ())) for n in entry.candidates)
+                name = entry.candidates[done // SCREEN_TRIALS]
             return Decision(name, True, "explore", key, started)
         entry.since += 1
         timed = entry.since % CHECK_EVERY == 0
@@ -150,9 +170,16 @@ class Tuner:
             return
         if entry.choice is None:
             entry.times.setdefault(decision.name, []).append(seconds)
-            if all(len(entry.times.get(n, ())) >= TRIALS for n in entry.candidates):
-                medians = {n: float(np.median(entry.times[n])) for n in entry.candidates}
-                entry.choice = min(entry.candidates, key=medians.__getitem__)
+            counts = [len(entry.times.get(n, ())) for n in entry.candidates]
+            if not entry.finalists and min(counts) >= SCREEN_TRIALS:
+                medians = _medians(entry.times)
+                ranked = sorted(entry.candidates, key=medians.__getitem__)
+                entry.finalists = tuple(ranked[:FINALISTS])
+            if entry.finalists and all(
+                len(entry.times.get(n, ())) >= TRIALS for n in entry.finalists
+            ):
+                medians = _medians(entry.times)
+                entry.choice = min(entry.finalists, key=medians.__getitem__)
                 entry.medians = medians
                 entry.baseline = medians[entry.choice]
                 entry.since, entry.checks = 0, []
@@ -163,6 +190,7 @@ class Tuner:
         ratio = float(np.median(entry.checks)) / entry.baseline
         if ratio > DRIFT or ratio < 1 / DRIFT:  # the load changed: try the candidates again
             entry.choice, entry.times, entry.since, entry.checks = None, {}, 0, []
+            _start_race(entry)
 
     def choices(self) -> dict[Hashable, str | None]:
         """Each key's measured choice (None: not measured yet)."""

@@ -15,7 +15,9 @@ from sparcomm.comm._tune import (  # noqa: E402
     CHECK_EVERY,
     CHECKS,
     DRIFT,
+    FINALISTS,
     MAX_CANDIDATES,
+    SCREEN_TRIALS,
     TRIALS,
     Tuner,
 )
@@ -47,13 +49,35 @@ def _explore(tuner: Tuner, key="k", seconds=SECONDS) -> list[str]:
         explored.append(decision.name)
 
 
-def test_first_call_is_the_models_then_close_candidates_take_turns():
+def _race(candidates: list[str], finalists: list[str]) -> list[str]:
+    """The calls of a race: every candidate's first round, then the finalists' rest,
+    one candidate's calls back to back."""
+    first = [name for name in candidates for _ in range(SCREEN_TRIALS)]
+    return first + [name for name in finalists for _ in range(TRIALS - SCREEN_TRIALS)]
+
+
+def test_first_call_is_the_models_then_close_candidates_race():
     tuner = Tuner()
     explored = _explore(tuner)
-    # Within EXPLORE_WITHIN (2x) of the best: a, b, e, c (d is 2.5x); at most 3, best first.
-    candidates = ["a", "b", "e", "c"][:MAX_CANDIDATES]
-    assert explored == [name for name in candidates for _ in range(TRIALS)]  # in blocks
+    # Within EXPLORE_WITHIN (2x) of the best: a, b, e, c (d is 2.5x), best predicted first;
+    # the two fastest of the first round (b 4 ms, a 10 ms) run on.
+    assert MAX_CANDIDATES >= 4 and FINALISTS == 2
+    assert explored == _race(["a", "b", "e", "c"], ["b", "a"])
     assert tuner.choices() == {"k": "b"}  # the measured fastest, not the predicted one
+
+
+def test_two_candidates_race_without_a_first_round():
+    tuner = Tuner()
+    predicted = {"a": 1.0, "b": 1.5, "c": 9.0}
+    tuner.decide("k", predicted, 0.0)  # first sighting
+    names = []
+    for _ in range(2 * TRIALS):
+        decision = tuner.decide("k", predicted, time.perf_counter())
+        names.append(decision.name)
+        decision.start = time.perf_counter() - SECONDS[decision.name]
+        tuner.record(MPI.COMM_SELF, decision, AllreduceStats())
+    assert names == ["a"] * TRIALS + ["b"] * TRIALS
+    assert tuner.choices() == {"k": "b"}
 
 
 def test_measured_choice_runs_and_is_timed_every_check_every_calls():
@@ -99,7 +123,7 @@ def test_the_median_of_three_checks_drifted_explores_again():
     explored = []
     while (decision := _run(tuner, seconds=slow)).mode == "explore":
         explored.append(decision.name)
-    assert len(explored) == MAX_CANDIDATES * TRIALS
+    assert explored == _race(["a", "b", "e", "c"], ["a", "e"])  # b at 12 ms, as e
     assert tuner.choices() == {"k": "a"}
 
 

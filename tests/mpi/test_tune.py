@@ -66,14 +66,14 @@ def test_a_slowed_algorithm_is_measured_and_left_on_every_rank(family, comm, mon
     candidates = min(_tune.MAX_CANDIDATES, len(first.predicted))
     stats = AllreduceStats()
     seen = []
-    for _ in range(candidates * _tune.TRIALS + 1):
+    while stats.tuning != "measured" and len(seen) < candidates * _tune.TRIALS + 1:
         allreduce(x, codec=codec, comm=comm, stats=stats)
         seen.append((stats.algorithm, stats.tuning))
     assert all(mode == "explore" for _, mode in seen[:-1]), seen
-    assert len({name for name, _ in seen[:-1]}) == candidates, seen
+    assert len({name for name, _ in seen[:-1]}) == candidates, seen  # every one raced
     assert seen[-1][1] == "measured" and seen[-1][0] != first.algorithm, seen
-    assert len(stats.measured) == candidates  # the exploration's medians, the chosen least
-    assert min(stats.measured, key=stats.measured.get) == stats.algorithm
+    assert set(stats.measured) == {name for name, _ in seen[:-1]}  # the race's medians
+    assert stats.measured[first.algorithm] > stats.measured[stats.algorithm]
     choices = comm_state(comm).tuner.choices()
     assert len(choices) == 1 and next(iter(choices.values())) == seen[-1][0]
     assert COMM.allgather(seen) == [seen] * SIZE  # the same decisions on every rank
