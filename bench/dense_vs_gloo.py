@@ -29,7 +29,12 @@ Contenders (``--contenders`` picks some):
 * ``ring``, ``ring16``: :mod:`sparcomm.comm._ring` directly (float32, and float16 on
   the wire with float32 sums), default segments and waits; ``ring:128``,
   ``ring16:2048``: with that segment (KiB); ``ring:2048:100``, ``ring::100``: waiting by
-  polling with 100 us sleeps (0: MPI's own wait).
+  polling with 100 us sleeps (0: MPI's own wait);
+* float16 schedules (:func:`half_schedule`, same bits as ``ring16``, same ``:KiB:us``
+  suffixes): ``ring16w<W>`` direct scatter with at most W sends in flight (0: no limit)
+  and a ring allgather, in one polling loop; ``ring16d<W>`` the same loop with the direct
+  gather (``ring16d0`` is what ``ring16`` runs now); ``ring16r<W>`` the direct gather one
+  send at a time; ``ring16l`` lockstep shifted rounds (one flow in and one out per rank).
 
 Reported per size: the slowest rank's median milliseconds per contender, the ratio to
 ``gloo`` (float32 contenders) or ``hook16`` (float16 ones), the wire time of the bytes
@@ -85,9 +90,11 @@ def _bucket_sizes() -> list[int]:
 
 # ------------------------------------------------- float16 schedules tried (issue 11)
 #
-# Alternatives to ``_ring.half_allreduce``'s direct reduce-scatter + allgather, measured
-# against it and not adopted (docs/benchmarks.md, "Float16 schedules"); every one
-# returns the same bits (the owner sums in float32 in rank order, rounds once).
+# Alternatives to ``_ring.half_allreduce``'s direct reduce-scatter + allgather as it was
+# before them (waiting on one segment at a time), measured in docs/benchmarks.md ("Float16
+# schedules"): "looped" (``ring16d0``) is what ``half_allreduce`` now does; the others were
+# not adopted.  Every one returns the same bits (owners sum in float32 in rank order and
+# round once).
 
 
 def half_schedule(
@@ -643,7 +650,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     if unknown:
-        parser.error(f"unknown contenders {unknown}; choose from {list(ALL_CONTENDERS)}")
+        parser.error(
+            f"unknown contenders {unknown}; choose from {list(ALL_CONTENDERS)}, or "
+            "ring, ring16, ring16l, ring16w<W>, ring16d<W>, ring16r<W> with :KiB[:us]"
+        )
     if args.rank_main:
         _rank_main(args)
         return 0
