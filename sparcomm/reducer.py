@@ -502,6 +502,12 @@ class _Engine:
         # Before the step's first encode, on the thread that encodes: a step that fails
         # puts every codec's state back (see snapshot()).
         saved = self.snapshot() if any(b.compressed for b in run.plan.buckets) else None
+        # auto's measurements too: the failed step's calls that succeeded leave no trace.
+        from sparcomm.comm._context import comm_state
+        from sparcomm.comm._tune import tuner_of
+
+        tuner = tuner_of(comm_state(self.comm))
+        measured = tuner.snapshot() if saved is not None else None
         try:
             for bucket in run.plan.buckets:
                 with run.condition:
@@ -515,6 +521,7 @@ class _Engine:
             if saved is not None:
                 try:
                     self.restore(saved)
+                    tuner.restore(measured)
                 except BaseException as failure:  # the step's error is its __context__
                     run.error = failure
         finally:

@@ -30,7 +30,6 @@ from sparcomm.comm._stats import AllreduceStats
 
 if TYPE_CHECKING:
     from sparcomm.comm._cost import CostModel
-    from sparcomm.comm._tune import Tuner
 
 _KEYVAL: int | None = None
 _SCRATCH_LIMIT_BYTES = 64 << 20  # larger temporaries are allocated per call
@@ -53,7 +52,7 @@ class _CommState:
     # placeholders in steady state.
     factor_sizes: dict = field(default_factory=dict)
     staging: DeviceStaging = field(default_factory=DeviceStaging)  # pinned, for CuPy inputs
-    tuner: Tuner = field(default_factory=lambda: _new_tuner())  # auto's measured choices
+    tuner: Any = None  # auto's measured choices (sparcomm.comm._tune.tuner_of)
 
     def buffer(self, name: str, size: int, dtype: np.dtype) -> np.ndarray:
         """A reusable scratch buffer of ``size`` elements (contents undefined).
@@ -69,12 +68,6 @@ class _CommState:
             array = np.empty(size, dtype=dtype)
             self.scratch[key] = array
         return array[:size]
-
-
-def _new_tuner() -> Tuner:
-    from sparcomm.comm._tune import Tuner  # imports this module (ring_allreduce_bytes)
-
-    return Tuner()
 
 
 def _free_duplicate(comm: MPI.Comm, keyval: int, state: Any) -> None:

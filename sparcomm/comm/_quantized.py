@@ -54,7 +54,7 @@ from mpi4py import MPI
 
 from sparcomm._backend import array_module, kernels_for
 from sparcomm._errors import NonFiniteError, non_finite_error
-from sparcomm.comm import _cost, _ring
+from sparcomm.comm import _cost, _ring, _tune
 from sparcomm.comm._call import Local, begin_call
 from sparcomm.comm._context import Channel, ring_allreduce_bytes
 from sparcomm.comm._device import (
@@ -627,7 +627,7 @@ def quantized_allreduce(
             _, stats.predicted = _cost.choose_quantized(fitted, costs, bare, n, dtype, size, names)
             # The model proposes, the calls decide (sparcomm.comm._tune).
             shape = ("quantized", text, memory is None, n, dtype.str, fitted.fingerprint())
-            call.tuning = state.tuner.decide(shape, stats.predicted, call.started)
+            call.tuning = _tune.tuner_of(state).decide(shape, stats.predicted, call.started)
             name, stats.tuning = call.tuning.name, call.tuning.mode
             stats.measured = dict(call.tuning.medians)
     stats.algorithm = name
@@ -674,5 +674,5 @@ def quantized_allreduce(
             if device:
                 dense_to_device(flat, result)
     if call.tuning is not None:  # every rank got here: the call succeeded everywhere
-        state.tuner.record(state.comm, call.tuning, stats)
+        _tune.tuner_of(state).record(state.comm, call.tuning, stats)
     return result

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
-from sparcomm.comm import _cost, _device, _sparse
+from sparcomm.comm import _cost, _device, _sparse, _tune
 from sparcomm.comm._call import Call, Local, begin_call
 from sparcomm.comm._protocol import (
     DTYPE_CODES,
@@ -107,7 +107,7 @@ def run_sparse(
     with stats._phase("output"):
         result = _output(pieces, n, values.dtype, indices.dtype, dense_output, mean, out, device)
     if call.tuning is not None:  # every rank got here: the call succeeded everywhere
-        state.tuner.record(state.comm, call.tuning, stats)
+        _tune.tuner_of(state).record(state.comm, call.tuning, stats)
     return result
 
 
@@ -164,7 +164,7 @@ def _reduce_stream(
                 )
             _, predicted = state.choices[key]
             # The model proposes, the calls decide (sparcomm.comm._tune).
-            call.tuning = state.tuner.decide(key, predicted, call.started)
+            call.tuning = _tune.tuner_of(state).decide(key, predicted, call.started)
             name, stats.tuning = call.tuning.name, call.tuning.mode
             stats.measured = dict(call.tuning.medians)
             # The encode and the dense output: the same for every candidate.

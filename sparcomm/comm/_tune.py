@@ -40,15 +40,17 @@ measurement off for a communicator (the model's choice, always), and
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 from mpi4py import MPI
 
-from sparcomm.comm._context import comm_state, ring_allreduce_bytes
+from sparcomm.comm._context import _CommState, comm_state, ring_allreduce_bytes
 from sparcomm.comm._stats import AllreduceStats
 
 #: Candidates are the algorithms predicted within this factor of the model's best.
@@ -90,6 +92,7 @@ class _Entry:
     baseline: float = 0.0
     since: int = 0  # calls since the choice
     checks: list[float] = field(default_factory=list)  # the last CHECKS checks
+    generation: int = 0  # the Tuner's generation it was last copied in (snapshot)
 
 
 @dataclass
@@ -120,6 +123,26 @@ class Tuner:
     def __init__(self) -> None:
         self.enabled = os.environ.get("SPARCOMM_TUNE", "1").strip() not in ("0", "")
         self._entries: dict[Hashable, _Entry] = {}
+        self._generation = 0
+
+    def snapshot(self) -> object:
+        """A handle on the measurements for :meth:`restore` (a ``GradientReducer`` step
+        that fails puts them back, as it does the codecs' state).  Copy on write: an
+        entry is copied when it first changes after the snapshot, not before."""
+        self._generation += 1
+        return dict(self._entries)
+
+    def restore(self, saved: object) -> None:
+        """Put the measurements back as :meth:`snapshot` found them."""
+        self._entries = dict(cast("dict[Hashable, _Entry]", saved))
+        self._generation += 1
+
+    def _writable(self, key: Hashable, entry: _Entry) -> _Entry:
+        if entry.generation != self._generation:  # a snapshot may hold it: copy
+            entry = copy.deepcopy(entry)
+            entry.generation = self._generation
+            self._entries[key] = entry
+        return entry
 
     def decide(self, key: Hashable, predicted: dict[str, float], started: float) -> Decision:
         """The algorithm for this call of ``key``, given the model's ``predicted``
@@ -139,9 +162,8 @@ class Tuner:
             )
             self._entries[key] = entry
             _start_race(entry)
-        entry.seen += 1
-        if entry.seen == 1 or len(entry.candidates) < 2:
-            return Decision(best, False, "model")
+        if entry.seen == 0 or len(entry.candidates) < 2:
+            return Decision(best, False, "model", key)
         if entry.choice is None:  # one candidate's trials back to back (see above)
             if entry.finalists:
                 name = next(n for n in entry.finalists if len(entry.times.get(n, ())) < TRIALS)
@@ -149,13 +171,19 @@ class Tuner:
                 done = sum(len(entry.times.get(n, ())) for n in entry.candidates)
                 name = entry.candidates[done // SCREEN_TRIALS]
             return Decision(name, True, "explore", key, started)
-        entry.since += 1
-        timed = entry.since % CHECK_EVERY == 0
+        timed = (entry.since + 1) % CHECK_EVERY == 0
         return Decision(entry.choice, timed, "measured", key, started, entry.medians)
 
     def record(self, comm: MPI.Comm, decision: Decision, stats: AllreduceStats) -> None:
-        """After a timed call succeeded on every rank: agree on its seconds (the
-        slowest rank's) and update the key; the agreement is the ``tune`` phase."""
+        """After a call succeeded on every rank: count it and, if it was timed, agree on
+        its seconds (the slowest rank's; the ``tune`` phase) and update the key.  A call
+        that raised is never recorded, so it leaves no trace in any rank's tuner."""
+        entry = self._entries.get(decision.key) if decision.key is not None else None
+        if entry is not None:
+            entry = self._writable(decision.key, entry)
+            entry.seen += 1
+            if decision.mode == "measured":
+                entry.since += 1
         if not decision.timed:
             return
         local = np.array([time.perf_counter() - decision.start], dtype=np.float64)
@@ -165,7 +193,6 @@ class Tuner:
         moved = ring_allreduce_bytes(local.nbytes, comm.Get_size())
         stats._add_bytes(moved, moved)
         seconds = float(slowest[0])
-        entry = self._entries.get(decision.key)
         if entry is None:  # forgotten (MAX_KEYS) since the decision: nothing to update
             return
         if entry.choice is None:
@@ -201,6 +228,13 @@ class Tuner:
         self._entries.clear()
 
 
+def tuner_of(state: _CommState) -> Tuner:
+    """The tuner of a communicator's state (made on first use)."""
+    if state.tuner is None:
+        state.tuner = Tuner()
+    return cast(Tuner, state.tuner)
+
+
 def set_tuning(comm: MPI.Comm | None = None, enabled: bool = True) -> None:
     """Measure ``auto``'s choices on ``comm`` (the default) or keep the cost model's.
 
@@ -226,7 +260,7 @@ def set_tuning(comm: MPI.Comm | None = None, enabled: bool = True) -> None:
             f"set_tuning: ranks disagree on enabled ({[bool(f) for f in flags]} by rank); "
             "every rank must pass the same value, or auto would choose differently on them"
         )
-    tuner = comm_state(comm).tuner
+    tuner = tuner_of(comm_state(comm))
     tuner.enabled = enabled
     if not enabled:
         tuner.reset()

@@ -69,7 +69,9 @@ def test_first_call_is_the_models_then_close_candidates_race():
 def test_two_candidates_race_without_a_first_round():
     tuner = Tuner()
     predicted = {"a": 1.0, "b": 1.5, "c": 9.0}
-    tuner.decide("k", predicted, 0.0)  # first sighting
+    first = tuner.decide("k", predicted, 0.0)
+    assert (first.name, first.mode) == ("a", "model")
+    tuner.record(MPI.COMM_SELF, first, AllreduceStats())  # first sighting, untimed
     names = []
     for _ in range(2 * TRIALS):
         decision = tuner.decide("k", predicted, time.perf_counter())
@@ -107,7 +109,7 @@ def test_timed_calls_count_their_agreement_in_the_stats():
 def test_the_median_of_three_checks_drifted_explores_again():
     tuner = Tuner()
     _explore(tuner)
-    slow = dict(SECONDS, b=SECONDS["b"] * DRIFT * 2)  # 12 ms: slower than a (10 ms)
+    slow = dict(SECONDS, b=SECONDS["b"] * DRIFT * 2.5)  # 15 ms: slower than a and e
 
     def until_check(seconds):
         while not (decision := _run(tuner, seconds=seconds)).timed:
@@ -123,7 +125,7 @@ def test_the_median_of_three_checks_drifted_explores_again():
     explored = []
     while (decision := _run(tuner, seconds=slow)).mode == "explore":
         explored.append(decision.name)
-    assert explored == _race(["a", "b", "e", "c"], ["a", "e"])  # b at 12 ms, as e
+    assert explored == _race(["a", "b", "e", "c"], ["a", "e"])  # a 10 ms, e 12, b 15
     assert tuner.choices() == {"k": "a"}
 
 
@@ -166,3 +168,48 @@ def test_keys_are_tuned_separately_and_forgotten_past_the_limit(monkeypatch):
 def test_environment_turns_tuning_off(monkeypatch, value, enabled):
     monkeypatch.setenv("SPARCOMM_TUNE", value)
     assert Tuner().enabled is enabled
+
+
+def test_a_call_that_raised_leaves_no_trace():
+    """Nothing is recorded for a call that failed (on every rank): the tuner then decides
+    as if the call had never been made, as a run without the failure would."""
+    clean, failed = Tuner(), Tuner()
+    for tuner, fail in ((clean, False), (failed, True)):
+        names = []
+        for call in range(2 + 4 * TRIALS):
+            decision = tuner.decide("k", PREDICTED, time.perf_counter())
+            if fail and call in (0, 3, 7):
+                continue  # raised on every rank: record() is never reached
+            names.append(decision.name)
+            if decision.timed:
+                decision.start = time.perf_counter() - SECONDS[decision.name]
+            tuner.record(MPI.COMM_SELF, decision, AllreduceStats())
+        if tuner is clean:
+            expected = names
+    assert names == expected[: len(names)]
+    assert failed.choices() == clean.choices() == {"k": "b"}
+
+
+def test_restore_puts_the_measurements_back_and_snapshots_copy_on_write():
+    tuner = Tuner()
+    _run(tuner)  # first sighting
+    _run(tuner)  # the race's first trial
+    saved = tuner.snapshot()
+    before = [list(v) for v in tuner._entries["k"].times.values()], tuner._entries["k"].seen
+    for _ in range(4):
+        _run(tuner)
+    _run(tuner, "other")
+    tuner.restore(saved)
+    entry = tuner._entries["k"]
+    assert ([list(v) for v in entry.times.values()], entry.seen) == before
+    assert set(tuner.choices()) == {"k"}
+    # After the restore the race goes on from where the snapshot was taken.
+    assert _explore_rest(tuner) == _race(["a", "b", "e", "c"], ["b", "a"])[1:]
+    assert tuner.choices() == {"k": "b"}
+
+
+def _explore_rest(tuner: Tuner) -> list[str]:
+    names = []
+    while (decision := _run(tuner)).mode == "explore":
+        names.append(decision.name)
+    return names

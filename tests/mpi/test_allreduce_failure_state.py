@@ -30,6 +30,8 @@ from sparcomm import (  # noqa: E402
 )
 from sparcomm.comm import allreduce  # noqa: E402
 from sparcomm.comm._call import agreed_layout  # noqa: E402
+from sparcomm.comm._context import comm_state  # noqa: E402
+from sparcomm.comm._tune import tuner_of  # noqa: E402
 
 COMM = MPI.COMM_WORLD
 RANK, SIZE = COMM.Get_rank(), COMM.Get_size()
@@ -60,7 +62,11 @@ def _reduce(codec, step, name, x, steady, algorithm):
 
 def _run(make_codec, *, fail, steady, algorithm="auto", expected=NonFiniteError):
     """Good calls on both keys, optionally a failed call on "w" (NaN on the last rank),
-    then two more good rounds.  Returns the good calls' results and the final state."""
+    then two more good rounds.  Returns the good calls' results and the final state.
+
+    Both runs start from a fresh tuner (auto's measured choices): the failed call must
+    leave no trace there either, so the two runs choose, and sum, alike."""
+    tuner_of(comm_state(COMM)).reset()
     codec = make_codec()
     outputs = []
     for step in range(GOOD_CALLS):

@@ -74,7 +74,7 @@ def test_a_slowed_algorithm_is_measured_and_left_on_every_rank(family, comm, mon
     assert seen[-1][1] == "measured" and seen[-1][0] != first.algorithm, seen
     assert set(stats.measured) == {name for name, _ in seen[:-1]}  # the race's medians
     assert stats.measured[first.algorithm] > stats.measured[stats.algorithm]
-    choices = comm_state(comm).tuner.choices()
+    choices = _tune.tuner_of(comm_state(comm)).choices()
     assert len(choices) == 1 and next(iter(choices.values())) == seen[-1][0]
     assert COMM.allgather(seen) == [seen] * SIZE  # the same decisions on every rank
 
