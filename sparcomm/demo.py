@@ -286,8 +286,15 @@ def _format_table(rows: list[dict[str, Any]]) -> str:
 
 def run_ranks(args: argparse.Namespace) -> int:
     """The per-rank body of the demo: train every selected codec, rank 0 reports."""
+    import os
+
     from mpi4py import MPI
 
+    # The table compares each codec's bytes: keep the cost model's algorithms (auto's
+    # measured choice may move a small tensor dense where that is faster on this
+    # machine, sparcomm.comm._tune); every rank reads the same variable.  Set
+    # SPARCOMM_TUNE=1 to let auto measure here too.
+    os.environ.setdefault("SPARCOMM_TUNE", "0")
     comm = MPI.COMM_WORLD
     _register_runs()
     labels = args.codecs or list(RUNS)

@@ -40,11 +40,10 @@ measurement off for a communicator (the model's choice, always), and
 
 from __future__ import annotations
 
-import copy
 import os
 import time
 from collections.abc import Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import cast
 
 import numpy as np
@@ -139,8 +138,13 @@ class Tuner:
 
     def _writable(self, key: Hashable, entry: _Entry) -> _Entry:
         if entry.generation != self._generation:  # a snapshot may hold it: copy
-            entry = copy.deepcopy(entry)
-            entry.generation = self._generation
+            entry = replace(
+                entry,
+                times={name: list(values) for name, values in entry.times.items()},
+                medians=dict(entry.medians),
+                checks=list(entry.checks),
+                generation=self._generation,
+            )
             self._entries[key] = entry
         return entry
 
