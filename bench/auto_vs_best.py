@@ -21,37 +21,24 @@ import json
 from pathlib import Path
 
 
-def cells(result: dict) -> list[tuple[str, str, float, float]]:
+def _cell(label: str, row: dict) -> tuple[str, str, str, float, float]:
+    medians = {name: a["median_s"] for name, a in row["algorithms"].items()}
+    fastest = min(medians, key=medians.__getitem__)
+    choice = row["auto"]["choice"]
+    by_choice = medians[choice] / medians[fastest]
+    return label, choice, fastest, by_choice, row["auto"]["median_s"] / medians[fastest]
+
+
+def cells(result: dict) -> list[tuple[str, str, str, float, float]]:
     """(cell, chosen, fastest, choice/best, auto/best) of every cell of one grid."""
-    rows = []
-    for row in result["rows"]:
-        medians = {name: a["median_s"] for name, a in row["algorithms"].items()}
-        fastest = min(medians, key=medians.__getitem__)
-        choice = row["auto"]["choice"]
-        label = f"topk n=2^{row['n'].bit_length() - 1} d={row['density']:g}"
-        rows.append(
-            (
-                label,
-                choice,
-                fastest,
-                medians[choice] / medians[fastest],
-                row["auto"]["median_s"] / medians[fastest],
-            )
-        )
-    for row in result.get("quantized") or []:
-        medians = {name: a["median_s"] for name, a in row["algorithms"].items()}
-        fastest = min(medians, key=medians.__getitem__)
-        choice = row["auto"]["choice"]
-        label = f"{row['codec']} n=2^{row['n'].bit_length() - 1}"
-        rows.append(
-            (
-                label,
-                choice,
-                fastest,
-                medians[choice] / medians[fastest],
-                row["auto"]["median_s"] / medians[fastest],
-            )
-        )
+    rows = [
+        _cell(f"topk n=2^{row['n'].bit_length() - 1} d={row['density']:g}", row)
+        for row in result["rows"]
+    ]
+    rows += [
+        _cell(f"{row['codec']} n=2^{row['n'].bit_length() - 1}", row)
+        for row in result.get("quantized") or []
+    ]
     return rows
 
 

@@ -157,25 +157,17 @@ def _half_paired(
         _TAG_HALF_GATHER,
         _TAG_HALF_SCATTER,
         PAUSE_GROWTH,
-        _segments,
         _waitall,
-        chunk_bounds,
+        half_buffers,
+        sum_owned_piece,
     )
 
     size, rank = comm.Get_size(), comm.Get_rank()
-    n = x.size
     kernels = kernels_for(np)
-    encoded = scratch("half_encoded", n, np.float16)
-    sums = scratch("half_sums", n, np.float16)
-    bits, sum_bits = encoded.view(np.uint16), sums.view(np.uint16)
-    bounds = chunk_bounds(n, size)
-    own_a, own_b = int(bounds[rank]), int(bounds[rank + 1])
-    pieces = [_segments(int(bounds[j]), int(bounds[j + 1]), segment) for j in range(size)]
+    encoded, sums, incoming, total, bounds, pieces = half_buffers(x, size, rank, segment, scratch)
+    bits, sum_bits, incoming_bits = (b.view(np.uint16) for b in (encoded, sums, incoming))
+    own_a = int(bounds[rank])
     mine = pieces[rank]
-    length = own_b - own_a
-    incoming = scratch("half_incoming", size * length, np.float16).reshape(size, length)
-    incoming_bits = incoming.view(np.uint16)
-    total = scratch("half_total", min(segment, max(length, 1)), x.dtype)
     datatype = MPI.UINT16_T
     right, left = (rank + 1) % size, (rank - 1) % size
     depth = max(len(p) for p in pieces)
@@ -279,14 +271,7 @@ def _half_paired(
         ):
             a, b = mine[summed]
             if b > a:
-                part = total[: b - a]
-                for source in range(size):  # rank order: the same sum on every rank
-                    values = (
-                        encoded[a:b] if source == rank else incoming[source, a - own_a : b - own_a]
-                    )
-                    kernels.fp16_decode(values, part, 0 if source == 0 else 1)
-                with np.errstate(over="ignore"):
-                    bad += kernels.fp16_encode(part, sums[a:b])
+                bad += sum_owned_piece(kernels, encoded, incoming, total, sums, rank, own_a, a, b)
                 kernels.fp16_decode(sums[a:b], out[a:b], 0)
             summed += 1
             progressed = True
@@ -343,25 +328,17 @@ def _half_lockstep(
     from sparcomm.comm._ring import (
         _TAG_HALF_GATHER,
         _TAG_HALF_SCATTER,
-        _segments,
         _wait,
         _waitall,
-        chunk_bounds,
+        half_buffers,
+        sum_owned_piece,
     )
 
     size, rank = comm.Get_size(), comm.Get_rank()
-    n = x.size
     kernels = kernels_for(np)
-    encoded = scratch("half_encoded", n, np.float16)
-    sums = scratch("half_sums", n, np.float16)
-    bits, sum_bits = encoded.view(np.uint16), sums.view(np.uint16)
-    bounds = chunk_bounds(n, size)
-    own_a, own_b = int(bounds[rank]), int(bounds[rank + 1])
-    pieces = [_segments(int(bounds[j]), int(bounds[j + 1]), segment) for j in range(size)]
-    length = own_b - own_a
-    incoming = scratch("half_incoming", size * length, np.float16).reshape(size, length)
-    incoming_bits = incoming.view(np.uint16)
-    total = scratch("half_total", min(segment, max(length, 1)), x.dtype)
+    encoded, sums, incoming, total, bounds, pieces = half_buffers(x, size, rank, segment, scratch)
+    bits, sum_bits, incoming_bits = (b.view(np.uint16) for b in (encoded, sums, incoming))
+    own_a = int(bounds[rank])
     datatype = MPI.UINT16_T
     depth = max(len(p) for p in pieces)
     sent = received = 0
@@ -398,14 +375,7 @@ def _half_lockstep(
             done = piece(rank, k - 1)
             if s == 1 and done is not None:  # every rank's values of my piece k-1 are here
                 a, b = done
-                part = total[: b - a]
-                for other in range(size):  # rank order: the same sum on every rank
-                    values = (
-                        encoded[a:b] if other == rank else incoming[other, a - own_a : b - own_a]
-                    )
-                    kernels.fp16_decode(values, part, 0 if other == 0 else 1)
-                with np.errstate(over="ignore"):
-                    bad += kernels.fp16_encode(part, sums[a:b])
+                bad += sum_owned_piece(kernels, encoded, incoming, total, sums, rank, own_a, a, b)
                 kernels.fp16_decode(sums[a:b], out[a:b], 0)
             if s == 1 and k == depth:
                 status[0] = rank if bad else -1

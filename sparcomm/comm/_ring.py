@@ -257,6 +257,52 @@ def ring_allreduce(
     return sent, received
 
 
+def half_buffers(
+    x: np.ndarray, size: int, rank: int, segment: int, scratch: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, list]:
+    """The float16 pipeline's buffers and cuts on one rank: ``(encoded, sums, incoming,
+    total, bounds, pieces)``.
+
+    ``encoded``: this rank's float16 values (the scatter's sends read them); ``sums``:
+    the owners' float16 sums (the gather's receives write them), two buffers so that no
+    receive lands in a region a pending send reads; ``incoming``: every rank's float16
+    values of this rank's chunk, one row per rank (its own row unused); ``total``: one
+    segment of float32/float64 sum; ``bounds``: the chunks; ``pieces``: every chunk cut
+    into segments of at most ``segment`` elements.
+    """
+    n = x.size
+    encoded = scratch("half_encoded", n, np.float16)
+    sums = scratch("half_sums", n, np.float16)
+    bounds = chunk_bounds(n, size)
+    length = int(bounds[rank + 1] - bounds[rank])
+    incoming = scratch("half_incoming", size * length, np.float16).reshape(size, length)
+    total = scratch("half_total", min(segment, max(length, 1)), x.dtype)
+    pieces = [_segments(int(bounds[j]), int(bounds[j + 1]), segment) for j in range(size)]
+    return encoded, sums, incoming, total, bounds, pieces
+
+
+def sum_owned_piece(
+    kernels: Any,
+    encoded: np.ndarray,
+    incoming: np.ndarray,
+    total: np.ndarray,
+    sums: np.ndarray,
+    rank: int,
+    own_a: int,
+    a: int,
+    b: int,
+) -> int:
+    """``sums[a:b]``: every rank's float16 values of this rank's piece ``[a, b)`` decoded
+    and summed in ``total``'s dtype **in rank order** (the same sum on every rank, bit for
+    bit ``reduce_scatter_allgather``'s), rounded once; returns the non-finite sums."""
+    part = total[: b - a]
+    for source in range(incoming.shape[0]):
+        values = encoded[a:b] if source == rank else incoming[source, a - own_a : b - own_a]
+        kernels.fp16_decode(values, part, 0 if source == 0 else 1)
+    with np.errstate(over="ignore"):
+        return int(kernels.fp16_encode(part, sums[a:b]))
+
+
 def half_allreduce(
     comm: MPI.Comm,
     x: np.ndarray,
@@ -283,28 +329,18 @@ def half_allreduce(
         def scratch(name: str, count: int, dtype: Any) -> np.ndarray:
             return np.empty(count, dtype=dtype)
 
-    # This rank's float16 values (the scatter's sends read them) and the owners' sums
-    # (the gather's receives write them): two buffers, so no receive lands in a region
-    # that a pending send reads.
-    encoded = scratch("half_encoded", n, np.float16)
-    sums = scratch("half_sums", n, np.float16)
     if size == 1:
+        encoded = scratch("half_encoded", n, np.float16)
         bad = int(kernels.fp16_encode(x, encoded))
         kernels.fp16_decode(encoded, out, 0)
         return 0, 0, bad, (0 if bad else -1)
-    bits, sum_bits = encoded.view(np.uint16), sums.view(np.uint16)
-    bounds = chunk_bounds(n, size)
     if segment_bytes is None:
-        segment_bytes = default_segment_bytes(2 * int(bounds[1]))
+        segment_bytes = default_segment_bytes(2 * int(chunk_bounds(n, size)[1]))
     segment = _segment_elements(segment_bytes, 2)
-    own_a, own_b = int(bounds[rank]), int(bounds[rank + 1])
-    pieces = [_segments(int(bounds[j]), int(bounds[j + 1]), segment) for j in range(size)]
+    encoded, sums, incoming, total, bounds, pieces = half_buffers(x, size, rank, segment, scratch)
+    bits, sum_bits, incoming_bits = (b.view(np.uint16) for b in (encoded, sums, incoming))
+    own_a = int(bounds[rank])
     mine = pieces[rank]
-    # The other ranks' float16 values of my chunk, one row per rank (my own row unused).
-    length = own_b - own_a
-    incoming = scratch("half_incoming", size * length, np.float16).reshape(size, length)
-    incoming_bits = incoming.view(np.uint16)
-    total = scratch("half_total", min(segment, max(length, 1)), x.dtype)
     datatype = MPI.UINT16_T
     requests: list[Any] = []
     scatter_recvs: list[list[Any]] = [[] for _ in mine]
@@ -363,14 +399,7 @@ def half_allreduce(
         if summed < len(mine) and MPI.Request.Testall(scatter_recvs[summed]):
             a, b = mine[summed]
             if b > a:
-                part = total[: b - a]
-                for source in range(size):  # rank order: the same sum on every rank
-                    values = (
-                        encoded[a:b] if source == rank else incoming[source, a - own_a : b - own_a]
-                    )
-                    kernels.fp16_decode(values, part, 0 if source == 0 else 1)
-                with np.errstate(over="ignore"):
-                    bad += kernels.fp16_encode(part, sums[a:b])
+                bad += sum_owned_piece(kernels, encoded, incoming, total, sums, rank, own_a, a, b)
                 for offset in range(1, size):
                     dest = (rank + offset) % size
                     requests.append(comm.Isend([sum_bits[a:b], datatype], dest, _TAG_HALF_GATHER))
