@@ -38,6 +38,7 @@ import json
 import math
 import os
 import platform
+import resource
 import shlex
 import signal
 import statistics
@@ -343,6 +344,7 @@ class _Runner:
         sent = wire() if wire else 0
         if self.hooks is not None:
             self.hooks.take()  # nothing but this step's hook work
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = perf()
         self.optimizer.zero_grad()
         self.loss(self.forward(x), y).backward()
@@ -358,6 +360,14 @@ class _Runner:
         t3 = perf()
         record: dict[str, Any] = {
             "total": t3 - t0,
+            # All of the rank's threads (reducer, MPI, torch): against "total", whether
+            # a step is CPU-bound (ranks sharing cores) or waits on the network.
+            "cpu": (cpu1 := resource.getrusage(resource.RUSAGE_SELF)).ru_utime
+            + cpu1.ru_stime
+            - cpu0.ru_utime
+            - cpu0.ru_stime,
+            "cpu_system": cpu1.ru_stime - cpu0.ru_stime,  # the kernel: TCP, page faults
+            "page_faults": cpu1.ru_minflt - cpu0.ru_minflt,  # first touches of new memory
             "forward_backward": t1 - t0,
             "wait": t2 - t1,
             "update": t3 - t2,
@@ -679,6 +689,7 @@ def summarise(
     for cid, data in raw["contenders"].items():
         slowest = [max(per_rank, key=lambda r: r["total"]) for per_rank in data["steps"]]
         timed = slowest[warmup:] or slowest
+        timed_steps = data["steps"][warmup:] or data["steps"]
         median_total = _median([r["total"] for r in timed])
         split = {
             key: _median([r[key] for r in timed]) for key in ("forward_backward", "wait", "update")
@@ -690,6 +701,18 @@ def summarise(
             "step_s": median_total,
             "step_iqr_s": _iqr([r["total"] for r in timed]),
             "split_s": split,
+            # A rank's CPU seconds per step (all its threads), the mean over ranks; None
+            # in a report from before it was recorded.
+            **{
+                name: _median([statistics.fmean(r[key] for r in step) for step in timed_steps])
+                if all(key in r for step in timed_steps for r in step)
+                else None
+                for key, name in (
+                    ("cpu", "cpu_s"),
+                    ("cpu_system", "cpu_system_s"),
+                    ("page_faults", "page_faults"),
+                )
+            },
             "first_steps_extra_s": sum(r["total"] for r in slowest[:warmup])
             - median_total * min(warmup, len(slowest)),
             "ranks_agree": data["ranks_agree"],
@@ -891,7 +914,8 @@ def format_table(report: dict[str, Any]) -> str:
     ]
     header = (
         f"{'contender':<32} {'step ms':>8} {'x floor':>7} {'pred ms':>8} {'fwd+bwd':>8} "
-        f"{'wait':>7} {'update':>7} {'enc':>6} {'check':>6} {'exch':>6} {'merge':>6} {'other':>6} "
+        f"{'wait':>7} {'update':>7} {'cpu':>6} {'sys':>5} {'enc':>6} {'check':>6} {'exch':>6} "
+        f"{'merge':>6} {'other':>6} "
         f"{'MB sent':>8} {'acc %':>6} {'@budget':>7} {'t→target s':>10} {'MB→target':>9}"
     )
     lines += [header, "-" * len(header)]
@@ -904,7 +928,8 @@ def format_table(report: dict[str, Any]) -> str:
             f"{entry['label']:<32.32} {_fmt(entry['step_s'], 1e3):>8} {_fmt(ratio, 1, '.2f'):>7} "
             f"{_fmt(entry.get('predicted_step_s'), 1e3):>8} "
             f"{_fmt(split['forward_backward'], 1e3):>8} {_fmt(split['wait'], 1e3):>7} "
-            f"{_fmt(split['update'], 1e3):>7} "
+            f"{_fmt(split['update'], 1e3):>7} {_fmt(entry.get('cpu_s'), 1e3):>6} "
+            f"{_fmt(entry.get('cpu_system_s'), 1e3):>5} "
             + " ".join(f"{_fmt(phases.get(c), 1e3):>{6}}" for c in CATEGORIES)
             + f" {_fmt(sent, 1e-6, '.2f'):>8} {_fmt(entry['final_accuracy'], 1, '.1f'):>6} "
             f"{_fmt(entry['accuracy_at_budget'], 1, '.1f'):>7} "
@@ -912,7 +937,9 @@ def format_table(report: dict[str, Any]) -> str:
             f"{_fmt(entry.get('bytes_to_target'), 1e-6, '.0f'):>9}"
         )
     lines.append(
-        "step ms: median of the slowest rank; enc/check/exch/merge: sparcomm's collectives "
+        "step ms: median of the slowest rank; cpu: a rank's CPU time per step (all its "
+        "threads, mean of the ranks), sys of it in the kernel; enc/check/exch/merge: "
+        "sparcomm's collectives "
         "(reducer thread, overlapping fwd+bwd); MB sent: per rank per step"
         + (" on the wire (TCP/IP included)" if report.get("wire_counted") else " (payload)")
         + "; MB→target: sent per rank until the target accuracy"

@@ -51,6 +51,7 @@ from sparcomm.comm._protocol import (
 )
 from sparcomm.comm._stats import AllreduceStats
 from sparcomm.comm._tune import Decision
+from sparcomm.comm._waiting import wait
 
 
 @dataclass
@@ -249,7 +250,7 @@ class Call:
         if request is None:
             return False
         with self.stats._phase("check"):
-            request.Wait()
+            wait(request)
         value, rank, changed = (int(v) for v in self._status)
         if value:
             if self.error is not None:

@@ -27,6 +27,7 @@ from sparcomm._abort import install_abort_hook
 from sparcomm._threads import adopt_rank_threads, set_rank_threads
 from sparcomm.comm._device import DeviceStaging
 from sparcomm.comm._stats import AllreduceStats
+from sparcomm.comm._waiting import waitall
 
 if TYPE_CHECKING:
     from sparcomm.comm._cost import CostModel
@@ -227,7 +228,7 @@ class Channel:
                     sent += block.nbytes
         for blocks_send, blocks_recv, _ in groups:
             blocks_recv[rank][...] = blocks_send[rank]
-        MPI.Request.Waitall(requests)
+        waitall(requests)
         self.stats._add_bytes(sent, received)
 
     def transfer(self, sends: list, recvs: list) -> list[int]:
@@ -245,7 +246,7 @@ class Channel:
             for array, dest, tag in sends
         ]
         statuses = [MPI.Status() for _ in requests]
-        MPI.Request.Waitall(requests, statuses)
+        waitall(requests, statuses=statuses)
         counts = [
             statuses[j].Get_count(_mpi_type(array.dtype)) for j, (array, _, _) in enumerate(recvs)
         ]

@@ -46,7 +46,6 @@ their own (``_TAG_RING``), so they cannot match another collective's.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -54,6 +53,9 @@ import numpy as np
 from mpi4py import MPI
 
 from sparcomm._backend import kernels_for
+from sparcomm.comm._waiting import DEFAULT_PAUSE_S, PAUSE_GROWTH
+from sparcomm.comm._waiting import wait as _wait
+from sparcomm.comm._waiting import waitall as _waitall
 
 #: Tag base of the ring's messages (the private communicator's other exchanges use
 #: ``1 << 10`` and ``2 << 10``).
@@ -76,44 +78,11 @@ def default_segment_bytes(chunk_bytes: int) -> int:
     return max(MIN_SEGMENT_BYTES, min(MAX_SEGMENT_BYTES, -(-chunk_bytes // SEGMENTS_PER_CHUNK)))
 
 
-#: Seconds a waiting rank sleeps between polls (doubling up to 4 times this), or
-#: ``None``: wait inside MPI, which polls without sleeping.  Where ranks share cores
-#: (``MPIR_CVAR_ENABLE_HEAVY_YIELD=1``, which the emulated cluster and the test harness
-#: set), a polling rank takes the core from the ranks that sum and from the kernel's TCP
-#: work: measured, 50 us brought the float16 pipeline from 1.19-1.39x DDP's fp16 hook
-#: to 1.13-1.25x at the same segments.  With a core per rank, MPI's own wait is better.
-DEFAULT_PAUSE_S: float | None = (
-    50e-6 if os.environ.get("MPIR_CVAR_ENABLE_HEAVY_YIELD", "0") not in ("", "0") else None
-)
-PAUSE_GROWTH = 4
-
-
 _MPI_TYPES = {
     np.dtype(np.float16): MPI.UINT16_T,  # moved as bits: MPI has no standard float16
     np.dtype(np.float32): MPI.FLOAT,
     np.dtype(np.float64): MPI.DOUBLE,
 }
-
-
-def _wait(request: Any, pause: float | None) -> None:
-    """``request.Wait()``, or poll it with sleeps in between (``pause`` seconds, growing
-    to ``PAUSE_GROWTH * pause``) so that a rank that waits leaves the core to ranks
-    that work."""
-    if pause is None:
-        request.Wait()
-        return
-    delay = pause
-    while not request.Test():
-        time.sleep(delay)
-        delay = min(2 * delay, PAUSE_GROWTH * pause)
-
-
-def _waitall(requests: list[Any], pause: float | None) -> None:
-    if pause is None:
-        MPI.Request.Waitall(requests)
-        return
-    for request in requests:
-        _wait(request, pause)
 
 
 def chunk_bounds(n: int, size: int) -> np.ndarray:

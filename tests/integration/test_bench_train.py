@@ -86,8 +86,12 @@ def test_summary_takes_the_slowest_rank_skips_warmup_and_reads_the_curves():
                                 "merge": 0.02,
                                 "other": 0,
                             },
+                            # Rank 0 used 0.4 s of CPU, rank 1 0.6 s, in every step.
+                            cpu=0.4 + 0.2 * rank,
+                            cpu_system=0.1,
+                            page_faults=3 * rank,
                         )
-                        for r in step
+                        for rank, r in enumerate(step)
                     ]
                     for step in _records(
                         [(5.0, 1.0), (1.0, 1.0), (1.0, 1.0), (1.0, 1.0), (1.0, 1.0)]
@@ -111,6 +115,10 @@ def test_summary_takes_the_slowest_rank_skips_warmup_and_reads_the_curves():
     assert fast["accuracy_at_budget"] == 58.0 and ddp["accuracy_at_budget"] == 30.0
     assert fast["payload_bytes"] == 7 and fast["phases_s"]["exchange"] == 0.05
     assert fast["wire_bytes"] == 100
+    # CPU per rank and step: the ranks' mean; none recorded (an older report): None.
+    assert fast["cpu_s"] == pytest.approx(0.5) and fast["cpu_system_s"] == pytest.approx(0.1)
+    assert fast["page_faults"] == pytest.approx(1.5)
+    assert ddp["cpu_s"] is None and ddp["page_faults"] is None
     # Bytes on the curves: the wire's count, step by step (the busiest rank's).
     assert [p["bytes"] for p in ddp["curve"]] == [0, 200, 400, 500]
     assert ddp["bytes_source"] == "wire"
