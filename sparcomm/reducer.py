@@ -590,6 +590,21 @@ class _Engine:
                 slot.name
             ]
         run.stats.phases["fuse"] += time.perf_counter() - start
+        if xp is np and all(
+            _given_up(run, s.name, run.inputs[s.name]) is not None for s in bucket.slots
+        ):
+            # Every member was given up: the result goes into the fusion buffer, which
+            # stays the reducer's, and back into the members.  A copy of the bucket is
+            # cheaper than a new output per step, faulted in page by page (4,096 faults
+            # for a 16 MiB bucket).
+            self._allreduce(run, bucket, codec, fused, out=fused)
+            start = time.perf_counter()
+            for slot in bucket.slots:
+                x = run.inputs[slot.name]
+                x[...] = fused[slot.offset : slot.offset + slot.size].reshape(slot.shape)
+                run.outputs[slot.name] = x
+            run.stats.phases["fuse"] += time.perf_counter() - start
+            return
         result = self._allreduce(run, bucket, codec, fused)
         if result is fused or getattr(result, "base", None) is fused:
             # The collective answered in place: hand this buffer to the caller and use a
@@ -709,7 +724,8 @@ class _Engine:
 
 def _given_up(run: _StepRun, name: Hashable, x: Any) -> Any:
     """``x`` itself as the output of its collective when the caller gave it up
-    (``submit(..., in_place=True)``) and it is a NumPy array, else None (a new array).
+    (``submit(..., in_place=True)``) and it is a writable C-contiguous NumPy array, else
+    None (a new array).
 
     Every collective reads all of its input before it writes its output
     (tests/mpi/test_in_place_out.py), so the result can take the gradient's memory.  A
@@ -717,7 +733,8 @@ def _given_up(run: _StepRun, name: Hashable, x: Any) -> Any:
     measured, 4,200 page faults and 12 ms of kernel time per rank and step at 10.5 M
     parameters (docs/benchmarks.md, issue 11).  CuPy's memory pool has no such cost.
     """
-    return x if name in run.in_place and isinstance(x, np.ndarray) else None
+    usable = isinstance(x, np.ndarray) and x.flags.writeable and x.flags.c_contiguous
+    return x if usable and name in run.in_place else None
 
 
 def _state_holder(codec: Any) -> Any:

@@ -113,7 +113,7 @@ def test_in_place_submission_takes_the_result_where_the_collective_can(
 ) -> None:
     """``submit(..., in_place=True)``: PowerSGD's buckets write each result into the
     given array (wait() returns that array); the values are the same bits as a reducer
-    that returns new arrays; other codecs return new arrays."""
+    that returns new arrays; the sparse family's ``"layer"`` buckets return new arrays."""
     rng = np.random.default_rng(7 + COMM.Get_rank())
     shapes = {"w1": (48, 20), "b1": (48,), "w2": (5, 48), "b2": (5,)}
 
@@ -145,3 +145,44 @@ def test_in_place_submission_takes_the_result_where_the_collective_can(
                 plain.submit(n, g, in_place=True)
             for n, out in plain.wait().items():
                 assert not np.shares_memory(out, topk_in[n])
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: sparcomm.NoCompression(),
+        lambda: sparcomm.FP16(),
+        lambda: sparcomm.QSGD(bits=4),
+        lambda: sparcomm.ErrorFeedback(sparcomm.QSGD(bits=4)),
+        lambda: sparcomm.OneBit(),
+        lambda: sparcomm.ErrorFeedback(sparcomm.TopK(density=0.2)),
+    ],
+    ids=["dense", "fp16", "qsgd", "qsgd+ef", "onebit", "topk+ef"],
+)
+@pytest.mark.parametrize("fusion", [0, 1 << 20], ids=["alone", "fused"])
+def test_given_up_arrays_take_their_results(make, fusion) -> None:
+    """A given-up NumPy gradient holds its own result, in a bucket of its own and in a
+    fused bucket whose members were all given up (the fusion buffer stays the
+    reducer's), with the bits of a reducer that returns new arrays; the sparse family's
+    ``"layer"`` buckets of small tensors return new arrays."""
+    rng = np.random.default_rng(11 + COMM.Get_rank())
+    shapes = {"w1": (300, 20), "b1": (300,), "w2": (5, 300), "b2": (5,)}
+
+    def reducer():
+        return sparcomm.GradientReducer(make(), fusion_threshold_bytes=fusion, dense_below=0)
+
+    sparse = isinstance(make(), sparcomm.ErrorFeedback) and isinstance(make().codec, sparcomm.TopK)
+    given, fresh = reducer(), reducer()
+    with given, fresh:
+        for r in (given, fresh):
+            r.setup([(n, s, np.float32) for n, s in shapes.items()])
+        for step in range(3):
+            grads = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+            for n, g in grads.items():
+                fresh.submit(n, g.copy())
+                given.submit(n, g, in_place=True)
+            want, got = fresh.wait(), given.wait()
+            for n in shapes:
+                np.testing.assert_array_equal(got[n], want[n], err_msg=f"{n} step {step}")
+                own = np.shares_memory(got[n], grads[n])
+                assert own != (fusion and sparse), (n, step)
