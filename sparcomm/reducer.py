@@ -590,21 +590,6 @@ class _Engine:
                 slot.name
             ]
         run.stats.phases["fuse"] += time.perf_counter() - start
-        if xp is np and all(
-            _given_up(run, s.name, run.inputs[s.name]) is not None for s in bucket.slots
-        ):
-            # Every member was given up: the result goes into the fusion buffer, which
-            # stays the reducer's, and back into the members.  A copy of the bucket is
-            # cheaper than a new output per step, faulted in page by page (4,096 faults
-            # for a 16 MiB bucket).
-            self._allreduce(run, bucket, codec, fused, out=fused)
-            start = time.perf_counter()
-            for slot in bucket.slots:
-                x = run.inputs[slot.name]
-                x[...] = fused[slot.offset : slot.offset + slot.size].reshape(slot.shape)
-                run.outputs[slot.name] = x
-            run.stats.phases["fuse"] += time.perf_counter() - start
-            return
         result = self._allreduce(run, bucket, codec, fused)
         if result is fused or getattr(result, "base", None) is fused:
             # The collective answered in place: hand this buffer to the caller and use a

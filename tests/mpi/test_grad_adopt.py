@@ -161,17 +161,15 @@ def test_in_place_submission_takes_the_result_where_the_collective_can(
 )
 @pytest.mark.parametrize("fusion", [0, 1 << 20], ids=["alone", "fused"])
 def test_given_up_arrays_take_their_results(make, fusion) -> None:
-    """A given-up NumPy gradient holds its own result, in a bucket of its own and in a
-    fused bucket whose members were all given up (the fusion buffer stays the
-    reducer's), with the bits of a reducer that returns new arrays; the sparse family's
-    ``"layer"`` buckets of small tensors return new arrays."""
+    """A given-up NumPy gradient in a bucket of its own holds its own result, with the
+    bits of a reducer that returns new arrays (every collective reads all of ``x``
+    before it writes ``out=x``); in fused buckets the values are the same too."""
     rng = np.random.default_rng(11 + COMM.Get_rank())
     shapes = {"w1": (300, 20), "b1": (300,), "w2": (5, 300), "b2": (5,)}
 
     def reducer():
         return sparcomm.GradientReducer(make(), fusion_threshold_bytes=fusion, dense_below=0)
 
-    sparse = isinstance(make(), sparcomm.ErrorFeedback) and isinstance(make().codec, sparcomm.TopK)
     given, fresh = reducer(), reducer()
     with given, fresh:
         for r in (given, fresh):
@@ -184,5 +182,5 @@ def test_given_up_arrays_take_their_results(make, fusion) -> None:
             want, got = fresh.wait(), given.wait()
             for n in shapes:
                 np.testing.assert_array_equal(got[n], want[n], err_msg=f"{n} step {step}")
-                own = np.shares_memory(got[n], grads[n])
-                assert own != (fusion and sparse), (n, step)
+                if not fusion:
+                    assert np.shares_memory(got[n], grads[n]), (n, step)
