@@ -54,7 +54,7 @@ CASES = [
     [(name, make, a) for name, make, algorithms in CASES for a in algorithms],
     ids=lambda v: v if isinstance(v, str) else "",
 )
-@pytest.mark.parametrize("n", [1, 1000, 70_001])
+@pytest.mark.parametrize("n", [1, 70_001])  # one element (empty chunks), many buckets
 def test_out_may_be_the_input(name, make, algorithm, n):
     separate, in_place = make(), make()  # each its own state (residuals, owners' memory)
     for step in range(3):
