@@ -5,7 +5,8 @@ The hash that the stochastic quantizers (``quantize.py``) and the ``uniform`` ke
 
 Bit for bit the definition in ``sparcomm/_random.py``.  Numba widens ``uint32 * uint32``
 to uint64, so every multiply and shift is cast back to uint32 explicitly; the hash is
-branch-free integer arithmetic, which LLVM vectorises (16 lanes with AVX-512).
+branch-free integer arithmetic, which LLVM vectorises: 16 lanes with AVX-512 in the
+kernels that ask for 512-bit vectors (``_vector.wide_vectors``), 8 lanes otherwise.
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ from ._random import (
     word_end,
 )
 from ._stores import STREAM_MIN, store_fence, stream_copy
+from ._vector import wide_vectors
 from .packing import pack_groups, pack_tail, unpack_groups
 from .reduce import max_abs, max_bits
 
@@ -51,6 +52,7 @@ def _qsgd_fields(x, a, b, inv, levels, k1, k2, lanes, offset):
     Loops run over slices indexed from 0 (see ``lane_sum_squares``) and over runs of
     indices sharing their high 32 bits, so the body is branch-free and vectorises.
     """
+    wide_vectors()  # the hash's multiplies at 16 lanes (see _vector.py)
     levels_f = as_dtype(levels, x)
     one = as_dtype(1, x)
     zero = as_dtype(0, x)
@@ -277,6 +279,7 @@ def qsgd_decode(
 @njit(cache=True, nogil=True)
 def _terngrad_fields(x, a, b, scale, clip, k1, k2, lanes, offset):
     """TernGrad codes of ``x[a:b]`` (bucket scale ``scale``) into ``lanes[i - offset]``."""
+    wide_vectors()
     if scale == 0:
         fs = lanes[a - offset : b - offset]
         for t in range(fs.size):
