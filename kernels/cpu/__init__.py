@@ -30,5 +30,9 @@ del _name, _family
 topk_of_sum = import_module(".topk", __name__).topk_of_sum
 #: Host-only fusion of error feedback's add, 1-bit encode and decode-subtract.
 onebit_encode_feedback = import_module(".onebit", __name__).onebit_encode_feedback
+#: Host-only fusions of the quantized collectives' sums: several payloads decoded and
+#: added in one pass over the output, bit for bit the decodes with ``accumulate=1``.
+qsgd_decode_sum = import_module(".quantize", __name__).qsgd_decode_sum
+onebit_decode_sum = import_module(".onebit", __name__).onebit_decode_sum
 
 __all__ = list(CONTRACT + EXTRA)

@@ -12,6 +12,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
+from numba.typed import List
 from sparcomm.kernels._checks import check_accumulate  # noqa: F401 - the CPU kernels' import
 
 CHUNK = 1 << 14
@@ -197,3 +198,16 @@ def lane_sum_squares(x, start, stop):
     if r > 6:
         a6 += np.float64(tail[6]) * np.float64(tail[6])
     return combine_lanes(a0, a1, a2, a3, a4, a5, a6, a7)
+
+
+def typed_arrays(arrays) -> List:
+    """A sequence of same-dtype 1-D arrays as one ``numba.typed.List`` argument.
+
+    One compiled specialisation serves any number of arrays (a tuple would compile one
+    per length), and the list is built without reflection.  Each array is made
+    C-contiguous, so all share one type (a no-op for the payload views passed here).
+    """
+    typed = List()
+    for array in arrays:
+        typed.append(np.ascontiguousarray(array))
+    return typed

@@ -24,6 +24,7 @@ from ._common import (
     combine_lanes,
     lane_rows_by_sign,
     n_chunks,
+    typed_arrays,
 )
 from ._stores import STREAM_MIN, store_fence, stream_copy
 from .packing import pack_groups, pack_tail, unpack_groups
@@ -263,6 +264,52 @@ def _onebit_decode(packed, means, bucket, accumulate, out):
         _decode_task(
             packed, means, bucket, accumulate, c * CHUNK, min(n, (c + 1) * CHUNK), out, stream
         )
+
+
+@njit(cache=True, nogil=True)
+def _decode_sum_task(packeds, meanss, bucket, a, b, out, stream):
+    """Elements ``[a, b)`` of the sum: every payload added to one block in cache."""
+    scratch = np.empty((b - a + 7) // 8, dtype=np.uint64)
+    lanes = scratch.view(np.uint8)
+    # As _qsgd_decode_sum_task: a large sum is built in cache and streamed out once.
+    block = np.empty(b - a if stream else 0, dtype=out.dtype)
+    for p in range(len(packeds)):
+        unpack_groups(packeds[p], 1, a // 8, scratch.size, scratch)
+        means = meanss[p]
+        for bk in range(a // bucket, (b - 1) // bucket + 1):
+            s = max(a, bk * bucket)
+            e = min(b, (bk + 1) * bucket)
+            positive = as_dtype(means[2 * bk], out)
+            negative = as_dtype(means[2 * bk + 1], out)
+            fs = lanes[s - a : e - a]
+            os = block[s - a : e - a] if stream else out[s:e]
+            if p == 0:
+                for t in range(fs.size):
+                    os[t] = negative if fs[t] else positive
+            else:
+                for t in range(fs.size):
+                    os[t] = os[t] + (negative if fs[t] else positive)
+    if stream:
+        stream_copy(block, out, a, b - a)
+        store_fence()
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _onebit_decode_sum(packeds, meanss, bucket, out):
+    n = out.size
+    stream = n >= STREAM_MIN
+    for c in prange(n_chunks(n, CHUNK)):
+        _decode_sum_task(packeds, meanss, bucket, c * CHUNK, min(n, (c + 1) * CHUNK), out, stream)
+
+
+def onebit_decode_sum(packeds: list, meanss: list, bucket: int, out: np.ndarray) -> None:
+    """``out = d_0 + d_1 + ...`` of several 1-bit payloads of ``out.size`` elements each.
+
+    Host-only fusion beyond the contract, as ``quantize.qsgd_decode_sum``: bit for bit
+    ``onebit_decode`` of the first payload and ``accumulate=1`` decodes of the others in
+    list order, with each block of ``out`` summed in cache and written once.
+    """
+    _onebit_decode_sum(typed_arrays(packeds), typed_arrays(meanss), int(bucket), out)
 
 
 def onebit_decode(

@@ -27,6 +27,7 @@ from ._common import (
     check_accumulate,
     lane_sum_squares,
     n_chunks,
+    typed_arrays,
 )
 from ._random import (
     GOLDEN32,
@@ -274,6 +275,60 @@ def qsgd_decode(
     """
     accumulate = check_accumulate(accumulate)
     _qsgd_decode(packed, scales, int(levels), int(bits), int(bucket), accumulate, out)
+
+
+@njit(cache=True, nogil=True)
+def _qsgd_decode_sum_task(packeds, scaless, levels, bits, bucket, a, b, out, stream):
+    """Elements ``[a, b)`` of the sum: every payload added to one block in cache."""
+    scratch = np.empty((b - a + 7) // 8, dtype=np.uint64)
+    lanes = scratch.view(np.uint8)
+    # The block is the task's share of `out` for a small one; a large one is summed in a
+    # buffer in cache and streamed out once (see STREAM_MIN).
+    block = np.empty(b - a if stream else 0, dtype=out.dtype)
+    for p in range(len(packeds)):
+        unpack_groups(packeds[p], bits, a // 8, scratch.size, scratch)
+        scales = scaless[p]
+        for bk in range(a // bucket, (b - 1) // bucket + 1):
+            s = max(a, bk * bucket)
+            e = min(b, (bk + 1) * bucket)
+            step = as_dtype(scales[bk], out) / as_dtype(levels, out)
+            fs = lanes[s - a : e - a]
+            os = block[s - a : e - a] if stream else out[s:e]
+            if p == 0:
+                for t in range(fs.size):
+                    os[t] = _qsgd_value(fs[t], step, out)
+            else:
+                for t in range(fs.size):
+                    os[t] = os[t] + _qsgd_value(fs[t], step, out)
+    if stream:
+        stream_copy(block, out, a, b - a)
+        store_fence()
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _qsgd_decode_sum(packeds, scaless, levels, bits, bucket, out):
+    n = out.size
+    stream = n >= STREAM_MIN
+    for c in prange(n_chunks(n, CHUNK)):
+        _qsgd_decode_sum_task(
+            packeds, scaless, levels, bits, bucket, c * CHUNK, min(n, (c + 1) * CHUNK), out, stream
+        )
+
+
+def qsgd_decode_sum(
+    packeds: list, scaless: list, levels: int, bits: int, bucket: int, out: np.ndarray
+) -> None:
+    """``out = d_0 + d_1 + ...`` of several QSGD payloads of ``out.size`` elements each.
+
+    Host-only fusion beyond the contract: bit for bit ``qsgd_decode`` of the first
+    payload followed by ``qsgd_decode(..., accumulate=1)`` of each of the others, in list
+    order, but each block of ``out`` takes every payload's terms while it sits in cache
+    and is written to memory once.  ``packeds`` and ``scaless`` are equally long
+    sequences (one or more payloads); the caller checks the arrays' lengths.
+    """
+    _qsgd_decode_sum(
+        typed_arrays(packeds), typed_arrays(scaless), int(levels), int(bits), int(bucket), out
+    )
 
 
 @njit(cache=True, nogil=True)

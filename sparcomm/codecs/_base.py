@@ -198,6 +198,13 @@ class Codec:
         """Decode into ``out``; ``accumulate`` is ±1 only where ``fused_accumulate``."""
         raise NotImplementedError
 
+    def _decode_sum_flat(self, kernels: ModuleType, payloads: list[Payload], out: Any) -> bool:
+        """``out = `` the sum of the (checked) payloads' decodes in list order, in one fused
+        kernel pass where ``kernels`` has one for this codec (the host kernels' ``*_sum``
+        fusions): bit for bit a decode followed by ``accumulate=1`` decodes.  Returns
+        False, having written nothing, where there is none."""
+        return False
+
     # -- derived from the wire layout ---------------------------------------------------
     def _wire_arrays(self, n: int, dtype: np.dtype) -> list[tuple[np.dtype, int]]:
         """``(dtype, count)`` of each wire array for an input of n elements."""

@@ -132,3 +132,11 @@ class OneBit(Codec, codec_id=6, family="quantized"):
         kernels.onebit_decode(
             payload.arrays["packed"], payload.arrays["means"], self.bucket_size, out, accumulate
         )
+
+    def _decode_sum_flat(self, kernels: ModuleType, payloads: list[Payload], out: Any) -> bool:
+        fused = getattr(kernels, "onebit_decode_sum", None)  # the host kernels have it
+        if fused is None:
+            return False
+        packeds = [p.arrays["packed"] for p in payloads]
+        fused(packeds, [p.arrays["means"] for p in payloads], self.bucket_size, out)
+        return True

@@ -151,6 +151,21 @@ class QSGD(Codec, codec_id=4, family="quantized"):
             accumulate,
         )
 
+    def _decode_sum_flat(self, kernels: ModuleType, payloads: list[Payload], out: Any) -> bool:
+        fused = getattr(kernels, "qsgd_decode_sum", None)  # the host kernels have it
+        if fused is None:
+            return False
+        packeds = [p.arrays["packed"] for p in payloads]
+        fused(
+            packeds,
+            [p.arrays["scales"] for p in payloads],
+            self.levels,
+            self.bits,
+            self.bucket_size,
+            out,
+        )
+        return True
+
     def variance_bound(self, x: Any) -> float:
         """Upper bound on ``E||decode(encode(x)) - x||^2`` (sum over buckets).
 

@@ -185,16 +185,34 @@ class _Problem:
 _SUM_BLOCK = 1 << 18
 
 
+#: Elements from which the host sums payloads with the codec's fused kernel where it has
+#: one (``Codec._decode_sum_flat``: every payload added to each block of ``out`` in
+#: cache, ``out`` written once); below it the kernel's argument lists cost more than the
+#: passes they save.
+_FUSED_SUM_MIN = 1 << 16
+
+
 def _decode_sum(codec: Any, payloads: list[Payload], out: Any, blocked: bool = True) -> None:
     """``out = sum of decode(p)`` in list order (rank order: the same on every rank), each
     payload added in its decode pass (``decode(..., accumulate=1)``).
 
-    ``blocked`` (host arrays) works block by block (blocks of whole buckets, see
-    ``Codec.slice_payload``) so that the block of ``out`` stays in cache while every payload
-    is added to it; every element is still the same rank-order sum, so the result does not
-    depend on the block.  On the device one launch per payload covers all of ``out``.
+    ``blocked`` (host arrays) runs the codec's fused kernel (QSGD, OneBit), or else works
+    block by block (blocks of whole buckets, see ``Codec.slice_payload``), so that a block
+    of ``out`` stays in cache while every payload is added to it; every element is still
+    the same rank-order sum, so the result depends on neither.  On the device one launch
+    per payload covers all of ``out``.
     """
     n = out.size
+    if blocked and len(payloads) > 1 and n >= _FUSED_SUM_MIN:
+        for payload in payloads:
+            codec.check_payload(payload)
+            if payload.n != n or payload.dtype != out.dtype:
+                raise ValueError(
+                    f"a payload of {payload.n} x {payload.dtype} cannot be summed into "
+                    f"{n} x {out.dtype}: corrupted payload"
+                )
+        if codec._decode_sum_flat(kernels_for(np), payloads, out):
+            return
     align = chunk_alignment(codec)
     block = max(align, _SUM_BLOCK // align * align) if blocked else n
     # An overflowing sum becomes inf, as in MPI's own Allreduce; an owner then refuses

@@ -112,6 +112,19 @@ def test_equals_local_reference_and_identical_everywhere(codec, algorithm):
     assert (stats.bytes_sent, stats.bytes_received) == stats.predicted_bytes
 
 
+@pytest.mark.parametrize("algorithm", ["allgather", "reduce_scatter_allgather"])
+@pytest.mark.parametrize("make", [lambda: QSGD(bits=4), lambda: OneBit(error_feedback=False)])
+def test_fused_host_sums_equal_the_local_reference(make, algorithm):
+    # Large enough that the gathered payloads (and at up to 4 ranks each owner's chunk)
+    # are summed by the codec's fused kernel (_FUSED_SUM_MIN), odd so the last group of
+    # 8 and the last bucket are partial.
+    codec, n = make(), 300_007
+    inputs = [_input(r, n) for r in range(SIZE)]
+    result = allreduce(inputs[RANK], codec=codec, comm=COMM, algorithm=algorithm, key="w", step=1)
+    _digest_everywhere(result)
+    np.testing.assert_array_equal(result, _reference(codec, algorithm, inputs, "w", 1))
+
+
 def _ternary_sum(codec, inputs, scale, per_element, key):
     """Every rank's ternary values in {-1, 0, 1}, summed exactly in int64 by the test."""
     return sum(
