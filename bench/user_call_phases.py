@@ -5,7 +5,7 @@ Run under ``mpiexec``; every contender is interleaved round by round (so a burst
 load hits all alike); each round's time is the slowest rank's, the figure the median
 over rounds, and the phases (``AllreduceStats.by_category()``) are the medians of
 rank 0's.  The error-feedback codecs carry their residual from round to round, as in
-training.
+training, and ``auto``'s race (its exploring calls) is over before the timed rounds.
 
     NUMBA_NUM_THREADS=1 MPIR_CVAR_ENABLE_HEAVY_YIELD=1 mpiexec -n 4 \\
         python bench/user_call_phases.py --log2n 24 --rounds 7 [--json out.json]
@@ -24,6 +24,7 @@ from mpi4py import MPI
 
 import sparcomm
 from sparcomm import QSGD, ErrorFeedback, OneBit, TopK
+from sparcomm._cli_bench_quantized import settle_auto
 from sparcomm.comm import AllreduceStats
 
 CODECS = {
@@ -55,9 +56,12 @@ def main() -> None:
 
     cases = {"mpi_allreduce": lambda: comm.Allreduce(x, reduced)}
     cases.update({name: user_call(name) for name in codecs})
-    for call in cases.values():  # warm-up: compilation, calibration, first residuals
+    # Warm-up: compilation, calibration, first residuals, and auto's race (the tuner's
+    # exploring calls alternate algorithms; a training loop's first steps make them).
+    for call in cases.values():
         call()
         call()
+    tuning_calls = {name: 2 + settle_auto(cases[name], stats[name]) for name in codecs}
     times: dict[str, list[float]] = {name: [] for name in cases}
     phases: dict[str, list[dict[str, float]]] = {name: [] for name in codecs}
     loads = [os.getloadavg()[0]]
@@ -88,13 +92,18 @@ def main() -> None:
             for name, rows in phases.items()
         },
         "algorithm": {name: stats[name].algorithm for name in codecs},
+        "tuning_calls": tuning_calls,
     }
     print(f"load {min(loads):.1f}-{max(loads):.1f}, P={comm.Get_size()}, n=2^{args.log2n}")
     for name, ms in result["median_ms"].items():
         ratio = result["speedup_vs_mpi"].get(name)
         split = result["phases_ms_rank0"].get(name, {})
         parts = " ".join(f"{k} {v:.0f}" for k, v in split.items() if v >= 0.5)
-        print(f"{name:14s} {ms:7.1f} ms" + (f"  MPI/this {ratio:.2f}x  [{parts}]" if ratio else ""))
+        chosen = f" {result['algorithm'][name]}" if name in codecs else ""
+        print(
+            f"{name:14s} {ms:7.1f} ms"
+            + (f"  MPI/this {ratio:.2f}x  [{parts}]{chosen}" if ratio else "")
+        )
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(result, handle, indent=2)
