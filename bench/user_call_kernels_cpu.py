@@ -11,6 +11,9 @@ out=out)`` at 2^24 float32, each beside the sequence of passes it replaces, inte
   (``onebit_encode_feedback`` against ``add``, ``onebit_encode``, decode-subtract).
 * ``decode``: QSGD 4-bit and OneBit decodes of n elements into ``out`` (no peer in
   the process: run it under the commit before the change too, ``--only decode``).
+* ``--only quantized``: QSGD 4-bit and TernGrad encodes (the counter-hash loops), and
+  the collectives' sum of four ranks' QSGD or OneBit payloads into ``out``
+  (``_decode_sum``); run it under the commit before a change too.
 
 Medians of ``--repeats`` calls after two warm-up calls, one thread
 (``NUMBA_NUM_THREADS=1``, as each rank of ``sparcomm bench allreduce``).
@@ -30,8 +33,9 @@ from collections.abc import Callable
 import numpy as np
 from sparcomm.kernels.cpu import merge
 
-from sparcomm import QSGD, ErrorFeedback, OneBit, TopK
+from sparcomm import QSGD, ErrorFeedback, OneBit, TernGrad, TopK
 from sparcomm.comm import _sparse
+from sparcomm.comm._quantized import _decode_sum
 
 
 class _UnfusedTopK(TopK):
@@ -63,7 +67,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--log2n", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=11)
-    parser.add_argument("--only", choices=["decode"], help="only the decodes")
+    parser.add_argument(
+        "--only",
+        choices=["decode", "quantized"],
+        help="only the decodes, or only the quantizers' encodes and 4-payload sums",
+    )
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     n = 1 << args.log2n
@@ -99,9 +107,20 @@ def main() -> None:
             "TopK encode (no EF)": lambda: topk.encode(x),
         }
     qsgd, onebit = QSGD(bits=4), OneBit(error_feedback=False)
-    q_payload, o_payload = qsgd.encode(x), onebit.encode(x)
-    cases["decode: QSGD 4-bit"] = lambda: qsgd.decode(q_payload, out=out)
-    cases["decode: OneBit"] = lambda: onebit.decode(o_payload, out=out)
+    if args.only == "quantized":
+        terngrad = TernGrad()
+        q_payloads = [qsgd.encode(v, key="x", rank=r) for r, v in enumerate(xs)]
+        o_payloads = [onebit.encode(v) for v in xs]
+        cases = {
+            "encode: QSGD 4-bit": lambda: qsgd.encode(x, key="x"),
+            "encode: TernGrad": lambda: terngrad.encode(x, key="x"),
+            "sum of 4 payloads: QSGD 4-bit": lambda: _decode_sum(qsgd, q_payloads, out),
+            "sum of 4 payloads: OneBit": lambda: _decode_sum(onebit, o_payloads, out),
+        }
+    else:
+        q_payload, o_payload = qsgd.encode(x), onebit.encode(x)
+        cases["decode: QSGD 4-bit"] = lambda: qsgd.decode(q_payload, out=out)
+        cases["decode: OneBit"] = lambda: onebit.decode(o_payload, out=out)
     load = os.getloadavg()
     result = {
         "n": n,
