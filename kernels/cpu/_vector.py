@@ -4,8 +4,8 @@ LLVM's models of the AVX-512 Intel cores (Skylake-X to Sapphire Rapids, Ice and 
 Lake) carry the ``prefer-256-bit`` tuning: its vectorisers plan 8 float32 lanes, not 16,
 to spare the clock drops that wide instructions once cost.  For the counter hash of the
 stochastic quantizers that halves the throughput of ``vpmulld``, the loop's bottleneck:
-on this project's Rocket Lake VM the QSGD fields loop takes 31 ms at 256 bits and 22 ms
-at 512 bits for 2**24 float32 (one thread; the bits are the same).
+on this project's Rocket Lake VM a standalone copy of the QSGD fields loop takes 31 ms at
+256 bits and 22 ms at 512 bits for 2**24 float32 (one thread; the bits are the same).
 
 LLVM reads the width per function, from the string attributes ``prefer-vector-width``
 and ``min-legal-vector-width`` (``X86TargetMachine::getSubtargetImpl``).  Numba has no
