@@ -612,8 +612,9 @@ class CodecCosts:
     add : float
         ``out += scratch``: one pass over a float buffer.
     decode_add : float
-        ``out += decode(payload)`` as the sums run it: ``decode(..., accumulate=1)``, one
-        pass for codecs that fuse it, a decode and an add for the others.
+        ``out += decode(payload)`` as the sums run it: for codecs that fuse it, one more
+        payload in the collectives' sum (``_decode_sum``: QSGD's and OneBit's fused host
+        kernel adds it to a block in cache), a decode and an add for the others.
     accumulate, pack, expand : float
         TernGrad's shared-scale path: add 2-bit codes into integer sums, pack the sums,
         unpack them and multiply by the scale (``expand`` times both of these last
@@ -795,7 +796,14 @@ def _measure(codec: Any, dtype: np.dtype, repeats: int) -> CodecCosts:
     decode = _median_time(lambda: codec.decode(payload, out=out), repeats)
     add = _median_time(lambda: np.add(out, scratch, out=out), repeats)
     if codec.fused_accumulate:
-        decode_add = _median_time(lambda: codec.decode(payload, out=out, accumulate=1), repeats)
+        # As the collectives' sums run it: the cost of one more payload in _decode_sum
+        # (one fused pass for QSGD and OneBit on the host, accumulate=1 decodes else).
+        from sparcomm.comm._quantized import _decode_sum  # imports this module
+
+        parts = [payload] * 4
+        _decode_sum(codec, parts, out)  # compiles or loads the fused kernel
+        summed = _median_time(lambda: _decode_sum(codec, parts, out), repeats)
+        decode_add = max(summed - decode, 0.0) / (len(parts) - 1)
     else:
         decode_add = decode + add
     accumulate = pack = expand = 0.0
