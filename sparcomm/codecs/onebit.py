@@ -135,7 +135,8 @@ class OneBit(Codec, codec_id=6, family="quantized"):
 
     def _decode_sum_flat(self, kernels: ModuleType, payloads: list[Payload], out: Any) -> bool:
         fused = getattr(kernels, "onebit_decode_sum", None)  # the host kernels have it
-        if fused is None:
+        # A subclass with its own decode sums with it (the contract's kernels in sequence).
+        if fused is None or type(self)._decode_flat is not OneBit._decode_flat:
             return False
         packeds = [p.arrays["packed"] for p in payloads]
         fused(packeds, [p.arrays["means"] for p in payloads], self.bucket_size, out)
