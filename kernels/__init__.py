@@ -121,3 +121,12 @@ copy_finite(x, out) -> int
     of ``x`` (NoCompression's encode and its check in one pass).
     For these three, ``out`` must not overlap the input (ValueError).
 """
+
+if __name__ != "sparcomm.kernels":
+    # Numba's cache keys a kernel on its source file, not on its module's name: a kernel
+    # compiled here under another name (a checkout's root on sys.path, ``import
+    # kernels``) would be loaded by every later sparcomm process and fail to unpickle.
+    raise ImportError(
+        f"the kernels were imported as {__name__!r}; import them as sparcomm.kernels "
+        "(the package installs them there; `pip install -e .` in a checkout)"
+    )
