@@ -2,9 +2,11 @@
 
 Eight ``bits``-wide fields fill exactly ``bits`` bytes, so every group of 8 elements
 starts on a byte boundary and groups pack independently (in parallel, without carries
-between tasks).  Inside a group the fields sit one per byte of a uint64 and are squeezed
-together by three shift-and-mask steps (a portable ``pext``), which LLVM vectorises over
-groups; unpacking runs the steps backwards.
+between tasks).  Inside a group the fields sit one per byte of a uint64.  At 1, 2 and 4
+bits, the widths the codecs use, no field straddles a byte: each packed byte is built
+from (or split into) its 8, 4 or 2 lanes with shifts, which LLVM vectorises.  Other
+widths are squeezed together by three shift-and-mask steps (a portable ``pext``),
+vectorised over groups; unpacking runs the steps backwards.
 """
 
 from __future__ import annotations
@@ -51,29 +53,38 @@ def pack_groups(fields, ngroups, bits, out, first_group):
     """Pack ``ngroups`` whole groups from ``fields`` (uint64 words, one field per byte).
 
     Writes bytes ``[first_group*bits, (first_group+ngroups)*bits)`` of ``out``.  The
-    fields must already fit in ``bits`` bits.  After the squeeze, group ``g``'s bytes are
-    the low ``bits`` bytes of its word; the byte copies for 1, 2, 4 and 8 bits are
-    spelled out so LLVM turns them into vector shuffles.
+    fields must already fit in ``bits`` bits.  For 1, 2 and 4 bits no field straddles a
+    byte, so each output byte is its 8, 4 or 2 lanes shifted and or-ed together (the
+    inverse of :func:`unpack_groups`' split; ``fields`` is left as it was).  Other widths
+    squeeze each group in place, after which group ``g``'s bytes are the low ``bits``
+    bytes of its word, copied out by loops spelled out for LLVM's vector shuffles.
     """
-    for g in range(ngroups):
-        fields[g] = compress_group(fields[g], bits)
     # Slices indexed from 0 (and unsigned indices below) spare Numba's wraparound test.
     ob = out[first_group * bits : (first_group + ngroups) * bits]
     fb = fields.view(np.uint8)
+    if bits == 4:
+        for j in range(ob.size):
+            ob[j] = fb[2 * j] | (fb[2 * j + 1] << np.uint8(4))
+        return
+    if bits == 2:
+        for j in range(ob.size):
+            ob[j] = (
+                fb[4 * j]
+                | (fb[4 * j + 1] << np.uint8(2))
+                | (fb[4 * j + 2] << np.uint8(4))
+                | (fb[4 * j + 3] << np.uint8(6))
+            )
+        return
     if bits == 1:
-        for g in range(ngroups):
-            ob[g] = fb[8 * g]
-    elif bits == 2:
-        for g in range(ngroups):
-            ob[2 * g] = fb[8 * g]
-            ob[2 * g + 1] = fb[8 * g + 1]
-    elif bits == 4:
-        for g in range(ngroups):
-            ob[4 * g] = fb[8 * g]
-            ob[4 * g + 1] = fb[8 * g + 1]
-            ob[4 * g + 2] = fb[8 * g + 2]
-            ob[4 * g + 3] = fb[8 * g + 3]
-    elif bits == 8:
+        for j in range(ob.size):
+            v = np.uint8(0)
+            for t in range(8):
+                v |= fb[8 * j + t] << np.uint8(t)
+            ob[j] = v
+        return
+    for g in range(ngroups):
+        fields[g] = compress_group(fields[g], bits)
+    if bits == 8:
         for t in range(8 * ngroups):
             ob[t] = fb[t]
     else:
