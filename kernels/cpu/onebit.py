@@ -227,20 +227,16 @@ def onebit_encode_feedback(
 
 
 @njit(cache=True, nogil=True)
-def _decode_task(packed, means, bucket, accumulate, a, b, out, stream):
-    scratch = np.empty((b - a + 7) // 8, dtype=np.uint64)
-    unpack_groups(packed, 1, a // 8, scratch.size, scratch)
-    lanes = scratch.view(np.uint8)
-    # A large plain decode goes through a buffer in cache, streamed out (see STREAM_MIN).
-    streamed = stream and accumulate == 0
-    block = np.empty(b - a if streamed else 0, dtype=out.dtype)
+def _decode_buckets(lanes, means, bucket, accumulate, a, b, target, offset):
+    """Decode elements ``[a, b)`` from their bits ``lanes[i - a]`` into
+    ``target[i - offset]`` by ``accumulate`` (0 store, 1 add, -1 subtract)."""
     for bk in range(a // bucket, (b - 1) // bucket + 1):
         s = max(a, bk * bucket)
         e = min(b, (bk + 1) * bucket)
-        positive = as_dtype(means[2 * bk], out)
-        negative = as_dtype(means[2 * bk + 1], out)
+        positive = as_dtype(means[2 * bk], target)
+        negative = as_dtype(means[2 * bk + 1], target)
         fs = lanes[s - a : e - a]
-        os = block[s - a : e - a] if streamed else out[s:e]
+        os = target[s - offset : e - offset]
         # One loop per mode, the test outside: each loop stays branch-free.
         if accumulate == 0:
             for t in range(fs.size):
@@ -251,9 +247,21 @@ def _decode_task(packed, means, bucket, accumulate, a, b, out, stream):
         else:
             for t in range(fs.size):
                 os[t] = os[t] - (negative if fs[t] else positive)
-    if streamed:
+
+
+@njit(cache=True, nogil=True)
+def _decode_task(packed, means, bucket, accumulate, a, b, out, stream):
+    scratch = np.empty((b - a + 7) // 8, dtype=np.uint64)
+    unpack_groups(packed, 1, a // 8, scratch.size, scratch)
+    lanes = scratch.view(np.uint8)
+    # A large plain decode goes through a buffer in cache, streamed out (see STREAM_MIN).
+    if stream and accumulate == 0:
+        block = np.empty(b - a, dtype=out.dtype)
+        _decode_buckets(lanes, means, bucket, 0, a, b, block, a)
         stream_copy(block, out, a, b - a)
         store_fence()  # on this task's thread, before the parallel loop joins
+    else:
+        _decode_buckets(lanes, means, bucket, accumulate, a, b, out, 0)
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -272,25 +280,13 @@ def _decode_sum_task(packeds, meanss, bucket, a, b, out, stream):
     scratch = np.empty((b - a + 7) // 8, dtype=np.uint64)
     lanes = scratch.view(np.uint8)
     # As _qsgd_decode_sum_task: a large sum is built in cache and streamed out once.
-    block = np.empty(b - a if stream else 0, dtype=out.dtype)
+    target = np.empty(b - a, dtype=out.dtype) if stream else out
+    offset = a if stream else 0
     for p in range(len(packeds)):
         unpack_groups(packeds[p], 1, a // 8, scratch.size, scratch)
-        means = meanss[p]
-        for bk in range(a // bucket, (b - 1) // bucket + 1):
-            s = max(a, bk * bucket)
-            e = min(b, (bk + 1) * bucket)
-            positive = as_dtype(means[2 * bk], out)
-            negative = as_dtype(means[2 * bk + 1], out)
-            fs = lanes[s - a : e - a]
-            os = block[s - a : e - a] if stream else out[s:e]
-            if p == 0:
-                for t in range(fs.size):
-                    os[t] = negative if fs[t] else positive
-            else:
-                for t in range(fs.size):
-                    os[t] = os[t] + (negative if fs[t] else positive)
+        _decode_buckets(lanes, meanss[p], bucket, 0 if p == 0 else 1, a, b, target, offset)
     if stream:
-        stream_copy(block, out, a, b - a)
+        stream_copy(target, out, a, b - a)
         store_fence()
 
 

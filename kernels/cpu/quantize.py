@@ -210,32 +210,40 @@ def _qsgd_value(f, step, out):
 
 
 @njit(cache=True, nogil=True)
+def _qsgd_decode_buckets(lanes, scales, levels, bucket, accumulate, a, b, target, offset):
+    """Decode elements ``[a, b)`` from their fields ``lanes[i - a]`` into
+    ``target[i - offset]`` by ``accumulate`` (0 store, 1 add, -1 subtract)."""
+    for bk in range(a // bucket, (b - 1) // bucket + 1):
+        s = max(a, bk * bucket)
+        e = min(b, (bk + 1) * bucket)
+        step = as_dtype(scales[bk], target) / as_dtype(levels, target)
+        fs = lanes[s - a : e - a]
+        os = target[s - offset : e - offset]
+        # One loop per mode, the test outside: each loop stays branch-free and vectorises.
+        if accumulate == 0:
+            for t in range(fs.size):
+                os[t] = _qsgd_value(fs[t], step, target)
+        elif accumulate == 1:
+            for t in range(fs.size):
+                os[t] = os[t] + _qsgd_value(fs[t], step, target)
+        else:
+            for t in range(fs.size):
+                os[t] = os[t] - _qsgd_value(fs[t], step, target)
+
+
+@njit(cache=True, nogil=True)
 def _qsgd_decode_task(packed, scales, levels, bits, bucket, accumulate, a, b, out, stream):
     scratch = np.empty((b - a + 7) // 8, dtype=np.uint64)
     unpack_groups(packed, bits, a // 8, scratch.size, scratch)
     lanes = scratch.view(np.uint8)
     # A large plain decode goes through a buffer in cache, streamed out (see STREAM_MIN).
-    streamed = stream and accumulate == 0
-    block = np.empty(b - a if streamed else 0, dtype=out.dtype)
-    for bk in range(a // bucket, (b - 1) // bucket + 1):
-        s = max(a, bk * bucket)
-        e = min(b, (bk + 1) * bucket)
-        step = as_dtype(scales[bk], out) / as_dtype(levels, out)
-        fs = lanes[s - a : e - a]
-        os = block[s - a : e - a] if streamed else out[s:e]
-        # One loop per mode, the test outside: each loop stays branch-free and vectorises.
-        if accumulate == 0:
-            for t in range(fs.size):
-                os[t] = _qsgd_value(fs[t], step, out)
-        elif accumulate == 1:
-            for t in range(fs.size):
-                os[t] = os[t] + _qsgd_value(fs[t], step, out)
-        else:
-            for t in range(fs.size):
-                os[t] = os[t] - _qsgd_value(fs[t], step, out)
-    if streamed:
+    if stream and accumulate == 0:
+        block = np.empty(b - a, dtype=out.dtype)
+        _qsgd_decode_buckets(lanes, scales, levels, bucket, 0, a, b, block, a)
         stream_copy(block, out, a, b - a)
         store_fence()  # on this task's thread, before the parallel loop joins
+    else:
+        _qsgd_decode_buckets(lanes, scales, levels, bucket, accumulate, a, b, out, 0)
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -284,24 +292,14 @@ def _qsgd_decode_sum_task(packeds, scaless, levels, bits, bucket, a, b, out, str
     lanes = scratch.view(np.uint8)
     # The block is the task's share of `out` for a small one; a large one is summed in a
     # buffer in cache and streamed out once (see STREAM_MIN).
-    block = np.empty(b - a if stream else 0, dtype=out.dtype)
+    target = np.empty(b - a, dtype=out.dtype) if stream else out
+    offset = a if stream else 0
     for p in range(len(packeds)):
         unpack_groups(packeds[p], bits, a // 8, scratch.size, scratch)
-        scales = scaless[p]
-        for bk in range(a // bucket, (b - 1) // bucket + 1):
-            s = max(a, bk * bucket)
-            e = min(b, (bk + 1) * bucket)
-            step = as_dtype(scales[bk], out) / as_dtype(levels, out)
-            fs = lanes[s - a : e - a]
-            os = block[s - a : e - a] if stream else out[s:e]
-            if p == 0:
-                for t in range(fs.size):
-                    os[t] = _qsgd_value(fs[t], step, out)
-            else:
-                for t in range(fs.size):
-                    os[t] = os[t] + _qsgd_value(fs[t], step, out)
+        accumulate = 0 if p == 0 else 1
+        _qsgd_decode_buckets(lanes, scaless[p], levels, bucket, accumulate, a, b, target, offset)
     if stream:
-        stream_copy(block, out, a, b - a)
+        stream_copy(target, out, a, b - a)
         store_fence()
 
 
