@@ -13,7 +13,7 @@ out=out)`` at 2^24 float32, each beside the sequence of passes it replaces, inte
   the process: run it under the commit before the change too, ``--only decode``).
 * ``--only quantized``: QSGD 4-bit and TernGrad encodes (the counter-hash loops), and
   the collectives' sum of four ranks' QSGD or OneBit payloads into ``out``
-  (``_decode_sum``); run it under the commit before a change too.
+  (``_sums.decode_sum``); run it under the commit before a change too.
 
 Medians of ``--repeats`` calls after two warm-up calls, one thread
 (``NUMBA_NUM_THREADS=1``, as each rank of ``sparcomm bench allreduce``).
@@ -35,7 +35,7 @@ from sparcomm.kernels.cpu import merge
 
 from sparcomm import QSGD, ErrorFeedback, OneBit, TernGrad, TopK
 from sparcomm.comm import _sparse
-from sparcomm.comm._quantized import _decode_sum
+from sparcomm.comm._sums import decode_sum
 
 
 class _UnfusedTopK(TopK):
@@ -114,8 +114,8 @@ def main() -> None:
         cases = {
             "encode: QSGD 4-bit": lambda: qsgd.encode(x, key="x"),
             "encode: TernGrad": lambda: terngrad.encode(x, key="x"),
-            "sum of 4 payloads: QSGD 4-bit": lambda: _decode_sum(qsgd, q_payloads, out),
-            "sum of 4 payloads: OneBit": lambda: _decode_sum(onebit, o_payloads, out),
+            "sum of 4 payloads: QSGD 4-bit": lambda: decode_sum(qsgd, q_payloads, out),
+            "sum of 4 payloads: OneBit": lambda: decode_sum(onebit, o_payloads, out),
         }
     else:
         q_payload, o_payload = qsgd.encode(x), onebit.encode(x)

@@ -52,6 +52,7 @@ from sparcomm.comm._quantized_layout import (
 )
 from sparcomm.comm._ring import chunk_bounds as ring_chunk_bounds
 from sparcomm.comm._stats import AllreduceStats
+from sparcomm.comm._sums import decode_sum
 from sparcomm.kernels.cpu import merge as _merge
 
 SPARSE_ALGORITHMS = ("allgather", "recursive_doubling", "split_allgather", "dsar")
@@ -613,7 +614,7 @@ class CodecCosts:
         ``out += scratch``: one pass over a float buffer.
     decode_add : float
         ``out += decode(payload)`` as the sums run it: for codecs that fuse it, one more
-        payload in the collectives' sum (``_decode_sum``: QSGD's and OneBit's fused host
+        payload in the collectives' sum (``_sums.decode_sum``: QSGD's and OneBit's fused host
         kernel adds it to a block in cache), a decode and an add for the others.
     accumulate, pack, expand : float
         TernGrad's shared-scale path: add 2-bit codes into integer sums, pack the sums,
@@ -796,13 +797,11 @@ def _measure(codec: Any, dtype: np.dtype, repeats: int) -> CodecCosts:
     decode = _median_time(lambda: codec.decode(payload, out=out), repeats)
     add = _median_time(lambda: np.add(out, scratch, out=out), repeats)
     if codec.fused_accumulate:
-        # As the collectives' sums run it: the cost of one more payload in _decode_sum
+        # As the collectives' sums run it: the cost of one more payload in decode_sum
         # (one fused pass for QSGD and OneBit on the host, accumulate=1 decodes else).
-        from sparcomm.comm._quantized import _decode_sum  # imports this module
-
         parts = [payload] * 4
-        _decode_sum(codec, parts, out)  # compiles or loads the fused kernel
-        summed = _median_time(lambda: _decode_sum(codec, parts, out), repeats)
+        decode_sum(codec, parts, out)  # compiles or loads the fused kernel
+        summed = _median_time(lambda: decode_sum(codec, parts, out), repeats)
         decode_add = max(summed - decode, 0.0) / (len(parts) - 1)
     else:
         decode_add = decode + add

@@ -91,6 +91,7 @@ from sparcomm.comm._quantized_layout import (
     ternary_accumulate,
 )
 from sparcomm.comm._stats import AllreduceStats
+from sparcomm.comm._sums import decode_sum
 from sparcomm.comm._validate import (
     check_common,
     check_no_partial_overlap,
@@ -179,58 +180,6 @@ class _Problem:
         return payload
 
 
-#: Elements per block of :func:`_decode_sum` on the host: the block of the sum (1 MiB of
-#: float32) stays in cache while every payload's block is added to it, instead of
-#: streaming a chunk-sized buffer through memory once per rank.
-_SUM_BLOCK = 1 << 18
-
-
-#: Elements from which the host sums payloads with the codec's fused kernel where it has
-#: one (``Codec._decode_sum_flat``: every payload added to each block of ``out`` in
-#: cache, ``out`` written once); below it the kernel's argument lists cost more than the
-#: passes they save.
-_FUSED_SUM_MIN = 1 << 16
-
-
-def _decode_sum(codec: Any, payloads: list[Payload], out: Any, blocked: bool = True) -> None:
-    """``out = sum of decode(p)`` in list order (rank order: the same on every rank), each
-    payload added in its decode pass (``decode(..., accumulate=1)``).
-
-    ``blocked`` (host arrays) runs the codec's fused kernel (QSGD, OneBit), or else works
-    block by block (blocks of whole buckets, see ``Codec.slice_payload``), so that a block
-    of ``out`` stays in cache while every payload is added to it; every element is still
-    the same rank-order sum, so the result depends on neither.  On the device one launch
-    per payload covers all of ``out``.
-    """
-    n = out.size
-    if blocked and len(payloads) > 1 and n >= _FUSED_SUM_MIN:
-        for payload in payloads:
-            codec.check_payload(payload)
-            if payload.n != n or payload.dtype != out.dtype:
-                raise ValueError(
-                    f"a payload of {payload.n} x {payload.dtype} cannot be summed into "
-                    f"{n} x {out.dtype}: corrupted payload"
-                )
-        if codec._decode_sum_flat(kernels_for(np), payloads, out):
-            return
-    align = chunk_alignment(codec)
-    block = max(align, _SUM_BLOCK // align * align) if blocked else n
-    # An overflowing sum becomes inf, as in MPI's own Allreduce; an owner then refuses
-    # to re-encode it, and every rank raises (see reduce_scatter_allgather).
-    with np.errstate(over="ignore"):
-        for start in range(0, n, block):
-            stop = min(n, start + block)
-            target = out[start:stop]
-            parts = (
-                payloads
-                if stop - start == n
-                else [codec.slice_payload(p, start, stop) for p in payloads]
-            )
-            codec.decode(parts[0], out=target)
-            for part in parts[1:]:
-                codec.decode(part, out=target, accumulate=1)
-
-
 def _allgatherv(problem: _Problem, send: np.ndarray, counts: np.ndarray):
     """``Channel.allgatherv`` into a reused receive buffer: (buffer, block offsets)."""
     counts = np.asarray(counts, dtype=np.int64)
@@ -281,14 +230,12 @@ def allgather(problem: _Problem) -> None:
         ]
         if problem.device_out is not None:
             # CuPy input: the compressed payloads go to the device, not the dense sum.
-            _decode_sum(
-                codec, payloads_to_device(payloads, recv), problem.device_out, blocked=False
-            )
+            decode_sum(codec, payloads_to_device(payloads, recv), problem.device_out, blocked=False)
             problem.result_on_device = True
             if problem.round_half:
                 _round_half(problem.device_out, None)
             return
-        _decode_sum(codec, payloads, problem.out)
+        decode_sum(codec, payloads, problem.out)
         if problem.round_half:
             _round_half(problem.out, problem.scratch.get("half_sum", problem.n, np.float16))
 
@@ -367,7 +314,7 @@ def reduce_scatter_allgather(problem: _Problem) -> None:
                     for r in range(size)
                 ]
                 total = problem.scratch.get("total", int(lengths[rank]), problem.dtype)
-                _decode_sum(codec, received, total)
+                decode_sum(codec, received, total)
                 reencoded = problem.encode(total, owner_key(problem.key))
                 reencoded.to_bytes(out=mine[STATUS_BYTES:])
             except Exception as caught:

@@ -86,24 +86,24 @@ def test_streamed_fused_sum_is_the_sequence_of_decodes(codec):
 
 def test_the_collectives_sum_checks_every_payload_before_the_fused_kernel():
     from sparcomm import QSGD
-    from sparcomm.comm._quantized import _FUSED_SUM_MIN, _decode_sum
+    from sparcomm.comm._sums import FUSED_SUM_MIN, decode_sum
 
-    codec, n = QSGD(bits=4), _FUSED_SUM_MIN + 3
+    codec, n = QSGD(bits=4), FUSED_SUM_MIN + 3
     x = np.linspace(-1.0, 1.0, n, dtype=np.float32)
     good = codec.encode(x, key="w", step=0, rank=0)
     out = np.full(n, 5.0, dtype=np.float32)
-    _decode_sum(codec, [good, good], out)
+    decode_sum(codec, [good, good], out)
     assert out.tobytes() == (codec.decode(good) + codec.decode(good)).tobytes()
     short = codec.encode(x[:-8], key="w", step=0, rank=1)
     with pytest.raises(ValueError, match="cannot be summed into"):
-        _decode_sum(codec, [good, short], out)
+        decode_sum(codec, [good, short], out)
     with pytest.raises(ValueError, match="parameters"):
-        _decode_sum(codec, [good, QSGD(bits=3).encode(x, key="w", step=0, rank=1)], out)
+        decode_sum(codec, [good, QSGD(bits=3).encode(x, key="w", step=0, rank=1)], out)
 
 
 def test_a_subclass_with_its_own_decode_is_summed_with_it():
     from sparcomm import QSGD
-    from sparcomm.comm._quantized import _FUSED_SUM_MIN, _decode_sum
+    from sparcomm.comm._sums import FUSED_SUM_MIN, decode_sum
 
     class Halved(QSGD):  # a user's variant: the fused kernel would skip its decode
         def _decode_flat(self, xp, kernels, payload, out, accumulate):
@@ -112,10 +112,10 @@ def test_a_subclass_with_its_own_decode_is_summed_with_it():
             decoded *= 0.5
             out[...] = decoded if accumulate == 0 else out + accumulate * decoded
 
-    codec, n = Halved(bits=4), _FUSED_SUM_MIN + 3
+    codec, n = Halved(bits=4), FUSED_SUM_MIN + 3
     x = np.linspace(-1.0, 1.0, n, dtype=np.float32)
     payload = codec.encode(x, key="w", step=0, rank=0)
     out = np.empty(n, dtype=np.float32)
-    _decode_sum(codec, [payload, payload], out)
+    decode_sum(codec, [payload, payload], out)
     half = codec.decode(payload)
     assert out.tobytes() == (half + half).tobytes()

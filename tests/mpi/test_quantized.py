@@ -116,7 +116,7 @@ def test_equals_local_reference_and_identical_everywhere(codec, algorithm):
 @pytest.mark.parametrize("make", [lambda: QSGD(bits=4), lambda: OneBit(error_feedback=False)])
 def test_fused_host_sums_equal_the_local_reference(make, algorithm):
     # Large enough that the gathered payloads (and at up to 4 ranks each owner's chunk)
-    # are summed by the codec's fused kernel (_FUSED_SUM_MIN), odd so the last group of
+    # are summed by the codec's fused kernel (_sums.FUSED_SUM_MIN), odd so the last group of
     # 8 and the last bucket are partial.
     codec, n = make(), 300_007
     inputs = [_input(r, n) for r in range(SIZE)]
