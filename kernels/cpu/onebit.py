@@ -305,6 +305,11 @@ def onebit_decode_sum(packeds: list, meanss: list, bucket: int, out: np.ndarray)
     ``onebit_decode`` of the first payload and ``accumulate=1`` decodes of the others in
     list order, with each block of ``out`` summed in cache and written once.
     """
+    if not packeds or len(packeds) != len(meanss):
+        raise ValueError(
+            "expected one or more payloads and one means array per packed array, got "
+            f"{len(packeds)} packed and {len(meanss)}"
+        )
     _onebit_decode_sum(typed_arrays(packeds), typed_arrays(meanss), int(bucket), out)
 
 

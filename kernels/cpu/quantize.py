@@ -324,6 +324,11 @@ def qsgd_decode_sum(
     and is written to memory once.  ``packeds`` and ``scaless`` are equally long
     sequences (one or more payloads); the caller checks the arrays' lengths.
     """
+    if not packeds or len(packeds) != len(scaless):
+        raise ValueError(
+            "expected one or more payloads and one scales array per packed array, got "
+            f"{len(packeds)} packed and {len(scaless)}"
+        )
     _qsgd_decode_sum(
         typed_arrays(packeds), typed_arrays(scaless), int(levels), int(bits), int(bucket), out
     )

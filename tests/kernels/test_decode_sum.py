@@ -119,3 +119,13 @@ def test_a_subclass_with_its_own_decode_is_summed_with_it():
     decode_sum(codec, [payload, payload], out)
     half = codec.decode(payload)
     assert out.tobytes() == (half + half).tobytes()
+
+
+@pytest.mark.parametrize("codec", ["qsgd", "onebit"])
+def test_no_payloads_or_unpaired_arrays_are_refused(codec):
+    packeds, others = _payloads(codec, 64, np.float32, 16, 2)
+    out = np.empty(64, dtype=np.float32)
+    with pytest.raises(ValueError, match="one or more payloads"):
+        _fused(codec, [], [], 16, out)
+    with pytest.raises(ValueError, match="got 2 packed and 1"):
+        _fused(codec, packeds, others[:1], 16, out)
