@@ -11,7 +11,9 @@ so selection runs on integers and never sorts.  Steps, for ``0 < k < n``:
 2. **One pass.**  Parallel chunks stream ``x`` once, 16 keys per vector: a compare
    with ``T`` gives a lane mask, the chunk offsets and raw bits of the keys above ``T``
    are packed by a vector compress (no data-dependent branch), and the keys equal to
-   ``T`` (and the non-finite ones) are counted by popcounts.  Each chunk has its own
+   ``T`` are counted by popcounts.  The non-finite keys are counted afterwards among the
+   stored ones (they are all above ``T``, or equal to it when ``T`` is inf's key): a
+   third compare and popcount in every row cost a quarter of the pass.  Each chunk has its own
    slots, sized from the sample; a chunk that overflows them is detected and the scan
    redone with room for every key.
 3. **Exact select.**  If fewer than ``k`` keys are above ``T`` but enough are at least
@@ -252,24 +254,24 @@ def _half(builder, vector, first):
 
 
 @intrinsic
-def _compress_row(typingctx, part, first, mask, bound, inf, out_idx, out_raw, slot, offset):
-    """One row of 16 keys: store those above ``bound``, count equal and non-finite.
+def _compress_row(typingctx, part, first, mask, bound, out_idx, out_raw, slot, offset):
+    """One row of 16 keys: store those above ``bound``, count those equal to it.
 
     ``part[first:first+16]`` is compared with ``bound`` after masking the sign bit; the
     indices (``offset + first + lane``, int32) and raw bits of the keys above are written
     contiguously from ``out_*[slot]`` (see :func:`_compress_into`): no branch depends on
-    the data.  64-bit keys go in two halves of 8 lanes.  Returns ``(stored, equal,
-    non_finite)``.  The caller guarantees 16 free slots.
+    the data.  64-bit keys go in two halves of 8 lanes.  Returns ``(stored, equal)``.
+    The caller guarantees 16 free slots.
     """
-    signature = types.UniTuple(types.int64, 3)(
-        part, types.int64, mask, bound, inf, out_idx, out_raw, types.int64, types.int64
+    signature = types.UniTuple(types.int64, 2)(
+        part, types.int64, mask, bound, out_idx, out_raw, types.int64, types.int64
     )
 
     def codegen(context, builder, sig, args):
-        part_v, first, mask_v, bound_v, inf_v, idx_v, raw_v, slot_v, offset_v = args
+        part_v, first, mask_v, bound_v, idx_v, raw_v, slot_v, offset_v = args
         keys_in = context.make_array(sig.args[0])(context, builder, part_v)
-        idx_out = context.make_array(sig.args[5])(context, builder, idx_v)
-        raw_out = context.make_array(sig.args[6])(context, builder, raw_v)
+        idx_out = context.make_array(sig.args[4])(context, builder, idx_v)
+        raw_out = context.make_array(sig.args[5])(context, builder, raw_v)
         key_type = context.get_data_type(sig.args[0].dtype)
         row_type = ir.VectorType(key_type, _ROW)
         index_type = ir.VectorType(ir.IntType(32), _ROW)
@@ -278,7 +280,6 @@ def _compress_row(typingctx, part, first, mask, bound, inf, out_idx, out_raw, sl
         keys = builder.and_(raw, _splat(builder, row_type, mask_v))
         above = builder.icmp_unsigned(">", keys, _splat(builder, row_type, bound_v))
         equal = builder.icmp_unsigned("==", keys, _splat(builder, row_type, bound_v))
-        bad = builder.icmp_unsigned(">=", keys, _splat(builder, row_type, inf_v))
         lane = ir.Constant(index_type, list(range(_ROW)))
         start = builder.trunc(builder.add(offset_v, first), ir.IntType(32))
         index = builder.add(_splat(builder, index_type, start), lane)
@@ -292,21 +293,19 @@ def _compress_row(typingctx, part, first, mask, bound, inf, out_idx, out_raw, sl
                 keep = _half(builder, above, half)
                 _compress_into(builder, _half(builder, index, half), keep, idx_out, target_slot)
                 _compress_into(builder, _half(builder, raw, half), keep, raw_out, target_slot)
-        counts = [_count_true(builder, flags) for flags in (above, equal, bad)]
+        counts = [_count_true(builder, flags) for flags in (above, equal)]
         return context.make_tuple(builder, sig.return_type, counts)
 
     return signature, codegen
 
 
 @njit(cache=True, nogil=True)
-def _scan_chunk(bits, mask, bound, inf, a, b, cand_idx, cand_key, base, cap):
+def _scan_chunk(bits, mask, bound, a, b, cand_idx, cand_key, base, cap):
     """Store the keys above ``bound`` in ``[a, b)`` at ``cand_*[base:base+cap]``.
 
     ``cand_idx`` receives offsets within the chunk (``i - a``), ``cand_key`` raw bits.
 
-    Returns ``(above, equal, non_finite)``; non-finite keys are counted only when they are
-    at least ``bound`` (the caller keeps ``bound <= inf``, so that is all of them).
-    Rows of 16 keys go through :func:`_compress_row` (one streaming, branch-free pass);
+    Returns ``(above, equal)``.  Rows of 16 keys go through :func:`_compress_row` (one streaming, branch-free pass);
     the last ``< 16`` keys are done one by one.  A chunk with more keys above ``bound``
     than its ``cap`` slots stops storing but keeps counting, and the caller, seeing
     ``above > cap``, scans again with room for every key.
@@ -317,34 +316,27 @@ def _scan_chunk(bits, mask, bound, inf, a, b, cand_idx, cand_key, base, cap):
     # The row intrinsic splats these into vectors of the key type.
     mask = as_key(mask, bits)
     bound = as_key(bound, bits)
-    inf = as_key(inf, bits)
-    return _scan_keys(part, part.size, 0, mask, bound, inf, out_idx, out_raw, cap, 0, 0, 0)
+    return _scan_keys(part, part.size, 0, mask, bound, out_idx, out_raw, cap, 0, 0)
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _scan_keys(keys, m, offset, mask, bound, inf, out_idx, out_raw, cap, above, equal, bad):
+def _scan_keys(keys, m, offset, mask, bound, out_idx, out_raw, cap, above, equal):
     """The scan of :func:`_scan_chunk` over ``keys[:m]`` (their offsets in the chunk
-    start at ``offset``), continuing the counts ``above``, ``equal``, ``bad``; returns
-    them.  Rows of 16 through :func:`_compress_row`, the last ``< 16`` one by one."""
+    start at ``offset``), continuing the counts ``above`` and ``equal``; returns them.  Rows of 16 through :func:`_compress_row`, the last ``< 16`` one by one."""
     rows = m // _ROW
     for row in range(rows):
         first = row * _ROW
         if above + _ROW <= cap:
-            stored, same, nonfinite = _compress_row(
-                keys, first, mask, bound, inf, out_idx, out_raw, above, offset
-            )
+            stored, same = _compress_row(keys, first, mask, bound, out_idx, out_raw, above, offset)
         else:  # out of slots: count only (the scan is redone)
             stored = 0
             same = 0
-            nonfinite = 0
             for j in range(first, first + _ROW):
                 key = keys[j] & mask
                 stored += key > bound
                 same += key == bound
-                nonfinite += key >= inf
         above += stored
         equal += same
-        bad += nonfinite
     for j in range(rows * _ROW, m):
         key = keys[j] & mask
         if key > bound and above < cap:
@@ -352,8 +344,7 @@ def _scan_keys(keys, m, offset, mask, bound, inf, out_idx, out_raw, cap, above, 
             out_raw[above] = keys[j]
         above += key > bound
         equal += key == bound
-        bad += key >= inf
-    return above, equal, bad
+    return above, equal
 
 
 @njit(cache=True, nogil=True)
@@ -378,7 +369,7 @@ _BLOCK = 2048
 
 
 @njit(cache=True, nogil=True)
-def _scan_chunk_of_sum(a, b, x, mask, bound, inf, start, stop, cand_idx, cand_key, base, cap):
+def _scan_chunk_of_sum(a, b, x, mask, bound, start, stop, cand_idx, cand_key, base, cap):
     """:func:`_scan_chunk` of ``x = a + b`` on ``[start, stop)``, writing ``x`` too.
 
     Block by block: the sum goes to a small buffer that stays in L1, is scanned there
@@ -392,44 +383,59 @@ def _scan_chunk_of_sum(a, b, x, mask, bound, inf, start, stop, cand_idx, cand_ke
     out_raw = cand_key[base : base + cap]
     mask = as_key(mask, block_bits)
     bound = as_key(bound, block_bits)
-    inf = as_key(inf, block_bits)
     above = 0
     equal = 0
-    bad = 0
     for s in range(start, stop, _BLOCK):
         m = min(stop, s + _BLOCK) - s
         xa = a[s : s + m]
         xb = b[s : s + m]
         for t in range(m):
             block[t] = xa[t] + xb[t]
-        above, equal, bad = _scan_keys(
-            block_bits, m, s - start, mask, bound, inf, out_idx, out_raw, cap, above, equal, bad
+        above, equal = _scan_keys(
+            block_bits, m, s - start, mask, bound, out_idx, out_raw, cap, above, equal
         )
         stream_copy(block, x, s, m)
     store_fence()  # on this task's thread, before the parallel loop joins
-    return above, equal, bad
+    return above, equal
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _scan_sum(a, b, x, bits, mask, bound, inf, n, cand_idx, cand_key, cap, above, equal, bad):
+def _scan_sum(a, b, x, mask, bound, n, cand_idx, cand_key, cap, above, equal):
     """:func:`_scan` of ``x = a + b``, each block of the sum scanned while it is in
     cache and then streamed to ``x``: one pass over memory instead of an add and a scan,
     and no read of ``x``'s old contents."""
     for c in prange(above.size):
         start = c * SCAN_CHUNK
         stop = min(n, start + SCAN_CHUNK)
-        above[c], equal[c], bad[c] = _scan_chunk_of_sum(
-            a, b, x, mask, bound, inf, start, stop, cand_idx, cand_key, c * cap, cap
+        above[c], equal[c] = _scan_chunk_of_sum(
+            a, b, x, mask, bound, start, stop, cand_idx, cand_key, c * cap, cap
         )
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _scan(bits, mask, bound, inf, n, cand_idx, cand_key, cap, above, equal, bad):
+def _scan(bits, mask, bound, n, cand_idx, cand_key, cap, above, equal):
     for c in prange(above.size):
         a = c * SCAN_CHUNK
-        above[c], equal[c], bad[c] = _scan_chunk(
-            bits, mask, bound, inf, a, min(n, a + SCAN_CHUNK), cand_idx, cand_key, c * cap, cap
+        above[c], equal[c] = _scan_chunk(
+            bits, mask, bound, a, min(n, a + SCAN_CHUNK), cand_idx, cand_key, c * cap, cap
         )
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _count_non_finite(cand_key, mask, inf, bound, cap, above, equal):
+    """The non-finite keys of a completed scan: those stored (every key above ``bound``
+    is), plus the keys equal to ``bound`` when ``bound`` is inf's key."""
+    counts = np.zeros(above.size, dtype=np.int64)
+    for c in prange(above.size):
+        keys = cand_key[c * cap : c * cap + above[c]]
+        count = 0
+        for t in range(keys.size):
+            count += (keys[t] & mask) >= inf
+        counts[c] = count
+    total = counts.sum()
+    if bound == inf:
+        total += equal.sum()
+    return total
 
 
 @njit(cache=True, nogil=True)
@@ -606,7 +612,6 @@ def _topk(x, k, out_indices, out_values, spare_idx, spare_key, a, b, fused):
     nc = n_chunks(n, SCAN_CHUNK)
     above = np.empty(nc, dtype=np.int64)
     equal = np.empty(nc, dtype=np.int64)
-    bad = np.empty(nc, dtype=np.int64)
     if fused:
         sample = _sample_keys_of_sum(a, b, mask, n, bits)
     else:
@@ -622,9 +627,9 @@ def _topk(x, k, out_indices, out_values, spare_idx, spare_key, a, b, fused):
     cand_idx = spare_idx
     cand_key = spare_key
     if fused:
-        _scan_sum(a, b, x, bits, mask, bound, inf, n, cand_idx, cand_key, cap, above, equal, bad)
+        _scan_sum(a, b, x, mask, bound, n, cand_idx, cand_key, cap, above, equal)
     else:
-        _scan(bits, mask, bound, inf, n, cand_idx, cand_key, cap, above, equal, bad)
+        _scan(bits, mask, bound, n, cand_idx, cand_key, cap, above, equal)
     short = above.sum() + equal.sum() < k
     if short or above.max() > cap:
         if short:
@@ -634,7 +639,8 @@ def _topk(x, k, out_indices, out_values, spare_idx, spare_key, a, b, fused):
         cap = SCAN_CHUNK
         cand_idx = np.empty(nc * cap, dtype=np.int32)
         cand_key = np.empty(nc * cap, dtype=bits.dtype)
-        _scan(bits, mask, bound, inf, n, cand_idx, cand_key, cap, above, equal, bad)
+        _scan(bits, mask, bound, n, cand_idx, cand_key, cap, above, equal)
+    bad = _count_non_finite(cand_key, mask, inf, bound, cap, above, equal)
     total_above = above.sum()
     if total_above >= k:
         keys = np.empty(total_above, dtype=bits.dtype)
@@ -660,7 +666,7 @@ def _topk(x, k, out_indices, out_values, spare_idx, spare_key, a, b, fused):
     )
     if fused:
         _clear_kept(bits, out_indices, k)
-    return bad.sum(), spare_idx, spare_key
+    return bad, spare_idx, spare_key
 
 
 _spare = threading.local()

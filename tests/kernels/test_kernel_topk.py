@@ -71,6 +71,24 @@ def test_topk_counts_non_finite() -> None:
     assert cpu.topk(x, 100, np.empty(100, np.int64), np.empty(100, np.float32)) == 3
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("share", [0.002, 0.02])
+def test_topk_counts_non_finite_above_and_at_the_bound(dtype: type, share: float) -> None:
+    # Past the sample's size, non-finite keys are counted among the stored candidates;
+    # with more infs than k the bound is inf's key itself and the infs are ties, counted
+    # beside the stored NaNs.
+    n = 300_007
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal(n).astype(dtype)
+    where = rng.choice(n, size=int(n * share), replace=False)
+    x[where] = np.where(np.arange(where.size) % 3 == 0, np.nan, np.inf)
+    x[where[1::3]] *= -1
+    for k in (n // 100, n // 1000):
+        check(x, k, np.int64)
+    bad = cpu.topk(x, n // 100, np.empty(n // 100, np.int64), np.empty(n // 100, dtype))
+    assert bad == where.size
+
+
 def test_topk_ties_go_to_lowest_indices_and_signs_are_kept() -> None:
     x = np.array([1.0, -3.0, 3.0, -0.0, 3.0, 0.0, -3.0], dtype=np.float64)
     idx = np.empty(3, dtype=np.int32)
