@@ -40,6 +40,7 @@ when it is built, so a model that differs between ranks raises instead of hangin
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import queue
@@ -342,6 +343,12 @@ class _StepRun:
         self.levels: tuple[Any, ...] = ()
         self.device: Any = None  # the cupy.cuda.Device of CuPy gradients, else None
         self.ready: dict[Hashable, Any] = {}  # name -> CUDA event: the gradient is written
+        #: Fused host buckets filled as their gradients arrive (``submit``): bucket
+        #: index -> [fusion buffer, non-finite entries copied so far (None once a
+        #: tensor was copied without counting), tensors copied].
+        self.fused: dict[int, list[Any]] = {}
+        #: Names whose submit is copying them into their bucket's fusion buffer.
+        self.filling: set[Hashable] = set()
 
     def cancel(self) -> None:
         with self.condition:
@@ -576,21 +583,29 @@ class _Engine:
             result = self._allreduce(run, bucket, codec, x, out=_given_up(run, slot.name, x))
             run.outputs[slot.name] = result.reshape(slot.shape)
             return
-        first = run.inputs[bucket.slots[0].name]
-        xp = array_module(first)
-        # One buffer per bucket of each plan (warm-up and compressed plans differ).
         buffer_key = (id(run.plan), bucket.index)
-        fused = self.fusion_buffers.get(buffer_key)
-        if fused is None or array_module(fused) is not xp:
-            fused = xp.empty(bucket.size, dtype=bucket.dtype)
-            self.fusion_buffers[buffer_key] = fused
-        start = time.perf_counter()
-        for slot in bucket.slots:
-            fused[slot.offset : slot.offset + slot.size].reshape(slot.shape)[...] = run.inputs[
-                slot.name
-            ]
-        run.stats.phases["fuse"] += time.perf_counter() - start
-        result = self._allreduce(run, bucket, codec, fused)
+        filled = run.fused.get(bucket.index)
+        prefilled = filled is not None and filled[2] == len(bucket.slots)
+        if prefilled:
+            fused, non_finite, _ = filled  # filled by submit() as the gradients arrived
+        else:
+            fused = self.fusion_buffer(run, bucket, array_module(run.inputs[bucket.slots[0].name]))
+            non_finite = None
+            start = time.perf_counter()
+            for slot in bucket.slots:
+                fused[slot.offset : slot.offset + slot.size].reshape(slot.shape)[...] = (
+                    run.inputs[slot.name]
+                )
+            run.stats.phases["fuse"] += time.perf_counter() - start
+        if prefilled and _is_dense_codec(codec):
+            # The dense sum goes into the buffer itself (handed over below), and a buffer
+            # counted finite while it was filled is not read again before it travels.
+            from sparcomm.comm._dense import finite
+
+            with finite(fused) if non_finite == 0 else contextlib.nullcontext():
+                result = self._allreduce(run, bucket, codec, fused, out=fused)
+        else:
+            result = self._allreduce(run, bucket, codec, fused)
         if result is fused or getattr(result, "base", None) is fused:
             # The collective answered in place: hand this buffer to the caller and use a
             # fresh one next step, so returned views are never overwritten.
@@ -599,6 +614,25 @@ class _Engine:
             run.outputs[slot.name] = result[slot.offset : slot.offset + slot.size].reshape(
                 slot.shape
             )
+
+    def fusion_buffer(self, run: _StepRun, bucket: _Bucket, xp: Any) -> Any:
+        """The fusion buffer of ``bucket`` in this step's plan: one per bucket of each
+        plan (warm-up and compressed plans differ), kept between steps unless handed to
+        the caller."""
+        buffer_key = (id(run.plan), bucket.index)
+        fused = self.fusion_buffers.get(buffer_key)
+        if fused is None or array_module(fused) is not xp:
+            fused = xp.empty(bucket.size, dtype=bucket.dtype)
+            self.fusion_buffers[buffer_key] = fused
+        return fused
+
+    def fills_on_submit(self, bucket: _Bucket) -> bool:
+        """Whether ``submit`` copies a host gradient of ``bucket`` into its fusion buffer
+        at once: every bucket of several tensors reduced by one collective (not
+        ``"layer"`` mode's small tensors, not PowerSGD's, which read the tensors)."""
+        if len(bucket.slots) < 2 or bucket.per_tensor:
+            return False
+        return not (bucket.compressed and _is_low_rank(self.codecs[bucket.codec]))
 
     def _reduce_layers(self, run: _StepRun, bucket: _Bucket, codec: Any) -> None:
         """Small tensors of ``"layer"`` mode: each compressed with its own key.  A sparse
@@ -1289,8 +1323,12 @@ class GradientReducer:
                 f"{plan.buckets[bucket_index].dtype}"
             )
         run = self._run or self._begin()
+        bucket = plan.buckets[bucket_index]
+        if isinstance(grad, np.ndarray) and self._engine.fills_on_submit(bucket):
+            self._fill(run, bucket, slot, name, grad)
         ready = self._device_ready(run, name, grad) if is_cupy_array(grad) else None
         with run.condition:
+            run.filling.discard(name)
             if ready is not None:
                 run.ready[name] = ready
             if name in run.inputs:
@@ -1304,6 +1342,50 @@ class GradientReducer:
             run.pending[bucket_index] -= 1
             if run.pending[bucket_index] == 0:
                 run.condition.notify_all()
+
+    def _fill(self, run: _StepRun, bucket: _Bucket, slot: _Slot, name: Hashable, grad: Any) -> None:
+        """Copy a host gradient into its bucket's fusion buffer now, on the caller's
+        thread, as DDP copies into its buckets from the autograd hooks: the copy runs
+        during the backward pass, beside the previous bucket's transfer, not between two
+        collectives on the progress thread.  float32 and float64 are copied by
+        ``copy_finite``, which counts the NaN and Inf on the way: a dense bucket with none
+        skips the collective's own read of it (:func:`sparcomm.comm._dense.finite`).
+        Raises before copying if ``name`` is already in this step, so a bucket in flight
+        is never written."""
+        with run.condition:
+            if name in run.inputs or name in run.filling:
+                raise ValueError(
+                    f"gradient {name!r} submitted twice in step {run.step}; call wait() "
+                    "between steps"
+                )
+            run.filling.add(name)
+            filled = run.fused.get(bucket.index)
+            if filled is None:
+                filled = [self._engine.fusion_buffer(run, bucket, np), 0, 0]
+                run.fused[bucket.index] = filled
+        try:
+            start = time.perf_counter()
+            target = filled[0][slot.offset : slot.offset + slot.size]
+            bad: int | None = None
+            if (
+                grad.dtype in (np.float32, np.float64)
+                and grad.flags.c_contiguous
+                and not np.may_share_memory(grad, target)
+            ):
+                from sparcomm.kernels import cpu
+
+                bad = cpu.copy_finite(grad.reshape(-1), target)
+            else:
+                target.reshape(slot.shape)[...] = grad
+            seconds = time.perf_counter() - start
+        except BaseException:
+            with run.condition:
+                run.filling.discard(name)
+            raise
+        with run.condition:
+            filled[1] = None if bad is None or filled[1] is None else filled[1] + bad
+            filled[2] += 1
+            run.stats.phases["fuse"] += seconds
 
     def _next_plan(self) -> _Plan:
         if self._specs is None:

@@ -22,6 +22,9 @@ CUDA-aware MPI as they are, or through one staged round trip in pinned host memo
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import numpy as np
@@ -159,13 +162,38 @@ def dense_allreduce(
     return result
 
 
+#: The one host array whose read-only check this thread may skip (see :func:`finite`).
+_KNOWN_FINITE: ContextVar[Any] = ContextVar("sparcomm_known_finite", default=None)
+
+
+@contextmanager
+def finite(array: np.ndarray) -> Iterator[None]:
+    """Within this block, a dense collective of ``array`` itself skips the read-only
+    non-finite check of its input.
+
+    For :class:`~sparcomm.GradientReducer`, which fills a fused bucket with
+    ``copy_finite`` as its gradients arrive and found no NaN or Inf: the check would
+    be a second read of the bucket between two collectives, with the link idle.  A
+    caller that found a non-finite value does not enter the block, so the collective
+    raises the error on every rank as usual.
+    """
+    token = _KNOWN_FINITE.set(array)
+    try:
+        yield
+    finally:
+        _KNOWN_FINITE.reset(token)
+
+
 def _checked_copy(x: Any, out: Any, device: bool) -> Any:
     """The buffer MPI reduces in place: ``x`` copied into ``out`` (or a new array) by
-    ``copy_finite``, or ``x`` itself for ``out=x`` after a read-only check; raises
-    :class:`~sparcomm.codecs._base.NonFiniteError` on NaN or Inf."""
+    ``copy_finite``, or ``x`` itself for ``out=x`` after a read-only check (none inside
+    :func:`finite` for ``x``); raises :class:`~sparcomm.codecs._base.NonFiniteError` on
+    NaN or Inf."""
     xp = sys.modules["cupy"] if device else np
     kernels = kernels_for(xp)
     if out is x:
+        if not device and _KNOWN_FINITE.get() is x:
+            return x
         flat = x.reshape(-1)
         largest = xp.empty(1, dtype=x.dtype)
         kernels.max_abs(flat, flat.size, largest)

@@ -303,3 +303,72 @@ def test_step_stats_split_the_time_into_phases(overlap):
             assert stats.wait_seconds >= stats.seconds
     finally:
         reducer.close()
+
+
+@pytest.mark.parametrize("size", [1000, 300_000], ids=["mpi", "ring"])
+def test_fused_dense_bucket_is_filled_on_submit_and_read_once(monkeypatch, size):
+    """A fused host bucket is copied (and counted for NaN/Inf) as each gradient is
+    submitted; the dense collective then reduces the buffer in place without reading it
+    again (no max_abs, no second copy), on MPI's path and the ring's alike."""
+    from sparcomm.kernels import cpu
+
+    calls = {"copy_finite": 0, "max_abs": 0}
+    for name in calls:
+        kernel = getattr(cpu, name)
+
+        def counted(*args, _kernel=kernel, _name=name):
+            calls[_name] += 1
+            return _kernel(*args)
+
+        monkeypatch.setattr(cpu, name, counted)
+    shapes = {"w": (size,), "b": (7,)}
+    reducer = GradientReducer(fusion_threshold_bytes=1 << 26, overlap=False)
+    reducer.setup([(name, shape, np.float32) for name, shape in shapes.items()])
+    try:
+        for step in range(3):
+            rng = np.random.default_rng([step, COMM.Get_rank()])
+            grads = {
+                name: rng.standard_normal(shape).astype(np.float32)
+                for name, shape in shapes.items()
+            }
+            kept = {name: g.copy() for name, g in grads.items()}
+            for name, g in grads.items():
+                reducer.submit(name, g)
+                g[...] = np.nan  # already copied: the caller's array is not read again
+            calls.update(copy_finite=0, max_abs=0)
+            reduced = reducer.wait()
+            assert calls == {"copy_finite": 0, "max_abs": 0}
+            assert reducer.last_stats.buckets == 1
+            _same_on_all_ranks(reduced)
+            for name, g in kept.items():
+                total = np.empty_like(g)
+                COMM.Allreduce(g, total, op=MPI.SUM)
+                # The ring sums in ring order, MPI in its own: a few roundings apart.
+                bound = COMM.Get_size() * np.finfo(np.float32).eps * np.abs(g).max()
+                np.testing.assert_allclose(reduced[name], total / COMM.Get_size(), atol=4 * bound)
+    finally:
+        reducer.close()
+
+
+@pytest.mark.parametrize("size", [1000, 300_000], ids=["mpi", "ring"])
+def test_fused_dense_bucket_with_a_nan_fails_on_every_rank(size):
+    """The count taken while filling sends a bucket with a NaN through the collective's
+    own check: NonFiniteError on every rank, and the next step is reduced as usual."""
+    from sparcomm.codecs import NonFiniteError
+
+    reducer = GradientReducer(fusion_threshold_bytes=1 << 26)
+    bad = COMM.Get_size() - 1
+    try:
+        for step in range(2):
+            grads = {"w": np.ones(size, np.float32), "b": np.ones(7, np.float32)}
+            if step == 1 and COMM.Get_rank() == bad:
+                grads["w"][size // 2] = np.nan
+            if step == 1:
+                with pytest.raises(NonFiniteError, match=f"rank {bad}|non-finite"):
+                    reducer.reduce(grads)
+            else:
+                reducer.reduce(grads)
+        reduced = reducer.reduce({"w": np.ones(size, np.float32), "b": np.ones(7, np.float32)})
+        np.testing.assert_array_equal(reduced["w"], np.ones(size, np.float32))
+    finally:
+        reducer.close()
