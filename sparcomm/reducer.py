@@ -628,11 +628,16 @@ class _Engine:
 
     def fills_on_submit(self, bucket: _Bucket) -> bool:
         """Whether ``submit`` copies a host gradient of ``bucket`` into its fusion buffer
-        at once: every bucket of several tensors reduced by one collective (not
-        ``"layer"`` mode's small tensors, not PowerSGD's, which read the tensors)."""
+        at once: a dense bucket of several tensors.
+
+        Not FP16's fused buckets: filled this way at 1 Gbit/s (docs/benchmarks.md,
+        issue 11, session 9) their step went from 432-434 to 473-477 ms, with ``auto``
+        choosing ``reduce_scatter_allgather`` over ``pipelined`` for the last bucket;
+        the dense buckets' step went from 663-675 to 655-658 ms."""
         if len(bucket.slots) < 2 or bucket.per_tensor:
             return False
-        return not (bucket.compressed and _is_low_rank(self.codecs[bucket.codec]))
+        codec = self.codecs[bucket.codec] if bucket.compressed else self.dense_codec
+        return _is_dense_codec(codec)
 
     def _reduce_layers(self, run: _StepRun, bucket: _Bucket, codec: Any) -> None:
         """Small tensors of ``"layer"`` mode: each compressed with its own key.  A sparse
