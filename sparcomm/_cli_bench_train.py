@@ -83,10 +83,15 @@ PHASE_CATEGORY = {
     "decode": "merge",
     "owner_sum": "merge",
     "integer_sum": "merge",
-    "output": "merge",
     "densify": "merge",
+    "output": "write_back",
+    # ReductionStats.phases' own categories (the reducer's split), and its fusion copies.
+    "write_back": "write_back",
+    "fuse": "fuse",
 }
-CATEGORIES = ("encode", "check", "exchange", "merge", "other")
+#: The benchmark's split of a step's reduction: ``fuse`` (the reducer's copies into its
+#: fusion buffers), then the collectives' categories (sparcomm.comm._stats.CATEGORIES).
+CATEGORIES = ("fuse", "encode", "check", "exchange", "merge", "write_back", "other")
 
 
 class _PhaseRecorder:
@@ -660,7 +665,9 @@ def _phase(record: dict[str, Any], category: str) -> float:
     phases = record["phases"]
     if category != "other":
         return float(phases.get(category, 0.0))
-    named = sum(v for k, v in phases.items() if k != "other")
+    # The fusion copies run outside the collectives' calls (the reducer's own, or on the
+    # caller's thread as gradients are submitted).
+    named = sum(v for k, v in phases.items() if k not in ("other", "fuse"))
     return float(phases.get("other", 0.0)) + max(0.0, record["collective_seconds"] - named)
 
 
@@ -914,8 +921,8 @@ def format_table(report: dict[str, Any]) -> str:
     ]
     header = (
         f"{'contender':<32} {'step ms':>8} {'x floor':>7} {'pred ms':>8} {'fwd+bwd':>8} "
-        f"{'wait':>7} {'update':>7} {'cpu':>6} {'sys':>5} {'enc':>6} {'check':>6} {'exch':>6} "
-        f"{'merge':>6} {'other':>6} "
+        f"{'wait':>7} {'update':>7} {'cpu':>6} {'sys':>5} {'fuse':>6} {'enc':>6} {'check':>6} "
+        f"{'exch':>6} {'merge':>6} {'w-back':>6} {'other':>6} "
         f"{'MB sent':>8} {'acc %':>6} {'@budget':>7} {'t→target s':>10} {'MB→target':>9}"
     )
     lines += [header, "-" * len(header)]
@@ -938,8 +945,9 @@ def format_table(report: dict[str, Any]) -> str:
         )
     lines.append(
         "step ms: median of the slowest rank; cpu: a rank's CPU time per step (all its "
-        "threads, mean of the ranks), sys of it in the kernel; enc/check/exch/merge: "
-        "sparcomm's collectives "
+        "threads, mean of the ranks), sys of it in the kernel; fuse: the reducer's copies "
+        "into fusion buffers; enc/check/exch/merge/w-back (the dense output): sparcomm's "
+        "collectives "
         "(reducer thread, overlapping fwd+bwd); MB sent: per rank per step"
         + (" on the wire (TCP/IP included)" if report.get("wire_counted") else " (payload)")
         + "; MB→target: sent per rank until the target accuracy"
