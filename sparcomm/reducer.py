@@ -1109,11 +1109,33 @@ class GradientReducer:
         for dtype in dense_dtypes:
             x = np.random.default_rng(0).standard_normal(WARM_UP_ELEMENTS).astype(dtype)
             allreduce(x, codec=self._engine.dense_codec, comm=self.comm, op=self.op)
+            self._warm_up_large_dense(dtype, [b for b in all_buckets if b.dtype == dtype])
         # Each codec of a policy in turn (the same order on every rank: the plan's).
         for index, codec in enumerate(self.codecs):
             buckets = [b for b in all_buckets if b.compressed and b.codec == index]
             if buckets:
                 self._warm_up_codec(codec, buckets)
+
+    def _warm_up_large_dense(self, dtype: np.dtype, buckets: list[_Bucket]) -> None:
+        """The kernel variants of large dense buckets, which the small reduction of
+        :meth:`_warm_up` does not reach: ``copy_finite`` past one chunk (a gradient
+        copied into its bucket by ``submit``) and the ring with its sums (buckets from
+        ``RING_MIN_BYTES``), run on buffers just past those sizes."""
+        from sparcomm.comm import allreduce
+        from sparcomm.comm._dense import RING_MIN_BYTES
+        from sparcomm.kernels import cpu
+        from sparcomm.kernels.cpu.convert import PARALLEL_FROM
+
+        dense = [b for b in buckets if not b.compressed]
+        if any(
+            self._engine.fills_on_submit(b) and max(s.size for s in b.slots) > PARALLEL_FROM
+            for b in dense
+        ):
+            x = np.zeros(PARALLEL_FROM + 1, dtype=dtype)
+            cpu.copy_finite(x, np.empty_like(x))
+        if any(b.size * dtype.itemsize >= RING_MIN_BYTES for b in dense):
+            x = np.zeros(RING_MIN_BYTES // dtype.itemsize, dtype=dtype)
+            allreduce(x, codec=self._engine.dense_codec, comm=self.comm, op=self.op, out=x)
 
     def _warm_up_codec(self, codec: Any, buckets: list[_Bucket]) -> None:
         """:meth:`_warm_up` of one codec, on the dtypes of its ``buckets``."""

@@ -34,6 +34,9 @@ from ._common import abs_mask, as_dtype, check_accumulate, inf_bits, n_chunks
 
 _CHUNK = 1 << 16
 """Elements per parallel task; arrays up to this size run on the calling thread."""
+PARALLEL_FROM = _CHUNK
+"""Elements above which the conversions and ``copy_finite`` run their parallel variant
+(another compiled function: a warm-up must go past it to reach it)."""
 
 _POW2 = 2.0 ** (np.arange(32, dtype=np.float64) - 25.0)
 """``2**(e - 25)`` for a half's exponent field ``e`` (index 1 also serves ``e = 0``)."""

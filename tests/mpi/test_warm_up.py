@@ -55,3 +55,22 @@ def test_no_kernel_compiles_during_the_steps(make, dtype):
     grown = {name: (before.get(name, 0), count) for name, count in after.items()}
     grown = {name: pair for name, pair in grown.items() if pair[0] != pair[1]}
     assert not grown, f"kernels compiled during the steps (before, after): {grown}"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_no_kernel_compiles_in_large_fused_dense_buckets(dtype):
+    """The default codec's fused bucket past 1 MiB: its gradients are copied in by
+    ``copy_finite``'s parallel variant as they are submitted, and the ring sums it; the
+    set-up ran both, so the steps load no kernel."""
+    shapes = {"w0": (400, 300), "b0": (400,), "w1": (10, 400)}
+    with GradientReducer() as reducer:
+        reducer.setup([(name, shape, dtype) for name, shape in shapes.items()])
+        before = _compiled()
+        for step in range(3):
+            rng = np.random.default_rng(10 * step + COMM.Get_rank())
+            reducer.reduce({n: rng.standard_normal(s).astype(dtype) for n, s in shapes.items()})
+            assert reducer.last_stats.buckets == 1  # one fused dense bucket
+        after = _compiled()
+    grown = {name: (before.get(name, 0), count) for name, count in after.items()}
+    grown = {name: pair for name, pair in grown.items() if pair[0] != pair[1]}
+    assert not grown, f"kernels compiled during the steps (before, after): {grown}"
