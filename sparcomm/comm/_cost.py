@@ -51,6 +51,7 @@ from sparcomm.comm._quantized_layout import (
     ternary_accumulate,
 )
 from sparcomm.comm._ring import chunk_bounds as ring_chunk_bounds
+from sparcomm.comm._ring import default_segment_bytes
 from sparcomm.comm._stats import AllreduceStats
 from sparcomm.comm._sums import decode_sum
 from sparcomm.kernels.cpu import merge as _merge
@@ -135,12 +136,21 @@ class Phase:
     compute: dict[str, float] = field(default_factory=dict)
 
 
+#: The phases of a pipelined schedule (``Prediction.segments > 1``) that overlap: the
+#: encode, both exchanges, the owners' sums and the decode; the check before and the
+#: status after stay in sequence.
+PIPELINED_PHASES = frozenset({"encode", "reduce_scatter", "owner_sum", "allgather", "decode"})
+
+
 @dataclass
 class Prediction:
     """The predicted schedule of one algorithm on every rank."""
 
     algorithm: str
     phases: list[Phase] = field(default_factory=list)
+    #: Segments per chunk of a pipelined schedule (1: none): its phases named in
+    #: :data:`PIPELINED_PHASES` overlap their transfers with their codec work.
+    segments: int = 1
 
     def bytes(self, rank: int) -> tuple[int, int]:
         """(sent, received) bytes of ``rank`` over the whole call, signature included."""
@@ -152,14 +162,18 @@ class Prediction:
         """Predicted seconds: phases in sequence, each paced by its busiest rank.
 
         ``costs`` prices the codec work of the quantized schedules (phases with
-        ``compute``); the sparse schedules need none.
+        ``compute``); the sparse schedules need none.  In a pipelined schedule
+        (``segments > 1``) the phases of :data:`PIPELINED_PHASES` run segment by
+        segment, each segment's transfers beside the next one's codec work: they take
+        ``max(T, C) + min(T, C) / segments`` for their transfers ``T`` and codec work
+        ``C`` (the slower stream, plus the other's first or last segment).
         """
-        total = 0.0
+        total = transfers = work = 0.0
         for p in self.phases:
             busiest = float(np.max(np.maximum(p.sent, p.received))) if p.sent.size else 0.0
             busiest = busiest if p.bytes_timed else 0.0
             byte_time = model.pair_byte_time if p.pair_steps else model.beta
-            total += (
+            moved = (
                 model.alpha * p.messages
                 + model.pair_latency * p.pair_steps
                 + byte_time * busiest
@@ -167,10 +181,18 @@ class Prediction:
                 + model.dense * p.dense_elements
                 + model.beta_allreduce * p.allreduce_bytes
             )
+            computed = 0.0
             if p.compute:
                 if costs is None:
                     raise ValueError(f"phase {p.name!r} prices codec work: pass costs=")
-                total += sum(getattr(costs, kind) * count for kind, count in p.compute.items())
+                computed = sum(getattr(costs, kind) * count for kind, count in p.compute.items())
+            if self.segments > 1 and p.name in PIPELINED_PHASES:
+                transfers += moved
+                work += computed
+            else:
+                total += moved + computed
+        if transfers or work:
+            total += max(transfers, work) + min(transfers, work) / self.segments
         return total
 
 
@@ -687,6 +709,9 @@ def predict_quantized(algorithm: str, codec: Any, n: int, dtype: Any, size: int)
         lengths = np.diff(ring_chunk_bounds(n, size))
         chunk = 2.0 * lengths
         busiest = float(lengths.max())
+        # As _ring.half_allreduce cuts the busiest chunk (bytes of float16).
+        chunk_bytes = 2 * int(busiest)
+        prediction.segments = max(1, -(-chunk_bytes // default_segment_bytes(chunk_bytes)))
         add(Phase("encode", 0, zeros, zeros, compute={"encode": n}))
         add(Phase("reduce_scatter", size - 1, *_alltoall(np.tile(chunk, (size, 1)))))
         compute = {"decode": busiest, "decode_add": (size - 1) * busiest, "encode": busiest}

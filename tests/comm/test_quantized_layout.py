@@ -4,6 +4,7 @@ slicing, TernGrad's integer sums, and the cost model's schedules and choices."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -183,6 +184,32 @@ def test_auto_prefers_reduce_scatter_for_many_ranks_and_large_vectors():
     # two ranks, a small vector: one round of messages beats two
     name, _ = choose_quantized(MODEL, COSTS, QSGD(), 1000, np.float32, 2)
     assert name == "allgather"
+
+
+def test_pipelined_float16_overlaps_its_transfers_with_its_conversions():
+    """FP16's ``pipelined`` moves reduce_scatter_allgather's bytes, but segment by
+    segment, the conversions and sums of one segment beside the next one's transfer: on
+    a slow link its time is the transfers plus one segment's work, and the model ranks it
+    first (it ranked it last, by one status allreduce, when it summed the phases)."""
+    from sparcomm.comm._cost import PIPELINED_PHASES, Prediction
+
+    n, size = 6_293_504, 4
+    slow_link = CostModel(alpha=5e-5, beta=8e-9, beta_allreduce=1.6e-8, merge=1e-9, dense=3e-10)
+    pipelined = predict_quantized("pipelined", FP16(), n, np.float32, size)
+    rsag = predict_quantized("reduce_scatter_allgather", FP16(), n, np.float32, size)
+    assert pipelined.segments == 4 and rsag.segments == 1
+    for model in (slow_link, MODEL):
+        overlapped = [p for p in pipelined.phases if p.name in PIPELINED_PHASES]
+        alone = Prediction("pipelined", overlapped)  # the same phases in sequence
+        transfers = Prediction("pipelined", [replace(p, compute={}) for p in overlapped])
+        work = alone.time(model, COSTS) - transfers.time(model, COSTS)
+        link = transfers.time(model, COSTS)
+        whole = Prediction("pipelined", overlapped, segments=4).time(model, COSTS)
+        assert whole == pytest.approx(max(link, work) + min(link, work) / 4)
+    assert pipelined.time(slow_link, COSTS) < rsag.time(slow_link, COSTS)
+    names = (*candidates(FP16(), size), "pipelined")  # plain FP16's, as auto asks
+    name, _ = choose_quantized(slow_link, COSTS, FP16(), n, np.float32, size, names)
+    assert name == "pipelined"
 
 
 def test_predictions_refuse_what_cannot_run():
