@@ -586,16 +586,16 @@ class _Engine:
         buffer_key = (id(run.plan), bucket.index)
         filled = run.fused.get(bucket.index)
         prefilled = filled is not None and filled[2] == len(bucket.slots)
-        if prefilled:
+        if filled is not None and prefilled:
             fused, non_finite, _ = filled  # filled by submit() as the gradients arrived
         else:
             fused = self.fusion_buffer(run, bucket, array_module(run.inputs[bucket.slots[0].name]))
             non_finite = None
             start = time.perf_counter()
             for slot in bucket.slots:
-                fused[slot.offset : slot.offset + slot.size].reshape(slot.shape)[...] = (
-                    run.inputs[slot.name]
-                )
+                fused[slot.offset : slot.offset + slot.size].reshape(slot.shape)[...] = run.inputs[
+                    slot.name
+                ]
             run.stats.phases["fuse"] += time.perf_counter() - start
         if prefilled and _is_dense_codec(codec):
             # The dense sum goes into the buffer itself (handed over below), and a buffer

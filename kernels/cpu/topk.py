@@ -305,10 +305,11 @@ def _scan_chunk(bits, mask, bound, a, b, cand_idx, cand_key, base, cap):
 
     ``cand_idx`` receives offsets within the chunk (``i - a``), ``cand_key`` raw bits.
 
-    Returns ``(above, equal)``.  Rows of 16 keys go through :func:`_compress_row` (one streaming, branch-free pass);
-    the last ``< 16`` keys are done one by one.  A chunk with more keys above ``bound``
-    than its ``cap`` slots stops storing but keeps counting, and the caller, seeing
-    ``above > cap``, scans again with room for every key.
+    Returns ``(above, equal)``.  Rows of 16 keys go through :func:`_compress_row` (one
+    streaming, branch-free pass); the last ``< 16`` keys are done one by one.  A chunk
+    with more keys above ``bound`` than its ``cap`` slots stops storing but keeps
+    counting, and the caller, seeing ``above > cap``, scans again with room for every
+    key.
     """
     part = bits[a:b]
     out_idx = cand_idx[base : base + cap]
@@ -322,7 +323,8 @@ def _scan_chunk(bits, mask, bound, a, b, cand_idx, cand_key, base, cap):
 @njit(cache=True, nogil=True, inline="always")
 def _scan_keys(keys, m, offset, mask, bound, out_idx, out_raw, cap, above, equal):
     """The scan of :func:`_scan_chunk` over ``keys[:m]`` (their offsets in the chunk
-    start at ``offset``), continuing the counts ``above`` and ``equal``; returns them.  Rows of 16 through :func:`_compress_row`, the last ``< 16`` one by one."""
+    start at ``offset``), continuing the counts ``above`` and ``equal``; returns them.
+    Rows of 16 through :func:`_compress_row`, the last ``< 16`` one by one."""
     rows = m // _ROW
     for row in range(rows):
         first = row * _ROW

@@ -306,7 +306,13 @@ def test_small_emulated_run_reports_every_figure(tmp_path, capsys):
         assert entry["ranks_agree"]
         assert entry["step_s"] > 0 and math.isfinite(entry["predicted_step_s"])
     assert set(topk["phases_s"]) == {
-        "fuse", "encode", "check", "exchange", "merge", "write_back", "other"
+        "fuse",
+        "encode",
+        "check",
+        "exchange",
+        "merge",
+        "write_back",
+        "other",
     }
     # TopK's dense output (the gradients written back) has its own column, not "other".
     assert topk["phases_s"]["write_back"] > 0 and topk["phases_s"]["encode"] > 0
