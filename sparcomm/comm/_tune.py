@@ -76,6 +76,9 @@ DRIFT = 1.5
 CHECKS = 3
 #: Keys remembered per communicator (a program with more distinct shapes starts over).
 MAX_KEYS = 4096
+#: One key explores at a time on a communicator; a key whose race is held up this many
+#: calls of other keys (the exploring key stopped being called) takes over.
+HOLD_LIMIT = 64
 
 
 @dataclass
@@ -123,17 +126,24 @@ class Tuner:
         self.enabled = os.environ.get("SPARCOMM_TUNE", "1").strip() not in ("0", "")
         self._entries: dict[Hashable, _Entry] = {}
         self._generation = 0
+        #: The key whose race is running (one at a time), and how many calls of other
+        #: keys have waited for it since its last call.
+        self._exploring: Hashable = None
+        self._held = 0
 
     def snapshot(self) -> object:
         """A handle on the measurements for :meth:`restore` (a ``GradientReducer`` step
         that fails puts them back, as it does the codecs' state).  Copy on write: an
         entry is copied when it first changes after the snapshot, not before."""
         self._generation += 1
-        return dict(self._entries)
+        return dict(self._entries), self._exploring, self._held
 
     def restore(self, saved: object) -> None:
         """Put the measurements back as :meth:`snapshot` found them."""
-        self._entries = dict(cast("dict[Hashable, _Entry]", saved))
+        entries, self._exploring, self._held = cast(
+            "tuple[dict[Hashable, _Entry], Hashable, int]", saved
+        )
+        self._entries = dict(entries)
         self._generation += 1
 
     def _writable(self, key: Hashable, entry: _Entry) -> _Entry:
@@ -159,6 +169,7 @@ class Tuner:
         if entry is None:
             if len(self._entries) >= MAX_KEYS:
                 self._entries.clear()
+                self._exploring, self._held = None, 0
             ranked = sorted(predicted, key=predicted.__getitem__)
             limit = EXPLORE_WITHIN * predicted[best]
             entry = _Entry(
@@ -168,7 +179,15 @@ class Tuner:
             _start_race(entry)
         if entry.seen == 0 or len(entry.candidates) < 2:
             return Decision(best, False, "model", key)
+        if entry.choice is None and self._exploring not in (None, key):
+            # Another key's race is running.  Two races at once (a training step's
+            # buckets) would time each key's calls behind whichever candidate the
+            # other is trying, so this key waits, on the model's choice, untimed.
+            self._held += 1
+            if self._held <= HOLD_LIMIT:
+                return Decision(best, False, "model", key)
         if entry.choice is None:  # one candidate's trials back to back (see above)
+            self._exploring, self._held = key, 0
             if entry.finalists:
                 name = next(n for n in entry.finalists if len(entry.times.get(n, ())) < TRIALS)
             else:
@@ -214,6 +233,8 @@ class Tuner:
                 entry.medians = medians
                 entry.baseline = medians[entry.choice]
                 entry.since, entry.checks = 0, []
+                if self._exploring == decision.key:  # the next key's race may start
+                    self._exploring, self._held = None, 0
             return
         entry.checks = [*entry.checks, seconds][-CHECKS:]
         if len(entry.checks) < CHECKS or entry.baseline <= 0:
@@ -230,6 +251,7 @@ class Tuner:
     def reset(self) -> None:
         """Forget every measurement (the next calls explore again)."""
         self._entries.clear()
+        self._exploring, self._held = None, 0
 
 
 def tuner_of(state: _CommState) -> Tuner:

@@ -164,6 +164,30 @@ def test_keys_are_tuned_separately_and_forgotten_past_the_limit(monkeypatch):
     assert tuner.choices() == {}
 
 
+def test_one_key_races_at_a_time():
+    """A training step's buckets are keys called in turn: the second key waits on the
+    model's choice, untimed, until the first key's race has chosen, then races alone."""
+    tuner = Tuner()
+    modes: dict[str, list[str]] = {"k1": [], "k2": []}
+    for _ in range(40):
+        for key in ("k1", "k2"):
+            modes[key].append(_run(tuner, key).mode)
+    race = len(_race(["a", "b", "e", "c"], ["b", "a"]))
+    assert modes["k1"] == ["model"] + ["explore"] * race + ["measured"] * (39 - race)
+    # k1's last trial comes just before k2's call of the same round: k2 waited `race`
+    # calls (its first sighting included) and races from there.
+    assert modes["k2"] == ["model"] * race + ["explore"] * race + ["measured"] * (40 - 2 * race)
+    assert tuner.choices() == {"k1": "b", "k2": "b"}
+
+
+def test_a_race_held_up_by_a_key_no_longer_called_goes_ahead():
+    tuner = Tuner()
+    _run(tuner, "gone")
+    _run(tuner, "gone")  # its race starts, then the key is never called again
+    waited = [_run(tuner, "k").mode for _ in range(1 + _tune.HOLD_LIMIT + 1)]
+    assert waited == ["model"] * (1 + _tune.HOLD_LIMIT) + ["explore"]
+
+
 @pytest.mark.parametrize(("value", "enabled"), [("0", False), ("", False), ("1", True)])
 def test_environment_turns_tuning_off(monkeypatch, value, enabled):
     monkeypatch.setenv("SPARCOMM_TUNE", value)
