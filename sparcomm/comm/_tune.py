@@ -15,7 +15,15 @@ MPI libraries' run-time tuners and Horovod's autotuner do, on the user's own cal
    the :data:`FINALISTS` fastest of them run on to :data:`TRIALS` timed calls each.
    One candidate's calls run back to back: the part of a call's time that the
    previous call leaves behind (ranks it left out of step, waiting in the next
-   agreement) is then charged to the candidate that caused it.
+   agreement) is then charged to the candidate that caused it.  One key races at a
+   time on a communicator: a training step's buckets are keys called in turn, and a
+   race beside another would time each bucket behind whichever candidate the bucket
+   before it is trying.  A key waiting for its turn runs the model's choice, untimed;
+   one held up :data:`HOLD_LIMIT` calls (the racing key is no longer called) goes
+   ahead.  Measured at 1 Gbit/s (docs/benchmarks.md, issue 11, session 9): with races
+   side by side, FP16's last bucket chose ``reduce_scatter_allgather`` in 3 of 6
+   training runs, a step 7-10 % slower than ``pipelined``'s; one at a time, in 3 of 3
+   it chose ``pipelined``.
 3. **Measured**: the finalist with the least median time runs from then on.  Every
    :data:`CHECK_EVERY`-th call is timed again; when the median of the last
    :data:`CHECKS` checks is more than :data:`DRIFT` times slower or faster than when
