@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from sparcomm._cli_bench_train import summarise
+from sparcomm._cli_bench_train import CATEGORIES, summarise
 from sparcomm._contenders import contender_specs, select_contenders
 from sparcomm.cli import main
 
@@ -305,15 +305,8 @@ def test_small_emulated_run_reports_every_figure(tmp_path, capsys):
         assert [p["step"] for p in entry["curve"]] == [0, 3, 6]
         assert entry["ranks_agree"]
         assert entry["step_s"] > 0 and math.isfinite(entry["predicted_step_s"])
-    assert set(topk["phases_s"]) == {
-        "fuse",
-        "encode",
-        "check",
-        "exchange",
-        "merge",
-        "write_back",
-        "other",
-    }
+    assert tuple(topk["phases_s"]) == CATEGORIES
+    assert {"fuse", "write_back"} <= set(CATEGORIES)
     # TopK's dense output (the gradients written back) has its own column, not "other".
     assert topk["phases_s"]["write_back"] > 0 and topk["phases_s"]["encode"] > 0
     # torch's PowerSGD hook is charged its own work as timed in training.
