@@ -318,6 +318,23 @@ def thread_support_ok() -> bool:
     return MPI.Query_thread() >= MPI.THREAD_MULTIPLE
 
 
+@dataclass
+class _Filled:
+    """A fused host bucket that ``submit`` fills as its gradients arrive."""
+
+    buffer: Any
+    #: NaN and Inf among the tensors copied so far; None once one was copied without
+    #: counting (another dtype, a strided or overlapping array).
+    non_finite: int | None = 0
+    copied: int = 0
+
+
+def _submitted_twice(name: Hashable, step: int) -> ValueError:
+    return ValueError(
+        f"gradient {name!r} submitted twice in step {step}; call wait() between steps"
+    )
+
+
 class _StepRun:
     """The mutable state of one step in flight (shared by the caller and the thread)."""
 
@@ -343,10 +360,8 @@ class _StepRun:
         self.levels: tuple[Any, ...] = ()
         self.device: Any = None  # the cupy.cuda.Device of CuPy gradients, else None
         self.ready: dict[Hashable, Any] = {}  # name -> CUDA event: the gradient is written
-        #: Fused host buckets filled as their gradients arrive (``submit``): bucket
-        #: index -> [fusion buffer, non-finite entries copied so far (None once a
-        #: tensor was copied without counting), tensors copied].
-        self.fused: dict[int, list[Any]] = {}
+        #: Fused host buckets filled as their gradients arrive (``submit``), by index.
+        self.fused: dict[int, _Filled] = {}
         #: Names whose submit is copying them into their bucket's fusion buffer.
         self.filling: set[Hashable] = set()
 
@@ -585,9 +600,10 @@ class _Engine:
             return
         buffer_key = (id(run.plan), bucket.index)
         filled = run.fused.get(bucket.index)
-        prefilled = filled is not None and filled[2] == len(bucket.slots)
+        prefilled = filled is not None and filled.copied == len(bucket.slots)
         if filled is not None and prefilled:
-            fused, non_finite, _ = filled  # filled by submit() as the gradients arrived
+            # Filled by submit() as the gradients arrived.
+            fused, non_finite = filled.buffer, filled.non_finite
         else:
             fused = self.fusion_buffer(run, bucket, array_module(run.inputs[bucket.slots[0].name]))
             non_finite = None
@@ -1359,10 +1375,7 @@ class GradientReducer:
             if ready is not None:
                 run.ready[name] = ready
             if name in run.inputs:
-                raise ValueError(
-                    f"gradient {name!r} submitted twice in step {run.step}; call wait() "
-                    "between steps"
-                )
+                raise _submitted_twice(name, run.step)
             run.inputs[name] = grad
             if in_place:
                 run.in_place.add(name)
@@ -1381,18 +1394,15 @@ class GradientReducer:
         is never written."""
         with run.condition:
             if name in run.inputs or name in run.filling:
-                raise ValueError(
-                    f"gradient {name!r} submitted twice in step {run.step}; call wait() "
-                    "between steps"
-                )
+                raise _submitted_twice(name, run.step)
             run.filling.add(name)
             filled = run.fused.get(bucket.index)
             if filled is None:
-                filled = [self._engine.fusion_buffer(run, bucket, np), 0, 0]
+                filled = _Filled(self._engine.fusion_buffer(run, bucket, np))
                 run.fused[bucket.index] = filled
         try:
             start = time.perf_counter()
-            target = filled[0][slot.offset : slot.offset + slot.size]
+            target = filled.buffer[slot.offset : slot.offset + slot.size]
             bad: int | None = None
             if (
                 grad.dtype in (np.float32, np.float64)
@@ -1410,8 +1420,11 @@ class GradientReducer:
                 run.filling.discard(name)
             raise
         with run.condition:
-            filled[1] = None if bad is None or filled[1] is None else filled[1] + bad
-            filled[2] += 1
+            if bad is None or filled.non_finite is None:
+                filled.non_finite = None
+            else:
+                filled.non_finite += bad
+            filled.copied += 1
             run.stats.phases["fuse"] += seconds
 
     def _next_plan(self) -> _Plan:
