@@ -13,17 +13,23 @@ MPI libraries' run-time tuners and Horovod's autotuner do, on the user's own cal
    algorithm the model predicts within :data:`EXPLORE_WITHIN` of its best, at most
    :data:`MAX_CANDIDATES`, best first) run :data:`SCREEN_TRIALS` timed calls each;
    the :data:`FINALISTS` fastest of them run on to :data:`TRIALS` timed calls each.
-   One candidate's calls run back to back: the part of a call's time that the
-   previous call leaves behind (ranks it left out of step, waiting in the next
-   agreement) is then charged to the candidate that caused it.  One key races at a
-   time on a communicator: a training step's buckets are keys called in turn, and a
-   race beside another would time each bucket behind whichever candidate the bucket
-   before it is trying.  A key waiting for its turn runs the model's choice, untimed;
-   one held up :data:`HOLD_LIMIT` calls (the racing key is no longer called) goes
-   ahead.  Measured at 1 Gbit/s (docs/benchmarks.md, issue 11, session 9): with races
-   side by side, FP16's last bucket chose ``reduce_scatter_allgather`` in 3 of 6
-   training runs, a step 7-10 % slower than ``pipelined``'s; one at a time, in 3 of 3
-   it chose ``pipelined``.
+   Cheap calls race longer: a candidate's round goes on past its trials until they add
+   up to :data:`CHEAP_CALL_S` each, at most :data:`CHEAP_FACTOR` times the trials, so a
+   call of a few milliseconds is judged on the median of up to 15 (single calls that
+   short swing by 20-40 % under load).  One candidate's calls run back to back: the
+   part of a call's time that the previous call leaves behind (ranks it left out of
+   step, waiting in the next agreement) is then charged to the candidate that caused
+   it.  One key races at a time on a communicator: a training step's buckets are keys
+   called in turn, and a race beside another would time each bucket behind whichever
+   candidate the bucket before it is trying.  Measured at 1 Gbit/s
+   (docs/benchmarks.md, issue 11, session 9): with races side by side, FP16's last
+   bucket chose ``reduce_scatter_allgather`` in 3 of 6 training runs, a step 7-10 %
+   slower than ``pipelined``'s; one at a time, in 3 of 3 it chose ``pipelined``.  A
+   key waiting for its turn runs the model's choice, untimed; a waiting key called a
+   second time with no call of the racing key in between goes ahead, as the racing
+   key is no longer called once a step (whatever the number of keys in a step; a
+   fixed count of 64 calls was reached inside every step of a model with more
+   buckets).
 3. **Measured**: the finalist with the least median time runs from then on.  Every
    :data:`CHECK_EVERY`-th call is timed again; when the median of the last
    :data:`CHECKS` checks is more than :data:`DRIFT` times slower or faster than when
@@ -84,9 +90,13 @@ DRIFT = 1.5
 CHECKS = 3
 #: Keys remembered per communicator (a program with more distinct shapes starts over).
 MAX_KEYS = 4096
-#: One key explores at a time on a communicator; a key whose race is held up this many
-#: calls of other keys (the exploring key stopped being called) takes over.
-HOLD_LIMIT = 64
+#: A candidate's round ends at its trials (SCREEN_TRIALS, then TRIALS) once they add up
+#: to this many seconds per trial, else at CHEAP_FACTOR times the trials: calls below
+#: 10 ms get more trials, up to 3x (they cost little, and single calls of a few ms swing
+#: the most under load: the allreduce grid's misses under two busy loops were 2^16-2^20
+#: calls, 1.18-1.41x, in session 9).
+CHEAP_CALL_S = 0.010
+CHEAP_FACTOR = 3
 
 
 @dataclass
@@ -123,6 +133,15 @@ def _start_race(entry: _Entry) -> None:
     entry.finalists = entry.candidates if len(entry.candidates) <= FINALISTS else ()
 
 
+def _done(times: dict[str, list[float]], name: str, trials: int) -> bool:
+    """Whether candidate ``name`` has run its ``trials`` of this round: that many, and
+    more for cheap calls (see :data:`CHEAP_CALL_S`)."""
+    values = times.get(name, ())
+    if len(values) < trials:
+        return False
+    return len(values) >= CHEAP_FACTOR * trials or sum(values) >= trials * CHEAP_CALL_S
+
+
 def _medians(times: dict[str, list[float]]) -> dict[str, float]:
     return {name: float(np.median(values)) for name, values in times.items()}
 
@@ -134,22 +153,22 @@ class Tuner:
         self.enabled = os.environ.get("SPARCOMM_TUNE", "1").strip() not in ("0", "")
         self._entries: dict[Hashable, _Entry] = {}
         self._generation = 0
-        #: The key whose race is running (one at a time), and how many calls of other
-        #: keys have waited for it since its last call.
+        #: The key whose race is running (one at a time), and the keys that have waited
+        #: for it since its last call.
         self._exploring: Hashable = None
-        self._held = 0
+        self._waiting: frozenset = frozenset()
 
     def snapshot(self) -> object:
         """A handle on the measurements for :meth:`restore` (a ``GradientReducer`` step
         that fails puts them back, as it does the codecs' state).  Copy on write: an
         entry is copied when it first changes after the snapshot, not before."""
         self._generation += 1
-        return dict(self._entries), self._exploring, self._held
+        return dict(self._entries), self._exploring, self._waiting
 
     def restore(self, saved: object) -> None:
         """Put the measurements back as :meth:`snapshot` found them."""
-        entries, self._exploring, self._held = cast(
-            "tuple[dict[Hashable, _Entry], Hashable, int]", saved
+        entries, self._exploring, self._waiting = cast(
+            "tuple[dict[Hashable, _Entry], Hashable, frozenset]", saved
         )
         self._entries = dict(entries)
         self._generation += 1
@@ -177,7 +196,7 @@ class Tuner:
         if entry is None:
             if len(self._entries) >= MAX_KEYS:
                 self._entries.clear()
-                self._exploring, self._held = None, 0
+                self._exploring, self._waiting = None, frozenset()
             ranked = sorted(predicted, key=predicted.__getitem__)
             limit = EXPLORE_WITHIN * predicted[best]
             entry = _Entry(
@@ -190,17 +209,17 @@ class Tuner:
         if entry.choice is None and self._exploring not in (None, key):
             # Another key's race is running.  Two races at once (a training step's
             # buckets) would time each key's calls behind whichever candidate the
-            # other is trying, so this key waits, on the model's choice, untimed.
-            self._held += 1
-            if self._held <= HOLD_LIMIT:
+            # other is trying, so this key waits, on the model's choice, untimed,
+            # unless it waited already since the racing key's last call.
+            if key not in self._waiting:
+                self._waiting = self._waiting | {key}
                 return Decision(best, False, "model", key)
         if entry.choice is None:  # one candidate's trials back to back (see above)
-            self._exploring, self._held = key, 0
+            self._exploring, self._waiting = key, frozenset()
             if entry.finalists:
-                name = next(n for n in entry.finalists if len(entry.times.get(n, ())) < TRIALS)
+                name = next(n for n in entry.finalists if not _done(entry.times, n, TRIALS))
             else:
-                done = sum(len(entry.times.get(n, ())) for n in entry.candidates)
-                name = entry.candidates[done // SCREEN_TRIALS]
+                name = next(n for n in entry.candidates if not _done(entry.times, n, SCREEN_TRIALS))
             return Decision(name, True, "explore", key, started)
         timed = (entry.since + 1) % CHECK_EVERY == 0
         return Decision(entry.choice, timed, "measured", key, started, entry.medians)
@@ -228,21 +247,20 @@ class Tuner:
             return
         if entry.choice is None:
             entry.times.setdefault(decision.name, []).append(seconds)
-            counts = [len(entry.times.get(n, ())) for n in entry.candidates]
-            if not entry.finalists and min(counts) >= SCREEN_TRIALS:
+            if not entry.finalists and all(
+                _done(entry.times, n, SCREEN_TRIALS) for n in entry.candidates
+            ):
                 medians = _medians(entry.times)
                 ranked = sorted(entry.candidates, key=medians.__getitem__)
                 entry.finalists = tuple(ranked[:FINALISTS])
-            if entry.finalists and all(
-                len(entry.times.get(n, ())) >= TRIALS for n in entry.finalists
-            ):
+            if entry.finalists and all(_done(entry.times, n, TRIALS) for n in entry.finalists):
                 medians = _medians(entry.times)
                 entry.choice = min(entry.finalists, key=medians.__getitem__)
                 entry.medians = medians
                 entry.baseline = medians[entry.choice]
                 entry.since, entry.checks = 0, []
                 if self._exploring == decision.key:  # the next key's race may start
-                    self._exploring, self._held = None, 0
+                    self._exploring, self._waiting = None, frozenset()
             return
         entry.checks = [*entry.checks, seconds][-CHECKS:]
         if len(entry.checks) < CHECKS or entry.baseline <= 0:
@@ -259,7 +277,7 @@ class Tuner:
     def reset(self) -> None:
         """Forget every measurement (the next calls explore again)."""
         self._entries.clear()
-        self._exploring, self._held = None, 0
+        self._exploring, self._waiting = None, frozenset()
 
 
 def tuner_of(state: _CommState) -> Tuner:

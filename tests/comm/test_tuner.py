@@ -23,8 +23,9 @@ from sparcomm.comm._tune import (  # noqa: E402
 )
 
 PREDICTED = {"a": 1.0, "b": 1.2, "c": 1.9, "d": 2.5, "e": 1.5}
-#: What each candidate "takes" in these tests: b is the fastest, against the model.
-SECONDS = {"a": 0.010, "b": 0.004, "c": 0.020, "e": 0.012}
+#: What each candidate "takes" in these tests: b is the fastest, against the model.  All
+#: at least CHEAP_CALL_S: each round has its base number of trials.
+SECONDS = {"a": 0.030, "b": 0.012, "c": 0.060, "e": 0.036}
 
 
 def _run(tuner: Tuner, key="k", seconds=SECONDS, stats=None):
@@ -60,7 +61,7 @@ def test_first_call_is_the_models_then_close_candidates_race():
     tuner = Tuner()
     explored = _explore(tuner)
     # Within EXPLORE_WITHIN (2x) of the best: a, b, e, c (d is 2.5x), best predicted first;
-    # the two fastest of the first round (b 4 ms, a 10 ms) run on.
+    # the two fastest of the first round (b 12 ms, a 30 ms) run on.
     assert MAX_CANDIDATES >= 4 and FINALISTS == 2
     assert explored == _race(["a", "b", "e", "c"], ["b", "a"])
     assert tuner.choices() == {"k": "b"}  # the measured fastest, not the predicted one
@@ -109,7 +110,7 @@ def test_timed_calls_count_their_agreement_in_the_stats():
 def test_the_median_of_three_checks_drifted_explores_again():
     tuner = Tuner()
     _explore(tuner)
-    slow = dict(SECONDS, b=SECONDS["b"] * DRIFT * 2.5)  # 15 ms: slower than a and e
+    slow = dict(SECONDS, b=SECONDS["b"] * DRIFT * 2.5)  # 45 ms: slower than a and e
 
     def until_check(seconds):
         while not (decision := _run(tuner, seconds=seconds)).timed:
@@ -125,7 +126,7 @@ def test_the_median_of_three_checks_drifted_explores_again():
     explored = []
     while (decision := _run(tuner, seconds=slow)).mode == "explore":
         explored.append(decision.name)
-    assert explored == _race(["a", "b", "e", "c"], ["a", "e"])  # a 10 ms, e 12, b 15
+    assert explored == _race(["a", "b", "e", "c"], ["a", "e"])  # a 30 ms, e 36, b 45
     assert tuner.choices() == {"k": "a"}
 
 
@@ -184,8 +185,41 @@ def test_a_race_held_up_by_a_key_no_longer_called_goes_ahead():
     tuner = Tuner()
     _run(tuner, "gone")
     _run(tuner, "gone")  # its race starts, then the key is never called again
-    waited = [_run(tuner, "k").mode for _ in range(1 + _tune.HOLD_LIMIT + 1)]
-    assert waited == ["model"] * (1 + _tune.HOLD_LIMIT) + ["explore"]
+    # k's first sighting, one call held up, then a second call with no call of the
+    # racing key in between: k takes over.
+    assert [_run(tuner, "k").mode for _ in range(3)] == ["model", "model", "explore"]
+    assert _run(tuner, "gone").mode == "model"  # now gone waits for k's race
+
+
+def test_many_keys_race_one_at_a_time():
+    """A model of many buckets: 100 keys in turn, each once a step.  Exactly one races at
+    a time, each in turn, however many calls of other keys a race waits through."""
+    tuner = Tuner()
+    keys = [f"bucket{i}" for i in range(100)]
+    race = len(_race(["a", "b", "e", "c"], ["b", "a"]))
+    racing = []  # the key of every timed race call, in call order
+    for _ in range(3 * race):  # steps
+        racing += [key for key in keys if _run(tuner, key).mode == "explore"]
+    # Whole races, one after the other: bucket0's `race` calls (one a step, from the
+    # second), then bucket1's from the step in which bucket0's ended, and so on.
+    whole = ["bucket0"] * race + ["bucket1"] * race + ["bucket2"] * race
+    assert racing[: len(whole)] == whole
+    assert set(racing[len(whole) :]) == {"bucket3"}
+    assert [tuner.choices()[key] for key in keys[:4]] == ["b", "b", "b", None]
+
+
+def test_cheap_calls_race_longer():
+    """Calls below CHEAP_CALL_S run more trials: each round until its trials add up to
+    CHEAP_CALL_S each, at most CHEAP_FACTOR times as many."""
+    assert _tune.CHEAP_FACTOR == 3
+    cheap = {"a": 0.004, "b": 0.0015, "c": 0.009, "e": 0.006}  # 4, 1.5, 9, 6 ms
+    explored = _explore(Tuner(), seconds=cheap)
+    counts = {n: explored.count(n) for n in "abce"}
+    # First round, 2 trials each and more up to 20 ms: a 5, b 6 (capped), c 3, e 4.
+    # Finalists b (1.5 ms) and a (4 ms) go on: 5 trials each and more up to 50 ms,
+    # at most 15: a 13, b 15.
+    assert counts == {"a": 13, "b": 15, "c": 3, "e": 4}
+    assert explored == ["a"] * 5 + ["b"] * 6 + ["e"] * 4 + ["c"] * 3 + ["b"] * 9 + ["a"] * 8
 
 
 @pytest.mark.parametrize(("value", "enabled"), [("0", False), ("", False), ("1", True)])
