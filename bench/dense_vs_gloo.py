@@ -35,6 +35,16 @@ Contenders (``--contenders`` picks some):
   and a ring allgather, in one polling loop; ``ring16d<W>`` the same loop with the direct
   gather (``ring16d0`` is what ``ring16`` runs now); ``ring16r<W>`` the direct gather one
   send at a time; ``ring16l`` lockstep shifted rounds (one flow in and one out per rank).
+* both float16 buckets of a step (the two bucket sizes, whatever ``--sizes``), B started
+  ``:D`` ms after A (default 0), timed until both are done: ``pair-hook16``, A's and B's
+  ``fp16_compress_hook`` work issued as DDP issues them (gloo's asynchronous allreduce:
+  its process group runs two at once on its two worker threads); ``pair-hook16-seq``, B's
+  allreduce after A's; ``pair-fp16``, ``FP16`` ``pipelined`` for A, then for B (as the
+  reducer's one progress thread runs them); ``pair-fp16-threads``, A and B in two threads
+  on two duplicates of the communicator (two collectives in flight at once); and in
+  float32, ``pair-gloo``, ``pair-gloo-seq`` (DDP's allreduce of both buckets, at once /
+  one after the other), ``pair-dense``, ``pair-dense-threads`` (``NoCompression``,
+  ``auto``: the ring).
 
 Reported per size: the slowest rank's median milliseconds per contender, the ratio to
 ``gloo`` (float32 contenders) or ``hook16`` (float16 ones), the wire time of the bytes
@@ -65,6 +75,16 @@ DEFAULT_CONTENDERS = (
     "ring16",
 )
 ALL_CONTENDERS = (*DEFAULT_CONTENDERS, "dense-mpi", "fp16-rsag")
+PAIRS = (
+    "pair-hook16",
+    "pair-hook16-seq",
+    "pair-fp16",
+    "pair-fp16-threads",
+    "pair-gloo",
+    "pair-gloo-seq",
+    "pair-dense",
+    "pair-dense-threads",
+)
 FP16_REFERENCE = "hook16"
 
 
@@ -474,6 +494,9 @@ def _contenders(names: list[str], n: int, comm: Any) -> dict[str, Any]:
         "fp16": call(sparcomm.FP16(), "auto"),
         "fp16-rsag": call(sparcomm.FP16(), "reduce_scatter_allgather"),
     }
+    pairs = [name for name in names if name.partition(":")[0] in PAIRS]
+    if pairs:
+        table.update(_pair_contenders(pairs, comm))
     for name in names:  # "ring", "ring16", with a segment size "ring:128" (KiB), and a
         # pause between polls "ring:128:100" (microseconds; 0: MPI's own wait)
         kind, _, rest = name.partition(":")
@@ -488,6 +511,83 @@ def _contenders(names: list[str], n: int, comm: Any) -> dict[str, Any]:
             schedule = {"w": "paired", "d": "looped", "r": "rounds"}[kind[6]]
             table[name] = ring16(int(kib) if kib else None, pause, schedule, window)
     return {name: table[name] for name in names}
+
+
+def _pair_contenders(names: list[str], comm: Any) -> dict[str, Any]:
+    """Both float16 buckets of a training step (see the module docstring)."""
+    import threading
+
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    import sparcomm
+
+    size = comm.Get_size()
+    sizes = _bucket_sizes()
+    rng = np.random.default_rng(comm.Get_rank())
+    bases = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    outs = [np.empty_like(base) for base in bases]
+    tensors = [torch.from_numpy(base.copy()) for base in bases]
+    lanes = [comm.Dup() for _ in sizes]  # one communicator per bucket (threads)
+
+    def hook(tensor: Any) -> Any:
+        compressed = tensor.to(torch.float16).div_(size)
+        return compressed, dist.all_reduce(compressed, async_op=True)
+
+    def fp16(i: int, lane: Any) -> None:
+        sparcomm.allreduce(
+            bases[i], codec=sparcomm.FP16(), comm=lane, algorithm="pipelined", out=outs[i]
+        )
+
+    def dense(i: int, lane: Any) -> None:
+        sparcomm.allreduce(bases[i], codec=sparcomm.NoCompression(), comm=lane, out=outs[i])
+
+    def make(kind: str, delay: float) -> Any:
+        def run() -> None:
+            start = time.perf_counter()
+
+            def until_b() -> None:
+                time.sleep(max(0.0, start + delay - time.perf_counter()))
+
+            if kind in ("pair-hook16", "pair-hook16-seq"):
+                a, work_a = hook(tensors[0])
+                if kind == "pair-hook16-seq":
+                    work_a.wait()
+                until_b()
+                b, work_b = hook(tensors[1])
+                work_a.wait()
+                tensors[0].copy_(a)
+                work_b.wait()
+                tensors[1].copy_(b)
+            elif kind in ("pair-gloo", "pair-gloo-seq"):
+                work_a = dist.all_reduce(tensors[0], async_op=True)
+                if kind == "pair-gloo-seq":
+                    work_a.wait()
+                until_b()
+                work_b = dist.all_reduce(tensors[1], async_op=True)
+                work_a.wait()
+                work_b.wait()
+            elif kind in ("pair-fp16", "pair-dense"):
+                reduce = fp16 if kind == "pair-fp16" else dense
+                reduce(0, lanes[0])
+                until_b()
+                reduce(1, lanes[0])
+            else:
+                reduce = fp16 if kind == "pair-fp16-threads" else dense
+                thread = threading.Thread(target=reduce, args=(0, lanes[0]))
+                thread.start()
+                until_b()
+                reduce(1, lanes[1])
+                thread.join()
+
+        return run
+
+    table = {}
+    for name in names:
+        kind, _, millis = name.partition(":")
+        table[name] = make(kind, float(millis or 0) * 1e-3)
+    return table
 
 
 def _rank_main(args: argparse.Namespace) -> None:
@@ -577,6 +677,16 @@ def _print_report(report: dict[str, Any]) -> None:
                 )
             )
             for name, seconds in medians.items():
+                if name.startswith("pair"):
+                    half = "16" in name.partition(":")[0]
+                    reference = "pair-hook16" if half else "pair-gloo"
+                    ratio = (
+                        f"{seconds / medians[reference]:.2f}x {reference}"
+                        if reference in medians
+                        else ""
+                    )
+                    print(f"    {name:10s} {seconds * 1e3:8.1f} ms  {ratio}")
+                    continue
                 half = name.startswith("ring16") or name.partition(":")[0] in (
                     "gloo16",
                     "hook16",
@@ -611,6 +721,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.contenders
         if name not in ALL_CONTENDERS
         and not (
+            name.partition(":")[0] in PAIRS and name.partition(":")[2].isdigit() | (":" not in name)
+        )
+        and not (
             (
                 name.partition(":")[0] in ("ring", "ring16", "ring16l")
                 or name.partition(":")[0][len("ring16w") :].isdigit()
@@ -622,7 +735,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(
             f"unknown contenders {unknown}; choose from {list(ALL_CONTENDERS)}, or "
-            "ring, ring16, ring16l, ring16w<W>, ring16d<W>, ring16r<W> with :KiB[:us]"
+            "ring, ring16, ring16l, ring16w<W>, ring16d<W>, ring16r<W> with :KiB[:us], "
+            f"or {', '.join(PAIRS)} with :ms"
         )
     if args.rank_main:
         _rank_main(args)
