@@ -293,7 +293,6 @@ def DistributedOptimizer(  # noqa: N802 - a factory named like the class it retu
     num_groups: int | None = None,
     non_finite: str = "raise",
     schedule: Any = None,
-    lanes: int | None = None,
 ) -> _DistributedOptimizer:
     """Wrap ``optimizer`` so that ``step()`` applies gradients reduced across ranks.
 
@@ -322,9 +321,8 @@ def DistributedOptimizer(  # noqa: N802 - a factory named like the class it retu
         plain sum over ranks and passes.
     backward_passes_per_step : int
         Backward passes accumulated locally before each reduction.
-    fusion_threshold_bytes, dense_below, warmup_steps, overlap, lanes
-        See :class:`~sparcomm.reducer.GradientReducer` (``lanes=2``: two collectives in
-        flight, for the dense and FP16 buckets).
+    fusion_threshold_bytes, dense_below, warmup_steps, overlap
+        See :class:`~sparcomm.reducer.GradientReducer`.
     compression : {"layer", "bucket"}, codec, or Compression.none / Compression.fp16
         A string is the reducer's mode (see :class:`~sparcomm.reducer.GradientReducer`);
         a codec (or Horovod's ``Compression`` names) is Horovod's spelling of ``codec=``.
@@ -390,7 +388,6 @@ def DistributedOptimizer(  # noqa: N802 - a factory named like the class it retu
         compression=compression,
         overlap=overlap,
         schedule=schedule,
-        lanes=lanes,
     )
     cls = type(optimizer.__class__.__name__, (_DistributedOptimizer, optimizer.__class__), {})
     try:

@@ -114,30 +114,3 @@ def test_ranks_that_disagree_on_lanes_fail_at_setup_on_every_rank():
             reducer.reduce(_grads(0))
     finally:
         reducer.close()
-
-
-def test_a_dropped_two_lane_reducer_gives_back_both_communicators():
-    """Never closed: its threads end and both duplicates are parked, then freed by the
-    next reducer built on the same communicator (a collective point)."""
-    import gc
-    import time
-
-    from sparcomm.reducer import _Duplicates
-
-    duplicates = _Duplicates.of(COMM)
-    GradientReducer().close()  # frees what earlier tests left parked
-    open_before = duplicates.open
-    for _ in range(3):
-        reducer = GradientReducer(fusion_threshold_bytes=64 << 10, lanes=2)
-        reducer.reduce(_grads(0))
-        assert reducer._engine.lane_comm is not None
-        del reducer
-        gc.collect()
-    deadline = time.monotonic() + 30
-    while any(t.name.startswith("sparcomm-reducer") for t in threading.enumerate()):
-        assert time.monotonic() < deadline, "a dropped reducer's thread is still running"
-        time.sleep(0.01)
-    # Each construction freed the ones parked before it: the last reducer's two are left.
-    assert len(duplicates.parked) == 2 and duplicates.open == open_before
-    GradientReducer().close()
-    assert not duplicates.parked
