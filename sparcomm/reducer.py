@@ -43,7 +43,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import queue
 import sys
 import threading
@@ -491,9 +490,6 @@ class _Engine:
         self.queue: queue.Queue[_StepRun | None] = queue.Queue()
         self.thread: threading.Thread | None = None
         self.abandoned = False
-        #: The second lane's communicator (``lanes=2``) and its number, else None.
-        self.lane_comm: Any = None
-        self.lane_number = -1
 
     def start_thread(self) -> None:
         if self.thread is None:
@@ -514,28 +510,6 @@ class _Engine:
 
     def park(self) -> None:
         self.duplicates.park(self.number, self.comm)
-        if self.lane_comm is not None:
-            self.duplicates.park(self.lane_number, self.lane_comm)
-            self.lane_comm = None
-
-    def lane_ok(self, bucket: _Bucket) -> bool:
-        """Whether ``bucket`` may run on the second lane: dense, or compressed by a
-        stateless element-wise codec (FP16), fused or alone (not ``"layer"`` mode's
-        per-tensor buckets)."""
-        if bucket.per_tensor:
-            return False
-        if not bucket.compressed:
-            return True
-        codec = self.codecs[bucket.codec]
-        return self.state_holders[bucket.codec] is None and _is_elementwise(codec)
-
-    def _second_lane(self, run: _StepRun) -> frozenset[int]:
-        """The buckets the second lane reduces this step: every other one of those it
-        may run (the plan's, so the same on every rank), none without a second lane."""
-        if self.lane_comm is None:
-            return frozenset()
-        eligible = [bucket.index for bucket in run.plan.buckets if self.lane_ok(bucket)]
-        return frozenset(eligible[1::2]) if len(eligible) >= 2 else frozenset()
 
     def _progress_loop(self) -> None:
         while True:
@@ -554,59 +528,26 @@ class _Engine:
         from sparcomm.comm._context import comm_state
         from sparcomm.comm._tune import tuner_of
 
-        comms = [self.comm] if self.lane_comm is None else [self.comm, self.lane_comm]
-        tuners = [tuner_of(comm_state(comm)) for comm in comms]
-        measured = [tuner.snapshot() for tuner in tuners] if saved is not None else []
-        second = self._second_lane(run)
-        errors: list[BaseException] = []  # this thread's first, then the second lane's
-        lane: threading.Thread | None = None
+        tuner = tuner_of(comm_state(self.comm))
+        measured = tuner.snapshot() if saved is not None else None
         try:
-            if second:
-                lane = threading.Thread(
-                    target=self._reduce_lane,
-                    args=(run, second, errors),
-                    name="sparcomm-reducer-lane",
-                    daemon=True,
-                )
-                lane.start()
-            self._reduce_buckets(run, [b for b in run.plan.buckets if b.index not in second])
+            for bucket in run.plan.buckets:
+                with run.condition:
+                    while run.pending[bucket.index] > 0 and not run.cancelled:
+                        run.condition.wait()
+                    if run.cancelled:
+                        return
+                self._reduce_bucket(run, bucket)
         except BaseException as error:  # handed to wait() on the caller's thread
-            errors.insert(0, error)
+            run.error = error
+            if saved is not None:
+                try:
+                    self.restore(saved)
+                    tuner.restore(measured)
+                except BaseException as failure:  # the step's error is its __context__
+                    run.error = failure
         finally:
-            if lane is not None:
-                lane.join()  # every collective of the step has ended, here and there
-            if errors:
-                run.error = errors[0]
-                if saved is not None:
-                    try:
-                        self.restore(saved)
-                        for tuner, handle in zip(tuners, measured, strict=True):
-                            tuner.restore(handle)
-                    except BaseException as failure:  # the step's error is its __context__
-                        run.error = failure
             run.done.set()
-
-    def _reduce_buckets(self, run: _StepRun, buckets: Sequence[_Bucket], comm: Any = None) -> None:
-        """Reduce ``buckets`` in order, each once its gradients are in (a cancelled
-        step: none after)."""
-        for bucket in buckets:
-            with run.condition:
-                while run.pending[bucket.index] > 0 and not run.cancelled:
-                    run.condition.wait()
-                if run.cancelled:
-                    return
-            self._reduce_bucket(run, bucket, comm)
-
-    def _reduce_lane(
-        self, run: _StepRun, second: frozenset[int], errors: list[BaseException]
-    ) -> None:
-        """The second lane's thread: its buckets on its communicator.  Its error goes to
-        ``errors`` (the step fails on every rank: its collectives agree)."""
-        try:
-            buckets = [b for b in run.plan.buckets if b.index in second]
-            self._reduce_buckets(run, buckets, self.lane_comm)
-        except BaseException as error:
-            errors.append(error)
 
     def snapshot(self) -> list[Any]:
         """A handle on every codec's state (error-feedback residuals, DGC's velocities,
@@ -629,9 +570,9 @@ class _Engine:
             if holder is not None:
                 holder.restore(handle)
 
-    def _reduce_bucket(self, run: _StepRun, bucket: _Bucket, comm: Any = None) -> None:
+    def _reduce_bucket(self, run: _StepRun, bucket: _Bucket) -> None:
         if run.device is None:
-            self._reduce_bucket_here(run, bucket, comm)
+            self._reduce_bucket_here(run, bucket)
             return
         with run.device:
             stream = sys.modules["cupy"].cuda.get_current_stream()
@@ -639,12 +580,11 @@ class _Engine:
                 event = run.ready.get(slot.name)
                 if event is not None:
                     stream.wait_event(event)
-            self._reduce_bucket_here(run, bucket, comm)
+            self._reduce_bucket_here(run, bucket)
             # The caller reads the outputs on its own stream after wait().
             stream.synchronize()
 
-    def _reduce_bucket_here(self, run: _StepRun, bucket: _Bucket, comm: Any = None) -> None:
-        """Reduce one bucket on ``comm`` (default: the reducer's communicator)."""
+    def _reduce_bucket_here(self, run: _StepRun, bucket: _Bucket) -> None:
         codec = self.codecs[bucket.codec] if bucket.compressed else self.dense_codec
         if bucket.compressed and _is_low_rank(codec):
             self._reduce_low_rank(run, bucket, codec)
@@ -655,8 +595,7 @@ class _Engine:
         if len(bucket.slots) == 1:
             slot = bucket.slots[0]
             x = run.inputs[slot.name]
-            out = _given_up(run, slot.name, x)
-            result = self._allreduce(run, bucket, codec, x, out=out, comm=comm)
+            result = self._allreduce(run, bucket, codec, x, out=_given_up(run, slot.name, x))
             run.outputs[slot.name] = result.reshape(slot.shape)
             return
         buffer_key = (id(run.plan), bucket.index)
@@ -673,17 +612,16 @@ class _Engine:
                 fused[slot.offset : slot.offset + slot.size].reshape(slot.shape)[...] = run.inputs[
                     slot.name
                 ]
-            with run.condition:  # two lanes add to the stats
-                run.stats.phases["fuse"] += time.perf_counter() - start
+            run.stats.phases["fuse"] += time.perf_counter() - start
         if prefilled and _is_dense_codec(codec):
             # The dense sum goes into the buffer itself (handed over below), and a buffer
             # counted finite while it was filled is not read again before it travels.
             from sparcomm.comm._dense import finite
 
             with finite(fused) if non_finite == 0 else contextlib.nullcontext():
-                result = self._allreduce(run, bucket, codec, fused, out=fused, comm=comm)
+                result = self._allreduce(run, bucket, codec, fused, out=fused)
         else:
-            result = self._allreduce(run, bucket, codec, fused, comm=comm)
+            result = self._allreduce(run, bucket, codec, fused)
         if result is fused or getattr(result, "base", None) is fused:
             # The collective answered in place: hand this buffer to the caller and use a
             # fresh one next step, so returned views are never overwritten.
@@ -786,7 +724,6 @@ class _Engine:
         x: Any,
         parent: _Bucket | None = None,
         out: Any = None,
-        comm: Any = None,
     ) -> Any:
         from sparcomm.comm import AllreduceStats, allreduce
         from sparcomm.comm._call import agreed_layout
@@ -800,7 +737,7 @@ class _Engine:
             result = allreduce(
                 x,
                 codec=codec,
-                comm=self.comm if comm is None else comm,
+                comm=self.comm,
                 op=self.op,
                 key=bucket.key,
                 step=run.step,
@@ -812,12 +749,7 @@ class _Engine:
 
     @staticmethod
     def _account(run: _StepRun, bucket: _Bucket, info: Any, start: float) -> None:
-        """Add one collective's figures to the step's stats (two lanes may add at once)."""
-        with run.condition:
-            _Engine._account_locked(run, bucket, info, start)
-
-    @staticmethod
-    def _account_locked(run: _StepRun, bucket: _Bucket, info: Any, start: float) -> None:
+        """Add one collective's figures to the step's stats."""
         stats = run.stats
         stats.seconds += time.perf_counter() - start
         stats.buckets += 1
@@ -828,23 +760,6 @@ class _Engine:
         stats.algorithms.append(info.algorithm)
         for category, seconds in info.by_category().items():
             stats.phases[category] += seconds
-
-
-def _resolve_lanes(lanes: Any) -> int:
-    """``lanes`` checked, or ``SPARCOMM_LANES`` from the environment (default 1)."""
-    source = "lanes"
-    if lanes is None:
-        text = os.environ.get("SPARCOMM_LANES", "1").strip() or "1"
-        source = f"SPARCOMM_LANES={text!r}"
-        try:
-            lanes = int(text)
-        except ValueError:
-            raise ValueError(f"{source}: expected 1 or 2; set SPARCOMM_LANES=1 or 2") from None
-    if isinstance(lanes, bool) or not isinstance(lanes, (int, np.integer)):
-        raise TypeError(f"lanes must be an int (1 or 2), got {type(lanes).__name__} {lanes!r}")
-    if lanes not in (1, 2):
-        raise ValueError(f"{source} must be 1 or 2, got {lanes}")
-    return int(lanes)
 
 
 def _given_up(run: _StepRun, name: Hashable, x: Any) -> Any:
@@ -933,15 +848,6 @@ class GradientReducer:
         Reduce buckets in a background thread as they fill (needs
         ``MPI_THREAD_MULTIPLE``; without it the reducer logs a warning and reduces in
         :meth:`wait`, on the caller's thread).  ``False`` always reduces in :meth:`wait`.
-    lanes : {1, 2}, optional
-        Collectives in flight at once (default: ``SPARCOMM_LANES`` from the environment,
-        else 1).  With 2 and ``overlap``, the dense and ``FP16`` buckets alternate
-        between the progress thread and a second thread on a second duplicate of the
-        communicator, as gloo's two worker threads run two of DDP's buckets at once: one
-        bucket's collective fills the other's pauses (its sums, its last steps).
-        Compressed buckets with state (error feedback, ...) stay on the progress thread.
-        Measured on an emulated 1 Gbit/s cluster (docs/benchmarks.md, issue 11, session
-        10).  The same on every rank (checked at :meth:`setup`).
     layer_fuse_below : int
         In ``"layer"`` mode, compressed tensors with fewer elements fuse into shared
         compressed buckets (default :data:`DEFAULT_LAYER_FUSE_BELOW`); 0: every
@@ -1001,7 +907,6 @@ class GradientReducer:
         overlap: bool = True,
         layer_fuse_below: int = DEFAULT_LAYER_FUSE_BELOW,
         schedule: Any = None,
-        lanes: int | None = None,
     ) -> None:
         from sparcomm._abort import install_abort_hook
         from sparcomm.codecs import Codec, NoCompression
@@ -1047,7 +952,6 @@ class GradientReducer:
         self.warmup_steps = int(warmup_steps)
         self.layer_fuse_below = int(layer_fuse_below)
         self.compression = compression
-        self.lanes = _resolve_lanes(lanes)
         parent = _default_comm(comm)
         for each in codecs:  # DGC's clipping takes P from the communicator
             check_setup(each, comm=parent)
@@ -1055,7 +959,6 @@ class GradientReducer:
         duplicates = _Duplicates.of(parent)
         duplicate, number = duplicates.duplicate(parent)
         self._engine = _Engine(codecs, op, duplicate, duplicates, number)
-        self._parent = parent
         self._closed = False
         self._finalizer = weakref.finalize(self, _abandon, self._engine)
         self.overlap = bool(overlap)
@@ -1194,17 +1097,6 @@ class GradientReducer:
                 choices=choices,
                 modes=modes,
             )
-        engine = self._engine
-        if self.lanes > 1 and self.overlap:
-            lanes = [sum(map(engine.lane_ok, plan.buckets)) for plan in self._plans.values()]
-            if max(lanes) >= 2:  # a second communicator (collective: every rank agrees)
-                engine.lane_comm, engine.lane_number = engine.duplicates.duplicate(self._parent)
-                from sparcomm.comm import allreduce
-
-                # Its collectives' private state (made on first use, collectively) here,
-                # not inside the first step.
-                small = np.zeros(8, dtype=np.float32)
-                allreduce(small, codec=engine.dense_codec, comm=engine.lane_comm, op=self.op)
         self._warm_up()
 
     def _choices(self, specs: Sequence[tuple[Hashable, tuple[int, ...], np.dtype]]) -> list[int]:
@@ -1339,7 +1231,6 @@ class GradientReducer:
                 self.warmup_steps,
                 self.compression,
                 self.layer_fuse_below,
-                self.lanes,
             )
         )
         return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
@@ -1642,10 +1533,6 @@ class GradientReducer:
         engine.stop_thread()
         engine.comm.Free()
         engine.duplicates.closed()
-        if engine.lane_comm is not None:
-            engine.lane_comm.Free()
-            engine.duplicates.closed()
-            engine.lane_comm = None
 
     def __enter__(self) -> GradientReducer:
         return self
