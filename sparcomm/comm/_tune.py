@@ -25,11 +25,13 @@ MPI libraries' run-time tuners and Horovod's autotuner do, on the user's own cal
    (docs/benchmarks.md, issue 11, session 9): with races side by side, FP16's last
    bucket chose ``reduce_scatter_allgather`` in 3 of 6 training runs, a step 7-10 %
    slower than ``pipelined``'s; one at a time, in 3 of 3 it chose ``pipelined``.  A
-   key waiting for its turn runs the model's choice, untimed; a waiting key called a
-   second time with no call of the racing key in between goes ahead, as the racing
-   key is no longer called once a step (whatever the number of keys in a step; a
-   fixed count of 64 calls was reached inside every step of a model with more
-   buckets).
+   key waiting for its turn runs the model's choice, untimed, until the racing key has
+   been silent for more than twice the longest stretch of calls seen between two
+   calls of one key (a step, whatever the number of buckets in it): then the racing
+   key is taken to be no longer called, and the waiting key goes ahead.  (A fixed
+   limit of 64 calls was reached inside every step of a model with more buckets, and
+   "called twice with no call of the racing key in between" let keys called twice in
+   a row take turns racing.)
 3. **Measured**: the finalist with the least median time runs from then on.  Every
    :data:`CHECK_EVERY`-th call is timed again; when the median of the last
    :data:`CHECKS` checks is more than :data:`DRIFT` times slower or faster than when
@@ -92,9 +94,10 @@ CHECKS = 3
 MAX_KEYS = 4096
 #: A candidate's round ends at its trials (SCREEN_TRIALS, then TRIALS) once they add up
 #: to this many seconds per trial, else at CHEAP_FACTOR times the trials: calls below
-#: 10 ms get more trials, up to 3x (they cost little, and single calls of a few ms swing
-#: the most under load: the allreduce grid's misses under two busy loops were 2^16-2^20
-#: calls, 1.18-1.41x, in session 9).
+#: 10 ms get more trials, up to 3x.  They cost little, and single calls of a few ms swing
+#: the most under load.  The allreduce grid with it (docs/benchmarks.md, issue 11,
+#: session 10): 29/30 cells idle and 22/30 under two busy loops, within the spread of
+#: the runs before it; kept as the better estimate of a cheap call's median.
 CHEAP_CALL_S = 0.010
 CHEAP_FACTOR = 3
 
@@ -153,24 +156,33 @@ class Tuner:
         self.enabled = os.environ.get("SPARCOMM_TUNE", "1").strip() not in ("0", "")
         self._entries: dict[Hashable, _Entry] = {}
         self._generation = 0
-        #: The key whose race is running (one at a time), and the keys that have waited
-        #: for it since its last call.
+        #: The key whose race is running (one at a time).
         self._exploring: Hashable = None
-        self._waiting: frozenset = frozenset()
+        #: Calls counted (decide), each key's last call by that count, and the longest
+        #: stretch seen between two calls of one key.
+        self._calls = 0
+        self._last: dict[Hashable, int] = {}
+        self._longest_gap = 0
 
     def snapshot(self) -> object:
         """A handle on the measurements for :meth:`restore` (a ``GradientReducer`` step
         that fails puts them back, as it does the codecs' state).  Copy on write: an
         entry is copied when it first changes after the snapshot, not before."""
         self._generation += 1
-        return dict(self._entries), self._exploring, self._waiting
+        return (
+            dict(self._entries),
+            self._exploring,
+            (self._calls, dict(self._last), self._longest_gap),
+        )
 
     def restore(self, saved: object) -> None:
         """Put the measurements back as :meth:`snapshot` found them."""
-        entries, self._exploring, self._waiting = cast(
-            "tuple[dict[Hashable, _Entry], Hashable, frozenset]", saved
+        entries, self._exploring, (self._calls, last, self._longest_gap) = cast(
+            "tuple[dict[Hashable, _Entry], Hashable, tuple[int, dict[Hashable, int], int]]",
+            saved,
         )
         self._entries = dict(entries)
+        self._last = dict(last)
         self._generation += 1
 
     def _writable(self, key: Hashable, entry: _Entry) -> _Entry:
@@ -192,11 +204,16 @@ class Tuner:
         best = min(predicted, key=predicted.__getitem__)
         if not self.enabled:
             return Decision(best, False, "model")
+        self._calls += 1
+        last = self._last.get(key)
+        if last is not None:
+            self._longest_gap = max(self._longest_gap, self._calls - last)
+        self._last[key] = self._calls
         entry = self._entries.get(key)
         if entry is None:
             if len(self._entries) >= MAX_KEYS:
-                self._entries.clear()
-                self._exploring, self._waiting = None, frozenset()
+                self._forget()
+                self._last[key] = self._calls
             ranked = sorted(predicted, key=predicted.__getitem__)
             limit = EXPLORE_WITHIN * predicted[best]
             entry = _Entry(
@@ -210,12 +227,12 @@ class Tuner:
             # Another key's race is running.  Two races at once (a training step's
             # buckets) would time each key's calls behind whichever candidate the
             # other is trying, so this key waits, on the model's choice, untimed,
-            # unless it waited already since the racing key's last call.
-            if key not in self._waiting:
-                self._waiting = self._waiting | {key}
+            # unless the racing key is no longer called (see the module docstring).
+            silent = self._calls - self._last.get(self._exploring, self._calls)
+            if silent <= 2 * self._longest_gap:
                 return Decision(best, False, "model", key)
         if entry.choice is None:  # one candidate's trials back to back (see above)
-            self._exploring, self._waiting = key, frozenset()
+            self._exploring = key
             if entry.finalists:
                 name = next(n for n in entry.finalists if not _done(entry.times, n, TRIALS))
             else:
@@ -260,7 +277,7 @@ class Tuner:
                 entry.baseline = medians[entry.choice]
                 entry.since, entry.checks = 0, []
                 if self._exploring == decision.key:  # the next key's race may start
-                    self._exploring, self._waiting = None, frozenset()
+                    self._exploring = None
             return
         entry.checks = [*entry.checks, seconds][-CHECKS:]
         if len(entry.checks) < CHECKS or entry.baseline <= 0:
@@ -276,8 +293,12 @@ class Tuner:
 
     def reset(self) -> None:
         """Forget every measurement (the next calls explore again)."""
+        self._forget()
+
+    def _forget(self) -> None:
         self._entries.clear()
-        self._exploring, self._waiting = None, frozenset()
+        self._exploring = None
+        self._calls, self._last, self._longest_gap = 0, {}, 0
 
 
 def tuner_of(state: _CommState) -> Tuner:

@@ -185,8 +185,9 @@ def test_a_race_held_up_by_a_key_no_longer_called_goes_ahead():
     tuner = Tuner()
     _run(tuner, "gone")
     _run(tuner, "gone")  # its race starts, then the key is never called again
-    # k's first sighting, one call held up, then a second call with no call of the
-    # racing key in between: k takes over.
+    # The longest stretch between two calls of a key so far: 1 (gone, gone).  k's first
+    # sighting, one call held up (gone silent for 2 calls), then gone has been silent
+    # for 3 > 2 x 1: k takes over.
     assert [_run(tuner, "k").mode for _ in range(3)] == ["model", "model", "explore"]
     assert _run(tuner, "gone").mode == "model"  # now gone waits for k's race
 
@@ -206,6 +207,20 @@ def test_many_keys_race_one_at_a_time():
     assert racing[: len(whole)] == whole
     assert set(racing[len(whole) :]) == {"bucket3"}
     assert [tuner.choices()[key] for key in keys[:4]] == ["b", "b", "b", None]
+
+
+def test_keys_called_twice_in_a_row_race_one_after_the_other():
+    """Buckets of one shape are one key: a step calling b, b, c, c.  The waiting key
+    (called twice while the racing one is silent for two calls) does not take over."""
+    tuner = Tuner()
+    racing = []
+    for _ in range(40):
+        for key in ("b", "b", "c", "c"):
+            if _run(tuner, key).mode == "explore":
+                racing.append(key)
+    race = len(_race(["a", "b", "e", "c"], ["b", "a"]))
+    assert racing == ["b"] * race + ["c"] * race
+    assert tuner.choices() == {"b": "b", "c": "b"}
 
 
 def test_cheap_calls_race_longer():
