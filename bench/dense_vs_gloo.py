@@ -143,7 +143,7 @@ def half_schedule(
 
     bounds = _ring.chunk_bounds(x.size, size)
     if segment_bytes is None:
-        segment_bytes = _ring.default_segment_bytes(2 * int(bounds[1]))
+        segment_bytes = _ring.default_segment_bytes(2 * int(bounds[1]), 2)
     segment = _ring._segment_elements(segment_bytes, 2)
     if schedule == "lockstep":
         return _half_lockstep(comm, x, out, segment, scratch, pause_s)

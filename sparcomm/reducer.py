@@ -609,9 +609,8 @@ class _Engine:
             non_finite = None
             start = time.perf_counter()
             for slot in bucket.slots:
-                fused[slot.offset : slot.offset + slot.size].reshape(slot.shape)[...] = run.inputs[
-                    slot.name
-                ]
+                target = fused[slot.offset : slot.offset + slot.size].reshape(slot.shape)
+                target[...] = run.inputs[slot.name]
             run.stats.phases["fuse"] += time.perf_counter() - start
         if prefilled and _is_dense_codec(codec):
             # The dense sum goes into the buffer itself (handed over below), and a buffer

@@ -51,7 +51,7 @@ from sparcomm.comm._quantized_layout import (
     ternary_accumulate,
 )
 from sparcomm.comm._ring import chunk_bounds as ring_chunk_bounds
-from sparcomm.comm._ring import default_segment_bytes
+from sparcomm.comm._ring import half_segment_count
 from sparcomm.comm._stats import AllreduceStats
 from sparcomm.comm._sums import decode_sum
 from sparcomm.kernels.cpu import merge as _merge
@@ -709,9 +709,7 @@ def predict_quantized(algorithm: str, codec: Any, n: int, dtype: Any, size: int)
         lengths = np.diff(ring_chunk_bounds(n, size))
         chunk = 2.0 * lengths
         busiest = float(lengths.max())
-        # As _ring.half_allreduce cuts the busiest chunk (bytes of float16).
-        chunk_bytes = 2 * int(busiest)
-        prediction.segments = max(1, -(-chunk_bytes // default_segment_bytes(chunk_bytes)))
+        prediction.segments = half_segment_count(n, size)  # as half_allreduce cuts
         add(Phase("encode", 0, zeros, zeros, compute={"encode": n}))
         add(Phase("reduce_scatter", size - 1, *_alltoall(np.tile(chunk, (size, 1)))))
         compute = {"decode": busiest, "decode_add": (size - 1) * busiest, "encode": busiest}

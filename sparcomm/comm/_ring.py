@@ -73,9 +73,19 @@ MIN_SEGMENT_BYTES = 256 << 10
 MAX_SEGMENT_BYTES = 4 << 20
 
 
-def default_segment_bytes(chunk_bytes: int) -> int:
-    """The segment of a pipeline whose chunks hold ``chunk_bytes`` of wire data."""
-    return max(MIN_SEGMENT_BYTES, min(MAX_SEGMENT_BYTES, -(-chunk_bytes // SEGMENTS_PER_CHUNK)))
+def default_segment_bytes(chunk_bytes: int, itemsize: int = 1) -> int:
+    """The segment of a pipeline whose chunks hold ``chunk_bytes`` of wire data: a
+    multiple of ``itemsize``, so that a chunk is cut into at most
+    :data:`SEGMENTS_PER_CHUNK` segments (rounded down to whole elements, a quarter of
+    the bytes could leave a fifth segment of one element)."""
+    quarter = -(-chunk_bytes // SEGMENTS_PER_CHUNK)
+    whole = -(-quarter // itemsize) * itemsize
+    return max(MIN_SEGMENT_BYTES, min(MAX_SEGMENT_BYTES, whole))
+
+
+def default_segment_elements(chunk_elements: int, itemsize: int) -> int:
+    """Elements per segment of a pipeline whose chunks hold ``chunk_elements`` items."""
+    return _segment_elements(default_segment_bytes(chunk_elements * itemsize, itemsize), itemsize)
 
 
 _MPI_TYPES = {
@@ -106,6 +116,18 @@ def _segment_elements(segment_bytes: int, itemsize: int) -> int:
     if segment_bytes < itemsize:
         raise ValueError(f"segment_bytes must be at least {itemsize}, got {segment_bytes}")
     return segment_bytes // itemsize
+
+
+def half_segment_elements(n: int, size: int) -> int:
+    """Elements per segment of :func:`half_allreduce`'s default pipeline: its largest
+    chunk, float16 on the wire."""
+    return default_segment_elements(int(chunk_bounds(n, size)[1]), 2)
+
+
+def half_segment_count(n: int, size: int) -> int:
+    """Segments :func:`half_allreduce`'s default pipeline cuts its largest chunk into
+    (the cost model's overlap, ``Prediction.segments``)."""
+    return len(_segments(0, int(chunk_bounds(n, size)[1]), half_segment_elements(n, size)))
 
 
 def ring_allreduce_inplace(
@@ -147,8 +169,9 @@ def ring_allreduce(
     datatype = _MPI_TYPES[buffer.dtype]
     bounds = chunk_bounds(buffer.size, size)
     if segment_bytes is None:
-        segment_bytes = default_segment_bytes(int(bounds[1]) * buffer.itemsize)
-    segment = _segment_elements(segment_bytes, buffer.itemsize)
+        segment = default_segment_elements(int(bounds[1]), buffer.itemsize)
+    else:
+        segment = _segment_elements(segment_bytes, buffer.itemsize)
     # Every chunk cut the same way: a chunk's pieces by index (chunks differ by at most
     # one element, so they have the same number of pieces unless a boundary falls
     # exactly; cut each chunk into the same count to keep the stream aligned).
@@ -304,8 +327,9 @@ def half_allreduce(
         kernels.fp16_decode(encoded, out, 0)
         return 0, 0, bad, (0 if bad else -1)
     if segment_bytes is None:
-        segment_bytes = default_segment_bytes(2 * int(chunk_bounds(n, size)[1]))
-    segment = _segment_elements(segment_bytes, 2)
+        segment = half_segment_elements(n, size)
+    else:
+        segment = _segment_elements(segment_bytes, 2)
     encoded, sums, incoming, total, bounds, pieces = half_buffers(x, size, rank, segment, scratch)
     bits, sum_bits, incoming_bits = (b.view(np.uint16) for b in (encoded, sums, incoming))
     own_a = int(bounds[rank])

@@ -229,3 +229,26 @@ def test_dense_phase_refuses_non_sparse_codecs_locally():
     with pytest.raises(NotImplementedError, match="dense_phase must be"):
         _check_dense_phase(TopK(k=1), OneBit())
     assert isinstance(_check_dense_phase(TopK(k=1), FP16()), TopK)
+
+
+@pytest.mark.parametrize("size", [2, 3, 4, 8])
+@pytest.mark.parametrize("n", [4218890, 6293504, 1 << 24, 3 * (1 << 22) + 5, 10**6 + 3])
+def test_the_model_counts_the_segments_the_pipelines_cut(n, size):
+    """The cost model's segments are the float16 pipeline's own cut of its largest chunk
+    (one helper, ``_ring.half_segment_count``), and a default cut makes at most
+    SEGMENTS_PER_CHUNK pieces: a quarter of the bytes rounded down to whole elements
+    used to leave a fifth piece of one element (4,218,890 float16 on 2 ranks).  More
+    only where a quarter is past MAX_SEGMENT_BYTES."""
+    from sparcomm.comm import _ring
+
+    def most(itemsize: int) -> int:
+        return max(_ring.SEGMENTS_PER_CHUNK, -(-chunk * itemsize // _ring.MAX_SEGMENT_BYTES))
+
+    chunk = int(_ring.chunk_bounds(n, size)[1])
+    segment = _ring.half_segment_elements(n, size)
+    pieces = _ring._segments(0, chunk, segment)
+    assert predict_quantized("pipelined", FP16(), n, np.float32, size).segments == len(pieces)
+    assert len(pieces) <= most(2)
+    for itemsize in (4, 8):  # the float32 / float64 ring
+        per = _ring.default_segment_elements(chunk, itemsize)
+        assert -(-chunk // per) <= most(itemsize)
