@@ -181,6 +181,7 @@ class DDPCommState:
         self._orphans: dict[int, np.ndarray] = {}
         self._orphan_momenta: dict[int, np.ndarray] = {}  # DGC's velocities, likewise
         self._snapshot: Any = None
+        self._measured: Any = None  # auto's measurements at the iteration's start
         self._iteration_non_finite = False
         self._iteration_failed = False
         self._queue: queue.Queue[_Job | None] = queue.Queue()
@@ -260,7 +261,8 @@ class DDPCommState:
         4. reduce (sum) with the codec's collective; on a non-finite gradient in
            ``"propagate"`` mode, agree across ranks and fill the bucket with NaN;
         5. write the result into DDP's buffer; at the last bucket of a skipped or
-           failed iteration, restore the residuals.
+           failed iteration, restore the residuals (and, of a failed one, ``auto``'s
+           measurements).
 
         A bucket that fails does so on every rank (the collective's agreement), so every
         rank restores at the same bucket.
@@ -270,6 +272,10 @@ class DDPCommState:
             self._iteration_failed = False
             if self._memory is not None:
                 self._snapshot = self._memory.snapshot()
+            # auto's measurements too, as GradientReducer's: the calls of a failed
+            # iteration that succeeded leave no trace, so its retry runs the algorithms
+            # that a run without the failure runs.
+            self._measured = self._tuner().snapshot()
         try:
             if self._layouts.get(job.index) != job.layout:
                 self._relayout(job.index, job.layout)
@@ -301,9 +307,17 @@ class DDPCommState:
         if self._iteration_non_finite or self._iteration_failed:
             if self._snapshot is not None and self._memory is not None:
                 self._memory.restore(self._snapshot)
-        self._snapshot = None
+        if self._iteration_failed and self._measured is not None:
+            self._tuner().restore(self._measured)
+        self._snapshot = self._measured = None
         if not self._iteration_failed:
             self.iteration += 1
+
+    def _tuner(self) -> Any:
+        from sparcomm.comm._context import comm_state
+        from sparcomm.comm._tune import tuner_of
+
+        return tuner_of(comm_state(self._comm))
 
     def _reduce_array(self, job: _Job, x: np.ndarray) -> None:
         from sparcomm.comm import AllreduceStats, allreduce
