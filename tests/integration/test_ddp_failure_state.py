@@ -66,8 +66,12 @@ def _train(comm, make_codec, fail: bool):
                 before = {k: v.copy() for k, v in codec.state_dict()["residuals"].items()}
                 assert len(before) > 1, "several buckets expected"
                 iteration = state.iteration
+                measured = _measurements(state)
                 with pytest.raises(Exception, match="non-finite"):
                     backward(step, poison=True)
+                # auto's measurements too: the buckets reduced before the failing one
+                # (the first of them races in this iteration) leave no call behind.
+                assert _measurements(state) == measured
                 after = codec.state_dict()["residuals"]
                 assert list(after) == list(before)
                 for key, value in before.items():
@@ -78,6 +82,18 @@ def _train(comm, make_codec, fail: bool):
         residuals = {k: v.copy() for k, v in codec.state_dict()["residuals"].items()}
     params = np.concatenate([p.detach().numpy().ravel() for p in module.parameters()])
     return params, residuals
+
+
+def _measurements(state) -> dict:
+    """Each key's calls seen and timed calls per candidate in auto's tuner."""
+    from sparcomm.comm._context import comm_state
+    from sparcomm.comm._tune import tuner_of
+
+    entries = tuner_of(comm_state(state.comm))._entries
+    return {
+        key: (entry.seen, {name: len(times) for name, times in entry.times.items()})
+        for key, entry in entries.items()
+    }
 
 
 def case_raise_restores():
