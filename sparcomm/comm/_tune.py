@@ -24,7 +24,10 @@ MPI libraries' run-time tuners and Horovod's autotuner do, on the user's own cal
    in 7 of 8 re-timed grid cells (``bench/auto_timing_modes.py``).  Until session 11 a
    candidate's calls ran back to back, and under two busy loops the load changed
    between two finalists' blocks in 3 grid cells, each chosen 1.13-1.52x slower than
-   the other (docs/benchmarks.md, issue 11, session 10).  One key races at a time on
+   the other (docs/benchmarks.md, issue 11, session 10).  Eight grid runs, the two
+   orders alternated, could not tell them apart (105 and 106 of 120 cells within
+   1.1x, session 11); turns are kept for training, where a bucket's race calls are a
+   step apart and back-to-back blocks each span several steps.  One key races at a time on
    a communicator: a training step's buckets are keys called in turn, and a race
    beside another would time each bucket behind whichever candidate the bucket before
    it is trying.  Measured at 1 Gbit/s
