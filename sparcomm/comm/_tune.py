@@ -16,21 +16,17 @@ MPI libraries' run-time tuners and Horovod's autotuner do, on the user's own cal
    Cheap calls race longer: a candidate's round goes on past its trials until they add
    up to :data:`CHEAP_CALL_S` each, at most :data:`CHEAP_FACTOR` times the trials, so a
    call of a few milliseconds is judged on the median of up to 15 (single calls that
-   short swing by 20-40 % under load).  A round's candidates take turns call by call
-   (a, b, c, a, b, c, ...), so a change of load during the round falls on all of them
-   alike.  Each timed call ends in the agreement on its seconds (below), which brings
-   the ranks back in step, so no call inherits the one before it: timed that way, one
-   algorithm's calls back to back and the algorithms alternating gave the same ranking
-   in 7 of 8 re-timed grid cells (``bench/auto_timing_modes.py``).  Until session 11 a
-   candidate's calls ran back to back, and under two busy loops the load changed
-   between two finalists' blocks in 3 grid cells, each chosen 1.13-1.52x slower than
-   the other (docs/benchmarks.md, issue 11, session 10).  Eight grid runs, the two
-   orders alternated, could not tell them apart (105 and 106 of 120 cells within
-   1.1x, session 11); turns are kept for training, where a bucket's race calls are a
-   step apart and back-to-back blocks each span several steps.  One key races at a time on
-   a communicator: a training step's buckets are keys called in turn, and a race
-   beside another would time each bucket behind whichever candidate the bucket before
-   it is trying.  Measured at 1 Gbit/s
+   short swing by 20-40 % under load).  One candidate's calls run back to back: the
+   part of a call's time that the previous call leaves behind (ranks it left out of
+   step, waiting in the next agreement) is then charged to the candidate that caused
+   it, and each call finds the buffers and caches its own previous call left, as in
+   steady state.  Taking turns (a, b, a, b) was tried in session 11: eight allreduce
+   grid runs, the orders alternated, could not tell them apart (105 and 106 of 120
+   cells within 1.1x), and in training FP16's first bucket chose the slower
+   ``reduce_scatter_allgather`` in 1 of 4 runs at 1 Gbit/s (docs/benchmarks.md).  One
+   key races at a time on a communicator: a training step's buckets are keys
+   called in turn, and a race beside another would time each bucket behind whichever
+   candidate the bucket before it is trying.  Measured at 1 Gbit/s
    (docs/benchmarks.md, issue 11, session 9): with races side by side, FP16's last
    bucket chose ``reduce_scatter_allgather`` in 3 of 6 training runs, a step 7-10 %
    slower than ``pipelined``'s; one at a time, in 3 of 3 it chose ``pipelined``.  A
@@ -154,15 +150,6 @@ def _done(times: dict[str, list[float]], name: str, trials: int) -> bool:
     return len(values) >= CHEAP_FACTOR * trials or sum(values) >= trials * CHEAP_CALL_S
 
 
-def _next_in_turn(times: dict[str, list[float]], names: tuple[str, ...], trials: int) -> str:
-    """The candidate of this round that runs next: of those not done, the one with the
-    fewest timed calls (the first of them in ``names``), so the round's candidates take
-    turns call by call and a change of load in the middle of a round falls on all of
-    them alike."""
-    waiting = [n for n in names if not _done(times, n, trials)]
-    return min(waiting, key=lambda n: len(times.get(n, ())))
-
-
 def _medians(times: dict[str, list[float]]) -> dict[str, float]:
     return {name: float(np.median(values)) for name, values in times.items()}
 
@@ -249,12 +236,12 @@ class Tuner:
             silent = self._calls - self._last.get(self._exploring, self._calls)
             if silent <= 2 * self._longest_gap:
                 return Decision(best, False, "model", key)
-        if entry.choice is None:  # the round's candidates in turn (see above)
+        if entry.choice is None:  # one candidate's trials back to back (see above)
             self._exploring = key
             if entry.finalists:
-                name = _next_in_turn(entry.times, entry.finalists, TRIALS)
+                name = next(n for n in entry.finalists if not _done(entry.times, n, TRIALS))
             else:
-                name = _next_in_turn(entry.times, entry.candidates, SCREEN_TRIALS)
+                name = next(n for n in entry.candidates if not _done(entry.times, n, SCREEN_TRIALS))
             return Decision(name, True, "explore", key, started)
         timed = (entry.since + 1) % CHECK_EVERY == 0
         return Decision(entry.choice, timed, "measured", key, started, entry.medians)

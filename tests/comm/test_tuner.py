@@ -52,9 +52,9 @@ def _explore(tuner: Tuner, key="k", seconds=SECONDS) -> list[str]:
 
 def _race(candidates: list[str], finalists: list[str]) -> list[str]:
     """The calls of a race: every candidate's first round, then the finalists' rest,
-    the round's candidates taking turns call by call."""
-    first = [name for _ in range(SCREEN_TRIALS) for name in candidates]
-    return first + [name for _ in range(TRIALS - SCREEN_TRIALS) for name in finalists]
+    one candidate's calls back to back."""
+    first = [name for name in candidates for _ in range(SCREEN_TRIALS)]
+    return first + [name for name in finalists for _ in range(TRIALS - SCREEN_TRIALS)]
 
 
 def test_first_call_is_the_models_then_close_candidates_race():
@@ -79,7 +79,7 @@ def test_two_candidates_race_without_a_first_round():
         names.append(decision.name)
         decision.start = time.perf_counter() - SECONDS[decision.name]
         tuner.record(MPI.COMM_SELF, decision, AllreduceStats())
-    assert names == ["a", "b"] * TRIALS
+    assert names == ["a"] * TRIALS + ["b"] * TRIALS
     assert tuner.choices() == {"k": "b"}
 
 
@@ -234,11 +234,7 @@ def test_cheap_calls_race_longer():
     # Finalists b (1.5 ms) and a (4 ms) go on: 5 trials each and more up to 50 ms,
     # at most 15: a 13, b 15.
     assert counts == {"a": 13, "b": 15, "c": 3, "e": 4}
-    # In turn, the fewest trials first: c leaves the first round after its third call,
-    # e after its fourth, a after its fifth; in the final, a catches up with b, then
-    # they alternate until a is done, and b runs alone to its cap.
-    first = ["a", "b", "e", "c"] * 3 + ["a", "b", "e", "a", "b", "b"]
-    assert explored == first + ["a"] + ["b", "a"] * 7 + ["b", "b"]
+    assert explored == ["a"] * 5 + ["b"] * 6 + ["e"] * 4 + ["c"] * 3 + ["b"] * 9 + ["a"] * 8
 
 
 @pytest.mark.parametrize(("value", "enabled"), [("0", False), ("", False), ("1", True)])

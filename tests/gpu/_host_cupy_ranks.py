@@ -65,9 +65,9 @@ def _cuda_aware_cases() -> list:
 def main() -> None:
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
-    # Each case's host and device calls must run one algorithm; auto's race would time a
-    # different candidate on each call (its candidates take turns), and QSGD's
-    # algorithms round differently.  The model's choice is the same on both calls.
+    # Each case's host and device calls must run one algorithm: auto's race may time a
+    # different candidate on each call, and QSGD's algorithms round differently.  The
+    # model's choice is the same on both calls.
     set_tuning(comm, False)
     cases = _cuda_aware_cases() if "--cuda-aware" in sys.argv else CASES
     x = np.random.default_rng(100 + rank).standard_normal((23, 87)).astype(np.float32)
