@@ -27,3 +27,19 @@ def pytest_runtest_makereport(item, call):
         )
         sys.stderr.flush()
         comm.Abort(1)
+
+
+@pytest.fixture
+def untimed_race_lengths(monkeypatch):
+    """auto's races without the cheap-call rule: every round runs exactly its trials.
+
+    Tests that compare two runs bit for bit (a run with a failed step against one
+    without) need both runs' races to time the same candidates in the same calls.  The
+    cheap-call rule (sparcomm.comm._tune.CHEAP_CALL_S) ends a round by the measured
+    seconds, so a call descheduled for 10 ms on a loaded machine ends a round early in
+    one run only; it failed a CI run of tests/mpi/test_failed_step_state.py under
+    ``pytest -n 2`` (session 11).  With it off, which candidate a call times depends on
+    call counts alone, as the tuner's restore must reproduce them."""
+    from sparcomm.comm import _tune
+
+    monkeypatch.setattr(_tune, "CHEAP_CALL_S", 0.0)

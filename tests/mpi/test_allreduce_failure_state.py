@@ -19,6 +19,9 @@ import pytest
 
 MPI = pytest.importorskip("mpi4py.MPI")
 
+# Both runs of a comparison time the same race candidates (see the fixture).
+pytestmark = pytest.mark.usefixtures("untimed_race_lengths")
+
 from _state_checks import STATEFUL_CODECS, codec_state  # noqa: E402
 from _state_checks import assert_same as _assert_same  # noqa: E402
 

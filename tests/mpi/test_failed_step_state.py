@@ -16,6 +16,9 @@ import pytest
 
 MPI = pytest.importorskip("mpi4py.MPI")
 
+# Both runs of a comparison time the same race candidates (see the fixture).
+pytestmark = pytest.mark.usefixtures("untimed_race_lengths")
+
 from _state_checks import STATEFUL_CODECS, assert_same  # noqa: E402
 
 from sparcomm import (  # noqa: E402
