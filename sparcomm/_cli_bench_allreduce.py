@@ -14,11 +14,13 @@ For every vector length n and density d, measured in the same run, on the same d
 * ``auto`` (the cost model's choice) beside every algorithm;
 * MPI's own ``Allreduce`` of the dense n-element buffers.
 
-A figure is the median over ``--repeats`` of the slowest rank's time per call; a repeat
+A figure is the median over repeats of the slowest rank's time per call; a repeat
 starts after a barrier and times enough back-to-back calls to last about 30 ms (as the
 OSU micro-benchmarks loop), and algorithms are interleaved within a repeat so drifting
-load hits all of them alike.  Reported: times, MPI time / time (speedup), auto / fastest, bytes sent
-per rank (mean over ranks), and auto's choice.
+load hits all of them alike.  A cell gets at least ``--repeats`` repeats, and more (up
+to 25) until its timed calls add up to ``--cell-seconds``: cells of cheap calls get as
+many samples' worth of time as cells of slow ones.  Reported: times, MPI time / time
+(speedup), auto / fastest, bytes sent per rank (mean over ranks), and auto's choice.
 
 When started outside ``mpiexec`` with ``-np`` > 1, the command relaunches itself under
 the installed ``mpiexec`` (see :func:`sparcomm._launch.find_mpiexec`).
@@ -34,19 +36,17 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 from typing import Any
 
 import numpy as np
 
-from sparcomm._cli_bench_quantized import CODECS, DEFAULT_CODECS, settle_auto
+from sparcomm._cli_bench_quantized import CODECS, DEFAULT_CODECS, settle_auto, time_rounds
 from sparcomm.cli import arguments, command
 
 DEFAULT_SIZES = (16, 20, 24)
 DEFAULT_DENSITIES = (1e-4, 1e-3, 1e-2, 0.1, 0.5, 1.0)
 _CHILD_ENV = "SPARCOMM_BENCH_ALLREDUCE_CHILD"
 _YIELD_ENV = "MPIR_CVAR_ENABLE_HEAVY_YIELD"  # MPICH: yield the core while waiting
-_MIN_REPEAT_SECONDS = 0.03
 # Environment variables set by MPI launchers (MPICH/Hydra, Open MPI, PMIx, Slurm).
 _LAUNCHER_ENV = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "SLURM_PROCID")
 
@@ -58,7 +58,8 @@ def _under_launcher() -> bool:
 def _child_argv(args: argparse.Namespace) -> list[str]:
     argv = ["bench", "allreduce", "-np", str(args.np)]
     argv += ["--sizes", *map(str, args.sizes), "--densities", *map(str, args.densities)]
-    argv += ["--repeats", str(args.repeats), "--dtype", args.dtype, "--seed", str(args.seed)]
+    argv += ["--repeats", str(args.repeats), "--cell-seconds", str(args.cell_seconds)]
+    argv += ["--dtype", args.dtype, "--seed", str(args.seed)]
     argv += ["--input", args.input]
     if args.algorithms:
         argv += ["--algorithms", *args.algorithms]
@@ -95,24 +96,6 @@ def _relaunch(args: argparse.Namespace) -> int:
     return subprocess.call(command + _child_argv(args), env=env)
 
 
-def _timed(comm, function, iterations: int = 1) -> float:
-    """Seconds per call of ``iterations`` back-to-back calls, on the slowest rank (after
-    a barrier)."""
-    from mpi4py import MPI
-
-    comm.Barrier()
-    start = time.perf_counter()
-    for _ in range(iterations):
-        function()
-    return comm.allreduce(time.perf_counter() - start, op=MPI.MAX) / iterations
-
-
-def _iterations(seconds: float) -> int:
-    """Calls per timed repeat so that a repeat lasts about ``_MIN_REPEAT_SECONDS``: one
-    slow scheduling event then shifts a figure by a fraction, not a multiple."""
-    return max(1, min(50, math.ceil(_MIN_REPEAT_SECONDS / max(seconds, 1e-6))))
-
-
 def _inputs(n: int, k: int, dtype: np.dtype, seed: int, rank: int):
     rng = np.random.default_rng([seed, rank, n, k])
     indices = np.sort(rng.choice(n, k, replace=False)).astype(np.int32 if n < 2**31 else np.int64)
@@ -123,7 +106,15 @@ def _inputs(n: int, k: int, dtype: np.dtype, seed: int, rank: int):
 
 
 def bench_point(
-    comm, n: int, density: float, dtype: np.dtype, algorithms, repeats, seed, source="dense"
+    comm,
+    n: int,
+    density: float,
+    dtype: np.dtype,
+    algorithms,
+    repeats,
+    seed,
+    source="dense",
+    cell_seconds: float = 0.0,
 ):
     """Measure one (n, density) point on every rank; returns the row (on every rank).
 
@@ -166,18 +157,13 @@ def bench_point(
 
     functions = {name: call(name) for name in stats}
     functions["mpi_allreduce"] = lambda: comm.Allreduce(dense, reduced)
-    times: dict[str, list[float]] = {name: [] for name in functions}
     for function in functions.values():
         function()  # warm-up: compilation, first touch of buffers, calibration
     # auto's exploration (its first calls of a shape), counted and left out of the timing
     tuning_calls = {
         name: settle_auto(functions[name], stats[name]) for name in stats if name.startswith("auto")
     }
-    # The same iteration count on every rank (from the slowest rank's warm-up timing).
-    iterations = {name: _iterations(_timed(comm, f)) for name, f in functions.items()}
-    for _ in range(repeats):
-        for name, function in functions.items():
-            times[name].append(_timed(comm, function, iterations[name]))
+    times = time_rounds(comm, functions, repeats, cell_seconds)
     median = {name: statistics.median(values) for name, values in times.items()}
     sent = {name: comm.allreduce(stats[name].bytes_sent) / size for name in stats}
     if source == "dense":  # the user call's output is always dense
@@ -187,6 +173,7 @@ def bench_point(
         "density": density,
         "k": k,
         "input": source,
+        "repeats": len(times["auto"]),
         "mpi_allreduce_s": median["mpi_allreduce"],
         "algorithms": {
             name: {
@@ -272,6 +259,10 @@ def format_table(result: dict[str, Any]) -> str:
         else "sparse_allreduce of ready streams (no encode)"
     )
     machine = result.get("machine", {})
+    counts = sorted({row.get("repeats", result["repeats"]) for row in result["rows"]}) or [
+        result["repeats"]
+    ]
+    repeats = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
     load = ""
     if "loadavg_start" in machine:
         load = (
@@ -279,7 +270,7 @@ def format_table(result: dict[str, Any]) -> str:
             f"(1-min avg) on {machine.get('cpus', '?')} cores"
         )
     return (
-        f"{result['ranks']} ranks, {result['dtype']}, {what}, median of {result['repeats']} "
+        f"{result['ranks']} ranks, {result['dtype']}, {what}, median of {repeats} repeats "
         f"(slowest rank per repeat), times in ms{load}\n{render(lines)}\n\n"
         f"MiB sent per rank (mean over ranks)\n{render(bytes_lines)}"
     )
@@ -353,7 +344,17 @@ def bench_allreduce(args: argparse.Namespace) -> dict[str, Any] | None:
         if bar is not None:
             bar.set_postfix_str(f"n=2^{int(math.log2(n))} d={density:g}")
         rows.append(
-            bench_point(comm, n, density, dtype, algorithms, args.repeats, args.seed, args.input)
+            bench_point(
+                comm,
+                n,
+                density,
+                dtype,
+                algorithms,
+                args.repeats,
+                args.seed,
+                args.input,
+                args.cell_seconds,
+            )
         )
         if bar is not None:
             bar.update()
@@ -362,7 +363,9 @@ def bench_allreduce(args: argparse.Namespace) -> dict[str, Any] | None:
     # Quantized codecs: sparcomm._cli_bench_quantized
     from sparcomm._cli_bench_quantized import bench_quantized
 
-    quantized = bench_quantized(comm, args.sizes, args.codecs, dtype, args.repeats, args.seed)
+    quantized = bench_quantized(
+        comm, args.sizes, args.codecs, dtype, args.repeats, args.seed, None, args.cell_seconds
+    )
     if rank != 0:
         return None
     return {
@@ -372,6 +375,7 @@ def bench_allreduce(args: argparse.Namespace) -> dict[str, Any] | None:
         "dtype": dtype.name,
         "itemsize": dtype.itemsize,
         "repeats": args.repeats,
+        "cell_seconds": args.cell_seconds,
         "algorithms": algorithms,
         "machine": {
             "cpus": os.cpu_count(),
@@ -426,7 +430,17 @@ def _configure(parser: argparse.ArgumentParser) -> None:
         metavar="D",
         help="non-zeros per rank / n, in (0, 1]",
     )
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per figure")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed repeats per figure (at least)"
+    )
+    parser.add_argument(
+        "--cell-seconds",
+        type=float,
+        default=3.0,
+        metavar="S",
+        help="add repeats to a cell (up to 25) until its timed calls add up to S seconds, "
+        "so that cells of cheap calls are sampled as well as slow ones (0: --repeats only)",
+    )
     parser.add_argument(
         "--algorithms",
         nargs="+",
@@ -473,6 +487,8 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"-np must be at least 1, got {args.np}")
     if args.repeats < 1:
         raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
+    if not args.cell_seconds >= 0.0:  # also rejects NaN
+        raise ValueError(f"--cell-seconds must be at least 0, got {args.cell_seconds}")
     for d in args.densities:
         if not 0.0 < d <= 1.0:
             raise ValueError(f"--densities must lie in (0, 1], got {d}")

@@ -9,7 +9,8 @@ interleaved within each repeat so drifting load hits all alike:
 * every algorithm of the quantized family that can run the codec, and ``auto``;
 * MPI's own ``Allreduce`` of the dense buffers (the peer every figure is a ratio to).
 
-A figure is the median over repeats of the slowest rank's time.  Bytes are what the
+A figure is the median over repeats of the slowest rank's time per call, timed as the
+sparse section times it (:func:`time_rounds`).  Bytes are what the
 collectives count (``AllreduceStats.bytes_sent``, mean over ranks); the dense reference
 is a bandwidth-optimal allreduce, ``2 n itemsize (P - 1) / P`` per rank (what MPICH's
 reduce-scatter + allgather moves for large buffers).
@@ -17,6 +18,7 @@ reduce-scatter + allgather moves for large buffers).
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -35,13 +37,55 @@ CODECS: dict[str, Callable[[], Any]] = {
 DEFAULT_CODECS = tuple(p.label for p in _REGISTRY.presets("allreduce", family="quantized"))
 
 
-def _timed(comm, function) -> float:
+#: A timed repeat runs back-to-back calls for about this long (as the OSU micro-benchmarks
+#: loop): one slow scheduling event then shifts a figure by a fraction, not a multiple.
+MIN_REPEAT_SECONDS = 0.03
+#: Repeats are added to a cell (beyond ``--repeats``) until its timed rounds add up to
+#: ``--cell-seconds``, but never past this many.
+MAX_REPEATS = 25
+
+
+def timed(comm, function: Callable[[], Any], iterations: int = 1) -> float:
+    """Seconds per call of ``iterations`` back-to-back calls, on the slowest rank (after
+    a barrier); the same figure on every rank."""
     from mpi4py import MPI
 
     comm.Barrier()
     start = time.perf_counter()
-    function()
-    return comm.allreduce(time.perf_counter() - start, op=MPI.MAX)
+    for _ in range(iterations):
+        function()
+    return comm.allreduce(time.perf_counter() - start, op=MPI.MAX) / iterations
+
+
+def iterations_for(seconds: float) -> int:
+    """Calls per timed repeat so that a repeat lasts about :data:`MIN_REPEAT_SECONDS`."""
+    return max(1, min(50, math.ceil(MIN_REPEAT_SECONDS / max(seconds, 1e-6))))
+
+
+def time_rounds(
+    comm, functions: dict[str, Callable[[], Any]], repeats: int, cell_seconds: float = 0.0
+) -> dict[str, list[float]]:
+    """Time every contender of one cell, interleaved: each round times every function
+    once (``iterations_for`` back-to-back calls, sized from one warm call), so that
+    drifting load hits all alike; returns every round's seconds per call, by name.
+
+    At least ``repeats`` rounds, and more (up to :data:`MAX_REPEATS`) until the rounds'
+    timed calls add up to ``cell_seconds``: a cell of cheap calls (a few ms, where one
+    descheduled call moves a 30 ms repeat by tens of per cent) gets the samples a cell
+    of 100 ms calls gets from five rounds.  Every decision is taken on the slowest
+    rank's figures, which every rank has, so the ranks stay in step.
+    """
+    iterations = {name: iterations_for(timed(comm, f)) for name, f in functions.items()}
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    spent = 0.0
+    while True:
+        for name, function in functions.items():
+            seconds = timed(comm, function, iterations[name])
+            times[name].append(seconds)
+            spent += seconds * iterations[name]
+        rounds = len(times[next(iter(times))])
+        if rounds >= repeats and (spent >= cell_seconds or rounds >= MAX_REPEATS):
+            return times
 
 
 def settle_auto(function: Callable[[], Any], stats: Any, limit: int = 64) -> int:
@@ -57,7 +101,9 @@ def settle_auto(function: Callable[[], Any], stats: Any, limit: int = 64) -> int
     return calls
 
 
-def bench_codec(comm, n: int, name: str, dtype: np.dtype, repeats: int, seed: int) -> dict:
+def bench_codec(
+    comm, n: int, name: str, dtype: np.dtype, repeats: int, seed: int, cell_seconds: float = 0.0
+) -> dict:
     """Measure one (n, codec) point on every rank; returns the row (on every rank)."""
     from sparcomm.comm import AllreduceStats, allreduce
     from sparcomm.comm._cost import candidates
@@ -91,14 +137,11 @@ def bench_codec(comm, n: int, name: str, dtype: np.dtype, repeats: int, seed: in
 
     functions = {a: call(a) for a in stats}
     functions["mpi_allreduce"] = lambda: comm.Allreduce(x, reduced)
-    times: dict[str, list[float]] = {a: [] for a in functions}
     for function in functions.values():
         function()  # warm-up: compilation, buffers, calibration for auto
     # auto's exploration (its first calls of a shape), counted and left out of the timing
     tuning_calls = settle_auto(functions["auto"], stats["auto"])
-    for _ in range(repeats):
-        for a, function in functions.items():
-            times[a].append(_timed(comm, function))
+    times = time_rounds(comm, functions, repeats, cell_seconds)
     median = {a: statistics.median(t) for a, t in times.items()}
     dense_bytes = 2 * n * dtype.itemsize * (size - 1) / size
     rows: dict[str, Any] = {}
@@ -117,6 +160,7 @@ def bench_codec(comm, n: int, name: str, dtype: np.dtype, repeats: int, seed: in
         "n": n,
         "codec": name,
         "codec_repr": repr(codec),
+        "repeats": len(times["auto"]),
         "mpi_allreduce_s": median["mpi_allreduce"],
         "dense_bytes_per_rank": dense_bytes,
         "algorithms": {a: rows[a] for a in algorithms},
@@ -141,6 +185,7 @@ def bench_quantized(
     repeats: int,
     seed: int,
     progress: Callable[[str], None] | None = None,
+    cell_seconds: float = 0.0,
 ) -> list[dict]:
     """Every (n, codec) point, on every rank of ``comm``."""
     rows = []
@@ -148,7 +193,7 @@ def bench_quantized(
         for name in names:
             if progress is not None:
                 progress(f"n=2^{log2n} {name}")
-            rows.append(bench_codec(comm, 1 << log2n, name, dtype, repeats, seed))
+            rows.append(bench_codec(comm, 1 << log2n, name, dtype, repeats, seed, cell_seconds))
     return rows
 
 

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from sparcomm import _cli_bench_quantized as quantized
 from sparcomm.cli import main
 
 ENTRY = "import sys; from sparcomm.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -23,6 +24,8 @@ def test_bench_allreduce_reports_the_quantized_codecs():
         "terngrad",
         "--repeats",
         "1",
+        "--cell-seconds",
+        "0",
         "--no-progress",
         "--json",
     ]
@@ -33,6 +36,7 @@ def test_bench_allreduce_reports_the_quantized_codecs():
     rows = result["quantized"]
     assert [(r["n"], r["codec"]) for r in rows] == [(4096, "qsgd4"), (4096, "terngrad")]
     for row in rows:
+        assert row["repeats"] == 1  # --cell-seconds 0: --repeats alone
         names = set(row["algorithms"])
         expected = {"allgather", "reduce_scatter_allgather"}
         assert names == (expected | {"shared_scale"} if row["codec"] == "terngrad" else expected)
@@ -50,13 +54,55 @@ def test_bench_allreduce_reports_the_quantized_codecs():
 def test_bench_allreduce_refuses_unknown_codecs(capsys):
     assert main(["bench", "allreduce", "--codecs", "qsgd3"]) == 2
     assert "--codecs must be among" in capsys.readouterr().err
+    assert main(["bench", "allreduce", "--cell-seconds", "-1"]) == 2
+    assert "--cell-seconds must be at least 0, got -1.0" in capsys.readouterr().err
+
+
+class _OneRank:
+    """Enough of a communicator for :func:`time_rounds` on one process."""
+
+    def Barrier(self) -> None:
+        pass
+
+    def allreduce(self, value, op=None):
+        return value
+
+
+@pytest.mark.parametrize(
+    ("repeats", "cell_seconds", "rounds"),
+    [(2, 0.0, 2), (2, 0.27, 5), (7, 0.27, 7), (2, 100.0, quantized.MAX_REPEATS)],
+)
+def test_time_rounds_adds_repeats_until_the_cell_has_its_seconds(
+    monkeypatch, repeats, cell_seconds, rounds
+):
+    """Every contender is timed once per round; rounds go on past ``repeats`` until the
+    timed calls add up to ``cell_seconds`` (each call here "takes" 10 ms, so a round of
+    two contenders of three 10 ms calls takes 60 ms), and stop at the cap."""
+    calls = {"a": 0, "b": 0}
+
+    def timed(comm, function, iterations=1):
+        for _ in range(iterations):
+            function()
+        return 0.01
+
+    monkeypatch.setattr(quantized, "timed", timed)
+
+    def counter(name):
+        return lambda: calls.__setitem__(name, calls[name] + 1)
+
+    functions = {name: counter(name) for name in calls}
+    times = quantized.time_rounds(_OneRank(), functions, repeats, cell_seconds)
+    assert {name: len(t) for name, t in times.items()} == {"a": rounds, "b": rounds}
+    # one sizing call each, then three calls (30 ms / 10 ms) per round
+    assert calls == {"a": 1 + 3 * rounds, "b": 1 + 3 * rounds}
 
 
 def test_fp16_is_timed_with_its_pipelined_schedule_and_the_table_prints():
     """FP16's own schedule is one of its measured algorithms, and the terminal table
     (printed after the grid) names whatever auto chose."""
     command = [sys.executable, "-c", ENTRY, "bench", "allreduce", "-np", "2", "--sizes", "12"]
-    command += ["--densities", "--codecs", "fp16", "--repeats", "1", "--no-progress"]
+    command += ["--densities", "--codecs", "fp16", "--repeats", "1", "--cell-seconds", "0.5"]
+    command += ["--no-progress"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     header, row = done.stdout.strip().splitlines()[-2:]
