@@ -46,6 +46,7 @@ of the schedule, which all ranks complete.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -503,6 +504,39 @@ def _check_request(
         raise ValueError(f"x is empty (shape {x.shape}); there is nothing to reduce: skip it")
 
 
+def _predicted(
+    state: Any, comm: MPI.Comm, bare: Any, memory: Any, n: int, dtype: np.dtype, size: int
+) -> tuple[tuple, dict[str, float]]:
+    """``auto``'s tuner key and the model's seconds for every candidate, predicted once
+    per shape: a training loop calls the same shapes every step, and predicting the
+    candidates' schedules took 0.3 ms of a 3 ms call (QSGD, 2^16 elements, 4 ranks).
+    A new model (``calibrate``, ``set_cost_model``) is a new entry; the codec's kernel
+    costs are measured once per description and dtype (``_cost.codec_costs``)."""
+    text = describe_codec(bare)
+    fitted = _cost.cost_model(comm)
+    entry = ("quantized", fitted, text, memory is None, n, dtype.str)
+    cached = state.choices.get(entry)
+    if cached is None:
+        costs = _cost.codec_costs(state.comm, bare, dtype, text)
+        names = _cost.candidates(bare, size)
+        if plain_half(bare, memory):
+            # Plain FP16: every algorithm gives the same bits (see allgather), so the
+            # choice is free; a device input's pipeline is staged to the host once.
+            names = (*names, "pipelined")
+        _, predicted = _cost.choose_quantized(fitted, costs, bare, n, dtype, size, names)
+        shape = ("quantized", text, memory is None, n, dtype.str, fitted.fingerprint())
+        if len(state.choices) > 4096:
+            state.choices.clear()
+        cached = state.choices[entry] = (shape, predicted)
+    return cached
+
+
+def _predicted_bytes(
+    name: str, bare: Any, n: int, dtype: np.dtype, size: int, rank: int
+) -> tuple[int, int]:
+    return _cost.predict_quantized(name, bare, n, dtype, size).bytes(rank)
+
+
 def quantized_allreduce(
     x: Any,
     codec: Any,
@@ -581,22 +615,15 @@ def quantized_allreduce(
         name = "allgather"  # every algorithm is one local encode and decode at P = 1
     else:
         with stats._phase("choose"):
-            text = describe_codec(bare)
-            costs = _cost.codec_costs(state.comm, bare, dtype, text)
-            names = _cost.candidates(bare, size)
-            if plain_half(bare, memory):
-                # Plain FP16: every algorithm gives the same bits (see allgather), so the
-                # choice is free; a device input's pipeline is staged to the host once.
-                names = (*names, "pipelined")
-            fitted = _cost.cost_model(call.comm)
-            _, stats.predicted = _cost.choose_quantized(fitted, costs, bare, n, dtype, size, names)
+            shape, predicted = _predicted(state, call.comm, bare, memory, n, dtype, size)
+            stats.predicted = dict(predicted)
             # The model proposes, the calls decide (sparcomm.comm._tune).
-            shape = ("quantized", text, memory is None, n, dtype.str, fitted.fingerprint())
-            call.tuning = _tune.tuner_of(state).decide(shape, stats.predicted, call.started)
+            call.tuning = _tune.tuner_of(state).decide(shape, predicted, call.started)
             name, stats.tuning = call.tuning.name, call.tuning.mode
             stats.measured = dict(call.tuning.medians)
     stats.algorithm = name
-    stats.predicted_bytes = _cost.predict_quantized(name, bare, n, dtype, size).bytes(rank)
+    # Computed when read (stats.predicted_bytes), not in every call.
+    stats._predictor = functools.partial(_predicted_bytes, name, bare, n, dtype, size, rank)
     result: Any
     if device:  # payloads are decoded on the device, or the sum copied there once
         flat = state.staging.host_buffer(n, dtype, "result")
