@@ -43,10 +43,22 @@ AVAILABLE = _host_has_f16c()
 """Whether the F16C paths run on this machine."""
 
 
+def _count_exponent_ones(builder, halves):
+    """The lanes of ``halves`` (``<8 x half>``) whose exponent bits are all ones (inf or
+    NaN), as an int64: a compare, a mask and a popcount per eight lanes, where a scalar
+    loop over the halves afterwards cost 3x the conversion itself."""
+    words = ir.VectorType(ir.IntType(16), LANES)
+    exponent = ir.Constant(words, [0x7C00] * LANES)
+    bits = builder.and_(builder.bitcast(halves, words), exponent)
+    mask = builder.bitcast(builder.icmp_unsigned("==", bits, exponent), ir.IntType(LANES))
+    return builder.zext(builder.ctpop(mask), ir.IntType(64))
+
+
 @intrinsic
 def _to_half8(typingctx, x, i, out):
-    """``out[i:i+8] = float16(x[i:i+8])`` (``x`` float32, ``out`` the uint16 view)."""
-    signature = types.void(x, types.int64, out)
+    """``out[i:i+8] = float16(x[i:i+8])`` (``x`` float32, ``out`` the uint16 view);
+    returns how many of the eight came out inf or NaN."""
+    signature = types.int64(x, types.int64, out)
 
     def codegen(context, builder, sig, args):
         x_v, i_v, out_v = args
@@ -58,7 +70,29 @@ def _to_half8(typingctx, x, i, out):
         value = builder.fptrunc(builder.load(read, align=4), halves)
         write = builder.bitcast(builder.gep(target.data, [i_v]), halves.as_pointer())
         builder.store(value, write, align=2)
-        return context.get_dummy_value()
+        return _count_exponent_ones(builder, value)
+
+    return signature, codegen
+
+
+@intrinsic
+def _from_half8(typingctx, half, i, out):
+    """``out[i:i+8] = float32(half[i:i+8])`` (exact; ``half`` the uint16 view); returns
+    how many of the eight halves are inf or NaN (the instruction quiets a signalling
+    NaN, so the caller rewrites NaNs to keep NumPy's bits)."""
+    signature = types.int64(half, types.int64, out)
+
+    def codegen(context, builder, sig, args):
+        half_v, i_v, out_v = args
+        source = context.make_array(sig.args[0])(context, builder, half_v)
+        target = context.make_array(sig.args[2])(context, builder, out_v)
+        floats = ir.VectorType(ir.FloatType(), LANES)
+        halves = ir.VectorType(ir.HalfType(), LANES)
+        read = builder.bitcast(builder.gep(source.data, [i_v]), halves.as_pointer())
+        value = builder.load(read, align=2)
+        write = builder.bitcast(builder.gep(target.data, [i_v]), floats.as_pointer())
+        builder.store(builder.fpext(value, floats), write, align=4)
+        return _count_exponent_ones(builder, value)
 
     return signature, codegen
 
@@ -90,9 +124,23 @@ def _add_half8(typingctx, half, i, out, subtract):
 def encode_range(x, out, lo, hi):
     """``out[lo:hi]`` (uint16 view of the halves) from float32 ``x[lo:hi]``, whole
     groups of eight only (the caller converts the rest, and rewrites NaNs: the
-    instruction makes every NaN quiet, NumPy keeps the payload's top bits)."""
+    instruction makes every NaN quiet, NumPy keeps the payload's top bits); returns
+    how many halves came out inf or NaN."""
+    bad = 0
     for t in range(lo, hi - (hi - lo) % LANES, LANES):
-        _to_half8(x, t, out)
+        bad += _to_half8(x, t, out)
+    return bad
+
+
+@njit(cache=True, nogil=True)
+def store_range(half, out, lo, hi):
+    """``out[lo:hi] =`` the float32 values of the halves (uint16 view), whole groups of
+    eight only (the caller stores the rest, and rewrites NaNs); returns how many of
+    the halves are inf or NaN."""
+    bad = 0
+    for t in range(lo, hi - (hi - lo) % LANES, LANES):
+        bad += _from_half8(half, t, out)
+    return bad
 
 
 @njit(cache=True, nogil=True)

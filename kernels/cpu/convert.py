@@ -133,10 +133,7 @@ def _encode_range_simd(x, bits, out, lo, hi):
     """:func:`_encode_range` of float32 with F16C (``_half_simd``) for whole groups of
     eight, the integer path for the rest."""
     whole = hi - (hi - lo) % _half_simd.LANES
-    _half_simd.encode_range(x, out, lo, whole)
-    bad = 0
-    for t in range(lo, whole):  # branch-free: vectorised
-        bad += (out[t] & 0x7C00) == 0x7C00
+    bad = _half_simd.encode_range(x, out, lo, whole)  # counts the infs and NaNs
     if bad:  # rare: give each NaN NumPy's payload, not the instruction's quiet NaN
         for t in range(lo, whole):
             if (out[t] & 0x7C00) == 0x7C00 and out[t] & 0x3FF:
@@ -152,6 +149,26 @@ def _encode_parallel_simd(x, bits, out):
     for c in prange(chunks):
         counts[c] = _encode_range_simd(x, bits, out, c * _CHUNK, min(n, (c + 1) * _CHUNK))
     return counts.sum()
+
+
+@njit(cache=True, nogil=True)
+def _store_range_simd(half, out, out_bits, lo, hi):
+    """``out[lo:hi] = float32(half[lo:hi])`` with F16C for whole groups of eight, bit for
+    bit :func:`_decode_range`'s store: a range with an inf or NaN half has its NaNs
+    rewritten from the bit pattern (the instruction quiets a signalling NaN)."""
+    whole = hi - (hi - lo) % _half_simd.LANES
+    if _half_simd.store_range(half, out, lo, whole):
+        for t in range(lo, whole):
+            if (half[t] & 0x7C00) == 0x7C00 and half[t] & 0x3FF:
+                out_bits[t] = _float_bits(np.int64(half[t]), 23, 8)
+    _decode_range(half, out, out_bits, 23, 8, 0, whole, hi)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _store_parallel_simd(half, out, out_bits):
+    n = out.size
+    for c in prange(n_chunks(n, _CHUNK)):
+        _store_range_simd(half, out, out_bits, c * _CHUNK, min(n, (c + 1) * _CHUNK))
 
 
 @njit(cache=True, nogil=True)
@@ -329,7 +346,14 @@ def fp16_decode(half: np.ndarray, out: np.ndarray, accumulate: int = 0) -> None:
     _check("half", half, (_HALF,), out.size)
     _check_out(out, "half", half)
     mbits, ebits = _widths(out.dtype)
-    if _half_simd.AVAILABLE and accumulate != 0 and out.dtype == np.float32:
+    if _half_simd.AVAILABLE and out.dtype == np.float32:
+        if accumulate == 0:
+            store = (half.view(np.uint16), out, _signed_bits(out))
+            if out.size <= _CHUNK:
+                _store_range_simd(*store, 0, out.size)
+            else:
+                _store_parallel_simd(*store)
+            return
         simd = (half.view(np.uint16), out, _signed_bits(out), accumulate)
         if out.size <= _CHUNK:
             _accumulate_range_simd(*simd, 0, out.size)

@@ -284,8 +284,9 @@ def test_conversion_instructions_and_integer_path_give_the_same_bits(n, monkeypa
     x[: min(n, 3)] = np.array([np.nan, -np.inf, 70000.0], np.float32)[: min(n, 3)]
     start = rng.standard_normal(n).astype(np.float32)
     results = {}
+    available = _half_simd.AVAILABLE  # before the loop patches it
     for simd in (False, True):
-        if simd and not _half_simd.AVAILABLE:
+        if simd and not available:
             continue
         monkeypatch.setattr(_half_simd, "AVAILABLE", simd)
         half = np.empty(n, np.float16)
@@ -300,7 +301,33 @@ def test_conversion_instructions_and_integer_path_give_the_same_bits(n, monkeypa
     want = np.empty(n, np.float16)
     want_bad = ref.fp16_encode(x, want)
     finite = np.where(np.isfinite(want), want, np.float16(0))
+    assert len(results) == 1 + available
     for half, bad, (added, subtracted) in results.values():
         assert same_bits(half, want) and bad == want_bad
         assert np.array_equal(added, start + finite.astype(np.float32))
         assert np.array_equal(subtracted, start - finite.astype(np.float32))
+
+
+@pytest.mark.parametrize("n", [7, 8, 9, 17, _CHUNK + 3, 3 * _CHUNK + 5])
+def test_the_stored_decode_keeps_numpys_bits_on_both_paths(n, monkeypatch):
+    """The store (``accumulate=0``) on the F16C path converts eight halves per
+    instruction, which quiets a signalling NaN; NumPy's ``astype`` keeps its bits, so
+    the path rewrites NaNs.  Every half pattern, with signalling and quiet NaNs and
+    infinities inside groups of eight and in the tail, must store NumPy's bits."""
+    from sparcomm.kernels.cpu import _half_simd
+
+    patterns = np.random.default_rng(n).integers(0, 1 << 16, n, dtype=np.uint64)
+    half = patterns.astype(np.uint16)
+    specials = np.array([0x7C01, 0xFE00, 0x7C00, 0xFC00, 0x7DFF, 0xFD55, 0x0001, 0x8000], np.uint16)
+    for number, position in enumerate(sorted({0, 3, n // 2, n - 1})):
+        half[position] = specials[(number * 3) % specials.size]
+    half = half.view(np.float16)
+    want = half.astype(np.float32)
+    available = _half_simd.AVAILABLE  # before the loop patches it
+    for simd in (False, True):
+        if simd and not available:
+            continue
+        monkeypatch.setattr(_half_simd, "AVAILABLE", simd)
+        out = np.full(n, 7.0, np.float32)
+        cpu.fp16_decode(half, out, 0)
+        assert same_bits(out, want), f"simd={simd}"
