@@ -1152,6 +1152,27 @@ class GradientReducer:
             x = np.zeros(RING_MIN_BYTES // dtype.itemsize, dtype=dtype)
             allreduce(x, codec=self._engine.dense_codec, comm=self.comm, op=self.op, out=x)
 
+    def _warm_up_half(self, bare: Any, memory: Any, buckets: list[_Bucket]) -> tuple[str, ...]:
+        """``FP16``'s kernel variants that the small reduction does not reach: the float16
+        conversions past one chunk (their parallel variants: a large bucket's encode,
+        and the segments of ``pipelined``), run here on buffers just past that size; and
+        the algorithms to add to the warm-up's (``pipelined``, ``auto``'s choice for
+        large plain FP16 buckets)."""
+        from sparcomm.codecs import FP16
+        from sparcomm.comm._quantized import plain_half
+        from sparcomm.kernels import cpu
+        from sparcomm.kernels.cpu.convert import PARALLEL_FROM
+
+        if not isinstance(bare, FP16):
+            return ()
+        for dtype in sorted({b.dtype for b in buckets if b.size > PARALLEL_FROM}, key=str):
+            x = np.zeros(PARALLEL_FROM + 1, dtype=dtype)
+            half = np.empty(x.size, dtype=np.float16)
+            cpu.fp16_encode(x, half)
+            cpu.fp16_decode(half, x, 0)
+            cpu.fp16_decode(half, x, 1)
+        return ("pipelined",) if plain_half(bare, memory) else ()
+
     def _warm_up_codec(self, codec: Any, buckets: list[_Bucket]) -> None:
         """:meth:`_warm_up` of one codec, on the dtypes of its ``buckets``."""
         from sparcomm.comm import allreduce, sparse_allreduce
@@ -1169,6 +1190,15 @@ class GradientReducer:
         elif family == "quantized":
             algorithms = ("auto", "allgather", "reduce_scatter_allgather")
             algorithms += ("shared_scale",) if getattr(bare, "shares_scale", False) else ()
+        if family == "quantized":
+            algorithms += self._warm_up_half(bare, memory, buckets)
+        if memory is not None:  # error feedback's add and subtract past one chunk
+            from sparcomm.kernels import cpu
+            from sparcomm.kernels.cpu.elementwise import PARALLEL_FROM as ELEMENTWISE_FROM
+
+            for dtype in sorted({b.dtype for b in buckets if b.size > ELEMENTWISE_FROM}, key=str):
+                y = np.zeros(ELEMENTWISE_FROM + 1, dtype=dtype)
+                cpu.add(y, y, np.empty_like(y))
         known = set(memory._residuals) if memory is not None else set()
         sample = np.random.default_rng(0).standard_normal(WARM_UP_ELEMENTS)
         if family == "sparse":  # the merges that only some data reach

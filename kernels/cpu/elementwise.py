@@ -24,6 +24,9 @@ from ._common import n_chunks
 
 _CHUNK = 1 << 16
 """Elements per parallel task; arrays up to this size run on the calling thread."""
+PARALLEL_FROM = _CHUNK
+"""Elements above which ``add`` and ``subtract`` run their parallel variant (another
+compiled function: a warm-up must go past it to reach it)."""
 
 # What a task computes; ``out`` is distinct from ``a`` and ``b`` unless the name says so.
 _ADD = 0  # out = a + b

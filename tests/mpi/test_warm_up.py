@@ -16,7 +16,7 @@ MPI = pytest.importorskip("mpi4py.MPI")
 import sparcomm.kernels.cpu as cpu_kernels  # noqa: E402
 from numba.core.registry import CPUDispatcher  # noqa: E402
 
-from sparcomm import QSGD, ErrorFeedback, TopK  # noqa: E402
+from sparcomm import FP16, QSGD, ErrorFeedback, OneBit, TopK  # noqa: E402
 from sparcomm.reducer import GradientReducer  # noqa: E402
 
 COMM = MPI.COMM_WORLD
@@ -55,6 +55,37 @@ def test_no_kernel_compiles_during_the_steps(make, dtype):
     grown = {name: (before.get(name, 0), count) for name, count in after.items()}
     grown = {name: pair for name, pair in grown.items() if pair[0] != pair[1]}
     assert not grown, f"kernels compiled during the steps (before, after): {grown}"
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        FP16,
+        lambda: ErrorFeedback(FP16()),
+        lambda: ErrorFeedback(QSGD(bits=4)),
+        OneBit,
+        lambda: ErrorFeedback(TopK(density=0.01)),
+    ],
+    ids=["fp16", "fp16-ef", "qsgd-ef", "onebit", "topk-ef"],
+)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_no_kernel_compiles_in_large_compressed_buckets(make, dtype):
+    """Tensors past one kernel chunk (65,536 elements): FP16's conversions and error
+    feedback's add and subtract run their parallel variants there, and ``auto`` races
+    FP16's ``pipelined``; the set-up ran them, so the steps (races included) load no
+    kernel."""
+    shapes = {"w0": (400, 300), "b0": (400,), "w1": (10, 400)}
+    with GradientReducer(make()) as reducer:
+        reducer.setup([(name, shape, dtype) for name, shape in shapes.items()])
+        before = _compiled()
+        for step in range(8):
+            rng = np.random.default_rng(10 * step + COMM.Get_rank())
+            reducer.reduce({n: rng.standard_normal(s).astype(dtype) for n, s in shapes.items()})
+        algorithms = set(reducer.last_stats.algorithms)
+        after = _compiled()
+    grown = {name: (before.get(name, 0), count) for name, count in after.items()}
+    grown = {name: pair for name, pair in grown.items() if pair[0] != pair[1]}
+    assert not grown, f"kernels compiled during the steps (before, after): {grown} ({algorithms})"
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
