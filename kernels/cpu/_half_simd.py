@@ -54,25 +54,35 @@ def _count_exponent_ones(builder, halves):
     return builder.zext(builder.ctpop(mask), ir.IntType(64))
 
 
+_FLOATS = ir.VectorType(ir.FloatType(), LANES)
+_HALVES = ir.VectorType(ir.HalfType(), LANES)
+
+
+def _lanes(context, builder, sig, args, source_lanes, target_lanes):
+    """Pointers to the eight lanes at index ``args[1]`` of the arrays ``args[0]`` (read
+    as ``source_lanes``) and ``args[2]`` (``target_lanes``)."""
+    source = context.make_array(sig.args[0])(context, builder, args[0])
+    target = context.make_array(sig.args[2])(context, builder, args[2])
+    read = builder.gep(source.data, [args[1]])
+    write = builder.gep(target.data, [args[1]])
+    return (
+        builder.bitcast(read, source_lanes.as_pointer()),
+        builder.bitcast(write, target_lanes.as_pointer()),
+    )
+
+
 @intrinsic
 def _to_half8(typingctx, x, i, out):
     """``out[i:i+8] = float16(x[i:i+8])`` (``x`` float32, ``out`` the uint16 view);
     returns how many of the eight came out inf or NaN."""
-    signature = types.int64(x, types.int64, out)
 
     def codegen(context, builder, sig, args):
-        x_v, i_v, out_v = args
-        source = context.make_array(sig.args[0])(context, builder, x_v)
-        target = context.make_array(sig.args[2])(context, builder, out_v)
-        floats = ir.VectorType(ir.FloatType(), LANES)
-        halves = ir.VectorType(ir.HalfType(), LANES)
-        read = builder.bitcast(builder.gep(source.data, [i_v]), floats.as_pointer())
-        value = builder.fptrunc(builder.load(read, align=4), halves)
-        write = builder.bitcast(builder.gep(target.data, [i_v]), halves.as_pointer())
+        read, write = _lanes(context, builder, sig, args, _FLOATS, _HALVES)
+        value = builder.fptrunc(builder.load(read, align=4), _HALVES)
         builder.store(value, write, align=2)
         return _count_exponent_ones(builder, value)
 
-    return signature, codegen
+    return types.int64(x, types.int64, out), codegen
 
 
 @intrinsic
@@ -80,44 +90,30 @@ def _from_half8(typingctx, half, i, out):
     """``out[i:i+8] = float32(half[i:i+8])`` (exact; ``half`` the uint16 view); returns
     how many of the eight halves are inf or NaN (the instruction quiets a signalling
     NaN, so the caller rewrites NaNs to keep NumPy's bits)."""
-    signature = types.int64(half, types.int64, out)
 
     def codegen(context, builder, sig, args):
-        half_v, i_v, out_v = args
-        source = context.make_array(sig.args[0])(context, builder, half_v)
-        target = context.make_array(sig.args[2])(context, builder, out_v)
-        floats = ir.VectorType(ir.FloatType(), LANES)
-        halves = ir.VectorType(ir.HalfType(), LANES)
-        read = builder.bitcast(builder.gep(source.data, [i_v]), halves.as_pointer())
+        read, write = _lanes(context, builder, sig, args, _HALVES, _FLOATS)
         value = builder.load(read, align=2)
-        write = builder.bitcast(builder.gep(target.data, [i_v]), floats.as_pointer())
-        builder.store(builder.fpext(value, floats), write, align=4)
+        builder.store(builder.fpext(value, _FLOATS), write, align=4)
         return _count_exponent_ones(builder, value)
 
-    return signature, codegen
+    return types.int64(half, types.int64, out), codegen
 
 
 @intrinsic
 def _add_half8(typingctx, half, i, out, subtract):
     """``out[i:i+8] += float32(half[i:i+8])`` (``-=`` when ``subtract``): the
     conversion is exact, the one rounding is the addition in float32."""
-    signature = types.void(half, types.int64, out, types.boolean)
 
     def codegen(context, builder, sig, args):
-        half_v, i_v, out_v, subtract_v = args
-        source = context.make_array(sig.args[0])(context, builder, half_v)
-        target = context.make_array(sig.args[2])(context, builder, out_v)
-        floats = ir.VectorType(ir.FloatType(), LANES)
-        halves = ir.VectorType(ir.HalfType(), LANES)
-        read = builder.bitcast(builder.gep(source.data, [i_v]), halves.as_pointer())
-        value = builder.fpext(builder.load(read, align=2), floats)
-        where = builder.bitcast(builder.gep(target.data, [i_v]), floats.as_pointer())
+        read, where = _lanes(context, builder, sig, args, _HALVES, _FLOATS)
+        value = builder.fpext(builder.load(read, align=2), _FLOATS)
         old = builder.load(where, align=4)
-        new = builder.select(subtract_v, builder.fsub(old, value), builder.fadd(old, value))
+        new = builder.select(args[3], builder.fsub(old, value), builder.fadd(old, value))
         builder.store(new, where, align=4)
         return context.get_dummy_value()
 
-    return signature, codegen
+    return types.void(half, types.int64, out, types.boolean), codegen
 
 
 @njit(cache=True, nogil=True)
