@@ -8,13 +8,13 @@ passes for each (``astype`` or ``copy``, then ``isfinite``) on one thread; these
 convert or copy and count the non-finite values in one pass, split over the Numba
 threads.
 
-On x86 CPUs with F16C, float32 -> half and the accumulating half -> float32 decode run
-in the CPU's conversion instructions (``_half_simd``: 5x faster, the same bits for every
-finite value).  Elsewhere, and for float64, the float -> half conversion is integer
-arithmetic on the bit patterns (Numba has no float16 type on the CPU), written once for
-float32 and float64 (NumPy converts float64
-to half directly, not through float32, and so does this): round to nearest even,
-subnormal halves, signed zeros, overflow to ±inf, and NaN payloads as NumPy's
+On x86 CPUs with F16C, float32 -> half and half -> float32 (stored or accumulated) run
+in the CPU's conversion instructions (``_half_simd``: 4-7x faster than the integer path,
+NumPy's bits for every value, NaNs rewritten).  Elsewhere, and for float64, the float ->
+half conversion is integer arithmetic on the bit patterns (Numba has no float16 type on
+the CPU), written once for float32 and float64 (NumPy converts float64 to half directly,
+not through float32, and so does this): round to nearest even, subnormal halves, signed
+zeros, overflow to ±inf, and NaN payloads as NumPy's
 ``npy_floatbits_to_halfbits`` / ``npy_doublebits_to_halfbits`` (the top ten significand
 bits, at least 1 so that a NaN stays a NaN).  The half -> float store writes the bit
 pattern too (NaN payloads kept, as ``astype``); the accumulating decode forms the exact
