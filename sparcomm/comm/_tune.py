@@ -100,11 +100,15 @@ TIE = 1.05
 #: Once chosen, every this-many-th call of the key is timed again.
 CHECK_EVERY = 32
 #: The median of the last CHECKS checks this many times slower (or faster) than the
-#: chosen candidate's median when it was chosen starts a new exploration.  A median of
-#: three: on 4 ranks sharing 2 cores under load, single calls swing past 1.5x often
-#: enough that "two checks in a row" re-explored inside steady state (grid run 3).
-DRIFT = 1.5
-CHECKS = 3
+#: chosen candidate's median when it was chosen starts a new exploration.  On 4 ranks
+#: sharing 2 cores under load, single calls swing past 1.5x often: "two checks in a
+#: row" re-explored inside steady state (grid run 3), and with a median of three at
+#: 1.5x, 3,000 calls of one 2^16 shape beside two busy loops started 10-15 races each
+#: (10-12 % of the calls exploring).  A median of five at 2x started 3-4, and the calls
+#: were 1-8 % faster on average (docs/benchmarks.md, issue 11, session 12).  The price:
+#: a change of load that slows or speeds the calls by less than 2x no longer re-explores.
+DRIFT = 2.0
+CHECKS = 5
 #: Keys remembered per communicator (a program with more distinct shapes starts over).
 MAX_KEYS = 4096
 #: A candidate's round ends at its trials (SCREEN_TRIALS, then TRIALS) once they add up

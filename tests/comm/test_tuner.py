@@ -129,26 +129,28 @@ def test_timed_calls_count_their_agreement_in_the_stats():
     assert timed.by_category()["check"] == timed.phases["tune"]
 
 
-def test_the_median_of_three_checks_drifted_explores_again():
+def test_the_median_of_the_last_checks_drifted_explores_again():
     tuner = Tuner()
     _explore(tuner)
-    slow = dict(SECONDS, b=SECONDS["b"] * DRIFT * 2.5)  # 45 ms: slower than a and e
+    slow = dict(SECONDS, b=SECONDS["b"] * DRIFT * 2.5)  # 60 ms: slower than a and e
 
     def until_check(seconds):
         while not (decision := _run(tuner, seconds=seconds)).timed:
             assert decision.mode == "measured"
         return decision
 
-    for seconds in (slow, SECONDS, SECONDS, slow):  # medians of the last three: normal
+    half = CHECKS // 2  # at most this many slow checks leave the median normal
+    sequence = [slow] * half + [SECONDS] * (CHECKS - half) + [slow] * half
+    for seconds in sequence:  # every window of the last CHECKS: at most half slow
         until_check(seconds)
         assert tuner.choices() == {"k": "b"}
-    until_check(slow)  # the last three: normal, slow, slow
+    until_check(slow)  # now the last CHECKS hold half + 1 slow checks
     assert tuner.choices() == {"k": None}
     # Exploring again finds the new fastest: b is now slower than a.
     explored = []
     while (decision := _run(tuner, seconds=slow)).mode == "explore":
         explored.append(decision.name)
-    assert explored == _race(["a", "b", "e", "c"], ["a", "e"])  # a 30 ms, e 36, b 45
+    assert explored == _race(["a", "b", "e", "c"], ["a", "e"])  # a 30 ms, e 36, b 60
     assert tuner.choices() == {"k": "a"}
 
 
