@@ -1190,7 +1190,6 @@ class GradientReducer:
         elif family == "quantized":
             algorithms = ("auto", "allgather", "reduce_scatter_allgather")
             algorithms += ("shared_scale",) if getattr(bare, "shares_scale", False) else ()
-        if family == "quantized":
             algorithms += self._warm_up_half(bare, memory, buckets)
         if memory is not None:  # error feedback's add and subtract past one chunk
             from sparcomm.kernels import cpu
