@@ -1152,32 +1152,13 @@ class GradientReducer:
             x = np.zeros(RING_MIN_BYTES // dtype.itemsize, dtype=dtype)
             allreduce(x, codec=self._engine.dense_codec, comm=self.comm, op=self.op, out=x)
 
-    def _warm_up_half(self, bare: Any, memory: Any, buckets: list[_Bucket]) -> tuple[str, ...]:
-        """``FP16``'s kernel variants that the small reduction does not reach: the float16
-        conversions past one chunk (their parallel variants: a large bucket's encode,
-        and the segments of ``pipelined``), run here on buffers just past that size; and
-        the algorithms to add to the warm-up's (``pipelined``, ``auto``'s choice for
-        large plain FP16 buckets)."""
-        from sparcomm.codecs import FP16
-        from sparcomm.comm._quantized import plain_half
-        from sparcomm.kernels import cpu
-        from sparcomm.kernels.cpu.convert import PARALLEL_FROM
-
-        if not isinstance(bare, FP16):
-            return ()
-        for dtype in sorted({b.dtype for b in buckets if b.size > PARALLEL_FROM}, key=str):
-            x = np.zeros(PARALLEL_FROM + 1, dtype=dtype)
-            half = np.empty(x.size, dtype=np.float16)
-            cpu.fp16_encode(x, half)
-            cpu.fp16_decode(half, x, 0)
-            cpu.fp16_decode(half, x, 1)
-        return ("pipelined",) if plain_half(bare, memory) else ()
-
     def _warm_up_codec(self, codec: Any, buckets: list[_Bucket]) -> None:
         """:meth:`_warm_up` of one codec, on the dtypes of its ``buckets``."""
         from sparcomm.comm import allreduce, sparse_allreduce
         from sparcomm.comm._cost import ALL_ALGORITHMS
+        from sparcomm.comm._quantized import plain_half
         from sparcomm.feedback import unwrap
+        from sparcomm.kernels.cpu.convert import PARALLEL_FROM
 
         compressed_dtypes = sorted({b.dtype for b in buckets}, key=str)
         bare, memory = unwrap(codec)
@@ -1190,16 +1171,19 @@ class GradientReducer:
         elif family == "quantized":
             algorithms = ("auto", "allgather", "reduce_scatter_allgather")
             algorithms += ("shared_scale",) if getattr(bare, "shares_scale", False) else ()
-            algorithms += self._warm_up_half(bare, memory, buckets)
-        if memory is not None:  # error feedback's add and subtract past one chunk
-            from sparcomm.kernels import cpu
-            from sparcomm.kernels.cpu.elementwise import PARALLEL_FROM as ELEMENTWISE_FROM
-
-            for dtype in sorted({b.dtype for b in buckets if b.size > ELEMENTWISE_FROM}, key=str):
-                y = np.zeros(ELEMENTWISE_FROM + 1, dtype=dtype)
-                cpu.add(y, y, np.empty_like(y))
+            # Plain FP16's own schedule, auto's choice for large buckets.
+            algorithms += ("pipelined",) if plain_half(bare, memory) else ()
         known = set(memory._residuals) if memory is not None else set()
-        sample = np.random.default_rng(0).standard_normal(WARM_UP_ELEMENTS)
+        # A dtype with a bucket past one kernel chunk warms up just past it too: the
+        # parallel variants of the encode, the decodes and error feedback's add and
+        # subtract are other compiled functions, which a small reduction never reaches.
+        sizes = {
+            dtype: (WARM_UP_ELEMENTS, PARALLEL_FROM + 1)
+            if any(b.size > PARALLEL_FROM for b in buckets if b.dtype == dtype)
+            else (WARM_UP_ELEMENTS,)
+            for dtype in compressed_dtypes
+        }
+        sample = np.random.default_rng(0).standard_normal(PARALLEL_FROM + 1)
         if family == "sparse":  # the merges that only some data reach
             from sparcomm.comm._sparse import load_kernels
             from sparcomm.comm._validate import index_dtype
@@ -1208,12 +1192,14 @@ class GradientReducer:
             for dtype in compressed_dtypes:
                 load_kernels(index_dtype(largest), dtype)
         try:
-            for dtype in compressed_dtypes:
-                x = sample.astype(dtype)
+            for dtype, size in ((d, size) for d in compressed_dtypes for size in sizes[d]):
+                x = sample[:size].astype(dtype)
                 for number, algorithm in enumerate(algorithms):
                     # The second encode adds a non-zero residual; the sparse algorithms
                     # after the first need only their merges (a stream, no encode).
                     if family == "sparse" and number > 0:
+                        if size != WARM_UP_ELEMENTS:  # merges do not depend on n
+                            continue
                         indices = np.arange(0, WARM_UP_ELEMENTS, 7, dtype=np.int64)
                         sparse_allreduce(
                             indices,
@@ -1231,7 +1217,7 @@ class GradientReducer:
                             comm=self.comm,
                             op=self.op,
                             algorithm=algorithm,
-                            key=_WARM_UP_KEY,
+                            key=f"{_WARM_UP_KEY}.{size}",  # a residual per size
                             step=step,
                         )
         finally:
