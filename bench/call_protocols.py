@@ -1,4 +1,4 @@
-"""Two or more algorithms of one allreduce call, timed by three protocols side by side.
+"""One allreduce call of two or more algorithms, timed as the grid, the race and a step time it.
 
 ``sparcomm bench allreduce`` (the grid) times batches of back-to-back calls of one
 algorithm; ``auto``'s race times single calls, each followed by the 8-byte agreement on

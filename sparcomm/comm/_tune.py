@@ -16,14 +16,13 @@ MPI libraries' run-time tuners and Horovod's autotuner do, on the user's own cal
    Cheap calls race longer: a candidate's round goes on past its trials until they add
    up to :data:`CHEAP_CALL_S` each, at most :data:`CHEAP_FACTOR` times the trials, so a
    call of a few milliseconds is judged on the median of up to 15 (single calls that
-   short swing by 20-40 % under load; the extra trials are counted from the median of
-   the agreed ones).  One candidate's calls run back to back: the part of a call's
-   time that the previous call leaves behind (ranks it left out of step, waiting in
-   the next call) is then charged to the candidate that caused it, and each call
-   finds the buffers and caches its own previous call left, as in steady state.
-   Taking turns (a, b, a, b) was tried in session 11: eight allreduce grid runs, the
-   orders alternated, could not tell them apart (105 and 106 of 120 cells within
-   1.1x), and in training FP16's first bucket chose the slower
+   short swing by 20-40 % under load).  One candidate's calls run back to back: the
+   part of a call's time that the previous call leaves behind (ranks it left out of
+   step, waiting in the next agreement) is then charged to the candidate that caused
+   it, and each call finds the buffers and caches its own previous call left, as in
+   steady state.  Taking turns (a, b, a, b) was tried in session 11: eight allreduce
+   grid runs, the orders alternated, could not tell them apart (105 and 106 of 120
+   cells within 1.1x), and in training FP16's first bucket chose the slower
    ``reduce_scatter_allgather`` in 1 of 4 runs at 1 Gbit/s (docs/benchmarks.md).  One
    key races at a time on a communicator: a training step's buckets are keys
    called in turn, and a race beside another would time each bucket behind whichever
@@ -45,29 +44,14 @@ MPI libraries' run-time tuners and Horovod's autotuner do, on the user's own cal
    :data:`CHECKS` checks is more than :data:`DRIFT` times slower or faster than when
    it was chosen (the load changed), the candidates are explored again.
 
-A timed call's seconds are the whole call on this rank (agreement and encode included,
-as a training loop sees it).  Every rank decides on the same figures, the slowest
-rank's, which is what a collective costs:
-
-- **Exploring**: a candidate's seconds stay on each rank until its round of trials is
-  over, then travel, sorted, in one ``Allreduce`` (maximum) of a few doubles: the
-  figures are the slowest rank's fastest call, second fastest, and so on, so their
-  median is the slowest rank's median.  No
-  agreement runs between a candidate's calls, so a call starts as the previous one left
-  the ranks, as in a training loop, where nothing synchronises them between two
-  buckets.  An 8-byte ``Allreduce`` after every timed call (sessions 6-12) lined the
-  ranks up before each call, and so timed a different call: on 4 ranks and 2^16
-  values, ``recursive_doubling`` against ``dense`` came out 0.93-1.03x with it, where
-  back-to-back calls, calls timed without it and calls between 2 ms stretches of other
-  work put ``recursive_doubling`` at 1.07-1.34x (``bench/call_protocols.py``;
-  docs/benchmarks.md, issue 11, session 13).
-- **Checks** of a measured choice: one 8-byte ``Allreduce`` after the checked call (one
-  call in :data:`CHECK_EVERY`; the 31 calls before it ran with no agreement).
-
-Every decision depends only on agreed values (the key, the call count of the key, the
-agreed seconds), so every rank chooses alike, and a call that raises (on every rank, as
-the agreement guarantees) records nothing anywhere.  Timed calls are the exploring ones
-and one in :data:`CHECK_EVERY` afterwards; the others add nothing.
+A timed call's seconds (the whole call, agreement and encode included, as a training
+loop or a benchmark sees it back to back; this rank's) travel in
+one 8-byte ``Allreduce`` (maximum) after the call, so every rank decides on the same
+figure: the slowest rank's, which is what the collective cost.  Every decision depends
+only on agreed values (the key, the call count of the key, the agreed seconds), so
+every rank chooses alike, and a call that raises (on every rank, as the agreement
+guarantees) records nothing anywhere.  Timed calls are the exploring ones and one in
+:data:`CHECK_EVERY` afterwards; the others add nothing.
 
 Results are identical on every rank whatever the choice; for the codecs whose
 algorithms round differently (QSGD's ``reduce_scatter_allgather`` re-quantizes at the
@@ -79,7 +63,6 @@ measurement off for a communicator (the model's choice, always), and
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Hashable
@@ -145,9 +128,7 @@ class _Entry:
     seen: int = 0
     candidates: tuple[str, ...] = ()
     finalists: tuple[str, ...] = ()  # empty during the first round
-    times: dict[str, list[float]] = field(default_factory=dict)  # agreed seconds
-    #: This rank's seconds of the candidate's calls since its last agreement.
-    pending: dict[str, list[float]] = field(default_factory=dict)
+    times: dict[str, list[float]] = field(default_factory=dict)
     choice: str | None = None
     medians: dict[str, float] = field(default_factory=dict)
     baseline: float = 0.0
@@ -181,18 +162,6 @@ def _done(times: dict[str, list[float]], name: str, trials: int) -> bool:
     if len(values) < trials:
         return False
     return len(values) >= CHEAP_FACTOR * trials or sum(values) >= trials * CHEAP_CALL_S
-
-
-def _batch(agreed: list[float], trials: int) -> int:
-    """The calls a candidate's next agreement waits for, from its agreed seconds: the
-    round's missing trials, then (a cheap call: :func:`_done` is false) as many more as
-    its median says make up :data:`CHEAP_CALL_S` per trial, within ``CHEAP_FACTOR``
-    times the trials."""
-    if len(agreed) < trials:
-        return trials - len(agreed)
-    missing = trials * CHEAP_CALL_S - sum(agreed)
-    median = max(float(np.median(agreed)), 1e-9)
-    return max(1, min(CHEAP_FACTOR * trials - len(agreed), math.ceil(missing / median)))
 
 
 def _medians(times: dict[str, list[float]]) -> dict[str, float]:
@@ -240,7 +209,6 @@ class Tuner:
             entry = replace(
                 entry,
                 times={name: list(values) for name, values in entry.times.items()},
-                pending={name: list(values) for name, values in entry.pending.items()},
                 medians=dict(entry.medians),
                 checks=list(entry.checks),
                 generation=self._generation,
@@ -293,32 +261,28 @@ class Tuner:
         return Decision(entry.choice, timed, "measured", key, started, entry.medians)
 
     def record(self, comm: MPI.Comm, decision: Decision, stats: AllreduceStats) -> None:
-        """After a call succeeded on every rank: count it and, if it was timed, keep its
-        seconds; agree on them (the slowest rank's; the ``tune`` phase) when the
-        candidate's round of trials is over, or at once for a check, and update the
-        key.  A call that raised is never recorded, so it leaves no trace in any rank's
-        tuner."""
+        """After a call succeeded on every rank: count it and, if it was timed, agree on
+        its seconds (the slowest rank's; the ``tune`` phase) and update the key.  A call
+        that raised is never recorded, so it leaves no trace in any rank's tuner."""
         entry = self._entries.get(decision.key) if decision.key is not None else None
         if entry is not None:
             entry = self._writable(decision.key, entry)
             entry.seen += 1
             if decision.mode == "measured":
                 entry.since += 1
-        if not decision.timed or entry is None:  # (None: forgotten since the decision)
+        if not decision.timed:
             return
-        seconds = time.perf_counter() - decision.start
+        local = np.array([time.perf_counter() - decision.start], dtype=np.float64)
+        slowest = np.empty(1, dtype=np.float64)
+        with stats._phase("tune"):
+            comm.Allreduce(local, slowest, op=MPI.MAX)
+        moved = ring_allreduce_bytes(local.nbytes, comm.Get_size())
+        stats._add_bytes(moved, moved)
+        seconds = float(slowest[0])
+        if entry is None:  # forgotten (MAX_KEYS) since the decision: nothing to update
+            return
         if entry.choice is None:
-            name = decision.name
-            local = entry.pending.setdefault(name, [])
-            local.append(seconds)
-            agreed = entry.times.get(name, [])
-            if len(local) < _batch(agreed, TRIALS if entry.finalists else SCREEN_TRIALS):
-                return  # the candidate's round goes on: no agreement between its calls
-            # Sorted: the slowest rank's k-th fastest call, for every k (whose median is
-            # the slowest rank's median).  Call by call, the maximum would charge every
-            # rank's wait for another twice when the ranks arrive in turns.
-            entry.times[name] = [*agreed, *_slowest(comm, sorted(local), stats)]
-            entry.pending[name] = []
+            entry.times.setdefault(decision.name, []).append(seconds)
             if not entry.finalists and all(
                 _done(entry.times, n, SCREEN_TRIALS) for n in entry.candidates
             ):
@@ -336,11 +300,10 @@ class Tuner:
                 )
                 entry.medians = medians
                 entry.baseline = medians[entry.choice]
-                entry.since, entry.checks, entry.pending = 0, [], {}
+                entry.since, entry.checks = 0, []
                 if self._exploring == decision.key:  # the next key's race may start
                     self._exploring = None
             return
-        (seconds,) = _slowest(comm, [seconds], stats)
         entry.checks = [*entry.checks, seconds][-CHECKS:]
         if len(entry.checks) < CHECKS or entry.baseline <= 0:
             return
@@ -361,18 +324,6 @@ class Tuner:
         self._entries.clear()
         self._exploring = None
         self._calls, self._last, self._longest_gap = 0, {}, 0
-
-
-def _slowest(comm: MPI.Comm, local: list[float], stats: AllreduceStats) -> list[float]:
-    """The maximum over the ranks of ``local``, element by element (one ``Allreduce``,
-    the ``tune`` phase; the same list on every rank)."""
-    mine = np.asarray(local, dtype=np.float64)
-    slowest = np.empty_like(mine)
-    with stats._phase("tune"):
-        comm.Allreduce(mine, slowest, op=MPI.MAX)
-    moved = ring_allreduce_bytes(mine.nbytes, comm.Get_size())
-    stats._add_bytes(moved, moved)
-    return [float(value) for value in slowest]
 
 
 def tuner_of(state: _CommState) -> Tuner:

@@ -28,29 +28,13 @@ PREDICTED = {"a": 1.0, "b": 1.2, "c": 1.9, "d": 2.5, "e": 1.5}
 SECONDS = {"a": 0.030, "b": 0.012, "c": 0.060, "e": 0.036}
 
 
-def _run(tuner: Tuner, key="k", seconds=SECONDS, stats=None, comm=None):
+def _run(tuner: Tuner, key="k", seconds=SECONDS, stats=None):
     """One call: decide, pretend the algorithm took ``seconds[name]``, record."""
     decision = tuner.decide(key, PREDICTED, time.perf_counter())
     if decision.timed:
         decision.start = time.perf_counter() - seconds[decision.name]
-    stats = AllreduceStats() if stats is None else stats
-    tuner.record(MPI.COMM_SELF if comm is None else comm, decision, stats)
+    tuner.record(MPI.COMM_SELF, decision, AllreduceStats() if stats is None else stats)
     return decision
-
-
-class _CountingComm:
-    """One rank's communicator that records the length of every agreement."""
-
-    def __init__(self) -> None:
-        self.agreements: list[int] = []
-
-    def Allreduce(self, send, receive, op):  # noqa: N802 (mpi4py's name)
-        assert op is MPI.MAX
-        self.agreements.append(send.size)
-        receive[...] = send
-
-    def Get_size(self) -> int:
-        return 1
 
 
 def _explore(tuner: Tuner, key="k", seconds=SECONDS) -> list[str]:
@@ -134,49 +118,15 @@ def test_measured_choice_runs_and_is_timed_every_check_every_calls():
 
 
 def test_timed_calls_count_their_agreement_in_the_stats():
-    """A candidate's calls agree on nothing until its round of trials is over; the call
-    that ends it carries the agreement (the ``tune`` phase, a ``check``)."""
     tuner = Tuner()
     untimed = AllreduceStats()
     _run(tuner, stats=untimed)  # first sighting
     assert "tune" not in untimed.phases and untimed.bytes_sent == 0
-    first, last = AllreduceStats(), AllreduceStats()
-    assert SCREEN_TRIALS == 2
-    decision = _run(tuner, stats=first)  # a's first trial
-    assert decision.timed and "tune" not in first.phases
-    decision = _run(tuner, stats=last)  # a's second: its round is over
-    assert decision.timed and "tune" in last.phases
-    assert last.bytes_sent == 0  # one rank sends nothing; at P ranks 2 (P-1)/P 16 bytes
-    assert last.by_category()["check"] == last.phases["tune"]
-
-
-def test_one_agreement_per_round_of_a_candidate_and_per_check():
-    """No agreement between a candidate's calls (it would line the ranks up before each
-    call, which a training loop does not): one ``Allreduce`` of all its seconds when its
-    round is over, and one of a single value after each check of the choice."""
-    comm = _CountingComm()
-    tuner = Tuner()
-    explored = []
-    while (decision := _run(tuner, comm=comm)).mode in ("explore", "model"):
-        explored += [decision.name] if decision.mode == "explore" else []
-    assert explored == _race(["a", "b", "e", "c"], ["b", "a"])
-    finals = TRIALS - SCREEN_TRIALS
-    assert comm.agreements == [SCREEN_TRIALS] * 4 + [finals] * 2
-    while not _run(tuner, comm=comm).timed:  # the choice runs until its first check
-        pass
-    assert comm.agreements[-1] == 1 and len(comm.agreements) == 7
-
-
-def test_cheap_calls_agree_on_their_extra_trials_at_once():
-    """A cheap candidate's extra trials (see CHEAP_CALL_S) are counted from the median of
-    its agreed ones and agreed on in one more ``Allreduce``."""
-    comm = _CountingComm()
-    cheap = {"a": 0.004, "b": 0.0015, "c": 0.009, "e": 0.006}
-    tuner = Tuner()
-    while _run(tuner, seconds=cheap, comm=comm).mode in ("explore", "model"):
-        pass
-    # First round: a 2 + 3, b 2 + 4, e 2 + 2, c 2 + 1; finals: b 9, a 8 (see below).
-    assert comm.agreements == [2, 3, 2, 4, 2, 2, 2, 1, 9, 8]
+    timed = AllreduceStats()
+    decision = _run(tuner, stats=timed)
+    assert decision.timed and "tune" in timed.phases
+    assert timed.bytes_sent == 0  # one rank sends nothing; at P ranks 2 (P-1)/P 8 bytes
+    assert timed.by_category()["check"] == timed.phases["tune"]
 
 
 def test_the_median_of_the_last_checks_drifted_explores_again():
