@@ -20,8 +20,8 @@ script times the same algorithms, in one job, in the ``--modes`` asked for:
 and prints each median (slowest rank's seconds) and the ratio to the fastest of its mode.
 Run it with one thread per library, as a training job's ranks::
 
-    OPENBLAS_NUM_THREADS=1 NUMBA_NUM_THREADS=1 MPIR_CVAR_ENABLE_HEAVY_YIELD=1 \
-        mpiexec -n 4 python bench/auto_timing_modes.py \
+    OPENBLAS_NUM_THREADS=1 NUMBA_NUM_THREADS=1 MPIR_CVAR_ENABLE_HEAVY_YIELD=1 \\
+        mpiexec -n 4 python bench/auto_timing_modes.py \\
         --codec qsgd4 --log2n 16 --algorithms allgather reduce_scatter_allgather
 """
 
@@ -59,7 +59,7 @@ def _step_ms(mode: str) -> float | None:
         milliseconds = float(mode[4:])
     except ValueError:
         return None
-    return milliseconds if milliseconds > 0 else None
+    return milliseconds if 0 < milliseconds < 1e6 else None  # finite, positive
 
 
 def main(argv: list[str] | None = None) -> int:
