@@ -1158,7 +1158,7 @@ class GradientReducer:
         from sparcomm.comm._cost import ALL_ALGORITHMS
         from sparcomm.comm._quantized import plain_half
         from sparcomm.feedback import unwrap
-        from sparcomm.kernels.cpu.convert import PARALLEL_FROM
+        from sparcomm.kernels.cpu import convert, elementwise
 
         compressed_dtypes = sorted({b.dtype for b in buckets}, key=str)
         bare, memory = unwrap(codec)
@@ -1175,15 +1175,18 @@ class GradientReducer:
             algorithms += ("pipelined",) if plain_half(bare, memory) else ()
         known = set(memory._residuals) if memory is not None else set()
         # A dtype with a bucket past one kernel chunk warms up just past it too: the
-        # parallel variants of the encode, the decodes and error feedback's add and
-        # subtract are other compiled functions, which a small reduction never reaches.
+        # parallel variants of the encode, the decodes (from convert's threshold) and
+        # error feedback's add and subtract (from elementwise's) are other compiled
+        # functions, which a small reduction never reaches.
+        switches = (convert.PARALLEL_FROM, elementwise.PARALLEL_FROM)
+        past = max(switches) + 1
         sizes = {
-            dtype: (WARM_UP_ELEMENTS, PARALLEL_FROM + 1)
-            if any(b.size > PARALLEL_FROM for b in buckets if b.dtype == dtype)
+            dtype: (WARM_UP_ELEMENTS, past)
+            if any(b.size > min(switches) for b in buckets if b.dtype == dtype)
             else (WARM_UP_ELEMENTS,)
             for dtype in compressed_dtypes
         }
-        sample = np.random.default_rng(0).standard_normal(PARALLEL_FROM + 1)
+        sample = np.random.default_rng(0).standard_normal(past)
         if family == "sparse":  # the merges that only some data reach
             from sparcomm.comm._sparse import load_kernels
             from sparcomm.comm._validate import index_dtype
