@@ -99,9 +99,12 @@ class EmulatedRuntime:
             for name, params in signatures.items():
                 declared = ", ".join(f"{t} {n}" for t, n in params)
                 passed = ", ".join(n for _, n in params)
+                # An error of the launch (a deadlock, an exception in a thread) comes
+                # back as its message: a C++ exception must not cross into ctypes.
                 wrappers.append(
-                    f'extern "C" void emu_{name}(unsigned grid, unsigned block, {declared}) '
-                    f"{{ sc_emu::launch(grid, block, [=] {{ {name}({passed}); }}); }}"
+                    f'extern "C" const char* emu_{name}(unsigned grid, unsigned block, '
+                    f"{declared}) {{ return sc_emu::launch_or_message(grid, block, "
+                    f"[=] {{ {name}({passed}); }}); }}"
                 )
             program = '#include "cuda_emulator.h"\n' + text + "\n" + "\n".join(wrappers) + "\n"
             defines = cuda.compile_defines(real, index)
@@ -139,7 +142,7 @@ class EmulatedRuntime:
                 ctypes.c_void_p if ctype_name.endswith("*") else _CTYPES[types[ctype_name]]
             )
         entry.argtypes = argtypes
-        entry.restype = None
+        entry.restype = ctypes.c_char_p
 
         def launch(grid: int, block: int, args: tuple[Any, ...]) -> None:
             if len(args) != len(params):
@@ -166,7 +169,9 @@ class EmulatedRuntime:
             if not 1 <= grid < 2**31 or not 1 <= block <= 1024:
                 raise ValueError(f"{name}: bad launch shape grid={grid} block={block}")
             self.launches.append((name, grid, block))
-            entry(grid, block, *converted)
+            error = entry(grid, block, *converted)
+            if error is not None:
+                raise RuntimeError(f"{name}: {error.decode()}")
 
         return launch
 

@@ -2,26 +2,34 @@
 // kernels' logic (indexing, barriers, warp shuffles, atomics, scans) can be
 // tested bit for bit against the NumPy reference on machines without a GPU.
 //
-// Blocks run one after another; the threads of a block run concurrently, one
-// std::thread each, with std::barrier standing in for __syncthreads and one
-// barrier per warp of 32 for the shuffles.  `__shared__` becomes `static`,
-// which is right because only one block is alive at a time.  A thread leaves
-// its barriers with arrive_and_drop when it returns, like an exited CUDA thread.
+// Blocks run one after another.  The threads of a block are fibers (ucontext) on
+// the launching thread, switched only at barriers: a thread runs until it reaches
+// __syncthreads or a warp shuffle, then the next thread runs.  The scheduler
+// passes over the threads alternately in ascending and descending order (odd
+// blocks start descending), so a missing barrier shows up whichever thread
+// writes first, and deterministically.  (One OS thread per CUDA thread, the
+// emulator's first design, spent most of its time in sched_yield on two cores,
+// and left the order to the OS.)  A barrier that can never complete (threads
+// waiting on different barriers) is an error, not a hang.
+// `__shared__` becomes `static`, which is right because only one block is alive
+// at a time.  A thread leaves its barriers when it returns, like an exited CUDA
+// thread.
 //
 // What this cannot show: timing, memory coalescing, occupancy, races between
 // blocks (blocks never overlap here), and device compiler behaviour (the
 // device build is checked separately by tests/test_nvcc_compile.py).
 #pragma once
 
-#include <atomic>
-#include <barrier>
+#include <ucontext.h>
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <functional>
 #include <memory>
 #include <stdexcept>
-#include <thread>
+#include <string>
 #include <vector>
 
 struct sc_emu_dim3 {
@@ -30,16 +38,55 @@ struct sc_emu_dim3 {
 
 namespace sc_emu {
 
+// The fibers of the block being run on this OS thread, and the one running.
+struct Scheduler {
+    ucontext_t main;
+    std::vector<ucontext_t> contexts;
+    std::vector<unsigned char> done;
+    unsigned running = 0;
+    // Barrier phases completed and threads finished: a pass over the threads in
+    // which neither moved is a deadlock.
+    unsigned long long progress = 0;
+    void yield() { swapcontext(&contexts[running], &main); }
+};
+
+inline thread_local Scheduler* scheduler = nullptr;
+
+// std::barrier's contract (arrive_and_wait, arrive_and_drop) for fibers.
+struct Barrier {
+    explicit Barrier(unsigned count) : expected(count) {}
+    void arrive_and_wait() {
+        const unsigned long long phase = generation;
+        if (++arrived == expected) {
+            complete();
+            return;
+        }
+        while (generation == phase) scheduler->yield();
+    }
+    void arrive_and_drop() {
+        --expected;
+        if (expected > 0 && arrived == expected) complete();
+    }
+    void complete() {
+        arrived = 0;
+        ++generation;
+        ++scheduler->progress;
+    }
+    unsigned expected;
+    unsigned arrived = 0;
+    unsigned long long generation = 0;
+};
+
 struct Block {
     explicit Block(unsigned threads) : block_barrier(threads) {
         for (unsigned w = 0; w < (threads + 31) / 32; ++w) {
             const unsigned size = threads - 32 * w < 32 ? threads - 32 * w : 32;
-            warp_barriers.emplace_back(std::make_unique<std::barrier<>>(size));
+            warp_barriers.emplace_back(std::make_unique<Barrier>(size));
         }
         exchange.resize(threads);
     }
-    std::barrier<> block_barrier;
-    std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
+    Barrier block_barrier;
+    std::vector<std::unique_ptr<Barrier>> warp_barriers;
     std::vector<uint64_t> exchange;
 };
 
@@ -158,27 +205,107 @@ using std::sqrt;
 
 namespace sc_emu {
 
+// Stack of each fiber: the kernels keep a few scalars and small arrays per thread.
+// Allocated once per launch and never touched beyond what a thread uses.
+constexpr std::size_t STACK_BYTES = 256 * 1024;
+
+struct Launch {
+    const std::function<void()>* kernel;
+    Block* block;
+    std::exception_ptr error;
+};
+
+inline thread_local Launch* launching = nullptr;
+
+inline void run_thread() {
+    Scheduler& s = *scheduler;
+    Launch& l = *launching;
+    const unsigned t = s.running;
+    try {
+        (*l.kernel)();
+    } catch (...) {
+        if (!l.error) l.error = std::current_exception();
+    }
+    l.block->warp_barriers[t / 32]->arrive_and_drop();
+    l.block->block_barrier.arrive_and_drop();
+    s.done[t] = 1;
+    ++s.progress;
+    // Returning resumes uc_link: the scheduler.
+}
+
 // Run `kernel` on a grid of `grid` blocks of `block` threads.
 inline void launch(unsigned grid, unsigned block, const std::function<void()>& kernel) {
     if (block == 0 || block > 1024) throw std::invalid_argument("block size out of range");
+    std::unique_ptr<char[]> stacks(new char[STACK_BYTES * block]);
+    Scheduler s;
+    s.contexts.resize(block);
+    s.done.assign(block, 0);
+    Scheduler* const outer_scheduler = scheduler;
+    Launch* const outer_launch = launching;
+    scheduler = &s;
+    blockDim.x = block;
+    gridDim.x = grid;
     for (unsigned b = 0; b < grid; ++b) {
         Block state(block);
-        std::vector<std::thread> threads;
-        threads.reserve(block);
+        Launch l{&kernel, &state, nullptr};
+        launching = &l;
+        current = &state;
+        blockIdx.x = b;
         for (unsigned t = 0; t < block; ++t) {
-            threads.emplace_back([&, t] {
-                current = &state;
-                threadIdx.x = t;
-                blockIdx.x = b;
-                blockDim.x = block;
-                gridDim.x = grid;
-                kernel();
-                state.warp_barriers[t / 32]->arrive_and_drop();
-                state.block_barrier.arrive_and_drop();
-            });
+            ucontext_t& c = s.contexts[t];
+            if (getcontext(&c) != 0) throw std::runtime_error("getcontext failed");
+            c.uc_stack.ss_sp = stacks.get() + STACK_BYTES * t;
+            c.uc_stack.ss_size = STACK_BYTES;
+            c.uc_link = &s.main;
+            makecontext(&c, run_thread, 0);
+            s.done[t] = 0;
         }
-        for (auto& thread : threads) thread.join();
+        unsigned live = block;
+        // Even blocks start ascending, odd ones descending: a read of a neighbour's
+        // value before the first barrier is also caught in either direction.
+        bool ascending = b % 2 == 0;
+        while (live > 0) {
+            const unsigned long long before = s.progress;
+            for (unsigned i = 0; i < block; ++i) {
+                const unsigned t = ascending ? i : block - 1 - i;
+                if (s.done[t]) continue;
+                s.running = t;
+                threadIdx.x = t;
+                swapcontext(&s.main, &s.contexts[t]);
+                if (s.done[t]) --live;
+            }
+            ascending = !ascending;
+            if (live > 0 && s.progress == before) {
+                scheduler = outer_scheduler;
+                launching = outer_launch;
+                throw std::runtime_error(
+                    "emulated kernel deadlock: threads wait on barriers that cannot complete");
+            }
+        }
+        if (l.error) {
+            scheduler = outer_scheduler;
+            launching = outer_launch;
+            std::rethrow_exception(l.error);
+        }
     }
+    scheduler = outer_scheduler;
+    launching = outer_launch;
+}
+
+// launch(), with an error returned as its message (nullptr: none), for callers that
+// cannot take a C++ exception (ctypes).
+inline const char* launch_or_message(unsigned grid, unsigned block,
+                                     const std::function<void()>& kernel) {
+    static thread_local std::string message;
+    try {
+        launch(grid, block, kernel);
+        return nullptr;
+    } catch (const std::exception& error) {
+        message = error.what();
+    } catch (...) {
+        message = "unknown exception in an emulated kernel";
+    }
+    return message.c_str();
 }
 
 }  // namespace sc_emu

@@ -1,7 +1,7 @@
 """The CUDA kernels and their launch logic, run on the host emulation (no GPU needed).
 
 ``kernels/cuda/_kernels.py`` drives ``kernels/cuda/*.cu`` compiled with g++ against
-``cuda_emulator.h`` (one std::thread per CUDA thread, real barriers and warp shuffles),
+``cuda_emulator.h`` (each CUDA thread a fiber, switched at barriers and warp shuffles),
 with 64-thread blocks and a grid cap of 3 blocks so that multi-block, multi-tile and
 grid-stride paths all run on small inputs.  Every result is held bit for bit to
 ``sparcomm.kernels.reference``.  This checks the kernels' logic; the device build is
