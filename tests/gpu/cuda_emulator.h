@@ -240,8 +240,15 @@ inline void launch(unsigned grid, unsigned block, const std::function<void()>& k
     Scheduler s;
     s.contexts.resize(block);
     s.done.assign(block, 0);
-    Scheduler* const outer_scheduler = scheduler;
-    Launch* const outer_launch = launching;
+    // Whatever leaves this function (an error included) restores the caller's state.
+    struct Restore {
+        Scheduler* scheduler;
+        Launch* launching;
+        ~Restore() {
+            sc_emu::scheduler = scheduler;
+            sc_emu::launching = launching;
+        }
+    } restore{scheduler, launching};
     scheduler = &s;
     blockDim.x = block;
     gridDim.x = grid;
@@ -276,20 +283,12 @@ inline void launch(unsigned grid, unsigned block, const std::function<void()>& k
             }
             ascending = !ascending;
             if (live > 0 && s.progress == before) {
-                scheduler = outer_scheduler;
-                launching = outer_launch;
                 throw std::runtime_error(
                     "emulated kernel deadlock: threads wait on barriers that cannot complete");
             }
         }
-        if (l.error) {
-            scheduler = outer_scheduler;
-            launching = outer_launch;
-            std::rethrow_exception(l.error);
-        }
+        if (l.error) std::rethrow_exception(l.error);
     }
-    scheduler = outer_scheduler;
-    launching = outer_launch;
 }
 
 // launch(), with an error returned as its message (nullptr: none), for callers that
