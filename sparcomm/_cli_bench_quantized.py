@@ -67,7 +67,9 @@ def time_rounds(
 ) -> dict[str, list[float]]:
     """Time every contender of one cell, interleaved: each round times every function
     once (``iterations_for`` back-to-back calls, sized from one warm call), so that
-    drifting load hits all alike; returns every round's seconds per call, by name.
+    drifting load hits all alike, starting one contender further along each round (so
+    that none always follows the same one); returns every round's seconds per call, by
+    name.
 
     At least ``repeats`` rounds, and more (up to :data:`MAX_REPEATS`) until the rounds'
     timed calls add up to ``cell_seconds``: a cell of cheap calls (a few ms, where one
@@ -77,9 +79,18 @@ def time_rounds(
     """
     iterations = {name: iterations_for(timed(comm, f)) for name, f in functions.items()}
     times: dict[str, list[float]] = {name: [] for name in functions}
+    names = list(functions)
     spent = 0.0
     while True:
-        for name, function in functions.items():
+        # Round r starts at the r-th contender: each takes every place in the order
+        # equally often.  In one fixed order, a contender timed right after a heavy one
+        # paid for it: in the allreduce grid's TopK cell at 2^24, density 0.1,
+        # ``split_allgather`` (after ``recursive_doubling``) was timed 1.16-1.20x slower
+        # than ``dsar``, which sends the same messages there; they tie when the order
+        # alternates (docs/benchmarks.md, issue 11, session 14).
+        first = len(times[names[0]]) % len(names)
+        for name in names[first:] + names[:first]:
+            function = functions[name]
             seconds = timed(comm, function, iterations[name])
             times[name].append(seconds)
             spent += seconds * iterations[name]

@@ -97,6 +97,23 @@ def test_time_rounds_adds_repeats_until_the_cell_has_its_seconds(
     assert calls == {"a": 1 + 3 * rounds, "b": 1 + 3 * rounds}
 
 
+def test_time_rounds_rotates_the_order_so_no_contender_always_follows_another(monkeypatch):
+    """Round r starts at the r-th contender: over three rounds of three contenders,
+    each is timed first, second and third once."""
+    order: list[str] = []
+
+    def timed(comm, function, iterations=1):
+        function()
+        return 1.0  # one call per round (iterations_for(1 s) is 1)
+
+    monkeypatch.setattr(quantized, "timed", timed)
+    functions = {name: (lambda name=name: order.append(name)) for name in "abc"}
+    times = quantized.time_rounds(_OneRank(), functions, 3)
+    assert {name: len(t) for name, t in times.items()} == {"a": 3, "b": 3, "c": 3}
+    rounds = order[3:]  # after one sizing call each, in the given order
+    assert rounds == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+
+
 def test_fp16_is_timed_with_its_pipelined_schedule_and_the_table_prints():
     """FP16's own schedule is one of its measured algorithms, and the terminal table
     (printed after the grid) names whatever auto chose."""
