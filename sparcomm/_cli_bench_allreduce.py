@@ -178,6 +178,9 @@ def bench_point(
         "algorithms": {
             name: {
                 "median_s": median[name],
+                # every round's seconds per call (slowest rank), in round order: the
+                # rounds interleave the contenders, so they pair (bench/auto_vs_best.py)
+                "rounds_s": times[name],
                 "speedup_vs_mpi": median["mpi_allreduce"] / median[name],
                 "bytes_sent_per_rank": sent[name],
                 "predicted_s": stats["auto"].predicted.get(name),
@@ -189,6 +192,7 @@ def bench_point(
         "auto": {
             "choice": stats["auto"].algorithm,
             "median_s": median["auto"],
+            "rounds_s": times["auto"],
             "dense_output_median_s": median["auto_dense"],
             "bytes_sent_per_rank": sent["auto"],
             "fill": stats["auto"].fill,

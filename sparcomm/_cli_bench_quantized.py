@@ -160,6 +160,7 @@ def bench_codec(
         sent = comm.allreduce(stats[a].bytes_sent) / size
         rows[a] = {
             "median_s": median[a],
+            "rounds_s": times[a],  # paired across contenders by round
             "speedup_vs_mpi": median["mpi_allreduce"] / median[a],
             "bytes_sent_per_rank": sent,
             "predicted_bytes_sent": stats[a].predicted_bytes[0],

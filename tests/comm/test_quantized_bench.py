@@ -43,6 +43,7 @@ def test_bench_allreduce_reports_the_quantized_codecs():
         assert row["auto"]["choice"] in names
         assert row["fastest"] == min(names, key=lambda a: row["algorithms"][a]["median_s"])
         for entry in row["algorithms"].values():
+            assert entry["rounds_s"] == [entry["median_s"]]  # one round, recorded
             assert entry["bytes_sent_per_rank"] == entry["predicted_bytes_sent"]
             assert entry["speedup_vs_mpi"] == pytest.approx(
                 row["mpi_allreduce_s"] / entry["median_s"]
