@@ -31,7 +31,7 @@ import math
 import statistics
 from pathlib import Path
 
-Cell = tuple[str, str, str, float, float, float | None]
+Cell = tuple[str, str, str, float, float, float | None, float | None]
 
 
 def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
@@ -60,11 +60,13 @@ def median_interval(values: list[float], confidence: float = 0.95) -> tuple[floa
 def slower_by(row: dict, choice: str) -> float | None:
     """The largest lower bound, over the other algorithms, of the paired ratio
     ``choice / other``'s median interval (:func:`median_interval`); ``None`` when the
-    grid has no rounds recorded or the choice was not timed as an algorithm."""
+    grid has no rounds recorded or the choice was not timed as an algorithm.
+    ``choice="auto"``: ``auto``'s own rounds against every algorithm."""
     algorithms = row["algorithms"]
-    if choice not in algorithms or "rounds_s" not in algorithms[choice]:
+    timed = row["auto"] if choice == "auto" else algorithms.get(choice, {})
+    if "rounds_s" not in timed:
         return None
-    mine = algorithms[choice]["rounds_s"]
+    mine = timed["rounds_s"]
     bounds = [
         median_interval([a / b for a, b in zip(mine, other["rounds_s"], strict=True)])[0]
         for name, other in algorithms.items()
@@ -79,12 +81,14 @@ def _cell(label: str, row: dict) -> Cell:
     choice = row["auto"]["choice"]
     by_choice = medians[choice] / medians[fastest]
     by_auto = row["auto"]["median_s"] / medians[fastest]
-    return label, choice, fastest, by_choice, by_auto, slower_by(row, choice)
+    bound, auto_bound = slower_by(row, choice), slower_by(row, "auto")
+    return label, choice, fastest, by_choice, by_auto, bound, auto_bound
 
 
 def cells(result: dict) -> list[Cell]:
-    """(cell, chosen, fastest, choice/best, auto/best, slower by) of every cell of one
-    grid (``slower by`` as :func:`slower_by`)."""
+    """(cell, chosen, fastest, choice/best, auto/best, slower by, auto slower by) of
+    every cell of one grid (the last two as :func:`slower_by`: the choice's rounds, then
+    ``auto``'s own)."""
     rows = [
         _cell(f"topk n=2^{row['n'].bit_length() - 1} d={row['density']:g}", row)
         for row in result["rows"]
@@ -107,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{path}  (load at start {load[0]}, at end {load[1]})")
         rows = cells(result)
         print(f"{'cell':<22} {'auto ran':<26} {'fastest':<26} choice/best auto/best slower by")
-        for label, choice, fastest, by_choice, by_auto, bound in rows:
+        for label, choice, fastest, by_choice, by_auto, bound, _ in rows:
             flag = ""
             if by_choice > args.limit:
                 clear = bound is not None and bound > args.limit
@@ -126,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         bounds = [r[5] for r in rows if r[5] is not None]
         if bounds:
             clear = sum(b > args.limit for b in bounds)
+            clear_auto = sum(r[6] is not None and r[6] > args.limit for r in rows)
             rounds = [
                 len(row["auto"]["rounds_s"])
                 for row in [*result["rows"], *(result.get("quantized") or [])]
@@ -133,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"clear misses (the choice slower than another algorithm by more than "
                 f"{args.limit}x, >= 95 % confidence, paired rounds): {clear} of "
-                f"{len(bounds)} cells; rounds per cell {min(rounds)}-{max(rounds)}, "
-                f"median {statistics.median(rounds):g}"
+                f"{len(bounds)} cells ({clear_auto} by auto's own rounds); rounds per cell "
+                f"{min(rounds)}-{max(rounds)}, median {statistics.median(rounds):g}"
             )
         print()
     return 0

@@ -70,6 +70,7 @@ def test_slower_by_pairs_rounds_and_flags_only_a_clear_miss(tmp_path, capsys):
     # A grid from before rounds were recorded: no bound.
     old = {"algorithms": {"a": {"median_s": 1.0}}, "auto": {"choice": "a", "median_s": 1.0}}
     assert auto_vs_best.slower_by(old, "a") is None
+    assert auto_vs_best.slower_by(old, "auto") is None
 
     for row, n in ((clear, 1 << 16), (noisy, 1 << 20)):
         row.update(n=n, density=0.01)
@@ -83,4 +84,5 @@ def test_slower_by_pairs_rounds_and_flags_only_a_clear_miss(tmp_path, capsys):
     assert lines["n=2^16"].endswith("<- miss (clear)")
     assert lines["n=2^20"].endswith("<- miss")
     assert "within 1.1x: 0 of 2 cells" in out
-    assert "clear misses" in out and ": 1 of 2 cells; rounds per cell 7-7" in out
+    assert "clear misses" in out
+    assert ": 1 of 2 cells (1 by auto's own rounds); rounds per cell 7-7" in out
