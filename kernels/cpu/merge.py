@@ -188,6 +188,11 @@ def _put(out, i, v, divide, divisor):
     out[i] = v / divisor if divide else v
 
 
+_SCATTER_BLOCK = 2048
+"""Elements of :func:`scatter_dense`'s output staged together in a small buffer that
+stays in L1 (a multiple of the cache line for every dtype)."""
+
+
 @njit(cache=True, nogil=True)
 def scatter_dense(indices, values, offset, out, divide, divisor):
     """``out[:] = 0; out[indices[j] - offset] = values[j]`` (divided by ``divisor`` when
@@ -195,16 +200,19 @@ def scatter_dense(indices, values, offset, out, divide, divisor):
 
     Bit for bit zeroing ``out``, :func:`scatter_assign` and, with ``divide``, ``out /=
     divisor`` (``0 / d`` is ``+0``; each kept value divided once, rounded once), but
-    ``out`` is written once, a cache line at a time, with non-temporal stores (see
+    ``out`` is written once, with non-temporal stores of whole cache lines (see
     ``_stores.py``): no read of ``out``'s old contents and no second pass over the
-    entries.  ``indices`` in ``[offset, offset + out.size)``; ascending ones take the
-    one pass, any others (unsorted, duplicates: the last one wins, as in
-    :func:`scatter_assign`) are written again afterwards.  ``divisor`` has ``out``'s dtype.
+    entries.  Block by block, the entries are written into a zeroed buffer that stays
+    in L1, the buffer is streamed out a line at a time, and the written slots are zeroed
+    again for the next block: per element one vector store, per entry two scalar ones.
+    ``indices`` in ``[offset, offset + out.size)``; ascending ones take the one pass,
+    any others (unsorted, duplicates: the last one wins, as in :func:`scatter_assign`)
+    are written again afterwards.  ``divisor`` has ``out``'s dtype.
     """
     n = out.size
     lanes = LINE_BYTES // out.itemsize
-    line = np.zeros(lanes, dtype=out.dtype)
-    zero = line[0]
+    block = np.zeros(_SCATTER_BLOCK, dtype=out.dtype)
+    zero = block[0]
     m = indices.size
     address = out.ctypes.data
     head = n
@@ -222,18 +230,23 @@ def scatter_dense(indices, values, offset, out, divide, divisor):
         _put(out, i, values[j], divide, divisor)
         j += 1
     a = head
-    while a + lanes <= n:
-        b = a + lanes
-        for t in range(lanes):
-            line[t] = zero
+    lines_end = head + (n - head) // lanes * lanes  # whole lines from the aligned head
+    while a < lines_end:
+        b = min(a + _SCATTER_BLOCK, lines_end)
+        first = j
         while j < m and indices[j] - offset < b:
             i = indices[j] - offset
             ordered = ordered and i > previous
             previous = i
             if i >= a:
-                _put(line, i - a, values[j], divide, divisor)
+                _put(block, i - a, values[j], divide, divisor)
             j += 1
-        stream_line_from(line, 0, out, a)
+        for t in range(a, b, lanes):
+            stream_line_from(block, t - a, out, t)
+        for q in range(first, j):  # the slots written, back to +0 for the next block
+            i = indices[q] - offset
+            if i >= a:
+                block[i - a] = zero
         a = b
     store_fence()
     for t in range(a, n):

@@ -13,7 +13,7 @@ from sparcomm.comm import _sparse
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
-@pytest.mark.parametrize("n", [1, 5, 16, 17, 100, 4097])
+@pytest.mark.parametrize("n", [1, 5, 16, 17, 100, 4097, 9001])
 @pytest.mark.parametrize("shift", [0, 1, 3])
 def test_scatter_dense_matches_reference(dtype, index_dtype, n, shift):
     rng = np.random.default_rng([n, shift])
